@@ -1,0 +1,27 @@
+"""The errors sdcli raises on purpose.
+
+Every error a user can cause (a bad file, a missing model, a bad option) is an ``SdcliError`` whose message is
+one readable line. The CLI prints that line and exits with ``exit_code``; anything else is a bug.
+"""
+
+
+class SdcliError(Exception):
+    """A user-facing error with a one-line message."""
+
+    exit_code = 2
+
+
+class SafetensorsError(SdcliError):
+    """A .safetensors file that is malformed, truncated or inconsistent."""
+
+
+class CheckpointError(SdcliError):
+    """A checkpoint that cannot be opened, is of an unknown kind, or does not match its architecture."""
+
+
+class ModelNotFoundError(SdcliError):
+    """``--model`` names nothing sdcli can load."""
+
+
+class BackendError(SdcliError):
+    """An op backend that was asked for but is not available (extension not built, no GPU)."""

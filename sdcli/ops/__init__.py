@@ -1,0 +1,59 @@
+"""The op seam: every piece of arithmetic the networks do goes through one of these functions.
+
+``get_ops(name)`` returns a backend, a namespace with the functions of :class:`Ops`:
+
+- ``"numpy"``: :mod:`sdcli.ops.numpy_ops`, readable reference code; the contract every backend is tested against.
+- ``"cpu"``: :mod:`sdcli.ops.cpu_ops`, the same signatures backed by the Cython kernels in ``sdcli/ext``.
+
+Selecting a backend is explicit. Asking for one whose extension is not built raises :class:`BackendError`;
+nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import BackendError
+
+BACKENDS = ("numpy", "cpu")
+
+
+class Ops(Protocol):
+    """The functions a backend provides. Arrays are float32, layout NCHW for images, (B, T, C) for sequences."""
+
+    name: str
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray: ...
+
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray: ...
+
+    def gelu(self, x: np.ndarray) -> np.ndarray: ...
+
+    def quick_gelu(self, x: np.ndarray) -> np.ndarray: ...
+
+    def softmax(self, x: np.ndarray) -> np.ndarray: ...
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
+                  scale: float | None = None) -> np.ndarray: ...
+
+    def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray: ...
+
+
+def get_ops(name: str = "cpu") -> Ops:
+    """Return the backend called ``name`` ("numpy" or "cpu")."""
+    if name == "numpy":
+        from . import numpy_ops
+
+        return numpy_ops
+    if name == "cpu":
+        try:
+            from . import cpu_ops
+        except ImportError as error:
+            raise BackendError(
+                f"the 'cpu' backend needs sdcli's compiled extension, which is not built ({error}); "
+                "reinstall with 'pip install .' or choose --backend numpy"
+            ) from None
+        return cpu_ops
+    raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

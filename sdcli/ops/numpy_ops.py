@@ -1,0 +1,80 @@
+"""Reference implementations of the op interface, in plain numpy.
+
+This module states the contract every backend follows and is the ground truth the faster backends are tested
+against. Inputs and outputs are float32; reductions accumulate in float32 unless a docstring says otherwise.
+Clarity beats speed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+name = "numpy"
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight.T + bias``. x (..., in), weight (out, in), bias (out,) -> (..., out)."""
+    y = np.matmul(x, weight.T)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """Normalise over the last axis (biased variance), then scale and shift. x (..., C), weight/bias (C,)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)
+    return centered / np.sqrt(variance + np.float32(eps)) * weight + bias
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, to about 1.2e-7 absolute (Numerical Recipes' Chebyshev ``erfcc``, in float64)."""
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    erfc = t * np.exp(poly)
+    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, ``x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`` (PyTorch's default, approximate='none')."""
+    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
+
+
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    """OpenAI CLIP's GELU approximation, ``x * sigmoid(1.702 x)``."""
+    return x / (1.0 + np.exp(np.float32(-1.702) * x))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the row maximum. Rows that are all -inf give zeros."""
+    row_max = np.max(x, axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, np.float32(0))
+    e = np.exp(x - row_max)
+    total = e.sum(axis=-1, keepdims=True)
+    return e / np.where(total > 0, total, np.float32(1))
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
+              scale: float | None = None) -> np.ndarray:
+    """Scaled dot-product attention.
+
+    q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> (B, H, Tq, dv). ``scale`` defaults to ``1/sqrt(d)``.
+    With ``causal``, query i sees keys 0..i (aligned at the start, as in a text encoder; needs Tq == Tk).
+    """
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)  # (B, H, Tq, Tk)
+    if causal:
+        tq, tk = scores.shape[-2:]
+        future = np.triu(np.ones((tq, tk), dtype=bool), k=1)
+        scores = np.where(future, np.float32(-np.inf), scores)
+    return np.matmul(softmax(scores), v)  # (B, H, Tq, dv)
+
+
+def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Rows of ``table`` (V, C) picked by integer ``ids`` (...) -> (..., C)."""
+    return np.take(table, ids, axis=0).astype(np.float32, copy=False)
