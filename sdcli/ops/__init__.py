@@ -38,8 +38,6 @@ class Ops(Protocol):
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
                   scale: float | None = None) -> np.ndarray: ...
 
-    def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray: ...
-
 
 def get_ops(name: str = "cpu") -> Ops:
     """Return the backend called ``name`` ("numpy" or "cpu")."""

@@ -74,7 +74,3 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
         scores = np.where(future, np.float32(-np.inf), scores)
     return np.matmul(softmax(scores), v)  # (B, H, Tq, dv)
 
-
-def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Rows of ``table`` (V, C) picked by integer ``ids`` (...) -> (..., C)."""
-    return np.take(table, ids, axis=0).astype(np.float32, copy=False)

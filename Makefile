@@ -1,0 +1,20 @@
+# sdcli: build, install and test.
+#   make install   build the compiled kernels and install sdcli (editable)
+#   make test      install sdcli with the test references (torch CPU, diffusers, transformers) and run every test
+
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip --disable-pip-version-check
+
+.PHONY: install test clean
+
+install:
+	$(PIP) install -e .
+
+# torch is installed on its own first, pinned to the CPU wheel, so that nothing else pulls a CUDA build.
+test:
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[test]"
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf build dist *.egg-info sdcli/ext/*.so

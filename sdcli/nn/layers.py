@@ -1,0 +1,101 @@
+"""Weight holders: small layers that keep their tensors in the precision asked for and call the op backend.
+
+A :class:`Weight` holds one tensor as it is kept in memory: float32 (a zero-copy view of the memory-mapped file
+when the file stores F32), float16, or bfloat16 bits in a uint16 array (numpy has no bfloat16). Layers ask for
+``weight.float32()`` when they compute; on the CPU all arithmetic is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SdcliError
+from ..io.safetensors import bf16_to_float32, float32_to_bf16
+from ..ops import Ops
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor held as ``precision`` ("fp32", "fp16" or "bf16"; bf16 data are uint16 bits)."""
+
+    data: np.ndarray
+    precision: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def float32(self) -> np.ndarray:
+        """The values as float32: the held array itself for fp32, a converted copy otherwise."""
+        if self.precision == "bf16":
+            return bf16_to_float32(self.data)
+        return self.data.astype(np.float32, copy=False)
+
+    @classmethod
+    def from_stored(cls, data: np.ndarray, dtype: str, precision: str) -> "Weight":
+        """Hold ``data`` (stored as safetensors ``dtype``: "F32", "F16", "BF16", ...) at ``precision``.
+
+        No copy is made when the stored type is already the held type.
+        """
+        if precision not in PRECISIONS:
+            raise SdcliError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if dtype == "BF16":
+            if precision == "bf16":
+                return cls(data, precision)
+            values = bf16_to_float32(data)
+        else:
+            values = data
+        if precision == "fp32":
+            return cls(values.astype(np.float32, copy=False), precision)
+        if precision == "fp16":
+            return cls(values.astype(np.float16, copy=False), precision)
+        return cls(float32_to_bf16(values.astype(np.float32, copy=False)), precision)
+
+
+class Linear:
+    """y = x W^T + b. weight (out, in), bias (out,)."""
+
+    def __init__(self, ops: Ops, weight: Weight, bias: Weight | None):
+        self.ops, self.weight, self.bias = ops, weight, bias
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        bias = self.bias.float32() if self.bias is not None else None
+        return self.ops.linear(x, self.weight.float32(), bias)
+
+
+class LayerNorm:
+    """Normalisation over the last axis with a learnt scale and shift, both (C,)."""
+
+    def __init__(self, ops: Ops, weight: Weight, bias: Weight, eps: float):
+        self.ops, self.weight, self.bias, self.eps = ops, weight, bias, eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.ops.layer_norm(x, self.weight.float32(), self.bias.float32(), self.eps)
+
+
+class Embedding:
+    """Rows of a (V, C) table picked by integer ids."""
+
+    def __init__(self, weight: Weight):
+        self.weight = weight
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        rows = np.take(self.weight.data, ids, axis=0)  # (..., C), gathered before conversion: only these rows
+        return Weight(rows, self.weight.precision).float32()
+
+
+def linear_from(ops: Ops, weights: dict[str, Weight], prefix: str, bias: bool = True) -> Linear:
+    """The Linear layer whose tensors are ``{prefix}weight`` and ``{prefix}bias``."""
+    return Linear(ops, weights[prefix + "weight"], weights[prefix + "bias"] if bias else None)
+
+
+def layer_norm_from(ops: Ops, weights: dict[str, Weight], prefix: str, eps: float) -> LayerNorm:
+    return LayerNorm(ops, weights[prefix + "weight"], weights[prefix + "bias"], eps)

@@ -1,0 +1,121 @@
+"""CLIP byte-level BPE tokenizer (the one Stable Diffusion 1.x and 2.x use), built on the `tokenizers` library.
+
+It reproduces transformers' ``CLIPTokenizer``: NFC normalisation, runs of whitespace folded to one space, lower
+case; a split on CLIP's word pattern; byte-level BPE with the ``</w>`` end-of-word suffix; ``<|startoftext|>``
+and ``<|endoftext|>`` recognised as special tokens even inside the text. SD1.5's tables ship with sdcli
+(``sdcli/data/clip_tokenizer``, MIT, from OpenAI CLIP), so tokenising needs no download; a model folder's own
+``tokenizer/`` tables are used when present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from ..errors import CheckpointError
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MAX_LENGTH = 77
+# CLIP's word pattern: the special tokens, English contractions, runs of letters, single digits, runs of other symbols.
+WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def shipped_tokenizer_dir() -> Path:
+    """The SD1.x CLIP tables that ship inside the package."""
+    return Path(str(resources.files("sdcli") / "data" / "clip_tokenizer"))
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One prompt's token ids: ``ids`` padded/truncated to ``max_length``; ``length`` counts BOS/EOS too."""
+
+    ids: np.ndarray  # (77,) int64
+    length: int  # tokens before padding, including BOS and EOS, at most max_length
+    truncated: int  # prompt tokens dropped to fit
+
+
+class ClipTokenizer:
+    """Turns prompts into the (B, 77) id arrays a CLIP text encoder reads."""
+
+    def __init__(self, vocab_file: Path, merges_file: Path, pad_token: str = EOS_TOKEN,
+                 max_length: int = MAX_LENGTH):
+        try:
+            vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+            merge_lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read the CLIP tokenizer tables: {error}") from None
+        merges = [tuple(line.split()) for line in merge_lines[1:] if line.strip()]  # line 0 is '#version: 0.2'
+        for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
+            if token not in vocab:
+                raise CheckpointError(f"{vocab_file}: the token {token!r} is not in the vocabulary")
+        model = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                    fuse_unk=False, unk_token=EOS_TOKEN)
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        # transformers registers bos, eos and pad as special tokens: a literal one in the prompt becomes its id.
+        # With SD2's pad token '!' that turns every '!' into id 0 (not '!</w>'), which is what SD2 pipelines see.
+        tokenizer.add_special_tokens(list(dict.fromkeys([BOS_TOKEN, EOS_TOKEN, pad_token])))
+        self._tokenizer = tokenizer
+        self.bos_id = vocab[BOS_TOKEN]
+        self.eos_id = vocab[EOS_TOKEN]
+        self.pad_id = vocab[pad_token]
+        self.max_length = max_length
+
+    @classmethod
+    def from_folder(cls, folder: Path | None = None, default_pad_token: str = EOS_TOKEN) -> "ClipTokenizer":
+        """Load ``vocab.json``/``merges.txt`` from ``folder`` (a model's ``tokenizer/``), or the shipped tables.
+
+        The pad token comes from the folder's ``special_tokens_map.json`` (SD1: ``<|endoftext|>``, SD2: ``!``),
+        else ``default_pad_token``.
+        """
+        if folder is None or not (Path(folder) / "vocab.json").is_file():
+            tables = shipped_tokenizer_dir()
+        else:
+            tables = Path(folder)
+        pad_token = _pad_token_of(Path(folder) if folder is not None else tables) or default_pad_token
+        return cls(tables / "vocab.json", tables / "merges.txt", pad_token=pad_token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with BOS and EOS, not padded or truncated."""
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids, self.eos_id]
+
+    def tokenize(self, text: str) -> Tokenized:
+        """Ids for the text encoder: truncated to ``max_length`` keeping EOS last, then padded with the pad id."""
+        ids = self.encode(text)
+        truncated = max(0, len(ids) - self.max_length)
+        if truncated:
+            ids = ids[: self.max_length - 1] + [self.eos_id]
+        length = len(ids)
+        padded = np.full(self.max_length, self.pad_id, dtype=np.int64)
+        padded[:length] = ids
+        return Tokenized(ids=padded, length=length, truncated=truncated)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """(B, 77) int64 ids for a batch of prompts."""
+        return np.stack([self.tokenize(p).ids for p in prompts])
+
+
+def _pad_token_of(folder: Path) -> str | None:
+    special = folder / "special_tokens_map.json"
+    if not special.is_file():
+        return None
+    try:
+        pad = json.loads(special.read_text(encoding="utf-8")).get("pad_token")
+    except ValueError:
+        raise CheckpointError(f"{special}: not valid JSON") from None
+    if isinstance(pad, dict):
+        pad = pad.get("content")
+    return pad if isinstance(pad, str) else None

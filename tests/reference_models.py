@@ -1,0 +1,144 @@
+"""Random-weight models of the real architectures, built with the reference libraries and written to disk in the
+layouts sdcli reads (diffusers folder, single-file LDM checkpoint). Test-only: imports torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from sdcli.nn.tokenizer import shipped_tokenizer_dir
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16) by torch's rounding."""
+    return torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def random_clip_text_model(config: dict, seed: int = 0):
+    """transformers CLIPTextModel with random weights; layer norms randomised too so their bugs show."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "layer_norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+            elif name.endswith("bias"):
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def canonical_state(model) -> dict[str, np.ndarray]:
+    """The model's tensors as float32 numpy arrays under canonical names (``text_model.`` prefix)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        name = name if name.startswith("text_model.") else "text_model." + name
+        if name.endswith("position_ids"):
+            continue
+        state[name] = tensor.detach().float().numpy().copy()
+    return state
+
+
+def stored(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """The tensors as the reference safetensors library stores ``dtype`` ("F32", "F16"; BF16 needs torch)."""
+    if dtype == "F32":
+        return state
+    if dtype == "F16":
+        return {name: value.astype(np.float16) for name, value in state.items()}
+    raise ValueError(dtype)
+
+
+def rounded(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """The float32 values a tensor has after being stored as ``dtype``."""
+    if dtype == "F32":
+        return state
+    if dtype == "F16":
+        return {name: value.astype(np.float16).astype(np.float32) for name, value in state.items()}
+    return {name: (bf16_bits(value).astype(np.uint32) << 16).view(np.float32) for name, value in state.items()}
+
+
+def save_tensors(path: Path, state: dict[str, np.ndarray], dtype: str) -> None:
+    """Write with the reference library; BF16 through safetensors.torch."""
+    if dtype == "BF16":
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({name: torch.from_numpy(np.ascontiguousarray(value)).to(torch.bfloat16)
+                    for name, value in state.items()}, str(path))
+    else:
+        save_file({name: np.ascontiguousarray(value) for name, value in stored(state, dtype).items()}, str(path))
+
+
+def write_diffusers_folder(folder: Path, family_configs: Path, text_config: dict, state: dict[str, np.ndarray],
+                           dtype: str = "F32", variant: str | None = None, strip_prefix: bool = False) -> Path:
+    """A diffusers model folder with a text encoder, tokenizer and scheduler (no UNet/VAE yet)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(family_configs / "model_index.json", folder / "model_index.json")
+    (folder / "text_encoder").mkdir(exist_ok=True)
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(text_config))
+    if strip_prefix:  # transformers 5 saves without the text_model. prefix
+        state = {name.removeprefix("text_model."): value for name, value in state.items()}
+    filename = f"model.{variant}.safetensors" if variant else "model.safetensors"
+    save_tensors(folder / "text_encoder" / filename, state, dtype)
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(shipped_tokenizer_dir() / name, folder / "tokenizer" / name)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(family_configs / "tokenizer" / name, folder / "tokenizer" / name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    shutil.copy(family_configs / "scheduler" / "scheduler_config.json", folder / "scheduler")
+    return folder
+
+
+def sd1_single_file_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """SD1 LDM layout: the transformers names under ``cond_stage_model.transformer.``, plus position_ids."""
+    out = {"cond_stage_model.transformer." + name: value for name, value in state.items()}
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+    return out
+
+
+def openclip_single_file_state(state: dict[str, np.ndarray], layers: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """SD2's OpenCLIP layout, written out by hand: fused in_proj q/k/v, ln_1/ln_2, c_fc/c_proj, ln_final; plus
+    the 24th resblock, text_projection and logit_scale that a real SD2 checkpoint carries and diffusers drops."""
+    rng = np.random.default_rng(seed)
+    prefix = "cond_stage_model.model."
+    text = "text_model."
+    out = {
+        prefix + "token_embedding.weight": state[text + "embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state[text + "embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state[text + "final_layer_norm.weight"],
+        prefix + "ln_final.bias": state[text + "final_layer_norm.bias"],
+    }
+    width = out[prefix + "ln_final.weight"].shape[0]
+    for i in range(layers + 1):
+        block = f"{prefix}transformer.resblocks.{i}."
+        if i == layers:  # the dropped last layer of OpenCLIP ViT-H: random values that must not be read
+            source = {f"{text}encoder.layers.{layers - 1}." + key[len(f"{text}encoder.layers.{layers - 1}."):]:
+                      rng.standard_normal(value.shape).astype(np.float32)
+                      for key, value in state.items() if key.startswith(f"{text}encoder.layers.{layers - 1}.")}
+            layer = f"{text}encoder.layers.{layers - 1}."
+        else:
+            source, layer = state, f"{text}encoder.layers.{i}."
+        attn = layer + "self_attn."
+        out[block + "attn.in_proj_weight"] = np.concatenate(
+            [source[attn + f"{p}_proj.weight"] for p in "qkv"], axis=0)  # (3C, C)
+        out[block + "attn.in_proj_bias"] = np.concatenate([source[attn + f"{p}_proj.bias"] for p in "qkv"])
+        out[block + "attn.out_proj.weight"] = source[attn + "out_proj.weight"]
+        out[block + "attn.out_proj.bias"] = source[attn + "out_proj.bias"]
+        for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
+            out[block + f"{ours}.weight"] = source[layer + f"{theirs}.weight"]
+            out[block + f"{ours}.bias"] = source[layer + f"{theirs}.bias"]
+        for ours, theirs in (("c_fc", "fc1"), ("c_proj", "fc2")):
+            out[block + f"mlp.{ours}.weight"] = source[layer + f"mlp.{theirs}.weight"]
+            out[block + f"mlp.{ours}.bias"] = source[layer + f"mlp.{theirs}.bias"]
+    out[prefix + "text_projection"] = rng.standard_normal((width, width)).astype(np.float32)
+    out[prefix + "logit_scale"] = np.array(4.6052, dtype=np.float32)
+    return out
