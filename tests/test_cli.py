@@ -130,7 +130,7 @@ def test_noise_test_options_and_model(tiny_model):
     np.testing.assert_allclose(report["alphas_cumprod"], reference.alphas_cumprod.numpy(), atol=1e-6, rtol=0)
     assert report["timesteps"] == reference.timesteps.tolist()
     table = run(["noise-test", "--steps", "5"])
-    assert table.exit_code == 0 and "sqrt(1-alpha_bar)" in table.output
+    assert table.exit_code == 0 and "alpha_bar" in table.output and "sigma" in table.output
 
 
 def test_noise_test_bad_arguments():

@@ -17,10 +17,10 @@ from sdcli import load_prompt_encoder, open_checkpoint  # noqa: E402
 from sdcli.nn.tokenizer import ClipTokenizer  # noqa: E402
 
 TOL = {
-    # float32 end to end; different summation orders in GEMM/softmax/layer norm across 12-23 layers.
+    # float32 arithmetic end to end; different summation orders in GEMM/softmax/layer norm across 12-23 layers.
+    # Also the tolerance for weights stored or held as fp16/bf16: the reference then runs the same rounded
+    # weights in float32, so only the arithmetic differs (stricter than the 2e-2 the issue allows there).
     "fp32": 1e-4,
-    # weights stored (or held) as fp16/bf16, compared with the float32 original: the rounding of the weights.
-    "reduced": 2e-2,
 }
 PROMPTS = ["a photograph of an astronaut riding a horse", "",
            "café 🐱 東京! (masterpiece:1.2), " + "very " * 90 + "long", "Hello, World!"]
@@ -66,8 +66,10 @@ def family(request, shared_data, tmp_path_factory):
     else:
         paths["reduced"] = root / "single_bf16.safetensors"
         ref.save_tensors(paths["reduced"], ref.openclip_single_file_state(state, layers), "BF16")
-    expected_reduced = reference_outputs(model, ids, ref.rounded(state, reduced))
-    return dict(name=name, ids=ids, expected=expected, expected_reduced=expected_reduced, paths=paths,
+    # The reference on the weights as fp16 / bf16 hold them (float32 arithmetic, as sdcli computes on the CPU).
+    expected_rounded = {precision: reference_outputs(model, ids, ref.rounded(state, dtype))
+                        for precision, dtype in (("fp16", "F16"), ("bf16", "BF16"))}
+    return dict(name=name, ids=ids, expected=expected, expected_rounded=expected_rounded, paths=paths,
                 reduced_precision="fp16" if reduced == "F16" else "bf16", layers=layers)
 
 
@@ -112,13 +114,14 @@ def test_numpy_backend_parity(family):
 
 def test_reduced_storage(family):
     """fp16 (SD1, diffusers fp16 variant) or bf16 (SD2, single file) weights, held as stored."""
-    ours = encode(family["paths"]["reduced"], family["ids"], precision=family["reduced_precision"])
+    precision = family["reduced_precision"]
+    ours = encode(family["paths"]["reduced"], family["ids"], precision=precision)
     for skip in (1, 2):
-        assert max_abs(ours[skip], family["expected_reduced"][skip]) <= TOL["fp32"], skip  # same weights
-        assert max_abs(ours[skip], family["expected"][skip]) <= TOL["reduced"], skip  # vs the fp32 original
+        assert max_abs(ours[skip], family["expected_rounded"][precision][skip]) <= TOL["fp32"], skip
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_from_fp32_file(family, precision):
-    ours = encode(family["paths"]["folder"], family["ids"][:2], precision=precision)
-    assert max_abs(ours[1], family["expected"][1][:2]) <= TOL["reduced"]
+    """An fp32 file held as fp16 / bf16: rounded at load exactly as the reference rounds."""
+    ours = encode(family["paths"]["folder"], family["ids"], precision=precision)
+    assert max_abs(ours[1], family["expected_rounded"][precision][1]) <= TOL["fp32"]
