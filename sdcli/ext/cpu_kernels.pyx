@@ -1,0 +1,252 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Float32 CPU kernels behind :mod:`sdcli.ops.cpu_ops`.
+
+Every kernel reads C-contiguous float32 arrays and writes into an ``out`` array of the caller's (cpu_ops converts,
+flattens leading axes and allocates). The GIL is released; rows (attention: heads) run in parallel when the module
+was built with OpenMP, one after another otherwise. No fast-math: inf and nan propagate as they do in numpy.
+Reductions (means, variances, softmax sums) accumulate in double.
+"""
+
+from cython.parallel cimport prange
+from libc.stddef cimport ptrdiff_t
+from libc.math cimport INFINITY, erfcf, expf, sqrtf
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define SDCLI_OPENMP 1
+    #else
+    #define SDCLI_OPENMP 0
+    #endif
+    """
+    const int SDCLI_OPENMP
+
+cdef extern from "vec.h" nogil:
+    # c[0:8, 0:8] += a[0:8, 0:n] @ b[0:n, 0:8], the 8 x 8 tile in vector registers: the hot kernel of attention
+    void sdcli_tile_8x8(const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, ptrdiff_t n, float* c,
+                        ptrdiff_t ldc)
+    # the largest of x[0:n], nan entries ignored
+    float sdcli_max(const float* x, ptrdiff_t n)
+    # y[j] = exp(x[j] - shift) for j < n (x and y may be the same array); returns the sum, accumulated in double
+    double sdcli_exp_shifted(const float* x, float shift, ptrdiff_t n, float* y)
+    # y[j] = x[j] / (1 + exp(-1.702 x[j])) for j < n
+    void sdcli_quick_gelu(const float* x, ptrdiff_t n, float* y)
+
+openmp = bool(SDCLI_OPENMP)  # True when this build runs rows in parallel
+
+cdef float SQRT1_2 = 0.70710678118654752440
+
+cdef enum:
+    CHUNK = 4096  # elements per parallel task of the element-wise ops
+
+
+cdef int _check_out(str name, tuple got, tuple expected) except -1:
+    if got != expected:
+        raise ValueError(f"{name}: out has shape {got}, expected {expected}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row-wise and element-wise ops
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef void _layer_norm_row(const float* x, const float* weight, const float* bias, float eps, float* y,
+                          Py_ssize_t n) noexcept nogil:
+    # two passes: mean, then the biased variance of the centred values; (x - mean) / std * weight + bias as numpy_ops
+    cdef Py_ssize_t i
+    cdef double total = 0.0, squares = 0.0
+    cdef float mean, centered, std
+    if n == 0:
+        return
+    for i in range(n):
+        total += x[i]
+    mean = <float>(total / n)
+    for i in range(n):
+        centered = x[i] - mean
+        squares += <double>centered * centered
+    std = sqrtf(<float>(squares / n) + eps)
+    for i in range(n):
+        y[i] = (x[i] - mean) / std * weight[i] + bias[i]
+
+
+def layer_norm(const float[:, ::1] x, const float[::1] weight, const float[::1] bias, float eps, float[:, ::1] out):
+    """Normalise each row of x (rows, C) over C, then scale by weight (C,) and shift by bias (C,), into out."""
+    cdef Py_ssize_t rows = x.shape[0], width = x.shape[1], r
+    _check_out("layer_norm", (out.shape[0], out.shape[1]), (rows, width))
+    if weight.shape[0] != width or bias.shape[0] != width:
+        raise ValueError(f"layer_norm: weight {weight.shape[0]} and bias {bias.shape[0]} must match the width {width}")
+    if width == 0:
+        return
+    with nogil:
+        for r in prange(rows, schedule="static"):
+            _layer_norm_row(&x[r, 0], &weight[0], &bias[0], eps, &out[r, 0], width)
+
+
+def gelu(const float[::1] x, float[::1] out):
+    """Exact GELU, x * Phi(x) = 0.5 x erfc(-x / sqrt 2), element-wise.
+
+    erfc rather than 1 + erf: for negative x the sum cancels and would lose all relative accuracy.
+    """
+    cdef Py_ssize_t n = x.shape[0], i
+    _check_out("gelu", (out.shape[0],), (n,))
+    with nogil:
+        for i in prange(n, schedule="static"):
+            out[i] = <float>0.5 * x[i] * erfcf(-x[i] * SQRT1_2)
+
+
+def quick_gelu(const float[::1] x, float[::1] out):
+    """x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)), element-wise."""
+    cdef Py_ssize_t n = x.shape[0], chunk
+    _check_out("quick_gelu", (out.shape[0],), (n,))
+    with nogil:
+        for chunk in prange((n + CHUNK - 1) // CHUNK, schedule="static"):
+            sdcli_quick_gelu(&x[chunk * CHUNK], min(<Py_ssize_t>CHUNK, n - chunk * CHUNK), &out[chunk * CHUNK])
+
+
+cdef void _softmax_row(const float* x, float* y, Py_ssize_t n) noexcept nogil:
+    # shifted by the row maximum, or by 0 when that is not finite (all -inf -> zeros), as numpy_ops.softmax
+    cdef Py_ssize_t i
+    cdef float row_max = sdcli_max(x, n), total_f
+    cdef double total
+    if row_max == INFINITY or row_max == -INFINITY:
+        row_max = 0
+    total = sdcli_exp_shifted(x, row_max, n, y)
+    if total > 0:
+        total_f = <float>total
+        for i in range(n):
+            y[i] = y[i] / total_f
+
+
+def softmax(const float[:, ::1] x, float[:, ::1] out):
+    """Softmax over the last axis of x (rows, C), into out."""
+    cdef Py_ssize_t rows = x.shape[0], width = x.shape[1], r
+    _check_out("softmax", (out.shape[0], out.shape[1]), (rows, width))
+    if width == 0:
+        return
+    with nogil:
+        for r in prange(rows, schedule="static"):
+            _softmax_row(&x[r, 0], &out[r, 0], width)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused attention: per (batch, head), query rows in tiles against blocks of keys with a streaming softmax
+# (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; the FlashAttention recurrence), so no
+# (Tq, Tk) score matrix exists; the largest buffer is one tile's scores for one key block.
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef enum:
+    TILE_ROWS = 8     # query rows computed together (the register tile of vec.h is 8 x 8)
+    TILE_COLS = 8     # keys, or value columns, per register tile
+    KEY_BLOCK = 64    # keys per step of the streaming softmax
+
+
+cdef inline void _tile_product_narrow(const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb, Py_ssize_t n,
+                                      float* c, Py_ssize_t ldc, Py_ssize_t cols) noexcept nogil:
+    # sdcli_tile_8x8 for the last cols < TILE_COLS columns
+    cdef Py_ssize_t t, r, j
+    cdef float total
+    for r in range(TILE_ROWS):
+        for j in range(cols):
+            total = c[r * ldc + j]
+            for t in range(n):
+                total += a[r * lda + t] * b[t * ldb + j]
+            c[r * ldc + j] = total
+
+
+cdef inline void _product(const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb, Py_ssize_t n,
+                          float* c, Py_ssize_t ldc, Py_ssize_t cols) noexcept nogil:
+    # c[:TILE_ROWS, :cols] += a[:TILE_ROWS, :n] @ b[:n, :cols]
+    cdef Py_ssize_t j = 0
+    while j + TILE_COLS <= cols:
+        sdcli_tile_8x8(a, lda, b + j, ldb, n, c + j, ldc)
+        j += TILE_COLS
+    if j < cols:
+        _tile_product_narrow(a, lda, b + j, ldb, n, c + j, ldc, cols - j)
+
+
+cdef int _attention_head(const float* q, const float* k, const float* v, float* out, Py_ssize_t tq, Py_ssize_t tk,
+                         Py_ssize_t d, Py_ssize_t dv, bint causal, float scale) noexcept nogil:
+    # One head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv). Returns -1 when out of memory.
+    cdef Py_ssize_t tk_padded = (tk + TILE_COLS - 1) // TILE_COLS * TILE_COLS
+    cdef float* scratch = <float*>malloc((d * tk_padded + TILE_ROWS * (d + dv) + 1) * sizeof(float))
+    cdef float* kt = scratch                         # (d, Tk rounded up to TILE_COLS)
+    cdef float* qs = kt + d * tk_padded              # (TILE_ROWS, d) scaled queries; zero rows pad a short tile
+    cdef float* acc = qs + TILE_ROWS * d             # (TILE_ROWS, dv) running sum of exp(score - row_max) * v
+    cdef float p[TILE_ROWS * KEY_BLOCK]              # (TILE_ROWS, KEY_BLOCK) scores of one key block, then exp
+    cdef float row_max[TILE_ROWS]
+    cdef double row_sum[TILE_ROWS]
+    cdef double block_sum
+    cdef float new_max, correction, value
+    cdef float* p_row
+    cdef Py_ssize_t tile, i0, rows, key_end, block, j0, keys, columns, visible, r, j, c
+    if scratch == NULL:
+        return -1
+    # K transposed, so that a block of keys is contiguous; zero columns pad it to whole register tiles
+    memset(kt, 0, d * tk_padded * sizeof(float))
+    for j in range(tk):
+        for c in range(d):
+            kt[c * tk_padded + j] = k[j * d + c]
+    for tile in range((tq + TILE_ROWS - 1) // TILE_ROWS):
+        i0 = tile * TILE_ROWS
+        rows = min(<Py_ssize_t>TILE_ROWS, tq - i0)
+        memset(qs, 0, TILE_ROWS * d * sizeof(float))
+        memset(acc, 0, TILE_ROWS * dv * sizeof(float))
+        for r in range(rows):
+            for c in range(d):
+                qs[r * d + c] = q[(i0 + r) * d + c] * scale
+            row_max[r] = -INFINITY
+            row_sum[r] = 0.0
+        key_end = min(tk, i0 + rows) if causal else tk
+        for block in range((key_end + KEY_BLOCK - 1) // KEY_BLOCK):
+            j0 = block * KEY_BLOCK
+            keys = min(<Py_ssize_t>KEY_BLOCK, key_end - j0)
+            columns = (keys + TILE_COLS - 1) // TILE_COLS * TILE_COLS  # keys and the padding up to a whole tile
+            memset(p, 0, sizeof(p))
+            _product(qs, d, kt + j0, tk_padded, d, p, KEY_BLOCK, columns)  # (TILE_ROWS, columns) scores
+            for r in range(rows):
+                p_row = p + r * KEY_BLOCK
+                visible = max(<Py_ssize_t>0, min(keys, i0 + r + 1 - j0)) if causal else keys
+                new_max = max(row_max[r], sdcli_max(p_row, visible))
+                if new_max == -INFINITY:  # nothing visible yet: this block adds nothing
+                    memset(p_row, 0, columns * sizeof(float))
+                    continue
+                correction = expf(row_max[r] - new_max)  # rescales what earlier blocks summed; 0 for the first
+                for j in range(visible, columns):
+                    p_row[j] = -INFINITY  # masked or padding: exp gives 0
+                block_sum = sdcli_exp_shifted(p_row, new_max, columns, p_row)
+                if correction != 1:
+                    for c in range(dv):
+                        acc[r * dv + c] *= correction
+                row_sum[r] = row_sum[r] * correction + block_sum
+                row_max[r] = new_max
+            _product(p, KEY_BLOCK, v + j0 * dv, dv, keys, acc, dv, dv)  # (TILE_ROWS, dv) += p @ v[j0:j0+keys]
+        for r in range(rows):
+            value = <float>row_sum[r]
+            for c in range(dv):
+                out[(i0 + r) * dv + c] = acc[r * dv + c] / value if value > 0 else 0
+    free(scratch)
+    return 0
+
+
+def attention(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v, float[:, :, ::1] out,
+              bint causal, float scale):
+    """softmax(scale q k^T) v per head: q (N, Tq, d), k (N, Tk, d), v (N, Tk, dv) -> out (N, Tq, dv).
+
+    With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros. Heads run in parallel.
+    """
+    cdef Py_ssize_t heads = q.shape[0], tq = q.shape[1], d = q.shape[2], tk = k.shape[1], dv = v.shape[2], h
+    cdef int failed = 0
+    if k.shape[0] != heads or v.shape[0] != heads or k.shape[2] != d or v.shape[1] != tk:
+        raise ValueError(f"attention: mismatched q {(q.shape[0], q.shape[1], q.shape[2])}, "
+                         f"k {(k.shape[0], k.shape[1], k.shape[2])}, v {(v.shape[0], v.shape[1], v.shape[2])}")
+    _check_out("attention", (out.shape[0], out.shape[1], out.shape[2]), (heads, tq, dv))
+    if heads == 0 or tq == 0 or dv == 0:
+        return
+    with nogil:
+        for h in prange(heads, schedule="dynamic"):
+            failed += _attention_head(&q[h, 0, 0], &k[h, 0, 0], &v[h, 0, 0], &out[h, 0, 0], tq, tk, d, dv, causal,
+                                      scale) != 0
+    if failed:
+        raise MemoryError("attention: out of memory for the per-head buffers")

@@ -1,0 +1,192 @@
+/* Small vector kernels for cpu_kernels.pyx, in portable C.
+ *
+ *   sdcli_tile_8x8     c[0:8, 0:8] += a[0:8, 0:n] @ b[0:n, 0:8]: the register tile of the attention kernel
+ *   sdcli_max          the largest of x[0:n] (nan entries ignored; -inf when n is 0)
+ *   sdcli_exp_shifted  y[j] = exp(x[j] - shift) for j < n, returning the sum (in double): the softmax numerator
+ *   sdcli_quick_gelu   y[j] = x[j] / (1 + exp(-1.702 x[j])) for j < n
+ *
+ * All arrays are float32 and may be unaligned; a, b, c rows are lda, ldb, ldc floats apart; x and y may be the
+ * same array. GCC and Clang build them with generic vector types: 4 lanes for the baseline (SSE2 on any x86-64,
+ * NEON on arm64; no -march, no fast-math). On x86-64 each also has an 8-lane AVX2 + FMA version, compiled for that
+ * target alone and chosen at run time when the CPU has it, so the module still runs on any x86-64. Defining
+ * SDCLI_BASELINE_ONLY (CFLAGS=-DSDCLI_BASELINE_ONLY) leaves the AVX2 versions out, to test the baseline on a
+ * machine with AVX2. Other compilers get plain loops with the same results up to rounding.
+ */
+#ifndef SDCLI_VEC_H
+#define SDCLI_VEC_H
+
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+
+typedef float sdcli_f4 __attribute__((vector_size(16)));
+typedef int sdcli_i4 __attribute__((vector_size(16)));
+typedef double sdcli_d4 __attribute__((vector_size(32)));
+
+#define SDCLI_W 4
+#define SDCLI_F sdcli_f4
+#define SDCLI_I sdcli_i4
+#define SDCLI_D sdcli_d4
+#define SDCLI_FN(name) sdcli_##name##_w4
+#define SDCLI_TARGET
+#include "vec_body.h"
+#undef SDCLI_W
+#undef SDCLI_F
+#undef SDCLI_I
+#undef SDCLI_D
+#undef SDCLI_FN
+#undef SDCLI_TARGET
+
+/* 4 x 8 in eight 4-wide registers */
+static inline void sdcli_tile_4x8_w4(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,
+                                     float *c, ptrdiff_t ldc) {
+    sdcli_f4 c00 = sdcli_load_w4(c), c01 = sdcli_load_w4(c + 4);
+    sdcli_f4 c10 = sdcli_load_w4(c + ldc), c11 = sdcli_load_w4(c + ldc + 4);
+    sdcli_f4 c20 = sdcli_load_w4(c + 2 * ldc), c21 = sdcli_load_w4(c + 2 * ldc + 4);
+    sdcli_f4 c30 = sdcli_load_w4(c + 3 * ldc), c31 = sdcli_load_w4(c + 3 * ldc + 4);
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const sdcli_f4 b0 = sdcli_load_w4(b + t * ldb), b1 = sdcli_load_w4(b + t * ldb + 4);
+        const float a0 = a[t], a1 = a[lda + t], a2 = a[2 * lda + t], a3 = a[3 * lda + t];
+        c00 += a0 * b0;
+        c01 += a0 * b1;
+        c10 += a1 * b0;
+        c11 += a1 * b1;
+        c20 += a2 * b0;
+        c21 += a2 * b1;
+        c30 += a3 * b0;
+        c31 += a3 * b1;
+    }
+    sdcli_store_w4(c, c00, 4);
+    sdcli_store_w4(c + 4, c01, 4);
+    sdcli_store_w4(c + ldc, c10, 4);
+    sdcli_store_w4(c + ldc + 4, c11, 4);
+    sdcli_store_w4(c + 2 * ldc, c20, 4);
+    sdcli_store_w4(c + 2 * ldc + 4, c21, 4);
+    sdcli_store_w4(c + 3 * ldc, c30, 4);
+    sdcli_store_w4(c + 3 * ldc + 4, c31, 4);
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(SDCLI_BASELINE_ONLY)
+#define SDCLI_X86_DISPATCH 1
+
+typedef float sdcli_f8 __attribute__((vector_size(32)));
+typedef int sdcli_i8 __attribute__((vector_size(32)));
+typedef double sdcli_d8 __attribute__((vector_size(64)));
+
+#define SDCLI_W 8
+#define SDCLI_F sdcli_f8
+#define SDCLI_I sdcli_i8
+#define SDCLI_D sdcli_d8
+#define SDCLI_FN(name) sdcli_##name##_w8
+#define SDCLI_TARGET __attribute__((target("avx2,fma")))
+#include "vec_body.h"
+#undef SDCLI_W
+#undef SDCLI_F
+#undef SDCLI_I
+#undef SDCLI_D
+#undef SDCLI_FN
+
+/* 8 x 8 in eight 8-wide registers; the compiler contracts c += a * b into one FMA */
+SDCLI_TARGET static void sdcli_tile_8x8_w8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb,
+                                           ptrdiff_t n, float *c, ptrdiff_t ldc) {
+    sdcli_f8 c0 = sdcli_load_w8(c), c1 = sdcli_load_w8(c + ldc), c2 = sdcli_load_w8(c + 2 * ldc),
+             c3 = sdcli_load_w8(c + 3 * ldc), c4 = sdcli_load_w8(c + 4 * ldc), c5 = sdcli_load_w8(c + 5 * ldc),
+             c6 = sdcli_load_w8(c + 6 * ldc), c7 = sdcli_load_w8(c + 7 * ldc);
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const sdcli_f8 bt = sdcli_load_w8(b + t * ldb);
+        c0 += a[t] * bt;
+        c1 += a[lda + t] * bt;
+        c2 += a[2 * lda + t] * bt;
+        c3 += a[3 * lda + t] * bt;
+        c4 += a[4 * lda + t] * bt;
+        c5 += a[5 * lda + t] * bt;
+        c6 += a[6 * lda + t] * bt;
+        c7 += a[7 * lda + t] * bt;
+    }
+    sdcli_store_w8(c, c0, 8);
+    sdcli_store_w8(c + ldc, c1, 8);
+    sdcli_store_w8(c + 2 * ldc, c2, 8);
+    sdcli_store_w8(c + 3 * ldc, c3, 8);
+    sdcli_store_w8(c + 4 * ldc, c4, 8);
+    sdcli_store_w8(c + 5 * ldc, c5, 8);
+    sdcli_store_w8(c + 6 * ldc, c6, 8);
+    sdcli_store_w8(c + 7 * ldc, c7, 8);
+}
+#undef SDCLI_TARGET
+
+static inline int sdcli_has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#endif
+
+static inline void sdcli_tile_8x8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,
+                                  float *c, ptrdiff_t ldc) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) {
+        sdcli_tile_8x8_w8(a, lda, b, ldb, n, c, ldc);
+        return;
+    }
+#endif
+    sdcli_tile_4x8_w4(a, lda, b, ldb, n, c, ldc);
+    sdcli_tile_4x8_w4(a + 4 * lda, lda, b, ldb, n, c + 4 * ldc, ldc);
+}
+
+static inline float sdcli_max(const float *x, ptrdiff_t n) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) return sdcli_max_w8(x, n);
+#endif
+    return sdcli_max_w4(x, n);
+}
+
+static inline double sdcli_exp_shifted(const float *x, float shift, ptrdiff_t n, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) return sdcli_exp_shifted_w8(x, shift, n, y);
+#endif
+    return sdcli_exp_shifted_w4(x, shift, n, y);
+}
+
+static inline void sdcli_quick_gelu(const float *x, ptrdiff_t n, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) {
+        sdcli_quick_gelu_w8(x, n, y);
+        return;
+    }
+#endif
+    sdcli_quick_gelu_w4(x, n, y);
+}
+
+#else /* neither GCC nor Clang: plain loops */
+
+static inline void sdcli_tile_8x8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,
+                                  float *c, ptrdiff_t ldc) {
+    for (ptrdiff_t r = 0; r < 8; r++) {
+        for (ptrdiff_t j = 0; j < 8; j++) {
+            float total = c[r * ldc + j];
+            for (ptrdiff_t t = 0; t < n; t++) total += a[r * lda + t] * b[t * ldb + j];
+            c[r * ldc + j] = total;
+        }
+    }
+}
+
+static inline float sdcli_max(const float *x, ptrdiff_t n) {
+    float result = -INFINITY;
+    for (ptrdiff_t j = 0; j < n; j++) result = x[j] > result ? x[j] : result;
+    return result;
+}
+
+static inline double sdcli_exp_shifted(const float *x, float shift, ptrdiff_t n, float *y) {
+    double sum = 0.0;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        y[j] = expf(x[j] - shift);
+        sum += y[j];
+    }
+    return sum;
+}
+
+static inline void sdcli_quick_gelu(const float *x, ptrdiff_t n, float *y) {
+    for (ptrdiff_t j = 0; j < n; j++) y[j] = x[j] / (1.0f + expf(-1.702f * x[j]));
+}
+
+#endif
+
+#endif /* SDCLI_VEC_H */

@@ -1,0 +1,261 @@
+"""The op backends against the numpy reference, and the reference against PyTorch and math.erf.
+
+Every "cpu" op is compared with numpy_ops on awkward shapes (odd sizes, batch 2, a single row, width 1), large
+magnitudes and -inf entries; numpy_ops itself is compared with torch (test-only) and the standard library.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdcli.ext
+import sdcli.ops
+from sdcli.errors import BackendError
+from sdcli.ops import Ops, get_ops, numpy_ops
+
+EPS = float(np.finfo(np.float32).eps)  # 1.19e-7, one float32 ulp at 1
+
+# (rtol, atol as a fraction of max |expected|). Float32 results of the same formula agree to a few ulp (~1e-7
+# relative); what differs between implementations is summation order and libm, so the bounds sit a few times above
+# the differences those cause and far below what a wrong formula gives.
+TOL = {
+    # numpy's BLAS either way; one GEMM over all rows vs numpy's batched matmul sums length-K dot products in a
+    # different order: ~sqrt(K) ulp of the output scale.
+    "linear": (1e-5, 1e-6),
+    # mean and variance accumulate in double in the kernel, pairwise in float32 in numpy: a few ulp in mean and std.
+    "layer_norm": (1e-5, 1e-6),
+    # libm erfcf (about 1 ulp) vs the reference's erf, accurate to 1.2e-7 absolute, evaluated in float64.
+    "gelu": (1e-6, 1e-7),
+    # the same float32 formula; the kernel's exp polynomial and numpy's exp are each within an ulp or two.
+    "quick_gelu": (2e-6, 0.0),
+    # exp within 1 ulp (the kernel's polynomial, numpy's SIMD exp), the row sum in double vs float32.
+    "softmax": (2e-6, 1e-7),
+}
+# Attention is as well conditioned as its scores are small: a float32 score s carries an error of ~|s| ulp, which
+# exp turns into that relative error of the weights. Bound: ATTENTION_ULPS * EPS * max(1, max |s|) * max |v|.
+ATTENTION_ULPS = 4
+# numpy_ops.erf's documented accuracy (Numerical Recipes' erfcc).
+ERF_ATOL = 1.2e-7
+
+
+@pytest.fixture(scope="module")
+def cpu() -> Ops:
+    return get_ops("cpu")
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, op: str) -> None:
+    rtol, atol = TOL[op]
+    finite = np.isfinite(expected)
+    scale = float(np.abs(expected[finite]).max()) if finite.any() else 0.0
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, err_msg=op)
+
+
+def random(shape: tuple[int, ...], seed: int = 0, magnitude: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * magnitude).astype(np.float32)
+
+
+SHAPES = [(3, 5, 7), (2, 77, 33), (1, 7), (4, 1), (2, 3, 1, 64)]  # odd sizes, batch 2, one row, width 1
+
+
+def test_cpu_backend_has_the_reference_signatures(cpu):
+    assert cpu.name == "cpu"
+    protocol = [name for name, _ in inspect.getmembers(Ops, inspect.isfunction) if not name.startswith("_")]
+    assert "attention" in protocol
+    for name in protocol:
+        assert inspect.signature(getattr(cpu, name)) == inspect.signature(getattr(numpy_ops, name)), name
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    # as if never built: importing the kernel module fails, and cpu_ops is imported afresh
+    monkeypatch.setitem(sys.modules, "sdcli.ext.cpu_kernels", None)
+    monkeypatch.delattr(sdcli.ext, "cpu_kernels", raising=False)
+    monkeypatch.delitem(sys.modules, "sdcli.ops.cpu_ops", raising=False)
+    monkeypatch.delattr(sdcli.ops, "cpu_ops", raising=False)
+    with pytest.raises(BackendError, match="not built"):
+        get_ops("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cpu against numpy_ops
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear(cpu, shape, with_bias):
+    x = random(shape)
+    weight = random((5, shape[-1]), seed=1)
+    bias = random((5,), seed=2) if with_bias else None
+    assert_close(cpu.linear(x, weight, bias), numpy_ops.linear(x, weight, bias), "linear")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("magnitude", [1.0, 1e4, 1e-3])  # 1e-3: variance 1e-6, so eps (1e-5) dominates
+def test_layer_norm(cpu, shape, magnitude):
+    x = random(shape, magnitude=magnitude)
+    weight, bias = random(shape[-1:], seed=1), random(shape[-1:], seed=2)
+    assert_close(cpu.layer_norm(x, weight, bias, 1e-5), numpy_ops.layer_norm(x, weight, bias, 1e-5), "layer_norm")
+
+
+def test_layer_norm_constant_rows_give_the_bias(cpu):
+    x = np.full((2, 3, 9), 7.5, dtype=np.float32)
+    weight, bias = random((9,), seed=1), random((9,), seed=2)
+    np.testing.assert_array_equal(cpu.layer_norm(x, weight, bias, 1e-5), np.broadcast_to(bias, x.shape))
+    assert_close(cpu.layer_norm(x, weight, bias, 1e-5), numpy_ops.layer_norm(x, weight, bias, 1e-5), "layer_norm")
+
+
+ACTIVATION_INPUTS = [
+    random((3, 5, 7), magnitude=3.0),
+    np.linspace(-12.0, 12.0, 4001, dtype=np.float32).reshape(1, -1),  # both tails and the knee
+    random((2, 50), magnitude=1e4),
+    np.float32(0.5) * np.ones((4, 1), dtype=np.float32),
+]
+
+
+@pytest.mark.parametrize("op", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("case", range(len(ACTIVATION_INPUTS)))
+def test_activations(cpu, op, case):
+    x = ACTIVATION_INPUTS[case]
+    with np.errstate(over="ignore"):
+        expected = getattr(numpy_ops, op)(x)
+    assert_close(getattr(cpu, op)(x), expected, op)
+
+
+@pytest.mark.parametrize("op", ["gelu", "quick_gelu"])
+def test_activations_special_values(cpu, op):
+    """Element by element (no shared scale): zeros, tiny and huge values, infinities and nan as in numpy_ops."""
+    x = np.array([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38, np.inf, -np.inf, np.nan], dtype=np.float32)
+    with np.errstate(all="ignore"):
+        expected = getattr(numpy_ops, op)(x)
+    got = getattr(cpu, op)(x)
+    np.testing.assert_allclose(got, expected, rtol=TOL[op][0], atol=0, equal_nan=True, err_msg=op)
+    assert got[8] == np.inf and np.isnan(got[10])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("magnitude", [1.0, 1e3, 1e30])
+def test_softmax(cpu, shape, magnitude):
+    x = random(shape, magnitude=magnitude)
+    assert_close(cpu.softmax(x), numpy_ops.softmax(x), "softmax")
+
+
+def test_softmax_minus_infinity(cpu):
+    x = random((4, 6), magnitude=5.0)
+    x[0, :3] = -np.inf  # some entries masked
+    x[1, :] = -np.inf  # a fully masked row: zeros, not nan
+    x[2, 1:] = -np.inf  # one entry left: weight 1
+    got = cpu.softmax(x)
+    assert_close(got, numpy_ops.softmax(x), "softmax")
+    np.testing.assert_array_equal(got[1], 0.0)
+    np.testing.assert_array_equal(got[2], [1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(got[0, :3], 0.0)
+
+
+def assert_attention_close(actual, expected, q, k, v, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.abs(np.matmul(q, np.swapaxes(k, -1, -2)) * scale).max()
+    atol = ATTENTION_ULPS * EPS * max(1.0, float(scores)) * float(np.abs(v).max())
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
+
+
+# (B, H, Tq, Tk, d, dv, causal): the CLIP shape, odd sizes, a single token, more keys than one key block
+# (64) with a partial last block, Tq != Tk, dv != d and widths that are not multiples of the 8-wide tile.
+ATTENTION_CASES = [
+    (2, 12, 77, 77, 64, 64, True),
+    (2, 12, 77, 77, 64, 64, False),
+    (2, 3, 5, 5, 7, 7, True),
+    (1, 1, 1, 1, 1, 1, True),
+    (2, 2, 130, 130, 40, 40, True),
+    (1, 2, 9, 130, 16, 24, False),
+    (2, 3, 5, 7, 3, 5, False),
+    (1, 2, 70, 3, 8, 9, False),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention(cpu, case):
+    batch, heads, tq, tk, d, dv, causal = case
+    q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
+    expected = numpy_ops.attention(q, k, v, causal=causal)
+    assert_attention_close(cpu.attention(q, k, v, causal=causal), expected, q, k, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_large_scores_and_explicit_scale(cpu, causal):
+    q, k, v = random((2, 2, 100, 16), 1, 4.0), random((2, 2, 100, 16), 2, 4.0), random((2, 2, 100, 16), 3)
+    for scale in (None, 0.7):
+        expected = numpy_ops.attention(q, k, v, causal=causal, scale=scale)
+        assert_attention_close(cpu.attention(q, k, v, causal=causal, scale=scale), expected, q, k, v, scale)
+
+
+def test_inputs_of_any_layout_and_dtype(cpu):
+    """Non-contiguous and float64 inputs give what their contiguous float32 copies give, and are not modified."""
+    base = random((2, 9, 3, 16), seed=4)
+    x = base.transpose(0, 2, 1, 3).astype(np.float64)[..., ::2]  # (2, 3, 9, 8), strided, float64
+    x_copy = x.copy()
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    weight, bias = random((8,), seed=1), random((8,), seed=2)
+    for op, args in [("gelu", ()), ("quick_gelu", ()), ("softmax", ()), ("layer_norm", (weight, bias, 1e-5)),
+                     ("linear", (random((4, 8), seed=3),))]:
+        got = getattr(cpu, op)(x, *args)
+        np.testing.assert_array_equal(got, getattr(cpu, op)(x32, *args), err_msg=op)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+    q = base.transpose(0, 2, 1, 3)  # (B, nh, T, hs) view, as the text encoder passes it
+    np.testing.assert_array_equal(cpu.attention(q, q, q, causal=True),
+                                  cpu.attention(*(np.ascontiguousarray(q),) * 3, causal=True))
+    np.testing.assert_array_equal(x, x_copy)
+    assert cpu.gelu(np.float32(1.0)).shape == ()
+
+
+def test_attention_rejects_mismatched_shapes(cpu):
+    q = random((1, 2, 5, 8))
+    with pytest.raises(ValueError):
+        cpu.attention(q, random((1, 2, 5, 4)), random((1, 2, 5, 8)))
+    with pytest.raises(ValueError):
+        cpu.attention(q, random((1, 2, 5, 8)), random((1, 2, 6, 8)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numpy_ops against the standard library and PyTorch
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_reference_erf_accuracy():
+    x = np.concatenate([np.linspace(-6.0, 6.0, 24001), [-30.0, -1e-8, 0.0, 1e-8, 30.0]])
+    expected = np.array([math.erf(value) for value in x])
+    assert np.abs(numpy_ops.erf(x) - expected).max() <= ERF_ATOL
+
+
+def test_reference_gelu_against_torch():
+    x = np.concatenate([np.linspace(-12.0, 12.0, 4001, dtype=np.float32), random((1000,), magnitude=4.0)])
+    expected = F.gelu(torch.from_numpy(x)).numpy()  # approximate="none": x * Phi(x) with libm-class erf
+    assert_close(numpy_ops.gelu(x), expected, "gelu")
+
+
+def test_reference_quick_gelu_against_torch():
+    x = np.concatenate([np.linspace(-12.0, 12.0, 4001, dtype=np.float32), random((1000,), magnitude=4.0)])
+    t = torch.from_numpy(x)
+    assert_close(numpy_ops.quick_gelu(x), (t * torch.sigmoid(1.702 * t)).numpy(), "quick_gelu")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 77, 768), (4, 1)])
+def test_reference_layer_norm_against_torch(shape):
+    x, weight, bias = random(shape, magnitude=3.0), random(shape[-1:], seed=1), random(shape[-1:], seed=2)
+    expected = F.layer_norm(torch.from_numpy(x), shape[-1:], torch.from_numpy(weight), torch.from_numpy(bias), 1e-5)
+    assert_close(numpy_ops.layer_norm(x, weight, bias, 1e-5), expected.numpy(), "layer_norm")
+
+
+@pytest.mark.parametrize("case", [(2, 12, 77, 77, 64, True), (2, 3, 5, 5, 7, True), (1, 2, 9, 130, 16, False)],
+                         ids=str)
+def test_reference_attention_against_torch(case):
+    batch, heads, tq, tk, d, causal = case
+    q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, d), 3)
+    expected = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), is_causal=causal).numpy()
+    assert_attention_close(numpy_ops.attention(q, k, v, causal=causal), expected, q, k, v)
