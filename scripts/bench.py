@@ -1,7 +1,9 @@
 """sdcli's benchmark: sdcli against the reference implementation, measured in one run on this machine.
 
 So far it times the CLIP text encoder (batch 2 x 77 tokens) of the full SD1 and SD2 architectures with random
-weights, alternating sdcli and transformers runs (A B A B ...) and quoting medians and their ratio.
+weights, alternating sdcli and transformers runs (A B A B ...) and quoting medians and their ratio. sdcli runs in
+its own process, without torch loaded: two OpenMP runtimes in one process (torch's and sdcli's kernels') fight
+over the cores and would make the comparison say nothing about either tool as users run it.
 
     python scripts/bench.py [--repeats 5] [--json bench-results/text_encoder.json]
 
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +41,23 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
+# One sdcli measurement in a fresh process: load, one warm-up encode, then the timed encode.
+SDCLI_SIDE = """
+import sys, time
+import numpy as np
+import sdcli
+encoder = sdcli.load_prompt_encoder(sys.argv[1])
+ids = np.load(sys.argv[2])
+encoder.text_encoder(ids)
+start = time.perf_counter()
+out = encoder.text_encoder(ids)
+elapsed = time.perf_counter() - start
+np.save(sys.argv[3], out)
+assert "torch" not in sys.modules
+print(elapsed)
+"""
+
+
 def bench_text_encoder(family: str, repeats: int) -> dict:
     import torch
 
@@ -52,19 +72,19 @@ def bench_text_encoder(family: str, repeats: int) -> dict:
                                                             "a watercolor painting of a fox in the snow"])  # (2, 77)
     with tempfile.TemporaryDirectory() as folder:
         path = ref.write_diffusers_folder(Path(folder) / family, configs, text_config, ref.canonical_state(model))
-        encoder = sdcli.load_prompt_encoder(str(path))
+        np.save(Path(folder) / "ids.npy", ids)
         torch_ids = torch.from_numpy(ids)
         ours_times, reference_times = [], []
         with torch.inference_mode():
-            encoder.text_encoder(ids)
-            model(input_ids=torch_ids)  # warm up both
+            theirs = model(input_ids=torch_ids).last_hidden_state.numpy()  # warm up
             for _ in range(repeats):
+                result = subprocess.run([sys.executable, "-c", SDCLI_SIDE, str(path), str(Path(folder) / "ids.npy"),
+                                         str(Path(folder) / "ours.npy")], capture_output=True, text=True, check=True)
+                ours_times.append(float(result.stdout))
                 start = time.perf_counter()
-                ours = encoder.text_encoder(ids)
-                ours_times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                theirs = model(input_ids=torch_ids).last_hidden_state.numpy()
+                model(input_ids=torch_ids)
                 reference_times.append(time.perf_counter() - start)
+        ours = np.load(Path(folder) / "ours.npy")
     ours_median, reference_median = statistics.median(ours_times), statistics.median(reference_times)
     return {"family": family, "batch": "2 x 77 tokens", "sdcli_s": ours_median, "transformers_s": reference_median,
             "ratio": ours_median / reference_median, "max_abs_diff": float(np.abs(ours - theirs).max()),
