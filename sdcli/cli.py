@@ -195,13 +195,14 @@ def print_noise_table(config, tables, timesteps) -> None:
     title = (f"{len(rows)} inference steps, {config.timestep_spacing} spacing"
              + (f", offset {config.steps_offset}" if config.timestep_spacing == "leading" else "")
              if timesteps is not None else "key timesteps")
-    table = Table(title=title, header_style="bold")
-    for column in ("t", "beta", "alpha", "alpha_bar", "sqrt(alpha_bar)", "sqrt(1-alpha_bar)", "sigma"):
+    table = Table(title=title, header_style="bold", caption="ab = alpha_bar = prod(alpha); "
+                  "sigma = sqrt((1 - ab) / ab)")
+    for column in ("t", "beta", "alpha", "alpha_bar", "sqrt(ab)", "sqrt(1-ab)", "sigma"):
         table.add_column(column, justify="right")
     for t in rows:
         alpha_bar = float(tables.alphas_cumprod[t])
-        table.add_row(str(t), f"{tables.betas[t]:.6g}", f"{tables.alphas[t]:.6g}", f"{alpha_bar:.6g}",
-                      f"{alpha_bar ** 0.5:.6g}", f"{(1 - alpha_bar) ** 0.5:.6g}", f"{tables.sigmas[t]:.6g}")
+        table.add_row(str(t), f"{tables.betas[t]:.5g}", f"{tables.alphas[t]:.6f}", f"{alpha_bar:.6f}",
+                      f"{alpha_bar ** 0.5:.6f}", f"{(1 - alpha_bar) ** 0.5:.6f}", f"{tables.sigmas[t]:.6g}")
     console.print(table)
 
 
