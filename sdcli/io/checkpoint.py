@@ -27,7 +27,6 @@ from . import names
 from .safetensors import SafetensorsFile
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-FAMILIES = ("sd1", "sd2")
 FAMILY_PRESET = {"sd1": "sd15", "sd2": "sd21"}
 COMPONENT_WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model",
                           "vae": "diffusion_pytorch_model"}
@@ -161,8 +160,9 @@ def check_tensors(source: TensorSource, expected: dict[str, tuple[int, ...]]) ->
     present = set(source.keys())
     missing = [name for name in expected if name not in present]
     unexpected = sorted(present - set(expected)) + source.unexpected()
-    misshaped = [f"{name} {tuple(source.shape(name))} (expected {tuple(shape)})"
-                 for name, shape in expected.items() if name in present and tuple(source.shape(name)) != tuple(shape)]
+    found = {name: tuple(source.shape(name)) for name in expected if name in present}
+    misshaped = [f"{name} {found[name]} (expected {tuple(shape)})"
+                 for name, shape in expected.items() if name in found and found[name] != tuple(shape)]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:

@@ -29,6 +29,14 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def _elementwise(kernel, x: np.ndarray) -> np.ndarray:
+    """Apply an element-wise kernel to x (any shape) into a new float32 array."""
+    x = _float32(x)
+    out = np.empty_like(x)
+    kernel(x.reshape(-1), out.reshape(-1))
+    return out
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """``x @ weight.T + bias``. x (..., in), weight (out, in), bias (out,) -> (..., out)."""
     x = _float32(x)
@@ -49,18 +57,12 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """Exact GELU, ``x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`` (PyTorch's default, approximate='none')."""
-    x = _float32(x)
-    out = np.empty_like(x)
-    kernels.gelu(x.reshape(-1), out.reshape(-1))
-    return out
+    return _elementwise(kernels.gelu, x)
 
 
 def quick_gelu(x: np.ndarray) -> np.ndarray:
     """OpenAI CLIP's GELU approximation, ``x * sigmoid(1.702 x)``."""
-    x = _float32(x)
-    out = np.empty_like(x)
-    kernels.quick_gelu(x.reshape(-1), out.reshape(-1))
-    return out
+    return _elementwise(kernels.quick_gelu, x)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
