@@ -37,6 +37,13 @@ TOL = {
     "quick_gelu": (2e-6, 0.0),
     # exp within 1 ulp (the kernel's polynomial, numpy's SIMD exp), the row sum in double vs float32.
     "softmax": (2e-6, 1e-7),
+    # a convolution is a sum of Cin*kh*kw products: tap-by-tap GEMMs (cpu), im2col (strided cpu), einsum (numpy)
+    # and torch's kernels sum in different orders, ~sqrt(K) ulp of the output scale.
+    "conv2d": (1e-5, 2e-6),
+    # mean and variance in double (cpu) vs pairwise float32 (numpy, torch): a few ulp of the normalised values.
+    "group_norm": (1e-5, 1e-6),
+    # exp within an ulp or two, one division.
+    "silu": (2e-6, 1e-7),
 }
 # Attention is as well conditioned as its scores are small: a float32 score s carries an error of ~|s| ulp, which
 # exp turns into that relative error of the weights. Bound: ATTENTION_ULPS * EPS * max(1, max |s|) * max |v|.
@@ -223,6 +230,48 @@ def test_attention_rejects_mismatched_shapes(cpu):
         cpu.attention(q, random((1, 2, 5, 8)), random((1, 2, 6, 8)))
 
 
+# Convolutions as the networks use them: 3x3 "same", 3x3 stride 2 with padding 1 (UNet downsampler) and with
+# padding 0 (the VAE encoder pads asymmetrically first), 1x1, and odd sizes, width 1, batch 2.
+CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
+    (2, 3, 5, 7, 9, 3, 1, 1), (1, 4, 6, 8, 8, 3, 2, 1), (2, 5, 3, 6, 5, 1, 1, 0), (1, 2, 2, 5, 5, 3, 1, 0),
+    (2, 4, 4, 9, 7, 3, 2, 0), (1, 3, 4, 1, 6, 3, 1, 1), (2, 8, 16, 16, 16, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv2d(cpu, case, with_bias):
+    batch, cin, cout, height, width, kernel, stride, padding = case
+    x, weight = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), seed=1)
+    bias = random((cout,), seed=2) if with_bias else None
+    expected = numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding)
+    assert_close(cpu.conv2d(x, weight, bias, stride=stride, padding=padding), expected, "conv2d")
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 32), ((1, 6, 1, 1), 3), ((2, 32, 16, 16), 32),
+                                          ((2, 8, 33), 2)], ids=str)
+@pytest.mark.parametrize("magnitude", [1.0, 1e3])
+def test_group_norm(cpu, shape, groups, magnitude):
+    x = random(shape, magnitude=magnitude) + np.float32(magnitude)  # an offset mean, as activations have
+    weight, bias = random(shape[1:2], seed=1), random(shape[1:2], seed=2)
+    assert_close(cpu.group_norm(x, groups, weight, bias, 1e-6), numpy_ops.group_norm(x, groups, weight, bias, 1e-6),
+                 "group_norm")
+
+
+@pytest.mark.parametrize("case", range(len(ACTIVATION_INPUTS)))
+def test_silu_and_relu(cpu, case):
+    x = ACTIVATION_INPUTS[case]
+    with np.errstate(over="ignore"):
+        assert_close(cpu.silu(x), numpy_ops.silu(x), "silu")
+    np.testing.assert_array_equal(cpu.relu(x), numpy_ops.relu(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 4, 8, 1)])
+def test_upsample_nearest(cpu, shape):
+    x = random(shape)
+    np.testing.assert_array_equal(cpu.upsample_nearest(x), numpy_ops.upsample_nearest(x))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # numpy_ops against the standard library and PyTorch
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,3 +308,20 @@ def test_reference_attention_against_torch(case):
     q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, d), 3)
     expected = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), is_causal=causal).numpy()
     assert_attention_close(numpy_ops.attention(q, k, v, causal=causal), expected, q, k, v)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_reference_conv2d_against_torch(case):
+    batch, cin, cout, height, width, kernel, stride, padding = case
+    x, weight, bias = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), 1), random((cout,), 2)
+    expected = F.conv2d(*map(torch.from_numpy, (x, weight, bias)), stride=stride, padding=padding).numpy()
+    assert_close(numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding), expected, "conv2d")
+
+
+def test_reference_group_norm_silu_upsample_against_torch():
+    x, weight, bias = random((2, 64, 5, 7), magnitude=3.0) + 1, random((64,), 1), random((64,), 2)
+    expected = F.group_norm(*map(torch.from_numpy, (x,)), 32, torch.from_numpy(weight), torch.from_numpy(bias), 1e-6)
+    assert_close(numpy_ops.group_norm(x, 32, weight, bias, 1e-6), expected.numpy(), "group_norm")
+    assert_close(numpy_ops.silu(x), F.silu(torch.from_numpy(x)).numpy(), "silu")
+    np.testing.assert_array_equal(numpy_ops.upsample_nearest(x),
+                                  F.interpolate(torch.from_numpy(x), scale_factor=2.0, mode="nearest").numpy())

@@ -81,6 +81,27 @@ class LayerNorm:
         return self.ops.layer_norm(x, self.weight.float32(), self.bias.float32(), self.eps)
 
 
+class Conv2d:
+    """2-D convolution with zero padding. weight (Cout, Cin, kh, kw), bias (Cout,) or None."""
+
+    def __init__(self, ops: Ops, weight: Weight, bias: Weight | None, stride: int = 1, padding: int = 0):
+        self.ops, self.weight, self.bias, self.stride, self.padding = ops, weight, bias, stride, padding
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        bias = self.bias.float32() if self.bias is not None else None
+        return self.ops.conv2d(x, self.weight.float32(), bias, stride=self.stride, padding=self.padding)
+
+
+class GroupNorm:
+    """Normalisation over channel groups and positions, with a learnt per-channel scale and shift, both (C,)."""
+
+    def __init__(self, ops: Ops, weight: Weight, bias: Weight, num_groups: int, eps: float):
+        self.ops, self.weight, self.bias, self.num_groups, self.eps = ops, weight, bias, num_groups, eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.ops.group_norm(x, self.num_groups, self.weight.float32(), self.bias.float32(), self.eps)
+
+
 class Embedding:
     """Rows of a (V, C) table picked by integer ids."""
 
@@ -99,3 +120,16 @@ def linear_from(ops: Ops, weights: dict[str, Weight], prefix: str, bias: bool = 
 
 def layer_norm_from(ops: Ops, weights: dict[str, Weight], prefix: str, eps: float) -> LayerNorm:
     return LayerNorm(ops, weights[prefix + "weight"], weights[prefix + "bias"], eps)
+
+
+def conv2d_from(ops: Ops, weights: dict[str, Weight], prefix: str, stride: int = 1, padding: int | None = None,
+                bias: bool = True) -> Conv2d:
+    """The Conv2d whose tensors are ``{prefix}weight`` and ``{prefix}bias``; padding defaults to "same" (k // 2)."""
+    weight = weights[prefix + "weight"]
+    if padding is None:
+        padding = weight.shape[-1] // 2
+    return Conv2d(ops, weight, weights[prefix + "bias"] if bias else None, stride=stride, padding=padding)
+
+
+def group_norm_from(ops: Ops, weights: dict[str, Weight], prefix: str, num_groups: int, eps: float) -> GroupNorm:
+    return GroupNorm(ops, weights[prefix + "weight"], weights[prefix + "bias"], num_groups, eps)

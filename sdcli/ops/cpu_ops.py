@@ -1,6 +1,8 @@
 """The "cpu" backend: the functions and signatures of :mod:`sdcli.ops.numpy_ops` on the kernels of ``sdcli/ext``.
 
-``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place. layer_norm, gelu,
+``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place; ``conv2d`` is a
+sum of one GEMM per kernel tap over the flattened, padded image (no im2col buffer); group_norm, silu, relu and
+upsample_nearest are vectorised numpy until they get kernels of their own. layer_norm, gelu,
 quick_gelu, softmax and attention run in :mod:`sdcli.ext.cpu_kernels`: float32, parallel over rows (attention:
 heads) when the extension was built with OpenMP; attention is fused, never forming the (Tq, Tk) score matrix.
 Inputs of other dtypes or layouts are converted to C-contiguous float32 first; results are new float32 arrays.
@@ -92,3 +94,119 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     kernels.attention(q.reshape(heads, tq, d), k.reshape(heads, tk, d), v.reshape(heads, tk, dv),
                       out.reshape(heads, tq, dv), causal, scale)  # (B*H, Tq, dv)
     return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)`` (swish)."""
+    x = _float32(x)
+    out = np.negative(x)
+    np.exp(out, out=out)
+    out += np.float32(1)
+    return np.divide(x, out, out=out)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """``max(x, 0)``."""
+    return np.maximum(_float32(x), np.float32(0))
+
+
+def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
+    variance), then scale and shift per channel. x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
+    x = _float32(x)
+    batch, channels = x.shape[:2]
+    groups = x.reshape(batch, num_groups, -1)  # (B, G, C/G * spatial)
+    mean = groups.mean(axis=-1, keepdims=True, dtype=np.float64)
+    variance = np.square(groups - mean.astype(np.float32)).mean(axis=-1, keepdims=True, dtype=np.float64)
+    inverse_std = (1.0 / np.sqrt(variance + eps)).astype(np.float32)  # (B, G, 1)
+    # y = x * a + b per (batch, channel): a = weight / std, b = bias - mean * weight / std
+    per_group = channels // num_groups
+    scale = (weight.astype(np.float32).reshape(1, num_groups, per_group)
+             * inverse_std).reshape(batch, channels)  # (B, C)
+    shift = bias.astype(np.float32).reshape(1, channels) - (mean.astype(np.float32) * inverse_std
+                                                            * weight.astype(np.float32).reshape(1, num_groups, per_group)
+                                                            ).reshape(batch, channels)  # (B, C)
+    spatial = (1,) * (x.ndim - 2)
+    out = x * scale.reshape(batch, channels, *spatial)
+    out += shift.reshape(batch, channels, *spatial)
+    return out
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *, stride: int = 1,
+           padding: int = 0) -> np.ndarray:
+    """2-D cross-correlation with zero padding (PyTorch's Conv2d).
+
+    x (B, Cin, H, W), weight (Cout, Cin, kh, kw), bias (Cout,) -> (B, Cout, Ho, Wo) with
+    ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W).
+    """
+    x = _float32(x)
+    weight = np.asarray(weight, dtype=np.float32)
+    batch, in_channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    out_h = (height + 2 * padding - kh) // stride + 1
+    out_w = (width + 2 * padding - kw) // stride + 1
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        y = np.matmul(weight.reshape(out_channels, in_channels), x.reshape(batch, in_channels, height * width))
+    elif stride == 1:
+        y = _conv_taps(x, weight, padding, out_h, out_w)
+    else:
+        y = _conv_strided(x, weight, stride, padding, out_h, out_w)
+    y = y.reshape(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        y += _float32(bias).reshape(1, out_channels, 1, 1)
+    return y
+
+
+def _conv_taps(x: np.ndarray, weight: np.ndarray, padding: int, out_h: int, out_w: int) -> np.ndarray:
+    """Stride-1 convolution as one GEMM per tap over the flat padded image.
+
+    In the padded image flattened row-major, tap (i, j) of output pixel (r, c) reads flat index
+    ``(r + i) * Wp + (c + j)``: output row r, computed over all Wp columns, is the contiguous slice starting at
+    ``i * Wp + j``. The columns past out_w are garbage and dropped at the end.
+    """
+    batch, in_channels = x.shape[:2]
+    out_channels, _, kh, kw = weight.shape
+    padded_w = x.shape[3] + 2 * padding
+    padded = np.zeros((batch, in_channels, x.shape[2] + 2 * padding + 1, padded_w), dtype=np.float32)  # +1 row:
+    padded[:, :, padding:padding + x.shape[2], padding:padding + x.shape[3]] = x  # the last tap's slice overruns
+    flat = padded.reshape(batch, in_channels, -1)  # (B, Cin, (Hp + 1) * Wp)
+    span = out_h * padded_w
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))  # (kh, kw, Cout, Cin)
+    y = np.empty((batch, out_channels, span), dtype=np.float32)
+    for b in range(batch):
+        total = y[b]  # (Cout, Ho * Wp)
+        for i in range(kh):
+            for j in range(kw):
+                start = i * padded_w + j
+                product = np.matmul(taps[i, j], flat[b, :, start:start + span])  # (Cout, Ho * Wp)
+                if i == 0 and j == 0:
+                    total[...] = product
+                else:
+                    total += product
+    return y.reshape(batch, out_channels, out_h, padded_w)[..., :out_w]
+
+
+def _conv_strided(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, out_h: int,
+                  out_w: int) -> np.ndarray:
+    """Strided convolution by im2col: (Cout, Cin*kh*kw) @ (Cin*kh*kw, Ho*Wo) per image."""
+    batch, in_channels = x.shape[:2]
+    out_channels, _, kh, kw = weight.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    columns = np.empty((in_channels, kh, kw, out_h, out_w), dtype=np.float32)
+    y = np.empty((batch, out_channels, out_h * out_w), dtype=np.float32)
+    matrix = weight.reshape(out_channels, -1)  # (Cout, Cin*kh*kw)
+    for b in range(batch):
+        for i in range(kh):
+            for j in range(kw):
+                columns[:, i, j] = padded[b, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+        np.matmul(matrix, columns.reshape(-1, out_h * out_w), out=y[b])
+    return y
+
+
+def upsample_nearest(x: np.ndarray, factor: int = 2) -> np.ndarray:
+    """Nearest-neighbour upsampling of the last two axes by an integer ``factor``. (B, C, H, W) -> (B, C, fH, fW)."""
+    x = _float32(x)
+    *lead, height, width = x.shape
+    out = np.empty((*lead, height, factor, width, factor), dtype=np.float32)
+    out[...] = x[..., :, None, :, None]
+    return out.reshape(*lead, height * factor, width * factor)

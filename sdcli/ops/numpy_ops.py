@@ -74,3 +74,53 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
         scores = np.where(future, np.float32(-np.inf), scores)
     return np.matmul(softmax(scores), v)  # (B, H, Tq, dv)
 
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)`` (swish)."""
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """``max(x, 0)``."""
+    return np.maximum(x, np.float32(0))
+
+
+def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
+    variance), then scale and shift per channel. x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
+    batch, channels = x.shape[:2]
+    groups = x.reshape(batch, num_groups, -1)  # (B, G, C/G * spatial)
+    mean = groups.mean(axis=-1, keepdims=True)
+    centered = groups - mean
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)
+    y = (centered / np.sqrt(variance + np.float32(eps))).reshape(x.shape)
+    per_channel = (1, channels) + (1,) * (x.ndim - 2)
+    return y * weight.reshape(per_channel) + bias.reshape(per_channel)
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *, stride: int = 1,
+           padding: int = 0) -> np.ndarray:
+    """2-D cross-correlation with zero padding (PyTorch's Conv2d).
+
+    x (B, Cin, H, W), weight (Cout, Cin, kh, kw), bias (Cout,) -> (B, Cout, Ho, Wo) with
+    ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W).
+    """
+    batch, _, height, width = x.shape
+    out_channels, in_channels, kh, kw = weight.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_h = (height + 2 * padding - kh) // stride + 1
+    out_w = (width + 2 * padding - kw) // stride + 1
+    y = np.zeros((batch, out_channels, out_h, out_w), dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]  # (B, Cin, Ho, Wo)
+            y += np.einsum("oc,bchw->bohw", weight[:, :, i, j], window)
+    if bias is not None:
+        y += bias.reshape(1, out_channels, 1, 1)
+    return y
+
+
+def upsample_nearest(x: np.ndarray, factor: int = 2) -> np.ndarray:
+    """Nearest-neighbour upsampling of the last two axes by an integer ``factor``. (B, C, H, W) -> (B, C, fH, fW)."""
+    return np.repeat(np.repeat(x, factor, axis=-2), factor, axis=-1)
