@@ -1,0 +1,178 @@
+"""Images out: decoder output to 8-bit pixels, and PNG files that carry the parameters that made them.
+
+The only module that imports Pillow. A PNG written here holds its generation parameters twice, as text chunks:
+``parameters`` in the AUTOMATIC1111 web UI's format (read back by the web UI's "PNG Info" tab, ComfyUI and
+most image browsers) and ``sdcli`` with the full request as JSON. Latin-1 text goes into tEXt chunks, anything
+else into iTXt (UTF-8), so a prompt in any script survives the round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ..errors import SdcliError
+from ..params import GenerateParams
+from .files import atomic_output
+from .outputs import plan_output_paths, prompt_slug
+
+__all__ = ["SAMPLER_LABELS", "a1111_parameters", "a1111_quote", "images_to_uint8", "plan_output_paths",
+           "png_metadata", "prompt_slug", "read_png_text", "save_png"]
+
+log = logging.getLogger("sdcli")
+
+# Our sampler names -> the labels the AUTOMATIC1111 web UI writes after "Sampler:". PNDM is what the web UI
+# calls PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"). The web UI since
+# 1.9 writes the schedule separately ("Schedule type: Karras") but still reads the combined label.
+SAMPLER_LABELS = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lcm": "LCM",
+    "pndm": "PLMS",
+    "unipc": "UniPC",
+}
+
+# PNG keywords are 1-79 Latin-1 characters without leading, trailing or doubled spaces (PNG spec 11.3.4.3).
+MAX_KEYWORD_LENGTH = 79
+
+
+def images_to_uint8(images: np.ndarray) -> np.ndarray:
+    """Decoder output (B, 3, H, W), about [-1, 1] -> RGB pixels (B, H, W, 3) uint8.
+
+    The arithmetic of diffusers' ``VaeImageProcessor.postprocess(output_type="pil")`` (diffusers 0.42,
+    ``image_processor.py``: ``denormalize`` then ``pt_to_numpy`` then ``numpy_to_pil``), step for step in
+    float32 so that every pixel is the one diffusers writes: ``x * 0.5 + 0.5``, clamped to [0, 1], times 255,
+    rounded half to even (numpy's ``round``), cast to uint8. The input is taken as float32 first, as diffusers
+    receives it from a float32 decoder. NaN (a decoder that overflowed, usually in float16) has no defined
+    cast; it becomes 0 (black) and is logged.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected decoder output of shape (B, 3, H, W), got {images.shape}")
+    images = images.astype(np.float32, copy=False)
+    unit = np.clip(images * np.float32(0.5) + np.float32(0.5), np.float32(0.0), np.float32(1.0))
+    not_a_number = np.isnan(unit)
+    if not_a_number.any():
+        log.warning("%d of %d decoded values are NaN; they are written as 0 (black)", int(not_a_number.sum()),
+                    unit.size)
+        unit = np.where(not_a_number, np.float32(0.0), unit)
+    pixels = np.round(unit * np.float32(255.0)).astype(np.uint8)  # (B, 3, H, W)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))  # (B, H, W, 3)
+
+
+def a1111_quote(value: Any) -> str:
+    """``value`` as the web UI writes it after "Key: ": JSON-quoted when it holds a comma, a colon or a newline
+    (the web UI's ``infotext_utils.quote``), and also when it starts with a double quote, which its parser would
+    otherwise strip as if it were quoting."""
+    text = str(value)
+    if any(mark in text for mark in (",", ":", "\n")) or text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def a1111_parameters(params: GenerateParams, *, seed: int, width: int, height: int, model: str,
+                     model_hash: str | None = None, sampler_label: str | None = None,
+                     extra: Mapping[str, Any] | None = None) -> str:
+    """The AUTOMATIC1111 "parameters" text of one image::
+
+        a red fox in snow
+        Negative prompt: blurry, low quality
+        Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model hash: 6ce0161689, Model: v1-5
+
+    Fields in the order ``create_infotext`` of the web UI's ``modules/processing.py`` writes them; a field whose
+    value is None is left out, as the web UI does: the negative-prompt line when empty, "Model hash" when not
+    known, "Clip skip" when 1 (no skip), "Eta DDIM" unless DDIM runs with eta > 0, "CFG Rescale" (the name the
+    popular CFG-rescale extension writes) when guidance rescale is 0. ``extra`` fields follow in their order, as
+    the web UI's ``extra_generation_params`` do; one whose value equals its key is written bare.
+    """
+    fields: dict[str, Any] = {
+        "Steps": params.steps,
+        "Sampler": sampler_label or SAMPLER_LABELS.get(params.sampler, params.sampler),
+        "CFG scale": float(params.guidance_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash or None,
+        "Model": model or None,
+        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
+        "Eta DDIM": params.eta if params.sampler == "ddim" and params.eta != 0 else None,
+        "CFG Rescale": params.guidance_rescale if params.guidance_rescale != 0 else None,
+        **(extra or {}),
+    }
+    settings = ", ".join(key if key == value else f"{key}: {a1111_quote(value)}"
+                         for key, value in fields.items() if value is not None)
+    negative = f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else ""
+    return f"{params.prompt}{negative}\n{settings}".strip()
+
+
+def png_metadata(params: GenerateParams, *, seed: int, width: int, height: int, model: str,
+                 model_hash: str | None = None, sampler_label: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The text chunks of one image: "parameters" (``a1111_parameters``) and "sdcli", the request as JSON with
+    the seed and size it actually ran with, plus the model's name and hash."""
+    record = {**params.with_(seed=seed, width=width, height=height).as_dict(), "model": model,
+              "model_hash": model_hash}
+    return {"parameters": a1111_parameters(params, seed=seed, width=width, height=height, model=model,
+                                           model_hash=model_hash, sampler_label=sampler_label, extra=extra),
+            "sdcli": json.dumps(record, ensure_ascii=False, default=str)}
+
+
+def check_keyword(key: str) -> None:
+    """Raise ValueError for a text-chunk keyword the PNG format does not allow."""
+    if not 1 <= len(key) <= MAX_KEYWORD_LENGTH or key != key.strip() or "  " in key:
+        raise ValueError(f"PNG text keyword {key!r} must be 1-{MAX_KEYWORD_LENGTH} characters without leading, "
+                         "trailing or doubled spaces")
+    try:
+        key.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"PNG text keyword {key!r} must be Latin-1") from None
+
+
+def save_png(path: str | Path, pixels: np.ndarray, text: Mapping[str, str], overwrite: bool = False) -> Path:
+    """Write RGB ``pixels`` (H, W, 3) uint8 as a PNG with ``text`` as text chunks; return the path.
+
+    Written to a temporary name beside ``path`` and renamed when complete (``files.atomic_output``): an existing
+    file is refused unless ``overwrite``, and a failure leaves neither the file nor the temporary.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected RGB pixels of shape (H, W, 3) and dtype uint8, got {pixels.shape} {pixels.dtype}")
+    chunks = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        check_keyword(key)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            chunks.add_itxt(key, value)
+        else:
+            chunks.add_text(key, value)
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    with atomic_output(path, overwrite) as temporary:
+        image.save(temporary, format="PNG", pnginfo=chunks)
+    return Path(path).expanduser()
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of the PNG at ``path``, by keyword."""
+    path = Path(path).expanduser()
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise SdcliError(f"{path} is not a PNG image (it is {image.format})")
+            image.load()  # text chunks may follow the image data
+            return {str(key): str(value) for key, value in image.text.items()}
+    except FileNotFoundError:
+        raise SdcliError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise SdcliError(f"{path} is not an image file") from None
+    except OSError as error:
+        raise SdcliError(f"cannot read {path}: {error}") from None
