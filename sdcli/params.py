@@ -1,0 +1,68 @@
+"""The parameters of a generation run, with the defaults the CLI, the library and the tests share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .errors import SdcliError
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SAMPLER = "pndm"  # what SD1.5 ships with (PNDM/PLMS with skipped Runge-Kutta steps)
+MAX_SEED = 2**32 - 1
+SIZE_MULTIPLE = 8  # the VAE downsamples by 8
+VAE_CHOICES = ("full", "taesd")
+# Samplers distilled for few steps start from another default (diffusers' LCM examples use 4).
+SAMPLER_DEFAULT_STEPS = {"lcm": 4}
+
+
+def default_steps(sampler: str) -> int:
+    return SAMPLER_DEFAULT_STEPS.get(sampler, DEFAULT_STEPS)
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """One text-to-image request. ``width``/``height`` of None take the model's native size; ``seed`` of None is
+    drawn at random by the caller and recorded (the pipeline needs a concrete seed)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_rescale: float = 0.0
+    sampler: str = DEFAULT_SAMPLER
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    clip_skip: int = 1
+    batch_size: int = 1
+    eta: float = 0.0  # DDIM's stochasticity; 0 is deterministic
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "GenerateParams":
+        """Raise a one-line SdcliError for a value no model can use; return self."""
+        if self.steps < 1:
+            raise SdcliError(f"steps must be at least 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise SdcliError(f"guidance scale must not be negative, got {self.guidance_scale}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise SdcliError(f"guidance rescale must lie in [0, 1], got {self.guidance_rescale}")
+        if self.clip_skip < 1:
+            raise SdcliError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if self.batch_size < 1:
+            raise SdcliError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise SdcliError(f"seed must lie in 0 .. {MAX_SEED}, got {self.seed}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
+                raise SdcliError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value} "
+                                 f"(try {max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)})")
+        return self
+
+    def with_(self, **changes: Any) -> "GenerateParams":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,44 @@
+"""Seeded noise on the host: every backend sees the same numbers, whatever runs the networks.
+
+Each image of a run has its own seed (the run's seed + its index, as AUTOMATIC1111 counts), and all of its noise,
+the initial latents and the fresh noise that stochastic samplers add at every step, comes from a numpy Generator
+seeded with it. So an image depends only on its own seed, never on the batch it was made in. Seeds do not reproduce
+images made with torch's random generator; pass the initial noise explicitly (``--latents``) for that.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+MAX_SEED = 2**32 - 1
+
+
+def random_seed() -> int:
+    """A fresh seed in 0 .. 2**32 - 1, for a run that did not ask for one."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of ``count`` images of a run started at ``seed``: seed, seed + 1, ... (wrapping at 2**32)."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+class BatchNoise:
+    """Unit Gaussian noise for a batch of images, one Generator per image.
+
+    ``initial(shape)`` draws each image's starting latents first; ``__call__`` then serves the samplers'
+    ``noise_sampler(sigma, sigma_next)`` from the same per-image streams.
+    """
+
+    def __init__(self, seeds: list[int], latent_shape: tuple[int, ...]):
+        self.generators = [np.random.default_rng(seed) for seed in seeds]
+        self.latent_shape = tuple(latent_shape)  # (C, h, w) of one image
+
+    def draw(self) -> np.ndarray:
+        """(B, C, h, w) float32: the next unit-variance draw of every image."""
+        return np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in self.generators])
+
+    def __call__(self, sigma: float | None = None, sigma_next: float | None = None) -> np.ndarray:
+        return self.draw()
