@@ -121,3 +121,68 @@ class SchedulerConfig:
         if data.get("trained_betas") is not None:
             raise CheckpointError(f"{source}: explicit trained_betas are not supported")
         return _pick(cls, data, source)
+
+
+VAE_DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
+VAE_UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
+SD_VAE_SCALING_FACTOR = 0.18215
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The KL autoencoder of latent diffusion (diffusers ``AutoencoderKL``, ``vae/config.json``).
+
+    Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models": SD1.x/2.x use four
+    levels of 128, 256, 512, 512 channels, two resnets per encoder level (three per decoder level), a
+    single-head attention in each mid block, and 4 latent channels at 1/8 resolution. ``scaling_factor`` maps
+    the autoencoder's latents to the unit-variance space the UNet works in; SD1.x/2.x configs predate the key
+    and diffusers then uses 0.18215. ``force_upcast`` (a half-precision workaround) does not apply to float32
+    arithmetic and is ignored.
+    """
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    latent_channels: int = 4
+    in_channels: int = 3
+    out_channels: int = 3
+    norm_num_groups: int = 32
+    scaling_factor: float = SD_VAE_SCALING_FACTOR
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    sample_size: int = 32
+
+    @classmethod
+    def from_diffusers(cls, data: dict[str, Any], source: str = "vae/config.json") -> "VAEConfig":
+        levels = len(data.get("block_out_channels") or ())
+        for option, known in (("down_block_types", VAE_DOWN_BLOCK_TYPES), ("up_block_types", VAE_UP_BLOCK_TYPES)):
+            block_types = data.get(option) or [known[0]] * levels
+            unknown = [block_type for block_type in block_types if block_type not in known]
+            if unknown:
+                raise CheckpointError(f"{source}: unsupported {option} entry {unknown[0]!r}; "
+                                      f"known: {', '.join(known)}")
+            if len(block_types) != levels:
+                raise CheckpointError(f"{source}: {option} has {len(block_types)} entries for {levels} levels")
+        for option in ("shift_factor", "latents_mean", "latents_std"):
+            if data.get(option) is not None:
+                raise CheckpointError(f"{source}: {option} is not supported (only SD 1.x/2.x-style VAEs are)")
+        if data.get("act_fn", "silu") != "silu":
+            raise CheckpointError(f"{source}: unsupported act_fn {data['act_fn']!r}")
+        data = dict(data)
+        if data.get("block_out_channels") is not None:
+            data["block_out_channels"] = tuple(int(c) for c in data["block_out_channels"])
+        if isinstance(data.get("sample_size"), (list, tuple)):
+            data["sample_size"] = int(data["sample_size"][0])
+        config = _pick(cls, data, source)
+        if not config.block_out_channels or not isinstance(config.layers_per_block, int) \
+                or config.layers_per_block < 1:
+            raise CheckpointError(f"{source}: block_out_channels must be non-empty and layers_per_block an int >= 1")
+        if any(channels % config.norm_num_groups for channels in config.block_out_channels):
+            raise CheckpointError(f"{source}: norm_num_groups {config.norm_num_groups} does not divide "
+                                  f"block_out_channels {list(config.block_out_channels)}")
+        return config
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side: 2 per level after the first (8 for SD)."""
+        return 2 ** (len(self.block_out_channels) - 1)

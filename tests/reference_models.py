@@ -142,3 +142,55 @@ def openclip_single_file_state(state: dict[str, np.ndarray], layers: int, seed: 
     out[prefix + "text_projection"] = rng.standard_normal((width, width)).astype(np.float32)
     out[prefix + "logit_scale"] = np.array(4.6052, dtype=np.float32)
     return out
+
+
+# -- VAE ---------------------------------------------------------------------------------------------------------
+
+def random_vae(config: dict, seed: int = 0):
+    """diffusers AutoencoderKL with random weights; group norms (scale and shift) and biases randomised too so
+    that a swapped or ignored one shows."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL.from_config(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+            elif name.endswith("bias"):
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def vae_state(model) -> dict[str, np.ndarray]:
+    """The AutoencoderKL's tensors as float32 numpy arrays under their (canonical) state-dict names."""
+    return {name: tensor.detach().float().numpy().copy() for name, tensor in model.state_dict().items()}
+
+
+def write_vae_folder(folder: Path, family_configs: Path, vae_config: dict, state: dict[str, np.ndarray],
+                     dtype: str = "F32") -> Path:
+    """A diffusers model folder holding a VAE (plus the text-encoder config a folder is opened by)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(family_configs / "model_index.json", folder / "model_index.json")
+    (folder / "text_encoder").mkdir(exist_ok=True)
+    shutil.copy(family_configs / "text_encoder" / "config.json", folder / "text_encoder" / "config.json")
+    (folder / "vae").mkdir(exist_ok=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config))
+    save_tensors(folder / "vae" / "diffusion_pytorch_model.safetensors", state, dtype)
+    return folder
+
+
+def vae_single_file_state(state: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """The VAE in the LDM single-file layout (``first_stage_model.*``), by inverting sdcli's name map; the
+    mid-block attention's q/k/v/proj_out go back to 1x1 conv kernels (C, C, 1, 1). A VAE alone is not a
+    checkpoint sdcli can sniff, so SD1's text-encoder position_ids buffer (an ignored extra) marks the family."""
+    from sdcli.io import names
+
+    out = {}
+    for canonical, key in names.vae_names(config).items():
+        value = state[canonical]
+        out[key.name] = value.reshape(*value.shape, 1, 1) if key.shape is not None else value
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+    return out

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from ..config import ClipConfig, SchedulerConfig, preset_config_dir, read_json
+from ..config import ClipConfig, SchedulerConfig, VAEConfig, preset_config_dir, read_json
 from ..errors import CheckpointError, ModelNotFoundError
 from . import names
 from .safetensors import SafetensorsFile
@@ -202,6 +202,10 @@ class Checkpoint:
         if self.layout == "single-file":
             data["prediction_type"] = self.prediction_type
         return SchedulerConfig.from_diffusers(data, source=str(path))
+
+    def vae_config(self) -> VAEConfig:
+        path = self.config_dir("vae") / "config.json"
+        return VAEConfig.from_diffusers(read_json(path), source=str(path))
 
     def tokenizer_dir(self) -> Path:
         return self.config_dir("tokenizer")
