@@ -3,5 +3,8 @@
 from .config import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS
 from .nn.layers import PRECISIONS
 from .ops import BACKENDS
+from .sampling.plans import SAMPLERS as SAMPLER_SPECS
 
-__all__ = ["BACKENDS", "BETA_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "TIMESTEP_SPACINGS"]
+SAMPLERS = tuple(SAMPLER_SPECS)  # sampler names, in the table's order
+
+__all__ = ["BACKENDS", "BETA_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "SAMPLERS", "TIMESTEP_SPACINGS"]

@@ -8,7 +8,8 @@ float32 arithmetic so that the tables agree with its schedulers to float32 preci
 - ``squaredcos_cap_v2``: the cosine schedule of Nichol & Dhariwal 2021, each beta capped at 0.999.
 
 Inference timesteps follow "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al. 2023,
-Table 2): ``leading`` (with ``steps_offset``), ``trailing`` and ``linspace``.
+Table 2): ``leading`` (with ``steps_offset``), ``trailing`` and ``linspace``. Karras et al. 2022 (eq. 5) space the
+sigmas themselves; ``fractional_timesteps`` maps such sigmas back onto the training timesteps.
 """
 
 from __future__ import annotations
@@ -28,11 +29,25 @@ def make_betas(config: SchedulerConfig) -> np.ndarray:
     """(T,) float32 betas of the training schedule."""
     steps = config.num_train_timesteps
     if config.beta_schedule == "linear":
-        return np.linspace(config.beta_start, config.beta_end, steps, dtype=np.float32)
+        return _linspace_float32(config.beta_start, config.beta_end, steps)
     if config.beta_schedule == "scaled_linear":
-        roots = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, steps, dtype=np.float32)
+        roots = _linspace_float32(config.beta_start ** 0.5, config.beta_end ** 0.5, steps)
         return roots * roots
     return _cosine_betas(steps)
+
+
+def _linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """(steps,) float32 evenly spaced values rounded as torch.linspace(dtype=float32) rounds them (diffusers
+    builds its betas with it): a float32 step, the first half counted up from ``start``, the second down from
+    ``end``, each value rounded once (a fused multiply-add)."""
+    start, end = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([start], dtype=np.float32)
+    step = (end - start) / np.float32(steps - 1)
+    i = np.arange(steps)
+    up = np.float64(start) + np.float64(step) * i  # exact product, one rounding to float32 below
+    down = np.float64(end) - np.float64(step) * (steps - 1 - i)
+    return np.where(i < steps // 2, up, down).astype(np.float32)
 
 
 def _cosine_betas(steps: int) -> np.ndarray:
@@ -58,7 +73,7 @@ class NoiseSchedule:
     def from_config(cls, config: SchedulerConfig) -> "NoiseSchedule":
         betas = make_betas(config)
         alphas = np.float32(1.0) - betas
-        alphas_cumprod = np.cumprod(alphas, dtype=np.float32)
+        alphas_cumprod = np.cumprod(alphas, dtype=np.float64).astype(np.float32)  # torch accumulates in double
         final = 1.0 if config.set_alpha_to_one else float(alphas_cumprod[0])
         return cls(betas=betas, alphas=alphas, alphas_cumprod=alphas_cumprod, final_alpha_cumprod=final)
 
@@ -94,3 +109,31 @@ def inference_timesteps(config: SchedulerConfig, steps: int, spacing: str | None
         return (np.arange(steps) * step_ratio)[::-1].astype(np.int64) + config.steps_offset
     step_ratio = train_steps / steps  # trailing
     return np.round(np.arange(train_steps, 0, -step_ratio)).astype(np.int64) - 1
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """(steps,) float64 sigmas from ``sigma_max`` down to ``sigma_min``, evenly spaced in sigma^(1/rho).
+
+    Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", eq. 5 (rho = 7), in
+    float64 as diffusers' ``use_karras_sigmas`` computes them; the caller appends the final sigma.
+    """
+    ramp = np.linspace(0, 1, steps)
+    max_inv_rho = sigma_max ** (1 / rho)
+    min_inv_rho = sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def fractional_timesteps(sigmas: np.ndarray, training_sigmas: np.ndarray) -> np.ndarray:
+    """Float64 timesteps t with sigma(t) = ``sigmas``, interpolating log sigma linearly between neighbouring
+    training timesteps (k-diffusion's ``sigma_to_t``, diffusers' ``_sigma_to_t``); clamped to [0, T - 1].
+
+    ``training_sigmas`` is the (T,) float32 table ``NoiseSchedule.sigmas``; its log is taken in float32 as
+    diffusers does, so that the timesteps it hands the network agree to the last bit.
+    """
+    log_table = np.log(training_sigmas.astype(np.float32))  # (T,) ascending
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    low_idx = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(log_table) - 2)
+    high_idx = low_idx + 1
+    low, high = log_table[low_idx], log_table[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return (1 - w) * low_idx + w * high_idx
