@@ -80,6 +80,191 @@ class ClipConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+UNET_DOWN_BLOCK_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has transformers
+UNET_UP_BLOCK_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+# diffusers UNet2DConditionModel options sdcli does not implement, with the value that means "off". Each of the
+# others changes the network (class or addition embeddings are SDXL / unCLIP / IF, time_cond_proj_dim is LCM's
+# guidance embedding, ...), so a config that sets one is refused instead of being run wrong.
+UNET_OFF_OPTIONS = {
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
+    "class_embeddings_concat": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "time_cond_proj_dim": None,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "mid_block_only_cross_attention": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+    "num_attention_heads": None,
+    "act_fn": "silu",
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The denoising UNet (diffusers ``UNet2DConditionModel``) as SD 1.x and 2.x use it.
+
+    Defaults are diffusers' constructor defaults, which fill in keys a config.json leaves out (except
+    ``sample_size``, None there, SD1's 64 here: it only sets the default image size). SD1.5 and SD2.1
+    share the layout (320/640/1280/1280 channels, two layers per level, no attention at the deepest level); SD2
+    uses linear proj_in/proj_out, a 1024-wide context and a fixed head width of 64 instead of 8 heads everywhere.
+    Per-level tuples follow the down path (shallowest first); the up path reads them reversed.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    # Heads per level. diffusers reads these from ``attention_head_dim``, which for UNet2DConditionModel has
+    # always meant the number of heads (diffusers issue #2011): SD1's 8 is 8 heads of 40/80/160, SD2's
+    # [5, 10, 20, 20] is heads of 64.
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
+    use_linear_projection: bool = False
+    # Attention in float32 under fp16 autocast; sdcli computes in float32 throughout, so this changes nothing.
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    center_input_sample: bool = False
+    sample_size: int = 64
+
+    @classmethod
+    def from_diffusers(cls, data: dict[str, Any], source: str = "unet/config.json") -> "UNetConfig":
+        """Read diffusers' ``unet/config.json``; options sdcli does not implement are refused by name."""
+        for name, off in UNET_OFF_OPTIONS.items():
+            value = data.get(name, off)
+            if isinstance(value, list) and isinstance(off, bool):
+                value = any(value)  # only_cross_attention may be given per level
+            if value != off and not ((value is None or value is False) and (off is None or off is False)):
+                raise CheckpointError(f"{source}: UNet option {name}={value!r} is not supported "
+                                      f"(sdcli reads SD 1.x/2.x UNets, which leave it at {off!r})")
+        if "norm_num_groups" in data and data["norm_num_groups"] is None:
+            raise CheckpointError(f"{source}: UNet norm_num_groups=None (no output group norm) is not supported")
+        defaults = cls()
+        channels = data.get("block_out_channels") or defaults.block_out_channels
+        levels = len(channels) if isinstance(channels, (list, tuple)) else 1
+
+        def per_level(option: str, default: Any) -> tuple[int, ...]:
+            value = data.get(option)
+            value = default if value is None else value
+            values = [value] * levels if isinstance(value, int) else list(value)
+            if len(values) != levels or not all(isinstance(v, int) and v > 0 for v in values):
+                raise CheckpointError(f"{source}: UNet {option} must be a positive int or one per level "
+                                      f"({levels}), got {value!r}")
+            return tuple(values)
+
+        def option(name: str, kind: type) -> Any:
+            value = data.get(name)
+            if value is None:
+                return getattr(defaults, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise CheckpointError(f"{source}: UNet {name} must be {kind.__name__}, got {value!r}")
+            return value
+
+        sample_size = data.get("sample_size")
+        if isinstance(sample_size, list) and sample_size:
+            sample_size = sample_size[0]  # [height, width]: the height stands for the default latent size
+        layers = data.get("layers_per_block", defaults.layers_per_block)
+        if isinstance(layers, list) and len(set(layers)) == 1:
+            layers = layers[0]
+        try:
+            config = cls(
+                in_channels=option("in_channels", int),
+                out_channels=option("out_channels", int),
+                block_out_channels=per_level("block_out_channels", defaults.block_out_channels),
+                layers_per_block=layers,
+                down_block_types=tuple(data.get("down_block_types", defaults.down_block_types)),
+                up_block_types=tuple(data.get("up_block_types", defaults.up_block_types)),
+                num_attention_heads=per_level("attention_head_dim", 8),
+                cross_attention_dim=option("cross_attention_dim", int),
+                transformer_layers_per_block=per_level("transformer_layers_per_block", 1),
+                use_linear_projection=option("use_linear_projection", bool),
+                upcast_attention=option("upcast_attention", bool),
+                norm_num_groups=option("norm_num_groups", int),
+                norm_eps=option("norm_eps", float),
+                flip_sin_to_cos=option("flip_sin_to_cos", bool),
+                freq_shift=option("freq_shift", int),
+                downsample_padding=option("downsample_padding", int),
+                mid_block_scale_factor=option("mid_block_scale_factor", float),
+                center_input_sample=option("center_input_sample", bool),
+                sample_size=sample_size if isinstance(sample_size, int) else defaults.sample_size,
+            )
+        except TypeError as error:
+            raise CheckpointError(f"{source}: bad UNet config ({error})") from None
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "UNet config") -> None:
+        """Refuse a structure the network cannot be built with, naming the option."""
+        levels = len(self.block_out_channels)
+        if not isinstance(self.layers_per_block, int) or isinstance(self.layers_per_block, bool) \
+                or self.layers_per_block < 1:
+            raise CheckpointError(f"{source}: UNet layers_per_block must be one positive int, "
+                                  f"got {self.layers_per_block!r}")
+        for name, known in (("down_block_types", UNET_DOWN_BLOCK_TYPES), ("up_block_types", UNET_UP_BLOCK_TYPES)):
+            types = getattr(self, name)
+            if len(types) != levels:
+                raise CheckpointError(f"{source}: UNet {name} has {len(types)} entries for {levels} levels")
+            for block_type in types:
+                if block_type not in known:
+                    raise CheckpointError(f"{source}: UNet {name} entry {block_type!r} is not supported "
+                                          f"(known: {', '.join(known)})")
+        for name in ("num_attention_heads", "transformer_layers_per_block"):
+            if len(getattr(self, name)) != levels:
+                raise CheckpointError(f"{source}: UNet {name} has {len(getattr(self, name))} entries for "
+                                      f"{levels} levels")
+        for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            if channels % self.norm_num_groups:
+                raise CheckpointError(f"{source}: UNet block_out_channels[{level}]={channels} is not a multiple "
+                                      f"of norm_num_groups={self.norm_num_groups}")
+            if channels % heads:
+                raise CheckpointError(f"{source}: UNet block_out_channels[{level}]={channels} does not split into "
+                                      f"{heads} attention heads (attention_head_dim, the head count in diffusers)")
+        if self.downsample_padding < 0:
+            raise CheckpointError(f"{source}: UNet downsample_padding must be >= 0")
+
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the timestep embedding after its MLP: 4x the first level's channels (1280 for SD)."""
+        return 4 * self.block_out_channels[0]
+
+    def down_has_attention(self, level: int) -> bool:
+        return UNET_DOWN_BLOCK_TYPES[self.down_block_types[level]]
+
+    def up_has_attention(self, level: int) -> bool:
+        """``level`` counts up blocks, deepest first (diffusers' ``up_blocks`` order)."""
+        return UNET_UP_BLOCK_TYPES[self.up_block_types[level]]
+
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -144,6 +144,63 @@ def openclip_single_file_state(state: dict[str, np.ndarray], layers: int, seed: 
     return out
 
 
+# -- UNet ----------------------------------------------------------------------------------------------------------
+
+def random_unet(config: dict, seed: int = 0):
+    """diffusers UNet2DConditionModel with random weights. Its default init leaves group/layer norms at 1 and 0;
+    they are randomised here (scale around 1, shift around 0) so a norm read from the wrong tensor shows."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel.from_config(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2]:
+                base = 1.0 if name.endswith("weight") else 0.0
+                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def unet_state(model) -> dict[str, np.ndarray]:
+    """The UNet's tensors under canonical names as float32 numpy arrays that share the model's memory (no copy)."""
+    return {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+
+
+def load_rounded(model, state: dict[str, np.ndarray], dtype: str) -> None:
+    """Overwrite the model's tensors with their values after being stored as ``dtype`` ("F16", "BF16")."""
+    with torch.no_grad():
+        model.load_state_dict({name: torch.from_numpy(value) for name, value in rounded(state, dtype).items()})
+
+
+def unet_ldm_state(state: dict[str, np.ndarray], unet_config: dict) -> dict[str, np.ndarray]:
+    """The UNet tensors under their single-file (LDM) names: the canonical -> stored map inverted (the UNet map
+    has neither fused parts nor reshapes)."""
+    from sdcli.io.names import unet_names
+
+    out = {}
+    for canonical, key in unet_names(unet_config).items():
+        assert key.part is None and key.shape is None, canonical
+        out[key.name] = state[canonical]
+    return out
+
+
+def write_unet_folder(folder: Path, family_configs: Path, unet_config: dict, state: dict[str, np.ndarray],
+                      dtype: str = "F32", variant: str | None = None) -> Path:
+    """A diffusers model folder holding a UNet, plus the family's model_index.json, text encoder config and
+    scheduler config that opening a folder reads (no text-encoder weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(family_configs / "model_index.json", folder / "model_index.json")
+    for component, filename in (("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")):
+        (folder / component).mkdir(exist_ok=True)
+        shutil.copy(family_configs / component / filename, folder / component / filename)
+    (folder / "unet").mkdir(exist_ok=True)
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config))
+    filename = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    save_tensors(folder / "unet" / filename, state, dtype)
+    return folder
+
+
 # -- VAE ---------------------------------------------------------------------------------------------------------
 
 def random_vae(config: dict, seed: int = 0):

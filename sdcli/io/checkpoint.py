@@ -21,7 +21,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from ..config import ClipConfig, SchedulerConfig, VAEConfig, preset_config_dir, read_json
+from ..config import ClipConfig, SchedulerConfig, UNetConfig, VAEConfig, preset_config_dir, read_json
 from ..errors import CheckpointError, ModelNotFoundError
 from . import names
 from .safetensors import SafetensorsFile
@@ -195,6 +195,10 @@ class Checkpoint:
     def text_encoder_config(self) -> ClipConfig:
         path = self.config_dir("text_encoder") / "config.json"
         return ClipConfig.from_diffusers(read_json(path), source=str(path))
+
+    def unet_config(self) -> UNetConfig:
+        path = self.config_dir("unet") / "config.json"
+        return UNetConfig.from_diffusers(read_json(path), source=str(path))
 
     def scheduler_config(self) -> SchedulerConfig:
         path = self.config_dir("scheduler") / "scheduler_config.json"
