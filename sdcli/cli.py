@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -19,7 +20,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import sdcli
-from sdcli.registry import BACKENDS, BETA_SCHEDULES, PRECISIONS, TIMESTEP_SPACINGS
+from sdcli.registry import BACKENDS, BETA_SCHEDULES, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS, VAE_CHOICES
 
 console = Console()
 error_console = Console(stderr=True)
@@ -48,7 +49,24 @@ def reports_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors (a bad option value, a missing argument) as one ``error:`` line with exit code 2, like every
+    other error a user can cause, instead of click's usage block."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            fail("interrupted", 130)
+        except click.ClickException as error:
+            command = f"sdcli {error.ctx.info_name}" if getattr(error, "ctx", None) and error.ctx.parent else "sdcli"
+            hint = f"; see '{command} --help'" if isinstance(error, click.UsageError) else ""
+            message = error.format_message().replace("\n", " ")
+            fail((message.rstrip(".") if hint else message) + hint, error.exit_code)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(sdcli.__version__, prog_name="sdcli")
 @click.option("-v", "--verbose", is_flag=True, help="Log what sdcli does (to stderr).")
 def main(verbose: bool) -> None:
@@ -219,12 +237,250 @@ def download():
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def generate():
-    """Generate images from a text prompt and save them as PNG (not implemented yet)."""
-    not_implemented("generate")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 def video():
     """Generate a short video from a text prompt and save it as MP4 (not implemented yet)."""
     not_implemented("video")
+
+
+# -- generate ----------------------------------------------------------------------------------------------------
+
+DEFAULT_OUTPUT = "sdcli-{seed}.png"
+
+
+@main.command()
+@click.option("--model", "-m", default="sd15", show_default=True,
+              help="A diffusers folder, a single-file .safetensors checkpoint, or the name of a model in ./weights "
+                   "(or $SDCLI_WEIGHTS).")
+@click.option("--prompt", "-p", help="What to draw.")
+@click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False),
+              help="One prompt per line, optionally followed by --seed/--steps/--guidance/... overrides.")
+@click.option("--steps", "-s", type=click.IntRange(min=1), help="Denoising steps  [default: 50; lcm: 4]")
+@click.option("--guidance", "--cfg-scale", "-g", type=click.FloatRange(min=0), default=sdcli.DEFAULT_GUIDANCE,
+              show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
+@click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Rescale guided predictions toward the conditional one's spread (Lin et al. 2023).")
+@click.option("--scheduler", "--sampler", "sampler", type=click.Choice(SAMPLERS),
+              help="Sampler  [default: the model's own scheduler, PNDM for SD 1.5, DDIM for SD 2.1]")
+@click.option("--eta", type=click.FloatRange(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
+@click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
+@click.option("--width", "-W", type=int, help="Image width, a multiple of 8  [default: the model's, 512 for SD 1.5]")
+@click.option("--height", "-H", type=int, help="Image height, a multiple of 8  [default: the model's]")
+@click.option("--num-images", "-N", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per prompt (seeds seed, seed+1, ...).")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images denoised together (faster per image, more memory).")
+@click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
+              help="1 uses every text-encoder layer, 2 stops at the penultimate one (as AUTOMATIC1111 counts).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="How weights are held in memory; the arithmetic stays float32 on the CPU.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
+              help="Op implementations: compiled kernels (cpu) or the numpy reference.")
+@click.option("--vae", type=click.Choice(VAE_CHOICES), default="full", show_default=True,
+              help="Decode with the model's VAE, or with the shipped tiny TAESD (much faster, a little softer).")
+@click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),
+              help="Initial noise, unit variance, (images, 4, height/8, width/8) .npy: scaled by the sampler as "
+                   "diffusers scales its latents= argument.")
+@click.option("--save-latents", type=click.Path(dir_okay=False),
+              help="Write the final latents (what the VAE decodes) of all images to FILE.npy.")
+@click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True,
+              help="A .png file (several images: numbered files next to it), a folder, or a template with "
+                   "{seed}, {index} or {prompt}.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--preview", type=click.Path(dir_okay=False),
+              help="Keep a TAESD preview of the image being denoised in this PNG file.")
+@click.option("--preview-every", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Steps between two --preview updates.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image (path, seed, parameters, "
+                                                      "timings) on stdout; everything else goes to stderr.")
+@reports_errors
+def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
+             width, height, num_images, batch_size, clip_skip, precision, backend, vae, latents_file, save_latents,
+             output, overwrite, preview, preview_every, quiet, as_json):
+    """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
+    started = time.perf_counter()
+    if (prompt is None) == (prompts_file is None):
+        raise sdcli.SdcliError("give either --prompt or --prompts-file")
+    if batch_size > num_images:
+        batch_size = num_images
+    base = sdcli.GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps or 0,
+                                guidance_scale=guidance, guidance_rescale=guidance_rescale, sampler=sampler or "",
+                                width=width, height=height, clip_skip=clip_skip, eta=eta)
+    lines = sdcli.read_prompts_file(prompts_file, samplers=SAMPLERS) if prompts_file else [None]
+    first_seed = seed if seed is not None else sdcli.random_seed()
+    initial_noise = load_latents(latents_file) if latents_file else None
+    total_images = num_images * len(lines)
+    if initial_noise is not None:
+        base = size_from_latents(base, initial_noise, total_images)
+    jobs = plan_jobs(base, lines, first_seed, num_images, batch_size)
+    save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
+    preview = sdcli.check_output(preview, overwrite) if preview else None
+    seeds = [s for job in jobs for s in job.seeds]
+    paths = sdcli.plan_output_paths(output, len(seeds), seeds, [job.params.prompt for job in jobs
+                                                               for _ in job.seeds], overwrite=overwrite)
+    status = error_console if as_json else console
+    if seed is None and not quiet:
+        status.print(f"seed {first_seed}", highlight=False)
+
+    pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae)
+    reporter = Progress(quiet, status)
+    all_latents = []
+    index = 0
+    for job in jobs:
+        params = job.params.with_(sampler=job.params.sampler or pipeline.default_sampler)
+        params = params.with_(steps=params.steps or sdcli.default_steps(params.sampler))
+        noise = initial_noise[index:index + params.batch_size] if initial_noise is not None else None
+        batch = None
+        reporter.start(index, len(paths), params)
+        for record in pipeline.run(params, initial_noise=noise, preview_every=preview_every if preview else 0):
+            if isinstance(record, sdcli.GeneratedBatch):
+                batch = record
+            else:
+                reporter.step(record)
+                if record.preview is not None and preview:
+                    sdcli.save_png(preview, sdcli.images_to_uint8(record.preview)[0], {}, overwrite=True)
+        reporter.finish()
+        pixels = sdcli.images_to_uint8(batch.images)  # (B, H, W, 3)
+        for i, image_seed in enumerate(batch.seeds):
+            record = image_record(pipeline, batch.params, image_seed, paths[index], batch.timings)
+            text = {"parameters": sdcli.a1111_parameters(batch.params.with_(seed=image_seed), seed=image_seed,
+                                                         width=batch.params.width, height=batch.params.height,
+                                                         model=pipeline.checkpoint.path.stem),
+                    "sdcli": json.dumps(record)}
+            sdcli.save_png(paths[index], pixels[i], text, overwrite=overwrite)
+            if as_json:
+                click.echo(json.dumps(record))
+            elif not quiet:
+                console.print(f"saved {paths[index]}  (seed {image_seed})", highlight=False)
+            index += 1
+        all_latents.append(batch.latents)
+        reporter.add_timings(batch.timings)
+    if save_latents:
+        sdcli.save_array(save_latents, np.concatenate(all_latents), overwrite=overwrite)
+    if not quiet:
+        reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, len(paths))
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One batch of images to make: its parameters (batch_size = len(seeds)) and the seed of each image."""
+
+    params: sdcli.GenerateParams
+    seeds: list[int]
+
+
+def plan_jobs(base, lines, first_seed: int, num_images: int, batch_size: int) -> list[Job]:
+    """Every batch of the run, in order: prompts (from --prompt or the file), images per prompt, batches."""
+    jobs = []
+    next_seed = first_seed
+    for line in lines:
+        params, line_seed = base, None
+        if line is not None:
+            changes = dict(line.overrides)  # GenerateParams field names
+            line_seed = changes.pop("seed", None)
+            params = base.with_(prompt=line.prompt, **changes)
+        seeds = sdcli.image_seeds(line_seed if line_seed is not None else next_seed, num_images)
+        if line_seed is None:
+            next_seed = (seeds[-1] + 1) % (sdcli.MAX_SEED + 1)
+        if params.sampler and params.sampler not in SAMPLERS:
+            raise sdcli.SdcliError(f"unknown scheduler {params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        params.with_(seed=seeds[0], batch_size=1).validate()
+        for start in range(0, num_images, batch_size):
+            chunk = seeds[start:start + batch_size]
+            jobs.append(Job(params.with_(seed=chunk[0], batch_size=len(chunk)), chunk))
+    return jobs
+
+
+def load_latents(path) -> np.ndarray:
+    """A (N, 4, h, w) float32 array from a .npy file ((4, h, w) is taken as N = 1)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise sdcli.SdcliError(f"cannot read latents from {path}: {error}") from None
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != 4 or not np.issubdtype(array.dtype, np.floating):
+        raise sdcli.SdcliError(f"{path}: expected float latents of shape (images, 4, height/8, width/8), "
+                               f"got {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise sdcli.SdcliError(f"{path}: the latents contain NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def size_from_latents(params, latents: np.ndarray, total_images: int):
+    """Take width/height from the latents when not given; check the image count and any given size."""
+    if latents.shape[0] != total_images:
+        raise sdcli.SdcliError(f"--latents holds {latents.shape[0]} image(s) but the run makes {total_images}")
+    height, width = latents.shape[2] * 8, latents.shape[3] * 8
+    for name, given, implied in (("width", params.width, width), ("height", params.height, height)):
+        if given is not None and given != implied:
+            raise sdcli.SdcliError(f"--{name} {given} does not match the latents, which make {implied}")
+    return params.with_(width=width, height=height)
+
+
+def image_record(pipeline, params, seed: int, path, timings: dict) -> dict:
+    """The JSON record of one image: where it is and everything needed to make it again."""
+    values = params.with_(seed=seed, batch_size=1).as_dict()
+    values.pop("extra", None)
+    return {"path": str(path), "seed": seed, "model": str(pipeline.checkpoint.path),
+            "precision": pipeline.precision, "backend": pipeline.backend, "vae": pipeline.vae,
+            "sdcli_version": sdcli.__version__, "parameters": values,
+            "timings": {key: round(value, 4) for key, value in timings.items()}}
+
+
+def peak_memory_bytes() -> int:
+    """The peak resident memory of this process (Linux reports kilobytes, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class Progress:
+    """Step progress: a rich bar on a terminal, one plain line per step otherwise, nothing when quiet."""
+
+    def __init__(self, quiet: bool, out: Console):
+        self.quiet, self.out = quiet, out
+        self.interactive = out.is_terminal and not quiet
+        self.bar = None
+        self.totals = {"text_encoding_s": 0.0, "denoising_s": 0.0, "decode_s": 0.0, "steps": 0}
+
+    def start(self, first: int, count: int, params) -> None:
+        label = f"images {first + 1}-{first + params.batch_size}" if params.batch_size > 1 else f"image {first + 1}"
+        self.label = f"{label}/{count}"
+        if self.interactive:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                           console=self.out, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=params.steps, rate="")
+
+    def step(self, record) -> None:
+        rate = f"{record.elapsed_s / (record.index + 1):.2f} s/it"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=record.index + 1, total=record.total, rate=rate)
+        elif not self.quiet:
+            self.out.print(f"{self.label} step {record.index + 1}/{record.total}  {rate}", highlight=False)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def add_timings(self, timings: dict) -> None:
+        for key in ("text_encoding_s", "denoising_s", "decode_s"):
+            self.totals[key] += timings.get(key, 0.0)
+        self.totals["steps"] += round(timings["denoising_s"] / timings["s_per_step"]) if timings.get(
+            "s_per_step") else 0
+
+    def summary(self, load_s: float, total_s: float, images: int) -> None:
+        t = self.totals
+        per_step = t["denoising_s"] / t["steps"] if t["steps"] else 0.0
+        self.out.print(f"{images} image(s) in {total_s:.1f} s: load {load_s:.1f} s, text encoding "
+                       f"{t['text_encoding_s']:.2f} s, denoising {t['denoising_s']:.1f} s ({per_step:.2f} s/it), "
+                       f"decode {t['decode_s']:.1f} s; peak memory {peak_memory_bytes() / 2**30:.2f} GiB",
+                       highlight=False)

@@ -13,12 +13,6 @@ DEFAULT_SAMPLER = "pndm"  # what SD1.5 ships with (PNDM/PLMS with skipped Runge-
 MAX_SEED = 2**32 - 1
 SIZE_MULTIPLE = 8  # the VAE downsamples by 8
 VAE_CHOICES = ("full", "taesd")
-# Samplers distilled for few steps start from another default (diffusers' LCM examples use 4).
-SAMPLER_DEFAULT_STEPS = {"lcm": 4}
-
-
-def default_steps(sampler: str) -> int:
-    return SAMPLER_DEFAULT_STEPS.get(sampler, DEFAULT_STEPS)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """From a checkpoint to results: loading the networks and running the stages of the data path.
 
-So far: prompt -> tokenizer -> text encoder -> conditioning (B, 77, D). The denoising loop joins it with the
-text-to-image work.
+    prompt --tokenizer--> ids (B, 77) --text_encoder--> context (B, 77, D)
+    seed --rng--> unit noise (B, 4, h, w) --plan.init_noise_sigma--> x
+    (x, context) --sampler(denoiser(guided UNet), sigmas)--> latents --decoder--> images (B, 3, H, W) in [-1, 1]
+
+Text to image is a generator (``TextToImage.run``) that yields a record per denoising step, so the caller owns
+progress bars and previews; ``generate_image`` runs it to the end.
 """
 
 from __future__ import annotations
@@ -9,15 +13,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
 from .config import ClipConfig
+from .errors import SdcliError
 from .io.checkpoint import Checkpoint, TensorSource, check_tensors, open_checkpoint
 from .nn.clip import ClipTextEncoder, clip_text_shapes
 from .nn.layers import Weight
+from .nn.taesd import load_taesd
 from .nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
+from .nn.unet import UNet2DConditionModel, unet_shapes
+from .nn.vae import load_vae_decoder
 from .ops import get_ops
+from .params import DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_CHOICES, GenerateParams
+from .rng import BatchNoise, image_seeds, random_seed
+from .sampling.denoisers import Denoiser, guided_network
+from .sampling.plans import SAMPLERS
 
 log = logging.getLogger("sdcli")
 
@@ -64,3 +77,167 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
     log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
              encoder.timings["load_s"])
     return encoder
+
+
+# -- text to image -----------------------------------------------------------------------------------------------
+
+LATENT_CHANNELS = 4
+VAE_SCALE = 8  # pixels per latent
+# The sampler a model's own scheduler config names (diffusers class -> sdcli sampler); anything else gets PNDM.
+SCHEDULER_CLASS_SAMPLERS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
+                            "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
+                            "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                            "LCMScheduler": "lcm", "UniPCMultistepScheduler": "unipc"}
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One finished denoising step: ``index`` counts from 0 to ``total`` - 1."""
+
+    index: int
+    total: int
+    sigma: float
+    latents: np.ndarray  # (B, 4, h, w), the sampler's current state
+    preview: np.ndarray | None  # (B, 3, H, W) in [-1, 1]: the current x0 estimate through TAESD, when asked
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class GeneratedBatch:
+    """The result of one batch: images in [-1, 1] and the latents the VAE decoded."""
+
+    images: np.ndarray  # (B, 3, H, W) float32
+    latents: np.ndarray  # (B, 4, H/8, W/8) float32
+    seeds: list[int]
+    params: GenerateParams  # with width, height, seed and sampler filled in
+    timings: dict[str, float]
+
+
+class TextToImage:
+    """A loaded model: prompt encoder, UNet, image decoder and scheduler config. ``run`` generates."""
+
+    def __init__(self, checkpoint: Checkpoint, prompt_encoder: PromptEncoder, unet: UNet2DConditionModel,
+                 decoder, scheduler_config: dict, backend: str, precision: str, vae: str):
+        self.checkpoint, self.prompt_encoder, self.unet, self.decoder = checkpoint, prompt_encoder, unet, decoder
+        self.scheduler_config = scheduler_config
+        self.backend, self.precision, self.vae = backend, precision, vae
+        self.timings: dict[str, float] = {}
+        self._preview_decoder = decoder if vae == "taesd" else None
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at: the UNet's sample size times 8 (512 for SD1.5, 768 for SD2.1)."""
+        return self.unet.config.sample_size * VAE_SCALE
+
+    @property
+    def default_sampler(self) -> str:
+        return SCHEDULER_CLASS_SAMPLERS.get(self.scheduler_config.get("_class_name", ""), DEFAULT_SAMPLER)
+
+    def resolve(self, params: GenerateParams) -> GenerateParams:
+        """``params`` with the model's defaults filled in (size, sampler, a random seed) and validated."""
+        if params.sampler not in SAMPLERS:
+            raise SdcliError(f"unknown sampler {params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        return params.with_(width=self.native_size if params.width is None else params.width,
+                            height=self.native_size if params.height is None else params.height,
+                            seed=random_seed() if params.seed is None else params.seed).validate()
+
+    def preview_decoder(self):
+        if self._preview_decoder is None:
+            self._preview_decoder = load_taesd(backend=self.backend)[1]
+        return self._preview_decoder
+
+    def run(self, params: GenerateParams, initial_noise: np.ndarray | None = None,
+            preview_every: int = 0) -> Iterator[StepRecord | GeneratedBatch]:
+        """Generate ``params.batch_size`` images: yield a StepRecord per step, then the GeneratedBatch.
+
+        ``initial_noise`` (B, 4, H/8, W/8) replaces the seeded unit-variance starting noise; it is scaled by the
+        sampler exactly as diffusers scales its ``latents=`` argument. ``preview_every`` > 0 decodes the current
+        x0 estimate with TAESD every that many steps (and at the last).
+        """
+        params = self.resolve(params)
+        batch = params.batch_size
+        latent_shape = (LATENT_CHANNELS, params.height // VAE_SCALE, params.width // VAE_SCALE)
+        seeds = image_seeds(params.seed, batch)
+        noise = BatchNoise(seeds, latent_shape)
+        if initial_noise is None:
+            initial_noise = noise.draw()
+        elif initial_noise.shape != (batch, *latent_shape):
+            raise SdcliError(f"initial latents must have shape {(batch, *latent_shape)} for {batch} image(s) of "
+                             f"{params.width}x{params.height}, got {tuple(initial_noise.shape)}")
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        context = self.prompt_encoder.encode([params.prompt] * batch, clip_skip=params.clip_skip)  # (B, 77, D)
+        uncond_context = None
+        if params.guidance_scale > 1:
+            uncond_context = self.prompt_encoder.encode([params.negative_prompt] * batch,
+                                                        clip_skip=params.clip_skip)  # (B, 77, D)
+        timings["text_encoding_s"] = time.perf_counter() - start
+
+        spec = SAMPLERS[params.sampler]
+        plan = spec.plan(self.scheduler_config, params.steps)
+        network = guided_network(self.unet, context, uncond_context, params.guidance_scale, params.guidance_rescale)
+        denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
+        if spec.wraps_denoiser is not None:
+            denoiser = spec.wraps_denoiser(denoiser, plan)
+        x = np.asarray(initial_noise, dtype=np.float32) * np.float32(plan.init_noise_sigma)
+        options = dict(plan.sampler_options)
+        if params.eta and "eta" in spec.options:
+            options["eta"] = params.eta
+
+        start = time.perf_counter()
+        total = len(plan.sigmas) - 1
+        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, 4, h, w)
+            x = step.x
+            preview = None
+            if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
+                preview = self.preview_decoder()(step.denoised)
+            yield StepRecord(step.index, total, float(step.sigma), x, preview, time.perf_counter() - start)
+        timings["denoising_s"] = time.perf_counter() - start
+        timings["s_per_step"] = timings["denoising_s"] / max(total, 1)
+
+        latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, h, w) what diffusers decodes
+        start = time.perf_counter()
+        images = self.decoder(latents)  # (B, 3, H, W)
+        timings["decode_s"] = time.perf_counter() - start
+        yield GeneratedBatch(images, latents, seeds, params, timings)
+
+
+def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+                  vae: str = "full") -> TextToImage:
+    """Open ``model`` and load everything text-to-image needs: tokenizer, text encoder, UNet, VAE decoder
+    (``vae="taesd"``: the shipped tiny autoencoder instead) and the scheduler config."""
+    if vae not in VAE_CHOICES:
+        raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
+    start = time.perf_counter()
+    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    ops = get_ops(backend)
+    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
+    unet_config = checkpoint.unet_config()
+    unet = UNet2DConditionModel(ops, unet_config, load_weights(checkpoint.source("unet"), unet_shapes(unet_config),
+                                                              precision))
+    if vae == "taesd":
+        decoder = load_taesd(backend=backend)[1]
+    else:
+        decoder = load_vae_decoder(checkpoint, precision=precision, backend=backend)
+    scheduler_config = dict(checkpoint.component_config("scheduler"))
+    scheduler_config["prediction_type"] = checkpoint.prediction_type
+    pipeline = TextToImage(checkpoint, prompt_encoder, unet, decoder, scheduler_config, backend, precision, vae)
+    pipeline.timings["load_s"] = time.perf_counter() - start
+    log.info("loaded %s (%s, %s) in %.2f s", checkpoint.path, checkpoint.family, checkpoint.prediction_type,
+             pipeline.timings["load_s"])
+    return pipeline
+
+
+def default_steps(sampler: str) -> int:
+    """The step count a sampler runs when none is asked for: 50, or its own (LCM: 4)."""
+    return SAMPLERS[sampler].default_steps or DEFAULT_STEPS
+
+
+def generate_image(pipeline: TextToImage, params: GenerateParams,
+                   initial_noise: np.ndarray | None = None) -> GeneratedBatch:
+    """Run ``pipeline`` to the end and return the batch (the library call without progress reporting)."""
+    for record in pipeline.run(params, initial_noise=initial_noise):
+        if isinstance(record, GeneratedBatch):
+            return record
+    raise AssertionError("the pipeline ended without a result")

@@ -3,8 +3,10 @@
 from .config import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS
 from .nn.layers import PRECISIONS
 from .ops import BACKENDS
+from .params import VAE_CHOICES
 from .sampling.plans import SAMPLERS as SAMPLER_SPECS
 
 SAMPLERS = tuple(SAMPLER_SPECS)  # sampler names, in the table's order
 
-__all__ = ["BACKENDS", "BETA_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "SAMPLERS", "TIMESTEP_SPACINGS"]
+__all__ = ["BACKENDS", "BETA_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "SAMPLERS", "TIMESTEP_SPACINGS",
+           "VAE_CHOICES"]

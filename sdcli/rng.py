@@ -12,7 +12,7 @@ import secrets
 
 import numpy as np
 
-MAX_SEED = 2**32 - 1
+from .params import MAX_SEED
 
 
 def random_seed() -> int:

@@ -15,6 +15,7 @@ Pickle files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused: unpickling ru
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -279,13 +280,33 @@ def component_weight_files(folder: Path, stem: str, variant: str | None) -> list
     raise ModelNotFoundError(f"{folder}: no weights ({wanted} is missing); {MISSING_MODEL_HINT}")
 
 
+WEIGHTS_ENV = "SDCLI_WEIGHTS"
+
+
+def weights_dir() -> Path:
+    """Where named models live: ``$SDCLI_WEIGHTS``, else ``./weights``."""
+    return Path(os.environ.get(WEIGHTS_ENV) or "weights").expanduser()
+
+
+def find_model(model: str | Path) -> Path:
+    """The path ``model`` names: an existing file or folder as given, else a model name looked up in
+    :func:`weights_dir` (``sd15`` -> ``weights/sd15``). A name found nowhere is returned as given, for
+    :func:`open_checkpoint` to report."""
+    path = Path(model).expanduser()
+    if path.exists() or path.is_absolute() or len(path.parts) != 1:
+        return path
+    named = weights_dir() / path
+    return named if named.exists() else path
+
+
 def open_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
     """Open a diffusers folder or a single-file checkpoint, sniffing its family and prediction type."""
-    path = Path(path).expanduser()
+    path = find_model(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     if not path.exists():
-        raise ModelNotFoundError(f"no model at {path}: {MISSING_MODEL_HINT}")
+        where = f" (nor at {weights_dir() / path})" if len(path.parts) == 1 and not path.is_absolute() else ""
+        raise ModelNotFoundError(f"no model at {path}{where}: {MISSING_MODEL_HINT}")
     if path.is_dir():
         return _open_folder(path, variant)
     if path.suffix.lower() != ".safetensors":
