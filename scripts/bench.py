@@ -1,13 +1,19 @@
 """sdcli's benchmark: sdcli against the reference implementation, measured in one run on this machine.
 
-So far it times the CLIP text encoder (batch 2 x 77 tokens) of the full SD1 and SD2 architectures with random
-weights, alternating sdcli and transformers runs (A B A B ...) and quoting medians and their ratio. sdcli runs in
-its own process, without torch loaded: two OpenMP runtimes in one process (torch's and sdcli's kernels') fight
-over the cores and would make the comparison say nothing about either tool as users run it.
+It times, on the full architectures with random weights, in float32:
 
-    python scripts/bench.py [--repeats 5] [--json bench-results/text_encoder.json]
+- the CLIP text encoder (batch 2 x 77 tokens) of SD1 and SD2, against transformers;
+- one SD1.5 UNet forward (latent 64x64, batch 2: one classifier-free-guided step at 512x512), against diffusers;
+- one SD1.5 VAE decode of a 512x512 image, against diffusers;
 
-transformers and torch are needed only for the reference side and for making the random weights.
+alternating the two sides (A B A B ...) and quoting medians, their ratio and, for the UNet and VAE, the peak
+resident memory of each side. Every sdcli measurement runs in a fresh process without torch loaded (two OpenMP
+runtimes in one process fight over the cores), and so does every UNet/VAE reference measurement, so that each
+process's peak memory is its own.
+
+    python scripts/bench.py [--only text_encoder,unet,vae] [--repeats 5] [--json bench-results/bench.json]
+
+torch, transformers and diffusers are needed for the reference side and for making the random weights.
 """
 
 from __future__ import annotations
@@ -91,18 +97,128 @@ def bench_text_encoder(family: str, repeats: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+# One UNet forward or VAE decode in a fresh process: load, time one call, report seconds and peak RSS.
+# argv: side (sdcli | diffusers), network (unet | vae), model folder, inputs .npz, output .npy
+NETWORK_SIDE = """
+import resource, sys, time
+import numpy as np
+side, network, folder, inputs_path, output_path = sys.argv[1:6]
+inputs = dict(np.load(inputs_path))
+if side == "sdcli":
+    import sdcli
+    from sdcli.nn.unet import UNet2DConditionModel, unet_shapes
+    from sdcli.nn.vae import load_vae_decoder
+    from sdcli.ops import get_ops
+    from sdcli.pipeline import load_weights
+    checkpoint = sdcli.open_checkpoint(folder)
+    if network == "unet":
+        config = checkpoint.unet_config()
+        unet = UNet2DConditionModel(get_ops("cpu"), config, load_weights(checkpoint.source("unet"),
+                                                                         unet_shapes(config), "fp32"))
+        run = lambda: unet(inputs["sample"], inputs["timesteps"], inputs["context"])
+    else:
+        decoder = load_vae_decoder(checkpoint)
+        run = lambda: decoder(inputs["latents"])
+    start = time.perf_counter()
+    out = run()
+    elapsed = time.perf_counter() - start
+    assert "torch" not in sys.modules
+else:
+    import diffusers, torch
+    with torch.inference_mode():
+        if network == "unet":
+            model = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+            args = [torch.from_numpy(inputs[k]) for k in ("sample", "timesteps", "context")]
+            run = lambda: model(args[0], args[1], encoder_hidden_states=args[2]).sample
+        else:
+            model = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+            latents = torch.from_numpy(inputs["latents"]) / model.config.scaling_factor
+            run = lambda: model.decode(latents).sample
+        start = time.perf_counter()
+        out = run().numpy()
+        elapsed = time.perf_counter() - start
+np.save(output_path, out)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+print(elapsed, peak)
+"""
+
+
+def write_sd15_unet_vae(folder: Path) -> Path:
+    """The SD1.5 UNet and VAE with random weights (diffusers' initialisation), in a folder sdcli opens."""
+    import shutil
+
+    import diffusers
+    import torch
+
+    configs = ROOT / "sdcli" / "data" / "configs" / "sd15"
+    shutil.copytree(configs, folder)
+    torch.manual_seed(0)
+    for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
+        model = cls.from_config(cls.load_config(str(configs / name)))
+        model.save_pretrained(str(folder / name), safe_serialization=True)
+        del model
+    return folder
+
+
+def bench_networks(networks: list[str], repeats: int) -> list[dict]:
+    """The SD1.5 UNet forward (latent 64x64, batch 2) and the 512x512 VAE decode, each side in its own process."""
+    rng = np.random.default_rng(0)
+    inputs = {"unet": {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),
+                       "timesteps": np.array([500.0, 500.0], dtype=np.float32),
+                       "context": rng.standard_normal((2, 77, 768), dtype=np.float32)},
+              "vae": {"latents": rng.standard_normal((1, 4, 64, 64), dtype=np.float32)}}
+    labels = {"unet": "UNet forward, latent 64x64, batch 2", "vae": "VAE decode, 512x512"}
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        folder = write_sd15_unet_vae(work / "sd15")
+        for network in networks:
+            np.savez(work / f"{network}.npz", **inputs[network])
+            runs: dict[str, list[tuple[float, int]]] = {"sdcli": [], "diffusers": []}
+            for _ in range(repeats):
+                for side in ("sdcli", "diffusers"):
+                    result = subprocess.run([sys.executable, "-c", NETWORK_SIDE, side, network, str(folder),
+                                             str(work / f"{network}.npz"), str(work / f"{side}.npy")],
+                                            capture_output=True, text=True)
+                    if result.returncode:
+                        raise SystemExit(f"{side} {network} failed:\n{result.stderr}")
+                    seconds, peak = result.stdout.split()
+                    runs[side].append((float(seconds), int(peak)))
+            ours, theirs = np.load(work / "sdcli.npy"), np.load(work / "diffusers.npy")
+            row = {"network": network, "what": labels[network]}
+            for side, measured in runs.items():
+                row[f"{side}_s"] = statistics.median(t for t, _ in measured)
+                row[f"{side}_peak_bytes"] = max(p for _, p in measured)
+            row["ratio"] = row["sdcli_s"] / row["diffusers_s"]
+            row["relative_error"] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="text_encoder,unet,vae", help="Comma-separated: text_encoder, unet, vae.")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     args = parser.parse_args()
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-               "text_encoder": [bench_text_encoder(family, args.repeats) for family in ("sd15", "sd21")]}
+    only = args.only.split(",")
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
     print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, {results['date']}")
-    print(f"{'text encoder':<14}{'sdcli (s)':>11}{'transformers (s)':>18}{'ratio':>8}{'max |diff|':>12}")
-    for row in results["text_encoder"]:
-        print(f"{row['family']:<14}{row['sdcli_s']:>11.3f}{row['transformers_s']:>18.3f}{row['ratio']:>8.2f}"
-              f"{row['max_abs_diff']:>12.2e}")
+    if "text_encoder" in only:
+        results["text_encoder"] = [bench_text_encoder(family, args.repeats) for family in ("sd15", "sd21")]
+        print(f"{'text encoder':<14}{'sdcli (s)':>11}{'transformers (s)':>18}{'ratio':>8}{'max |diff|':>12}")
+        for row in results["text_encoder"]:
+            print(f"{row['family']:<14}{row['sdcli_s']:>11.3f}{row['transformers_s']:>18.3f}{row['ratio']:>8.2f}"
+                  f"{row['max_abs_diff']:>12.2e}")
+    networks = [name for name in ("unet", "vae") if name in only]
+    if networks:
+        results["networks"] = bench_networks(networks, args.repeats)
+        print(f"{'SD1.5, fp32':<38}{'sdcli (s)':>10}{'diffusers (s)':>15}{'ratio':>7}{'sdcli peak':>12}"
+              f"{'diffusers peak':>16}{'rel. error':>12}")
+        for row in results["networks"]:
+            print(f"{row['what']:<38}{row['sdcli_s']:>10.2f}{row['diffusers_s']:>15.2f}{row['ratio']:>7.2f}"
+                  f"{row['sdcli_peak_bytes'] / 2**30:>10.2f} G{row['diffusers_peak_bytes'] / 2**30:>14.2f} G"
+                  f"{row['relative_error']:>12.1e}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
