@@ -68,7 +68,6 @@ def bench_text_encoder(family: str, repeats: int) -> dict:
     import torch
 
     import reference_models as ref
-    import sdcli
     from sdcli.nn.tokenizer import ClipTokenizer
 
     configs = ROOT / "sdcli" / "data" / "configs" / family

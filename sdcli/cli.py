@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import click
 import numpy as np
@@ -304,8 +303,8 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
     if batch_size > num_images:
         batch_size = num_images
-    base = sdcli.GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps or 0,
-                                guidance_scale=guidance, guidance_rescale=guidance_rescale, sampler=sampler or "",
+    base = sdcli.GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps,
+                                guidance_scale=guidance, guidance_rescale=guidance_rescale, sampler=sampler,
                                 width=width, height=height, clip_skip=clip_skip, eta=eta)
     lines = sdcli.read_prompts_file(prompts_file, samplers=SAMPLERS) if prompts_file else [None]
     first_seed = seed if seed is not None else sdcli.random_seed()
@@ -328,8 +327,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     all_latents = []
     index = 0
     for job in jobs:
-        params = job.params.with_(sampler=job.params.sampler or pipeline.default_sampler)
-        params = params.with_(steps=params.steps or sdcli.default_steps(params.sampler))
+        params = job.params
         noise = initial_noise[index:index + params.batch_size] if initial_noise is not None else None
         batch = None
         reporter.start(index, len(paths), params)

@@ -17,15 +17,16 @@ VAE_CHOICES = ("full", "taesd")
 
 @dataclass(frozen=True)
 class GenerateParams:
-    """One text-to-image request. ``width``/``height`` of None take the model's native size; ``seed`` of None is
-    drawn at random by the caller and recorded (the pipeline needs a concrete seed)."""
+    """One text-to-image request. None means "the model's default": ``sampler`` its own scheduler (PNDM for
+    SD 1.5, DDIM for SD 2.1), ``steps`` 50 (LCM: 4), ``width``/``height`` its native size, ``seed`` a random one
+    (drawn and recorded when the run starts)."""
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     guidance_scale: float = DEFAULT_GUIDANCE
     guidance_rescale: float = 0.0
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -36,7 +37,7 @@ class GenerateParams:
 
     def validate(self) -> "GenerateParams":
         """Raise a one-line SdcliError for a value no model can use; return self."""
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise SdcliError(f"steps must be at least 1, got {self.steps}")
         if self.guidance_scale < 0:
             raise SdcliError(f"guidance scale must not be negative, got {self.guidance_scale}")

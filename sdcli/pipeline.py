@@ -134,10 +134,12 @@ class TextToImage:
         return SCHEDULER_CLASS_SAMPLERS.get(self.scheduler_config.get("_class_name", ""), DEFAULT_SAMPLER)
 
     def resolve(self, params: GenerateParams) -> GenerateParams:
-        """``params`` with the model's defaults filled in (size, sampler, a random seed) and validated."""
-        if params.sampler not in SAMPLERS:
-            raise SdcliError(f"unknown sampler {params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        return params.with_(width=self.native_size if params.width is None else params.width,
+        """``params`` with the model's defaults filled in (sampler, steps, size, a random seed) and validated."""
+        sampler = self.default_sampler if params.sampler is None else params.sampler
+        if sampler not in SAMPLERS:
+            raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        return params.with_(sampler=sampler, steps=default_steps(sampler) if params.steps is None else params.steps,
+                            width=self.native_size if params.width is None else params.width,
                             height=self.native_size if params.height is None else params.height,
                             seed=random_seed() if params.seed is None else params.seed).validate()
 

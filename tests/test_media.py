@@ -23,15 +23,14 @@ from PIL import Image
 from sdcli.errors import SdcliError
 from sdcli.io.files import OutputExistsError
 from sdcli.io.media import (
-    SAMPLER_LABELS,
     a1111_parameters,
     images_to_uint8,
-    png_metadata,
     read_png_text,
     save_png,
 )
 from sdcli.io.outputs import plan_output_paths, prompt_slug
 from sdcli.params import GenerateParams
+from sdcli.sampling.plans import SAMPLERS
 
 # The web UI's pattern for one "Key: value" field of the settings line (modules/infotext_utils.py, re_param):
 # the reader our text has to satisfy.
@@ -136,17 +135,6 @@ def test_png_round_trip_keeps_pixels_and_text(tmp_path):
     assert kinds == {"parameters": b"tEXt", "latin": b"tEXt", "sdcli": b"iTXt"}  # iTXt only where needed
 
 
-def test_png_metadata_records_a1111_text_and_the_full_request(tmp_path):
-    params = GenerateParams(prompt="一只红狐狸, in snow", steps=4, sampler="euler_a")
-    text = png_metadata(params, seed=9, width=64, height=32, model="tiny", model_hash="0123456789")
-    save_png(tmp_path / "m.png", np.zeros((32, 64, 3), np.uint8), text)
-    read = read_png_text(tmp_path / "m.png")
-    assert read["parameters"].startswith("一只红狐狸, in snow\nSteps: 4, Sampler: Euler a, ")
-    record = json.loads(read["sdcli"])
-    assert record["prompt"] == "一只红狐狸, in snow" and record["seed"] == 9
-    assert (record["width"], record["height"], record["model"]) == (64, 32, "tiny")
-
-
 def test_png_write_failure_leaves_nothing(tmp_path, monkeypatch):
     seen = []
 
@@ -207,7 +195,7 @@ def test_a1111_text_full_example():
 
 
 def test_a1111_text_leaves_out_defaults():
-    params = GenerateParams(prompt="a lighthouse at dusk")
+    params = GenerateParams(prompt="a lighthouse at dusk", steps=50, sampler="pndm")
     text = a1111_parameters(params, seed=1, width=512, height=512, model="sd15")
     assert text == ("a lighthouse at dusk\n"
                     "Steps: 50, Sampler: PLMS, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: sd15")
@@ -217,11 +205,12 @@ def test_a1111_text_sampler_labels():
     expected = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
                 "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "unipc": "UniPC",
                 "ddpm": "DDPM"}
-    assert SAMPLER_LABELS == expected
+    assert {name: spec.label for name, spec in SAMPLERS.items()} == expected
     for sampler, label in [*expected.items(), ("my_sampler", "my_sampler")]:
         text = a1111_parameters(GenerateParams(prompt="p", sampler=sampler), seed=1, width=8, height=8, model="m")
         assert parse_a1111(text)[2]["Sampler"] == label
-    text = a1111_parameters(GenerateParams(prompt="p"), seed=1, width=8, height=8, model="m", sampler_label="X y")
+    text = a1111_parameters(GenerateParams(prompt="p", sampler="pndm"), seed=1, width=8, height=8, model="m",
+                            sampler_label="X y")
     assert parse_a1111(text)[2]["Sampler"] == "X y"
 
 

@@ -18,29 +18,14 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import SdcliError
 from ..params import GenerateParams
+from ..sampling.plans import SAMPLERS
 from .files import atomic_output
 from .outputs import plan_output_paths, prompt_slug
 
-__all__ = ["SAMPLER_LABELS", "a1111_parameters", "a1111_quote", "images_to_uint8", "plan_output_paths",
-           "png_metadata", "prompt_slug", "read_png_text", "save_png"]
+__all__ = ["a1111_parameters", "a1111_quote", "images_to_uint8", "plan_output_paths", "prompt_slug",
+           "read_png_text", "save_png"]
 
 log = logging.getLogger("sdcli")
-
-# Our sampler names -> the labels the AUTOMATIC1111 web UI writes after "Sampler:". PNDM is what the web UI
-# calls PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"). The web UI since
-# 1.9 writes the schedule separately ("Schedule type: Karras") but still reads the combined label.
-SAMPLER_LABELS = {
-    "ddim": "DDIM",
-    "ddpm": "DDPM",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "lcm": "LCM",
-    "pndm": "PLMS",
-    "unipc": "UniPC",
-}
 
 # PNG keywords are 1-79 Latin-1 characters without leading, trailing or doubled spaces (PNG spec 11.3.4.3).
 MAX_KEYWORD_LENGTH = 79
@@ -80,6 +65,13 @@ def a1111_quote(value: Any) -> str:
     return text
 
 
+def sampler_label_of(sampler: str) -> str:
+    """The label the AUTOMATIC1111 web UI writes after "Sampler:" (its PLMS is our pndm; the web UI since 1.9
+    writes the schedule apart, "Schedule type: Karras", but still reads "DPM++ 2M Karras"); unknown names as given."""
+    spec = SAMPLERS.get(sampler)
+    return spec.label if spec is not None else sampler
+
+
 def a1111_parameters(params: GenerateParams, *, seed: int, width: int, height: int, model: str,
                      model_hash: str | None = None, sampler_label: str | None = None,
                      extra: Mapping[str, Any] | None = None) -> str:
@@ -97,7 +89,7 @@ def a1111_parameters(params: GenerateParams, *, seed: int, width: int, height: i
     """
     fields: dict[str, Any] = {
         "Steps": params.steps,
-        "Sampler": sampler_label or SAMPLER_LABELS.get(params.sampler, params.sampler),
+        "Sampler": sampler_label or sampler_label_of(params.sampler),
         "CFG scale": float(params.guidance_scale),
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -112,18 +104,6 @@ def a1111_parameters(params: GenerateParams, *, seed: int, width: int, height: i
                          for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else ""
     return f"{params.prompt}{negative}\n{settings}".strip()
-
-
-def png_metadata(params: GenerateParams, *, seed: int, width: int, height: int, model: str,
-                 model_hash: str | None = None, sampler_label: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The text chunks of one image: "parameters" (``a1111_parameters``) and "sdcli", the request as JSON with
-    the seed and size it actually ran with, plus the model's name and hash."""
-    record = {**params.with_(seed=seed, width=width, height=height).as_dict(), "model": model,
-              "model_hash": model_hash}
-    return {"parameters": a1111_parameters(params, seed=seed, width=width, height=height, model=model,
-                                           model_hash=model_hash, sampler_label=sampler_label, extra=extra),
-            "sdcli": json.dumps(record, ensure_ascii=False, default=str)}
 
 
 def check_keyword(key: str) -> None:
