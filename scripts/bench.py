@@ -137,25 +137,34 @@ else:
         out = run().numpy()
         elapsed = time.perf_counter() - start
 np.save(output_path, out)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+try:  # this process's own peak: VmHWM starts afresh at exec, while ru_maxrss keeps the forking parent's
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 print(elapsed, peak)
 """
 
 
+# The SD1.5 UNet and VAE with random weights (diffusers' initialisation), saved into argv[1]/{unet,vae}; run in a
+# child process so that this one stays small.
+WRITE_RANDOM_WEIGHTS = """
+import sys
+import diffusers, torch
+folder = sys.argv[1]
+torch.manual_seed(0)
+for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
+    model = cls.from_config(cls.load_config(folder + "/" + name))
+    model.save_pretrained(folder + "/" + name, safe_serialization=True)
+    del model
+"""
+
+
 def write_sd15_unet_vae(folder: Path) -> Path:
-    """The SD1.5 UNet and VAE with random weights (diffusers' initialisation), in a folder sdcli opens."""
+    """The SD1.5 configs with a random-weight UNet and VAE, in a folder both sdcli and diffusers open."""
     import shutil
 
-    import diffusers
-    import torch
-
-    configs = ROOT / "sdcli" / "data" / "configs" / "sd15"
-    shutil.copytree(configs, folder)
-    torch.manual_seed(0)
-    for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
-        model = cls.from_config(cls.load_config(str(configs / name)))
-        model.save_pretrained(str(folder / name), safe_serialization=True)
-        del model
+    shutil.copytree(ROOT / "sdcli" / "data" / "configs" / "sd15", folder)
+    subprocess.run([sys.executable, "-c", WRITE_RANDOM_WEIGHTS, str(folder)], check=True)
     return folder
 
 

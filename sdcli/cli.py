@@ -74,6 +74,22 @@ def main(verbose: bool) -> None:
                         handlers=[RichHandler(console=error_console, show_path=False)])
 
 
+def model_options(command):
+    """--clip-skip, --precision and --backend: how a model is loaded and its text encoded, for every command."""
+    options = [
+        click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="1 uses every text-encoder layer, 2 stops at the penultimate one (as AUTOMATIC1111 "
+                          "counts)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="How weights are held in memory; the arithmetic stays float32 on the CPU."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
+                     help="Op implementations: compiled kernels (cpu) or the numpy reference."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 # -- clip-test ---------------------------------------------------------------------------------------------------
 
 def embedding_stats(embeddings: np.ndarray) -> dict[str, float]:
@@ -86,12 +102,7 @@ def embedding_stats(embeddings: np.ndarray) -> dict[str, float]:
 @click.option("--model", "-m", required=True, help="A diffusers folder or a single-file .safetensors checkpoint.")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="A prompt (repeat for a batch).")
 @click.option("--negative-prompt", "-n", help="Also encode this negative prompt.")
-@click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
-              help="1 uses every text-encoder layer, 2 stops at the penultimate one (as AUTOMATIC1111 counts).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="How weights are held in memory; the arithmetic stays float32 on the CPU.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
-              help="Op implementations: compiled kernels (cpu) or the numpy reference.")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (all 77 ids of every prompt).")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the (batch, 77, dim) embedding to FILE.npy.")
 @click.option("--overwrite", is_flag=True, help="Replace the --save file if it exists.")
@@ -269,12 +280,7 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
               help="Images per prompt (seeds seed, seed+1, ...).")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images denoised together (faster per image, more memory).")
-@click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
-              help="1 uses every text-encoder layer, 2 stops at the penultimate one (as AUTOMATIC1111 counts).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="How weights are held in memory; the arithmetic stays float32 on the CPU.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
-              help="Op implementations: compiled kernels (cpu) or the numpy reference.")
+@model_options
 @click.option("--vae", type=click.Choice(VAE_CHOICES), default="full", show_default=True,
               help="Decode with the model's VAE, or with the shipped tiny TAESD (much faster, a little softer).")
 @click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),

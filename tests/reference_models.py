@@ -20,20 +20,26 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
+def randomise_norms(model, generator: torch.Generator, is_norm=lambda name: "norm" in name,
+                    bias_scale: float | None = 0.02) -> None:
+    """Norm scales near 1 and shifts near 0 (default inits leave them at exactly 1 and 0), and other biases of
+    ``bias_scale`` (None: left as initialised), so that a norm or bias read from the wrong tensor shows."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if is_norm(name):
+                base = 1.0 if name.endswith("weight") else 0.0
+                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+            elif bias_scale is not None and name.endswith("bias"):
+                parameter.copy_(bias_scale * torch.randn(parameter.shape, generator=generator))
+
+
 def random_clip_text_model(config: dict, seed: int = 0):
     """transformers CLIPTextModel with random weights; layer norms randomised too so their bugs show."""
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "layer_norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
-            elif name.endswith("bias"):
-                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    randomise_norms(model, torch.Generator().manual_seed(seed + 1), is_norm=lambda name: "layer_norm" in name)
     return model
 
 
@@ -153,12 +159,8 @@ def random_unet(config: dict, seed: int = 0):
 
     torch.manual_seed(seed)
     model = UNet2DConditionModel.from_config(config).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name.rsplit(".", 2)[-2]:
-                base = 1.0 if name.endswith("weight") else 0.0
-                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+    randomise_norms(model, torch.Generator().manual_seed(seed + 1),
+                    is_norm=lambda name: "norm" in name.rsplit(".", 2)[-2], bias_scale=None)
     return model
 
 
@@ -210,14 +212,7 @@ def random_vae(config: dict, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoencoderKL.from_config(config).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
-            elif name.endswith("bias"):
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    randomise_norms(model, torch.Generator().manual_seed(seed + 1), bias_scale=0.05)
     return model
 
 

@@ -152,19 +152,24 @@ BLOCK_REFERENCES = (
 )
 
 
-def test_import_and_cli_never_touch_torch(tiny_model, tmp_path):
-    """In a real subprocess, with the reference frameworks made unimportable."""
-    folder, _ = tiny_model
+def run_with_references_blocked(argv: list[str]) -> subprocess.CompletedProcess:
+    """``sdcli *argv`` in a real subprocess with the reference frameworks made unimportable; the child also
+    asserts that torch never entered sys.modules."""
     code = BLOCK_REFERENCES + (
         "import runpy\n"
-        f"sys.argv = ['sdcli', 'clip-test', '--model', {str(folder)!r}, '--prompt', 'a cat', '--json']\n"
+        f"sys.argv = ['sdcli', *{[str(a) for a in argv]!r}]\n"
         "try:\n"
         "    runpy.run_module('sdcli', run_name='__main__')\n"
         "except SystemExit as exit:\n"
         "    assert not exit.code, exit.code\n"
         "assert 'torch' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_import_and_cli_never_touch_torch(tiny_model, tmp_path):
+    folder, _ = tiny_model
+    result = run_with_references_blocked(["clip-test", "--model", folder, "--prompt", "a cat", "--json"])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["shape"] == [1, 77, 32]
 

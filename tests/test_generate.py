@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ pytest.importorskip("torch", reason="the tiny model is built with diffusers")
 pytest.importorskip("diffusers")
 
 import tiny_pipeline as tiny  # noqa: E402
-from test_cli import BLOCK_REFERENCES  # noqa: E402
+from test_cli import run_with_references_blocked  # noqa: E402
 
 import sdcli  # noqa: E402
 from sdcli.cli import main  # noqa: E402
@@ -156,16 +155,7 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file(model, tmp_path
 
 def test_generate_never_imports_torch(model, tmp_path):
     out = tmp_path / "guard.png"
-    code = BLOCK_REFERENCES + (
-        "import runpy\n"
-        f"sys.argv = ['sdcli', 'generate', '-m', {str(model)!r}, '-p', 'a cat', '--steps', '2', '--width', '64',"
-        f" '--height', '64', '--vae', 'taesd', '-o', {str(out)!r}]\n"
-        "try:\n"
-        "    runpy.run_module('sdcli', run_name='__main__')\n"
-        "except SystemExit as exit:\n"
-        "    assert not exit.code, exit.code\n"
-        "assert 'torch' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_with_references_blocked(["generate", "-m", model, "-p", "a cat", "--steps", "2", "--width", "64",
+                                          "--height", "64", "--vae", "taesd", "-o", out])
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (64, 64)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reference_models import randomise_norms
 from sdcli.nn.tokenizer import shipped_tokenizer_dir
 
 PIXELS = 64  # image side: an 8x8 latent
@@ -43,17 +44,6 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_b
 SCHEDULER_CONFIGS = {"sd1": "sd15", "sd2": "sd21"}
 
 
-def _randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Norm scales near 1 and shifts and biases near 0, but not exactly: a mistake in either then shows."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
-            elif name.endswith("bias"):
-                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
-
-
 def build_reference(family: str, configs_dir: Path, seed: int = 0):
     """A diffusers StableDiffusionPipeline of the tiny ``family`` with random weights (float32, eval mode)."""
     import diffusers
@@ -65,7 +55,7 @@ def build_reference(family: str, configs_dir: Path, seed: int = 0):
     unet = diffusers.UNet2DConditionModel(**UNET_CONFIGS[family]).eval()
     vae = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
     for model in (text_encoder, unet, vae):
-        _randomise_norms(model, generator)
+        randomise_norms(model, generator)
     tokenizer_dir = shipped_tokenizer_dir()
     pad = json.loads((configs_dir / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"]
     tokenizer = transformers.CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),

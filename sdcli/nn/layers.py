@@ -133,3 +133,15 @@ def conv2d_from(ops: Ops, weights: dict[str, Weight], prefix: str, stride: int =
 
 def group_norm_from(ops: Ops, weights: dict[str, Weight], prefix: str, num_groups: int, eps: float) -> GroupNorm:
     return GroupNorm(ops, weights[prefix + "weight"], weights[prefix + "bias"], num_groups, eps)
+
+
+def checked_images(x: np.ndarray, channels: int, what: str, multiple: int = 1) -> np.ndarray:
+    """x as float32 (B, channels, H, W) with H and W positive multiples of ``multiple``, or a one-line error."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != channels or x.shape[0] < 1:
+        raise SdcliError(f"{what} must be (batch, {channels}, height, width), got shape {x.shape}")
+    height, width = x.shape[2:]
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        size = f"multiples of {multiple}" if multiple > 1 else "at least 1"
+        raise SdcliError(f"{what} height and width must be {size}, got {height}x{width}")
+    return x

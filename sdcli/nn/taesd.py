@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelNotFoundError, SdcliError
+from ..errors import ModelNotFoundError
 from ..io.checkpoint import FolderSource, check_tensors
 from ..io.safetensors import SafetensorsFile
 from ..ops import Ops, get_ops
-from .layers import Weight, conv2d_from
+from .layers import Weight, checked_images, conv2d_from
 
 WIDTH = 64  # channels of every hidden layer
 LATENT_CHANNELS = 4
@@ -115,18 +115,6 @@ def _build(ops: Ops, weights: dict[str, Weight], layers: tuple[str, ...]) -> lis
     return built
 
 
-def _checked(x: np.ndarray, channels: int, what: str, multiple: int) -> np.ndarray:
-    """x as float32 (B, channels, H, W) with H and W positive multiples of ``multiple``, or a one-line error."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1] != channels or x.shape[0] < 1:
-        raise SdcliError(f"{what} must be (batch, {channels}, height, width), got shape {x.shape}")
-    height, width = x.shape[2:]
-    if height < multiple or width < multiple or height % multiple or width % multiple:
-        size = f"multiples of {multiple}" if multiple > 1 else "at least 1"
-        raise SdcliError(f"{what} height and width must be {size}, got {height}x{width}")
-    return x
-
-
 class TaesdEncoder:
     """Images (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> UNet-space latents (B, 4, H/8, W/8).
 
@@ -139,7 +127,7 @@ class TaesdEncoder:
 
     def encode_01(self, images: np.ndarray) -> np.ndarray:
         """TAESD's own convention: images in [0, 1] -> latents."""
-        x = _checked(images, RGB, "images", DOWNSCALE)
+        x = checked_images(images, RGB, "images", DOWNSCALE)
         for layer in self.layers:
             x = layer(x)
         return x  # (B, 4, H/8, W/8)
@@ -157,7 +145,7 @@ class TaesdDecoder:
 
     def decode_01(self, latents: np.ndarray) -> np.ndarray:
         """TAESD's own convention: latents -> images in about [0, 1] (it overshoots a little; not clamped)."""
-        x = _checked(latents, LATENT_CHANNELS, "latents", 1)
+        x = checked_images(latents, LATENT_CHANNELS, "latents", 1)
         for layer in self.layers:
             x = layer(x)
         return x  # (B, 3, 8h, 8w)

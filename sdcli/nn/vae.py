@@ -18,10 +18,9 @@ import logging
 import numpy as np
 
 from ..config import VAEConfig
-from ..errors import SdcliError
 from ..io.checkpoint import Checkpoint, check_tensors, open_checkpoint
 from ..ops import Ops, get_ops
-from .layers import Weight, conv2d_from, group_norm_from, linear_from
+from .layers import Weight, checked_images, conv2d_from, group_norm_from, linear_from
 
 log = logging.getLogger("sdcli")
 
@@ -244,18 +243,6 @@ class Decoder:
         return self.conv_out(self.ops.silu(self.conv_norm_out(x)))  # (B, 3, f h, f w)
 
 
-def _checked_batch(x: np.ndarray, channels: int, what: str, multiple: int = 1) -> np.ndarray:
-    """x as float32 (B, channels, H, W) with H and W positive multiples of ``multiple``, or a one-line error."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1] != channels or x.shape[0] < 1:
-        raise SdcliError(f"{what} must be (batch, {channels}, height, width), got shape {x.shape}")
-    height, width = x.shape[2:]
-    if height < multiple or width < multiple or height % multiple or width % multiple:
-        size = f"multiples of {multiple}" if multiple > 1 else "at least 1"
-        raise SdcliError(f"{what} height and width must be {size}, got {height}x{width}")
-    return x
-
-
 class VaeDecoder:
     """UNet-space latents (B, 4, h, w) -> images (B, 3, 8h, 8w), float32 in about [-1, 1] (not clamped).
 
@@ -270,7 +257,7 @@ class VaeDecoder:
         self.decoder = Decoder(ops, config, weights)
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
-        latents = _checked_batch(latents, self.config.latent_channels, "latents")
+        latents = checked_images(latents, self.config.latent_channels, "latents")
         z = latents / np.float32(self.config.scaling_factor)  # (B, 4, h, w) in the autoencoder's own scale
         images = []
         for one in np.split(z, z.shape[0]):  # (1, 4, h, w)
@@ -296,7 +283,7 @@ class VaeEncoder:
 
     def distribution(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, logvar), each (B, 4, H/8, W/8), of the posterior in the autoencoder's own (unscaled) space."""
-        images = _checked_batch(images, self.config.in_channels, "images", self.config.downscale)
+        images = checked_images(images, self.config.in_channels, "images", self.config.downscale)
         moments = []
         for one in np.split(images, images.shape[0]):  # (1, 3, H, W), one at a time as in VaeDecoder
             one = self.encoder(one)  # (1, 8, H/8, W/8)
