@@ -329,6 +329,8 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
         status.print(f"seed {first_seed}", highlight=False)
 
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae)
+    for job in jobs:  # every job's settings checked against the model before the first image starts
+        pipeline.resolve(job.params)
     reporter = Progress(quiet, status)
     all_latents = []
     index = 0
@@ -337,14 +339,16 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
         noise = initial_noise[index:index + params.batch_size] if initial_noise is not None else None
         batch = None
         reporter.start(index, len(paths), params)
-        for record in pipeline.run(params, initial_noise=noise, preview_every=preview_every if preview else 0):
-            if isinstance(record, sdcli.GeneratedBatch):
-                batch = record
-            else:
-                reporter.step(record)
-                if record.preview is not None and preview:
-                    sdcli.save_png(preview, sdcli.images_to_uint8(record.preview)[0], {}, overwrite=True)
-        reporter.finish()
+        try:
+            for record in pipeline.run(params, initial_noise=noise, preview_every=preview_every if preview else 0):
+                if isinstance(record, sdcli.GeneratedBatch):
+                    batch = record
+                else:
+                    reporter.step(record)
+                    if record.preview is not None and preview:
+                        sdcli.save_png(preview, sdcli.images_to_uint8(record.preview)[0], {}, overwrite=True)
+        finally:
+            reporter.finish()
         pixels = sdcli.images_to_uint8(batch.images)  # (B, H, W, 3)
         for i, image_seed in enumerate(batch.seeds):
             record = image_record(pipeline, batch.params, image_seed, paths[index], batch.timings)

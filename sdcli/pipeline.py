@@ -138,10 +138,12 @@ class TextToImage:
         sampler = self.default_sampler if params.sampler is None else params.sampler
         if sampler not in SAMPLERS:
             raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        return params.with_(sampler=sampler, steps=default_steps(sampler) if params.steps is None else params.steps,
-                            width=self.native_size if params.width is None else params.width,
-                            height=self.native_size if params.height is None else params.height,
-                            seed=random_seed() if params.seed is None else params.seed).validate()
+        params = params.with_(sampler=sampler, steps=default_steps(sampler) if params.steps is None else params.steps,
+                              width=self.native_size if params.width is None else params.width,
+                              height=self.native_size if params.height is None else params.height,
+                              seed=random_seed() if params.seed is None else params.seed).validate()
+        SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # a step count the schedule cannot give
+        return params
 
     def preview_decoder(self):
         if self._preview_decoder is None:
