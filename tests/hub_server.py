@@ -134,6 +134,7 @@ class FakeHub:
         self._lock = threading.Lock()
         self._servers: dict[str, ThreadingHTTPServer] = {}
         self._threads: list[threading.Thread] = []
+        self._urls: dict[str, str] = {}     # kept after stop(): a stopped hub is an unreachable endpoint
 
     # ----- lifetime -----
 
@@ -144,6 +145,7 @@ class FakeHub:
             server.fake_hub = self          # type: ignore[attr-defined]
             server.role = name              # type: ignore[attr-defined]
             self._servers[name] = server
+            self._urls[name] = "http://%s:%d" % server.server_address[:2]
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                       name=f"fake-{name}", daemon=True)
             thread.start()
@@ -165,19 +167,15 @@ class FakeHub:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def _url(self, name: str) -> str:
-        host, port = self._servers[name].server_address[:2]
-        return f"http://{host}:{port}"
-
     @property
     def endpoint(self) -> str:
-        """The hub's base URL, ``http://127.0.0.1:PORT``: what HF_ENDPOINT is set to."""
-        return self._url("hub")
+        """The hub's base URL, ``http://127.0.0.1:PORT``: what HF_ENDPOINT is set to (still known after stop())."""
+        return self._urls["hub"]
 
     @property
     def cdn_endpoint(self) -> str:
         """The CDN's base URL: another port, so another origin."""
-        return self._url("cdn")
+        return self._urls["cdn"]
 
     # ----- content -----
 
@@ -443,8 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
         drop = self.hub._take_drop(path)
         if drop is not None:
             part = part[:drop]
+        self.hub._count_sent(path, len(part))   # before writing: the client cannot see bytes not yet counted
         self.wfile.write(part)
         self.wfile.flush()
-        self.hub._count_sent(path, len(part))
         if drop is not None:
             self.close_connection = True
