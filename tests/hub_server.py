@@ -39,6 +39,8 @@ Fault injection (each applies to requests arriving after it is set):
 - ``hub.corrupt.add(path)``: the body of ``path`` has one byte flipped (headers still announce the true file);
 - ``hub.fail_next(status, count=1, retry_after="0", server="any")``: the next ``count`` requests (to ``"hub"``,
   ``"cdn"`` or ``"any"``) answer ``status`` (429 carries ``Retry-After``);
+- ``hub.stall_next(seconds, count=1, server="any")``: the next ``count`` requests wait ``seconds`` before any
+  answer (a client with a shorter timeout sees a read timeout);
 - ``hub.renames["old/name"] = "org/name"``: the API and resolve answer ``307`` with a relative ``Location`` to
   the new name, as the Hub does for a renamed repo.
 
@@ -131,6 +133,8 @@ class FakeHub:
         self.requests: list[RequestRecord] = []
         self.bytes_sent: Counter[str] = Counter()
         self._failures: list[tuple[int, str, str]] = []   # (status, retry_after, server) per pending failure
+        self._stalls: list[tuple[float, str]] = []          # (seconds, server) per pending stall
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._servers: dict[str, ThreadingHTTPServer] = {}
         self._threads: list[threading.Thread] = []
@@ -153,6 +157,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()                  # wakes stalled handlers
         for server in self._servers.values():
             server.shutdown()
             server.server_close()
@@ -203,6 +208,11 @@ class FakeHub:
         with self._lock:
             self._failures.extend([(status, retry_after, server)] * count)
 
+    def stall_next(self, seconds: float, count: int = 1, server: str = "any") -> None:
+        """Hold the next ``count`` requests reaching ``server`` for ``seconds`` before answering them."""
+        with self._lock:
+            self._stalls.extend([(seconds, server)] * count)
+
     def pending_failures(self) -> int:
         with self._lock:
             return len(self._failures)
@@ -236,6 +246,14 @@ class FakeHub:
                     return status, retry_after
         return None
 
+    def _take_stall(self, server: str) -> float | None:
+        with self._lock:
+            for index, (seconds, where) in enumerate(self._stalls):
+                if where in ("any", server):
+                    del self._stalls[index]
+                    return seconds
+        return None
+
     def _take_drop(self, path: str) -> int | None:
         with self._lock:
             return self.drop_after.pop(path, None)
@@ -263,6 +281,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # quiet: the records say what happened
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client gave up on this request (a timeout test, a dropped transfer): nothing to answer
+
     def do_HEAD(self) -> None:
         self._dispatch(body=False)
 
@@ -276,6 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {key: value for key, value in self.headers.items()}
         self.hub._record(RequestRecord(self.role, self.command, self.path, f"{host}:{port}", headers,
                                        "Authorization" in self.headers))
+        stall = self.hub._take_stall(self.role)
+        if stall is not None:
+            self.hub._stopping.wait(stall)
         failure = self.hub._take_failure(self.role)
         if failure is not None:
             status, retry_after = failure

@@ -54,10 +54,13 @@ def sha256(data: bytes) -> str:
 
 @pytest.fixture(autouse=True)
 def hub_environment(monkeypatch, tmp_path):
-    """No Hugging Face settings leak in from the machine; the token file lookup stays inside tmp_path."""
+    """No Hugging Face settings leak in from the machine; the token file lookup stays inside tmp_path; a proxy
+    configured on the machine is never asked for 127.0.0.1."""
     for name in ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
 
 
 @pytest.fixture
@@ -287,6 +290,14 @@ def test_transient_answers_are_retried(hub, target, status, server):
     result = client.download(REPO, [BIG], target)
     assert (target / BIG).read_bytes() == FILES[BIG] and result.downloaded == [BIG]
     assert hub.pending_failures() == 0
+
+
+@pytest.mark.parametrize("server", ["hub", "cdn"])
+def test_timeouts_are_retried(hub, target, server):
+    hub.stall_next(2.0, count=1, server=server)
+    client = HubClient(hub.endpoint, retries=1, backoff=0.001, timeout=0.3)
+    client.download(REPO, [BIG], target)
+    assert (target / BIG).read_bytes() == FILES[BIG]
 
 
 def test_listing_is_retried(hub):
