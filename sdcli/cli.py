@@ -19,7 +19,9 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import sdcli
-from sdcli.registry import BACKENDS, BETA_SCHEDULES, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS, VAE_CHOICES
+from sdcli import models
+from sdcli.registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
+                            VAE_CHOICES)
 
 console = Console()
 error_console = Console(stderr=True)
@@ -90,6 +92,42 @@ def model_options(command):
     return command
 
 
+MODEL_HELP = (f"A diffusers folder, a single-file .safetensors checkpoint, a preset ({', '.join(MODEL_PRESETS)}) "
+              "or a Hub repo id (org/name), looked up in ./weights (or $SDCLI_WEIGHTS) and the Hugging Face cache.")
+
+
+def download_options(command):
+    """--yes and --offline: what a command may do when its model is a preset or repo id not yet downloaded."""
+    options = [
+        click.option("--yes", "-y", is_flag=True,
+                     help="Download a missing preset or repo id without asking (also $SDCLI_AUTO_DOWNLOAD=1)."),
+        click.option("--offline", is_flag=True,
+                     help="Never touch the network (also $HF_HUB_OFFLINE=1): a missing model is an error."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def is_interactive() -> bool:
+    """A person at a terminal can answer a question: stdin and stderr are both terminals."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def model_path(model: str, *, yes: bool = False, offline: bool = False, quiet: bool = False) -> str:
+    """The path a --model argument names; a preset or repo id not on this machine is downloaded with --yes (or
+    $SDCLI_AUTO_DOWNLOAD=1) or when the person at the terminal agrees, and is an error naming the download command
+    otherwise."""
+    confirm = (lambda question: click.confirm(question, default=False, err=True)) if is_interactive() else None
+    progress = None if quiet else DownloadReport(error_console)
+    try:
+        return str(models.resolve_model(model, allow_download=yes or models.auto_download(),
+                                        offline=True if offline else None, confirm=confirm, progress=progress))
+    finally:
+        if progress is not None:
+            progress.close()
+
+
 # -- clip-test ---------------------------------------------------------------------------------------------------
 
 def embedding_stats(embeddings: np.ndarray) -> dict[str, float]:
@@ -99,19 +137,20 @@ def embedding_stats(embeddings: np.ndarray) -> dict[str, float]:
 
 
 @main.command("clip-test")
-@click.option("--model", "-m", required=True, help="A diffusers folder or a single-file .safetensors checkpoint.")
+@click.option("--model", "-m", required=True, help=MODEL_HELP)
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="A prompt (repeat for a batch).")
 @click.option("--negative-prompt", "-n", help="Also encode this negative prompt.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (all 77 ids of every prompt).")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the (batch, 77, dim) embedding to FILE.npy.")
 @click.option("--overwrite", is_flag=True, help="Replace the --save file if it exists.")
+@download_options
 @reports_errors
-def clip_test(model, prompts, negative_prompt, clip_skip, precision, backend, as_json, save, overwrite):
+def clip_test(model, prompts, negative_prompt, clip_skip, precision, backend, as_json, save, overwrite, yes, offline):
     """Tokenize and encode prompts with a model's CLIP text encoder and summarise the result."""
     if save:
         save = sdcli.check_output(save, overwrite)
-    checkpoint = sdcli.open_checkpoint(model)
+    checkpoint = sdcli.open_checkpoint(model_path(model, yes=yes, offline=offline))
     encoder = sdcli.load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     texts = list(prompts) + ([negative_prompt] if negative_prompt is not None else [])
     tokenized = encoder.tokenize(texts)
@@ -234,16 +273,118 @@ def print_noise_table(config, tables, timesteps) -> None:
     console.print(table)
 
 
+# -- download ----------------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--revision", help="A branch, tag or commit of the repository  [default: the preset's, or main]")
+@click.option("--variant", type=click.Choice(models.VARIANTS),
+              help="fp16: the half-size weight files where the repository has them; fp32: the plain ones  "
+                   "[default: the preset's; fp16 for a repo id]")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Fetch the repository files matching GLOB instead of the ones sdcli reads (repeatable).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False),
+              help="The weights folder  [default: $SDCLI_WEIGHTS, else ./weights]")
+@click.option("--token", help="Hugging Face access token for gated repositories  [default: $HF_TOKEN, else the "
+                              "token file the Hugging Face tools store]")
+@click.option("--endpoint", help="The Hub, or a mirror of it  [default: $HF_ENDPOINT, else https://huggingface.co]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
+@click.option("--list", "list_presets", is_flag=True, help="List the presets and exit.")
+@reports_errors
+def download(model, revision, variant, include, directory, token, endpoint, quiet, list_presets):
+    """Download a preset (sdcli download --list) or a Hub repo id (org/name) into ./weights/NAME: only the files
+    sdcli reads, resumed when interrupted, verified against the Hub's checksums."""
+    if list_presets:
+        print_presets()
+        return
+    if not model:
+        raise click.UsageError("give a preset or a Hub repo id (org/name), or --list")
+    reporter = None if quiet else DownloadReport(error_console)
+    try:
+        outcome = models.download_model(model, weights_dir=directory, revision=revision, variant=variant,
+                                        include=include, token=token, endpoint=endpoint, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if not quiet:
+        console.print(outcome.summary(), highlight=False, soft_wrap=True)
+
+
+def print_presets() -> None:
+    """The presets as aligned columns, never wrapped or cut (scripts read them too)."""
+    rows = [("name", "repository", "layout", "variant", "size", "license")]
+    rows += [(p.name, p.repo_id, p.layout, p.variant or ("fp32" if p.layout == "diffusers" else "-"),
+              models.format_size(p.size_bytes), p.license)
+             for p in models.PRESETS.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    click.echo("Sizes are approximate, with the default variant. 'sdcli download NAME' fetches one into "
+               "./weights/NAME; WEIGHTS.md describes each.")
+
+
+class DownloadReport:
+    """Download progress on stderr: per-file and overall bars (bytes, rate, time left) on a terminal, one line per
+    file otherwise. Implements the hub's progress calls, plus ``begin`` for the overall total."""
+
+    def __init__(self, out: Console):
+        self.out = out
+        self.bar = None
+        self.sizes: dict[str, int | None] = {}
+        self.done: dict[str, int] = {}  # bytes of each file on disk so far (resumed ones included)
+        self.tasks: dict[str, int] = {}
+
+    def begin(self, files) -> None:
+        self.sizes = {f.path: f.size for f in files}
+        if self.out.is_terminal:
+            from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           TimeRemainingColumn(), console=self.out)
+            self.bar.start()
+            sizes = list(self.sizes.values())
+            self.overall = self.bar.add_task(f"{len(files)} files",
+                                             total=sum(sizes) if None not in sizes else None)
+
+    def start_file(self, path: str, total: int | None, already: int) -> None:
+        if total is not None:
+            self.sizes[path] = total
+        self.done[path] = already  # called again with 0 when a server ignores a Range and the file starts over
+        if self.bar is not None:
+            if path not in self.tasks:
+                self.tasks[path] = self.bar.add_task(path, total=total)
+            self.bar.update(self.tasks[path], completed=already)
+            self.bar.update(self.overall, completed=sum(self.done.values()))
+
+    def advance(self, path: str, nbytes: int) -> None:
+        self.done[path] = self.done.get(path, 0) + nbytes
+        if self.bar is not None:
+            if path in self.tasks:
+                self.bar.update(self.tasks[path], completed=self.done[path])
+            self.bar.update(self.overall, completed=sum(self.done.values()))
+
+    def finish_file(self, path: str, skipped: bool) -> None:
+        size = self.sizes.get(path)
+        if self.bar is not None:
+            task = self.tasks.pop(path, None)
+            if task is not None:
+                self.bar.remove_task(task)
+            return
+        what = "skipped" if skipped else "fetched"
+        why = " (already present)" if skipped else f" ({models.format_size(size)})" if size is not None else ""
+        self.out.print(f"{what} {path}{why}", highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
 # -- commands that arrive later ----------------------------------------------------------------------------------
 
 def not_implemented(name: str) -> None:
     fail(f"'sdcli {name}' is not implemented yet in sdcli {sdcli.__version__}")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def download():
-    """Download a model's weights from the Hugging Face Hub into ./weights (not implemented yet)."""
-    not_implemented("download")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -258,9 +399,7 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 
 
 @main.command()
-@click.option("--model", "-m", default="sd15", show_default=True,
-              help="A diffusers folder, a single-file .safetensors checkpoint, or the name of a model in ./weights "
-                   "(or $SDCLI_WEIGHTS).")
+@click.option("--model", "-m", default="sd15", show_default=True, help=MODEL_HELP)
 @click.option("--prompt", "-p", help="What to draw.")
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
@@ -299,10 +438,11 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image (path, seed, parameters, "
                                                       "timings) on stdout; everything else goes to stderr.")
+@download_options
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, latents_file, save_latents,
-             output, overwrite, preview, preview_every, quiet, as_json):
+             output, overwrite, preview, preview_every, quiet, as_json, yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
@@ -328,6 +468,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     if seed is None and not quiet:
         status.print(f"seed {first_seed}", highlight=False)
 
+    model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae)
     for job in jobs:  # every job's settings checked against the model before the first image starts
         pipeline.resolve(job.params)

@@ -289,14 +289,13 @@ def weights_dir() -> Path:
 
 
 def find_model(model: str | Path) -> Path:
-    """The path ``model`` names: an existing file or folder as given, else a model name looked up in
-    :func:`weights_dir` (``sd15`` -> ``weights/sd15``). A name found nowhere is returned as given, for
-    :func:`open_checkpoint` to report."""
-    path = Path(model).expanduser()
-    if path.exists() or path.is_absolute() or len(path.parts) != 1:
-        return path
-    named = weights_dir() / path
-    return named if named.exists() else path
+    """The path ``model`` names, never downloading: an existing file or folder as given, else a preset, a Hub
+    repo id or a folder name looked up in :func:`weights_dir` and the Hugging Face cache
+    (:func:`sdcli.models.resolve_model`, the one place that order is written). A model found nowhere raises
+    ModelNotFoundError; for a preset or repo id the message names the ``sdcli download`` command."""
+    from ..models import resolve_model
+
+    return resolve_model(model)
 
 
 def open_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
