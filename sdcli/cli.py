@@ -1,6 +1,7 @@
 """The ``sdcli`` command line: parses options, calls the public API, prints results and owns output files.
 
-No maths here. Errors a user can cause arrive as ``SdcliError`` and are printed as one line with exit code 2.
+No maths here. Errors a user can cause arrive as ``SdcliError`` and are printed as one line with the error's exit
+code (2; 3 for a Hub token that is missing or refused).
 """
 
 from __future__ import annotations
