@@ -136,7 +136,7 @@ def test_full_download_with_checksums(hub, target):
         f"/lfs/{sha256(FILES[path])}" for path in LFS}
 
 
-def test_download_into_a_revision_folder_by_commit(hub, target):
+def test_download_at_an_older_commit(hub, target):
     old = hub.repos[REPO].branches["main"]
     hub.add_repo(REPO, {SMALL: b'{"new": true}'}, revision="main", commit="a" * 40)
     client = HubClient(hub.endpoint, **FAST)
