@@ -24,8 +24,8 @@ from sdcli import models
 from sdcli.registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                             VAE_CHOICES)
 
-console = Console()
-error_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # lines a script reads are never broken at the terminal width
+error_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, exit_code: int = 2) -> None:
@@ -466,11 +466,11 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     paths = sdcli.plan_output_paths(output, len(seeds), seeds, [job.params.prompt for job in jobs
                                                                for _ in job.seeds], overwrite=overwrite)
     status = error_console if as_json else console
-    if seed is None and not quiet:
-        status.print(f"seed {first_seed}", highlight=False)
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae)
+    if seed is None and not quiet:
+        status.print(f"seed {first_seed}", highlight=False)
     for job in jobs:  # every job's settings checked against the model before the first image starts
         pipeline.resolve(job.params)
     reporter = Progress(quiet, status)
