@@ -18,6 +18,7 @@ from .io.checkpoint import Checkpoint, describe, find_model, open_checkpoint
 from .io.files import check_output, save_array
 from .io.media import a1111_parameters, images_to_uint8, plan_output_paths, read_png_text, save_png
 from .io.prompts_file import PromptLine, read_prompts_file
+from .models import PRESETS, download_model, resolve_model
 from .params import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
 from .pipeline import (GeneratedBatch, PromptEncoder, StepRecord, TextToImage, default_steps, generate_image,
                        load_pipeline, load_prompt_encoder)
@@ -27,8 +28,9 @@ from .sampling.schedules import NoiseSchedule, inference_timesteps
 __version__ = "0.1.0"
 
 __all__ = ["BatchNoise", "Checkpoint", "ClipConfig", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "GenerateParams",
-           "GeneratedBatch", "MAX_SEED", "NoiseSchedule", "PromptEncoder", "PromptLine", "SchedulerConfig",
+           "GeneratedBatch", "MAX_SEED", "NoiseSchedule", "PRESETS", "PromptEncoder", "PromptLine", "SchedulerConfig",
            "SdcliError", "StepRecord", "TextToImage", "VAE_CHOICES", "a1111_parameters", "check_output",
-           "default_steps", "describe", "find_model", "generate_image", "image_seeds", "images_to_uint8",
-           "inference_timesteps", "load_pipeline", "load_prompt_encoder", "open_checkpoint", "plan_output_paths",
-           "random_seed", "read_png_text", "read_prompts_file", "save_array", "save_png", "__version__"]
+           "default_steps", "describe", "download_model", "find_model", "generate_image", "image_seeds",
+           "images_to_uint8", "inference_timesteps", "load_pipeline", "load_prompt_encoder", "open_checkpoint",
+           "plan_output_paths", "random_seed", "read_png_text", "read_prompts_file", "resolve_model", "save_array",
+           "save_png", "__version__"]

@@ -119,13 +119,12 @@ def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndar
     mean = groups.mean(axis=-1, keepdims=True, dtype=np.float64)
     variance = np.square(groups - mean.astype(np.float32)).mean(axis=-1, keepdims=True, dtype=np.float64)
     inverse_std = (1.0 / np.sqrt(variance + eps)).astype(np.float32)  # (B, G, 1)
-    # y = x * a + b per (batch, channel): a = weight / std, b = bias - mean * weight / std
+    # y = x * scale + shift per (batch, channel): scale = weight / std, shift = bias - mean * weight / std
     per_group = channels // num_groups
-    scale = (weight.astype(np.float32).reshape(1, num_groups, per_group)
-             * inverse_std).reshape(batch, channels)  # (B, C)
-    shift = bias.astype(np.float32).reshape(1, channels) - (mean.astype(np.float32) * inverse_std
-                                                            * weight.astype(np.float32).reshape(1, num_groups, per_group)
-                                                            ).reshape(batch, channels)  # (B, C)
+    weight = weight.astype(np.float32).reshape(1, num_groups, per_group)  # (1, G, C/G)
+    scale = weight * inverse_std  # (B, G, C/G)
+    shift = bias.astype(np.float32).reshape(1, num_groups, per_group) - mean.astype(np.float32) * scale
+    scale, shift = scale.reshape(batch, channels), shift.reshape(batch, channels)  # (B, C)
     spatial = (1,) * (x.ndim - 2)
     out = x * scale.reshape(batch, channels, *spatial)
     out += shift.reshape(batch, channels, *spatial)
