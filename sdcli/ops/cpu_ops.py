@@ -1,7 +1,7 @@
 """The "cpu" backend: the functions and signatures of :mod:`sdcli.ops.numpy_ops` on the kernels of ``sdcli/ext``.
 
-``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place; ``conv2d`` is a
-sum of one GEMM per kernel tap over the flattened, padded image (no im2col buffer); group_norm, silu, relu and
+``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place; ``conv2d`` is
+im2col in blocks of bounded size, one GEMM per block with the weight in its stored layout; group_norm, silu, relu and
 upsample_nearest are vectorised numpy until they get kernels of their own. layer_norm, gelu,
 quick_gelu, softmax and attention run in :mod:`sdcli.ext.cpu_kernels`: float32, parallel over rows (attention:
 heads) when the extension was built with OpenMP; attention is fused, never forming the (Tq, Tk) score matrix.
@@ -156,12 +156,19 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     return y
 
 
+# Bytes of one block of im2col columns: big enough for BLAS to run near its peak, small enough to stay cache- and
+# memory-friendly (a whole 512x512 VAE layer's columns would be over 1 GB).
+COLUMN_BLOCK_BYTES = 32 << 20
+
+
 def _conv_taps(x: np.ndarray, weight: np.ndarray, padding: int, out_h: int, out_w: int) -> np.ndarray:
-    """Stride-1 convolution as one GEMM per tap over the flat padded image.
+    """Stride-1 convolution as blocked im2col on the flat padded image: one GEMM per block,
+    (Cout, Cin*kh*kw) @ (Cin*kh*kw, block), with the weight in its stored layout (no copy of it).
 
     In the padded image flattened row-major, tap (i, j) of output pixel (r, c) reads flat index
     ``(r + i) * Wp + (c + j)``: output row r, computed over all Wp columns, is the contiguous slice starting at
-    ``i * Wp + j``. The columns past out_w are garbage and dropped at the end.
+    ``i * Wp + j``, so the column rows of a block of outputs are plain slice copies. The columns past out_w are
+    garbage and dropped at the end.
     """
     batch, in_channels = x.shape[:2]
     out_channels, _, kh, kw = weight.shape
@@ -170,35 +177,43 @@ def _conv_taps(x: np.ndarray, weight: np.ndarray, padding: int, out_h: int, out_
     padded[:, :, padding:padding + x.shape[2], padding:padding + x.shape[3]] = x  # the last tap's slice overruns
     flat = padded.reshape(batch, in_channels, -1)  # (B, Cin, (Hp + 1) * Wp)
     span = out_h * padded_w
-    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))  # (kh, kw, Cout, Cin)
+    depth = in_channels * kh * kw
+    block = min(span, max(padded_w, COLUMN_BLOCK_BYTES // (4 * depth) // padded_w * padded_w))
+    matrix = weight.reshape(out_channels, depth)  # (Cout, Cin*kh*kw), a view
+    columns = np.empty((in_channels, kh * kw, block), dtype=np.float32)
     y = np.empty((batch, out_channels, span), dtype=np.float32)
     for b in range(batch):
-        total = y[b]  # (Cout, Ho * Wp)
-        for i in range(kh):
-            for j in range(kw):
-                start = i * padded_w + j
-                product = np.matmul(taps[i, j], flat[b, :, start:start + span])  # (Cout, Ho * Wp)
-                if i == 0 and j == 0:
-                    total[...] = product
-                else:
-                    total += product
+        for start in range(0, span, block):
+            count = min(block, span - start)
+            for i in range(kh):
+                for j in range(kw):
+                    offset = start + i * padded_w + j
+                    columns[:, i * kw + j, :count] = flat[b, :, offset:offset + count]
+            np.matmul(matrix, columns.reshape(depth, block)[:, :count], out=y[b, :, start:start + count])
     return y.reshape(batch, out_channels, out_h, padded_w)[..., :out_w]
 
 
 def _conv_strided(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, out_h: int,
                   out_w: int) -> np.ndarray:
-    """Strided convolution by im2col: (Cout, Cin*kh*kw) @ (Cin*kh*kw, Ho*Wo) per image."""
+    """Strided convolution by blocked im2col over output rows: (Cout, Cin*kh*kw) @ (Cin*kh*kw, rows * Wo)."""
     batch, in_channels = x.shape[:2]
     out_channels, _, kh, kw = weight.shape
     padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    columns = np.empty((in_channels, kh, kw, out_h, out_w), dtype=np.float32)
+    depth = in_channels * kh * kw
+    rows = min(out_h, max(1, COLUMN_BLOCK_BYTES // (4 * depth * out_w)))
+    matrix = weight.reshape(out_channels, depth)  # (Cout, Cin*kh*kw), a view
+    columns = np.empty((in_channels, kh, kw, rows, out_w), dtype=np.float32)
     y = np.empty((batch, out_channels, out_h * out_w), dtype=np.float32)
-    matrix = weight.reshape(out_channels, -1)  # (Cout, Cin*kh*kw)
     for b in range(batch):
-        for i in range(kh):
-            for j in range(kw):
-                columns[:, i, j] = padded[b, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
-        np.matmul(matrix, columns.reshape(-1, out_h * out_w), out=y[b])
+        for first in range(0, out_h, rows):
+            count = min(rows, out_h - first)
+            top = first * stride
+            for i in range(kh):
+                for j in range(kw):
+                    columns[:, i, j, :count] = padded[b, :, top + i:top + i + stride * count:stride,
+                                                      j:j + stride * out_w:stride]
+            np.matmul(matrix, columns.reshape(depth, rows * out_w)[:, :count * out_w],
+                      out=y[b, :, first * out_w:(first + count) * out_w])
     return y
 
 
