@@ -243,28 +243,100 @@ class Decoder:
         return self.conv_out(self.ops.silu(self.conv_norm_out(x)))  # (B, 3, f h, f w)
 
 
+TILE_OVERLAP = 0.25  # diffusers' AutoencoderKL.tile_overlap_factor: neighbouring tiles share a quarter
+
+
+def blend_rows(above: np.ndarray, below: np.ndarray, extent: int) -> None:
+    """Fade the top ``extent`` rows of ``below`` in from the bottom rows of ``above``, in place: row y of the
+    overlap is ``above * (1 - y / extent) + below * (y / extent)`` (diffusers ``AutoencoderKL.blend_v``)."""
+    extent = min(above.shape[2], below.shape[2], extent)
+    if extent <= 0:
+        return
+    weight = (np.arange(extent) / extent).astype(np.float32)[:, None]  # (extent, 1): 0 at the seam's top
+    below[:, :, :extent, :] = (above[:, :, -extent:, :] * (np.float32(1) - weight)
+                               + below[:, :, :extent, :] * weight)
+
+
+def blend_columns(left: np.ndarray, right: np.ndarray, extent: int) -> None:
+    """Fade the left ``extent`` columns of ``right`` in from the right columns of ``left``, in place
+    (diffusers ``AutoencoderKL.blend_h``)."""
+    extent = min(left.shape[3], right.shape[3], extent)
+    if extent <= 0:
+        return
+    weight = (np.arange(extent) / extent).astype(np.float32)  # (extent,): 0 at the seam's left
+    right[:, :, :, :extent] = left[:, :, :, -extent:] * (np.float32(1) - weight) + right[:, :, :, :extent] * weight
+
+
 class VaeDecoder:
     """UNet-space latents (B, 4, h, w) -> images (B, 3, 8h, 8w), float32 in about [-1, 1] (not clamped).
 
     Divides by ``scaling_factor``, applies post_quant_conv and the decoder. Images are decoded one at a time
     (the results do not depend on it; a 512x512 decode peaks near 1.5 GB of activations whatever the batch).
+
+    ``tiling=True`` is diffusers' ``AutoencoderKL.enable_tiling()`` (the reference behaviour is its
+    ``tiled_decode``): a latent wider or taller than ``tile_latent_size`` (the config's ``sample_size`` in latents,
+    64 for SD1.5) is decoded in overlapping square tiles, ``tile_stride`` latents apart, and each tile's first
+    ``blend_pixels`` rows and columns fade in from its neighbours above and to the left to hide the seams. The
+    activations are then those of one tile (about 1.5 GB for SD1.5's 512-pixel tile) whatever the image size; the
+    price is an image that differs slightly from the untiled decode (every tile normalises and attends over its
+    own pixels only), and the same amount of work plus the overlaps. A latent within one tile decodes whole,
+    exactly as without tiling.
     """
 
-    def __init__(self, ops: Ops, config: VAEConfig, weights: dict[str, Weight]):
+    def __init__(self, ops: Ops, config: VAEConfig, weights: dict[str, Weight], tiling: bool = False):
         self.config = config
+        self.tiling = tiling
         self.post_quant_conv = conv2d_from(ops, weights, "post_quant_conv.") if config.use_post_quant_conv \
             else None
         self.decoder = Decoder(ops, config, weights)
+        # diffusers' tile_sample_min_size, tile_latent_min_size and the derived sizes of tiled_decode.
+        self.tile_sample_size = config.sample_size  # pixels per tile side (512 for SD1.5)
+        self.tile_latent_size = int(config.sample_size / config.downscale)  # latents per tile side (64)
+        self.tile_stride = int(self.tile_latent_size * (1 - TILE_OVERLAP))  # latents between tile starts (48)
+        self.blend_pixels = int(self.tile_sample_size * TILE_OVERLAP)  # pixels faded across a seam (128)
+        self.kept_pixels = self.tile_sample_size - self.blend_pixels  # pixels each tile contributes (384)
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         latents = checked_images(latents, self.config.latent_channels, "latents")
         z = latents / np.float32(self.config.scaling_factor)  # (B, 4, h, w) in the autoencoder's own scale
         images = []
         for one in np.split(z, z.shape[0]):  # (1, 4, h, w)
-            if self.post_quant_conv is not None:
-                one = self.post_quant_conv(one)
-            images.append(self.decoder(one))  # (1, 3, 8h, 8w)
+            if self.tiling and max(one.shape[2:]) > self.tile_latent_size:
+                images.append(self._decode_tiled(one))
+            else:
+                images.append(self._decode_whole(one))  # (1, 3, 8h, 8w)
         return np.concatenate(images)  # (B, 3, 8h, 8w)
+
+    def _decode_whole(self, z: np.ndarray) -> np.ndarray:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)  # (1, 3, 8h, 8w)
+
+    def _decode_tiled(self, z: np.ndarray) -> np.ndarray:
+        """diffusers ``AutoencoderKL.tiled_decode`` for one image (1, 4, h, w) -> (1, 3, 8h, 8w).
+
+        Tiles start every ``tile_stride`` latents and span up to ``tile_latent_size`` (those at the bottom and
+        right edges are cut short). Each decoded tile is blended in place with the (already blended) tile above
+        and the one to its left, then contributes its top-left ``kept_pixels`` square; the next tile's blended
+        band covers the rest. Only the previous row of tiles is kept, not the whole grid.
+        """
+        _, _, height, width = z.shape
+        tile = self.tile_latent_size
+        above: list[np.ndarray] | None = None  # the previous row's blended tiles, uncropped
+        bands = []
+        for top in range(0, height, self.tile_stride):
+            row: list[np.ndarray] = []
+            for column, left in enumerate(range(0, width, self.tile_stride)):
+                pixels = self._decode_whole(z[:, :, top:top + tile, left:left + tile])  # (1, 3, <= 8t, <= 8t)
+                if above is not None:
+                    blend_rows(above[column], pixels, self.blend_pixels)
+                if row:
+                    blend_columns(row[-1], pixels, self.blend_pixels)
+                row.append(pixels)
+            keep = self.kept_pixels
+            bands.append(np.concatenate([pixels[:, :, :keep, :keep] for pixels in row], axis=3))  # (1, 3, <=k, 8w)
+            above = row
+        return np.concatenate(bands, axis=2)  # (1, 3, 8h, 8w)
 
 
 class VaeEncoder:
@@ -317,10 +389,11 @@ def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str) -> tu
     return config, weights
 
 
-def load_vae_decoder(checkpoint: str | Checkpoint, precision: str = "fp32", backend: str = "cpu") -> VaeDecoder:
-    """The decoder of ``checkpoint`` (a path or an opened checkpoint)."""
+def load_vae_decoder(checkpoint: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+                     tiling: bool = False) -> VaeDecoder:
+    """The decoder of ``checkpoint`` (a path or an opened checkpoint); ``tiling``: see :class:`VaeDecoder`."""
     config, weights = _load_weights(checkpoint, "decoder", precision)
-    return VaeDecoder(get_ops(backend), config, weights)
+    return VaeDecoder(get_ops(backend), config, weights, tiling=tiling)
 
 
 def load_vae_encoder(checkpoint: str | Checkpoint, precision: str = "fp32", backend: str = "cpu") -> VaeEncoder:
