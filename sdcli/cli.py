@@ -423,6 +423,11 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @model_options
 @click.option("--vae", type=click.Choice(VAE_CHOICES), default="full", show_default=True,
               help="Decode with the model's VAE, or with the shipped tiny TAESD (much faster, a little softer).")
+@click.option("--vae-tiling", is_flag=True,
+              help="Decode large images in overlapping tiles, as diffusers' enable_tiling(): bounded memory, faint "
+                   "differences near the seams.")
+@click.option("--low-memory", is_flag=True,
+              help="Encode every prompt first and free the text encoder before denoising; implies --vae-tiling.")
 @click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),
               help="Initial noise, unit variance, (images, 4, height/8, width/8) .npy: scaled by the sampler as "
                    "diffusers scales its latents= argument.")
@@ -442,8 +447,8 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @download_options
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
-             width, height, num_images, batch_size, clip_skip, precision, backend, vae, latents_file, save_latents,
-             output, overwrite, preview, preview_every, quiet, as_json, yes, offline):
+             width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
+             latents_file, save_latents, output, overwrite, preview, preview_every, quiet, as_json, yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
@@ -468,11 +473,15 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     status = error_console if as_json else console
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
-    pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae)
+    pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae, vae_tiling=vae_tiling,
+                                   low_memory=low_memory)
     if seed is None and not quiet:
         status.print(f"seed {first_seed}", highlight=False)
     for job in jobs:  # every job's settings checked against the model before the first image starts
         pipeline.resolve(job.params)
+    if low_memory:
+        pipeline.encode_prompts(job.params for job in jobs)
+        pipeline.release_text_encoder()
     reporter = Progress(quiet, status)
     all_latents = []
     index = 0

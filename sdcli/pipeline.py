@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -114,7 +114,15 @@ class GeneratedBatch:
 
 
 class TextToImage:
-    """A loaded model: prompt encoder, UNet, image decoder and scheduler config. ``run`` generates."""
+    """A loaded model: prompt encoder, UNet, image decoder and scheduler config. ``run`` generates.
+
+    Low memory: ``encode_prompts`` encodes every prompt a run will need ahead of time and keeps its conditioning,
+    after which ``release_text_encoder`` drops the text encoder's weights (about 0.5 GB for SD1.5 in fp32,
+    1.4 GB for SD2.1) for the rest of the pipeline's life. The trade-off: each distinct prompt and negative
+    prompt then holds its (1, 77, D) conditioning (0.24 MB for SD1, 0.32 MB for SD2) until the pipeline is
+    dropped, and a prompt that was not encoded ahead can no longer be generated. The images are the same bit for
+    bit either way, since ``run`` encodes one row per prompt and repeats it over the batch in both cases.
+    """
 
     def __init__(self, checkpoint: Checkpoint, prompt_encoder: PromptEncoder, unet: UNet2DConditionModel,
                  decoder, scheduler_config: dict, backend: str, precision: str, vae: str):
@@ -123,6 +131,7 @@ class TextToImage:
         self.backend, self.precision, self.vae = backend, precision, vae
         self.timings: dict[str, float] = {}
         self._preview_decoder = decoder if vae == "taesd" else None
+        self._encoded: dict[tuple[str, int], np.ndarray] = {}  # (text, clip_skip) -> (1, 77, D), see encode_prompts
 
     @property
     def native_size(self) -> int:
@@ -144,6 +153,31 @@ class TextToImage:
                               seed=random_seed() if params.seed is None else params.seed).validate()
         SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # a step count the schedule cannot give
         return params
+
+    def conditioning(self, text: str, clip_skip: int = 1) -> np.ndarray:
+        """(1, 77, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""
+        encoded = self._encoded.get((text, clip_skip))
+        if encoded is not None:
+            return encoded
+        if self.prompt_encoder is None:
+            raise SdcliError(f"the text encoder was released to save memory and the prompt {text!r} was not "
+                             "encoded ahead")
+        return self.prompt_encoder.encode([text], clip_skip=clip_skip)  # (1, 77, D)
+
+    def encode_prompts(self, jobs: Iterable[GenerateParams]) -> None:
+        """Encode and keep the prompt of every job (and its negative prompt where guidance uses one), each
+        distinct (text, clip_skip) once, so that ``release_text_encoder`` can follow."""
+        for params in jobs:
+            texts = [params.prompt] + ([params.negative_prompt] if params.guidance_scale > 1 else [])
+            for text in texts:
+                if (text, params.clip_skip) not in self._encoded:
+                    self._encoded[text, params.clip_skip] = self.conditioning(text, params.clip_skip)
+
+    def release_text_encoder(self) -> None:
+        """Drop the tokenizer and text encoder; only prompts kept by ``encode_prompts`` can be generated after."""
+        if self.prompt_encoder is not None:
+            log.info("released the text encoder (%d prompts encoded ahead)", len(self._encoded))
+        self.prompt_encoder = None
 
     def preview_decoder(self):
         if self._preview_decoder is None:
@@ -171,11 +205,12 @@ class TextToImage:
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
-        context = self.prompt_encoder.encode([params.prompt] * batch, clip_skip=params.clip_skip)  # (B, 77, D)
+        # One row per prompt repeated over the batch, as diffusers' num_images_per_prompt does.
+        context = np.repeat(self.conditioning(params.prompt, params.clip_skip), batch, axis=0)  # (B, 77, D)
         uncond_context = None
         if params.guidance_scale > 1:
-            uncond_context = self.prompt_encoder.encode([params.negative_prompt] * batch,
-                                                        clip_skip=params.clip_skip)  # (B, 77, D)
+            uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip), batch,
+                                       axis=0)  # (B, 77, D)
         timings["text_encoding_s"] = time.perf_counter() - start
 
         spec = SAMPLERS[params.sampler]
@@ -208,9 +243,14 @@ class TextToImage:
 
 
 def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
-                  vae: str = "full") -> TextToImage:
+                  vae: str = "full", vae_tiling: bool = False, low_memory: bool = False) -> TextToImage:
     """Open ``model`` and load everything text-to-image needs: tokenizer, text encoder, UNet, VAE decoder
-    (``vae="taesd"``: the shipped tiny autoencoder instead) and the scheduler config."""
+    (``vae="taesd"``: the shipped tiny autoencoder instead) and the scheduler config.
+
+    ``vae_tiling``: the full VAE decodes large images in overlapping tiles, as diffusers' ``enable_tiling()``
+    (see :class:`~sdcli.nn.vae.VaeDecoder`; TAESD always decodes whole). ``low_memory`` turns tiling on; the
+    caller then encodes its prompts ahead and releases the text encoder (see :class:`TextToImage`).
+    """
     if vae not in VAE_CHOICES:
         raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
     start = time.perf_counter()
@@ -223,7 +263,8 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     if vae == "taesd":
         decoder = load_taesd(backend=backend)[1]
     else:
-        decoder = load_vae_decoder(checkpoint, precision=precision, backend=backend)
+        decoder = load_vae_decoder(checkpoint, precision=precision, backend=backend,
+                                   tiling=vae_tiling or low_memory)
     scheduler_config = dict(checkpoint.component_config("scheduler"))
     scheduler_config["prediction_type"] = checkpoint.prediction_type
     pipeline = TextToImage(checkpoint, prompt_encoder, unet, decoder, scheduler_config, backend, precision, vae)

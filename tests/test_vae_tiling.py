@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from PIL import Image
 
 torch = pytest.importorskip("torch", reason="torch/diffusers are the VAE reference")
 pytest.importorskip("diffusers")
@@ -12,8 +14,10 @@ pytest.importorskip("diffusers")
 import reference_models as ref  # noqa: E402
 import tiny_pipeline as tiny  # noqa: E402
 
+import sdcli  # noqa: E402
 from sdcli.cli import main  # noqa: E402
 from sdcli.config import VAEConfig  # noqa: E402
+from sdcli.errors import SdcliError  # noqa: E402
 from sdcli.nn.layers import Weight  # noqa: E402
 from sdcli.nn.vae import VaeDecoder  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
@@ -23,6 +27,9 @@ TOL = {
     # float32 through each tile's convs and group norms, then a convex blend of two tiles per seam pixel, which
     # cannot grow an error; only the summation order differs from torch (measured ~1e-6), as in test_vae's "tiny".
     "tiled": 1e-4,
+    # PNG pixels against diffusers' tiled decode of the same saved latents, through images_to_uint8: a decoder
+    # difference of ~1e-6 can only flip a value sitting on a rounding boundary, by one level.
+    "png_levels": 1,
 }
 TILED_CONFIGS = {
     # Four levels (8 pixels per latent), 32-pixel tiles: 4-latent tiles, 3 apart, 8 pixels blended across a seam.
@@ -87,3 +94,46 @@ def test_within_one_tile_decodes_whole(tiled):
     np.testing.assert_array_equal(tiled_result, VaeDecoder(ops, config, tiled["weights"])(latents))
     expected = reference_decode(tiled["model"], latents, config.scaling_factor, tiling=True)
     assert relative_error(tiled_result, expected) <= TOL["tiled"]
+
+
+# -- the pipeline and the CLI on the tiny model ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(shared_data, tmp_path_factory):
+    return tiny.make_tiny_model("sd1", shared_data, tmp_path_factory.mktemp("tiling") / "tiny-sd1")
+
+
+def test_low_memory_pipeline_same_images_without_text_encoder(model):
+    """Prompts encoded ahead, text encoder released: the same images bit for bit; an unencoded prompt is refused."""
+    _, folder = model
+    params = sdcli.GenerateParams(prompt="a red barn", negative_prompt="fog", steps=2, width=64, height=64, seed=3,
+                                  batch_size=2)
+    expected = sdcli.generate_image(sdcli.load_pipeline(folder), params).images
+    pipeline = sdcli.load_pipeline(folder, low_memory=True)
+    assert pipeline.decoder.tiling  # low memory implies a tiled VAE
+    pipeline.encode_prompts([params])
+    pipeline.release_text_encoder()
+    assert pipeline.prompt_encoder is None
+    np.testing.assert_array_equal(sdcli.generate_image(pipeline, params).images, expected)
+    with pytest.raises(SdcliError, match="not encoded ahead"):
+        sdcli.generate_image(pipeline, params.with_(prompt="a blue barn"))
+
+
+def test_cli_vae_tiling_and_low_memory(model, tmp_path):
+    """``generate --vae-tiling --low-memory`` at 128x80 (a 16x10 latent, tiles of 8): the PNG is diffusers'
+    tiled decode of the latents the run saved."""
+    reference, folder = model
+    out, latents_file = tmp_path / "barn.png", tmp_path / "latents.npy"
+    result = CliRunner().invoke(main, ["generate", "-m", str(folder), "-p", "a red barn", "--steps", "2",
+                                       "--width", "128", "--height", "80", "--seed", "5", "--vae-tiling",
+                                       "--low-memory", "--save-latents", str(latents_file), "-o", str(out), "-q"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    pixels = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)  # (80, 128, 3)
+    assert pixels.shape == (80, 128, 3)
+    latents = np.load(latents_file)  # (1, 4, 10, 16)
+    decoded = reference_decode(reference.vae, latents, reference.vae.config.scaling_factor, tiling=True)
+    expected = sdcli.images_to_uint8(decoded)[0].astype(np.int16)
+    assert np.abs(pixels - expected).max() <= TOL["png_levels"]
+    help_text = CliRunner().invoke(main, ["generate", "--help"]).output
+    assert "--vae-tiling" in help_text and "--low-memory" in help_text
