@@ -174,7 +174,9 @@ def assert_attention_close(actual, expected, q, k, v, scale=None):
 
 
 # (B, H, Tq, Tk, d, dv, causal): the CLIP shape, odd sizes, a single token, more keys than one key block
-# (64) with a partial last block, Tq != Tk, dv != d and widths that are not multiples of the 8-wide tile.
+# (64) with a partial last block, Tq != Tk, dv != d and widths that are not multiples of the 8-wide tile; the UNet's
+# self-attention at d = 40 with many blocks of 16 queries and 64 keys, ragged at both ends (1000 = 62 x 16 + 8 =
+# 15 x 64 + 40), and its cross-attention (77 keys: a short last block and a short 8-key tile).
 ATTENTION_CASES = [
     (2, 12, 77, 77, 64, 64, True),
     (2, 12, 77, 77, 64, 64, False),
@@ -184,6 +186,9 @@ ATTENTION_CASES = [
     (1, 2, 9, 130, 16, 24, False),
     (2, 3, 5, 7, 3, 5, False),
     (1, 2, 70, 3, 8, 9, False),
+    (1, 2, 1000, 1000, 40, 40, False),
+    (1, 2, 1000, 1000, 40, 40, True),
+    (1, 2, 300, 77, 40, 40, False),
 ]
 
 
@@ -193,6 +198,18 @@ def test_attention(cpu, case):
     q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
     expected = numpy_ops.attention(q, k, v, causal=causal)
     assert_attention_close(cpu.attention(q, k, v, causal=causal), expected, q, k, v)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention_kernel_without_avx512(cpu, case):
+    """The per-head kernel that CPUs without AVX-512 run (wide=False forces it where the CPU has AVX-512)."""
+    from sdcli.ext import cpu_kernels
+
+    batch, heads, tq, tk, d, dv, causal = case
+    q, k, v = random((batch * heads, tq, d), 1), random((batch * heads, tk, d), 2), random((batch * heads, tk, dv), 3)
+    out = np.empty((batch * heads, tq, dv), dtype=np.float32)
+    cpu_kernels.attention(q, k, v, out, causal, 1.0 / math.sqrt(d), wide=False)
+    assert_attention_close(out, numpy_ops.attention(q, k, v, causal=causal), q, k, v)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -2,12 +2,12 @@
 """Float32 CPU kernels behind :mod:`sdcli.ops.cpu_ops`.
 
 Every kernel reads C-contiguous float32 arrays and writes into an ``out`` array of the caller's (cpu_ops converts,
-flattens leading axes and allocates). The GIL is released; rows (attention: heads) run in parallel when the module
-was built with OpenMP, one after another otherwise. No fast-math: inf and nan propagate as they do in numpy.
-Reductions (means, variances, softmax sums) accumulate in double.
+flattens leading axes and allocates). The GIL is released; rows (attention: blocks of queries) run in parallel
+when the module was built with OpenMP, one after another otherwise. No fast-math: inf and nan propagate as they do
+in numpy. Reductions (means, variances, softmax sums) accumulate in double.
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
 from libc.math cimport INFINITY, erfcf, expf, sqrtf
 from libc.stdlib cimport free, malloc
@@ -131,10 +131,182 @@ def softmax(const float[:, ::1] x, float[:, ::1] out):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fused attention: per (batch, head), query rows in tiles against blocks of keys with a streaming softmax
-# (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; the FlashAttention recurrence), so no
-# (Tq, Tk) score matrix exists; the largest buffer is one tile's scores for one key block.
+# Fused attention with a streaming softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for
+# softmax"; the FlashAttention recurrence, Dao et al. 2022), so no (Tq, Tk) score matrix exists.
+#
+# Tiling. The unit of work is a block of 16 queries of one head; blocks of all heads run in parallel. A block
+# keeps one 16-lane vector per quantity, one lane per query: its queries transposed, qt (d, 16); the running max
+# and sum (16); the output transposed, ot (dv, 16); and the scores of one block of 64 keys, p (64, 16). For each
+# key block:
+#   scores   p[j] = sum_c k[j, c] qt[c]: a register tile of 8 keys by the 16 queries, each k[j, c] broadcast
+#            against the vector qt[c], so K is read in place (no transpose)
+#   softmax  lane-wise: new max, exp(old max - new max) to rescale ot and the sum, p = exp(p - max), all with
+#            vertical vector ops and the vectorised exp of vec.h (no horizontal reductions)
+#   values   ot[c] += sum_j v[j, c] p[j]: a register tile of 8 output columns by the 16 queries, v[j, c] broadcast
+# The 64 keys' K and V rows (2 x 64 x d floats) stay in L1 across the steps; the whole head's K and V stay in L2
+# across the query blocks that reuse them. Scratch: (d + dv + 64) vectors per thread. The vector code uses
+# GCC/Clang vector types of 16 floats, one AVX-512 register each, and is compiled for AVX-512 alone; CPUs without
+# it (and other compilers, other architectures) run _attention_head: per head, 8 query rows at a time against
+# 64-key blocks of a transposed K, with vec.h's 8 x 8 register tile.
 # ---------------------------------------------------------------------------------------------------------------
+
+cdef extern from * nogil:
+    """
+    /* Fused attention, one block of 16 queries of one head at a time (the tiling is described above).
+     * The block's state lives in vectors of 16 lanes, one lane per query, so the streaming softmax is lane-wise
+     * (no horizontal reductions) and only the 16 x d query block is ever transposed. Written with GCC/Clang
+     * vector types for AVX-512 (one register per vector), compiled for that target alone and used when the CPU
+     * has it; elsewhere attention() runs _attention_head. */
+    #ifdef SDCLI_X86_DISPATCH
+    #define SDCLI_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+    typedef float sdcli_f16 __attribute__((vector_size(64)));
+    typedef int sdcli_i16 __attribute__((vector_size(64)));
+    typedef double sdcli_d16 __attribute__((vector_size(128)));
+
+    /* vec.h's element-wise kernels (load, select, exp, ...) for 16 lanes of AVX-512 */
+    #pragma GCC diagnostic push
+    #ifndef __clang__
+    #pragma GCC diagnostic ignored "-Wpsabi"  /* 64-byte vector arguments: static functions, no ABI to keep */
+    #endif
+    #define SDCLI_W 16
+    #define SDCLI_F sdcli_f16
+    #define SDCLI_I sdcli_i16
+    #define SDCLI_D sdcli_d16
+    #define SDCLI_FN(name) sdcli_##name##_w16
+    #define SDCLI_TARGET SDCLI_AVX512 __attribute__((unused))
+    #include "vec_body.h"
+    #undef SDCLI_W
+    #undef SDCLI_F
+    #undef SDCLI_I
+    #undef SDCLI_D
+    #undef SDCLI_FN
+    #undef SDCLI_TARGET
+
+    #define SDCLI_QUERY_BLOCK 16  /* queries per block: the lanes of sdcli_f16 */
+    #define SDCLI_KEY_BLOCK 64    /* keys per step of the streaming softmax */
+    #define SDCLI_TILE 8          /* keys, or output columns, per register tile: 8 of the 32 vector registers */
+    #define SDCLI_INLINE SDCLI_AVX512 static inline __attribute__((always_inline))
+
+    /* s[j] = k[j] . qt for j < keys (1 to SDCLI_TILE): scores of `keys` keys against the 16 queries of qt (d, 16),
+     * the keys' rows d floats apart. Always a whole tile, so that the accumulators stay in registers and a short
+     * tile costs no more than a whole one: rows past `keys` repeat the last key and s has room for SDCLI_TILE. */
+    SDCLI_INLINE void sdcli_attention_scores(const sdcli_f16 *qt, const float *k, ptrdiff_t d, sdcli_f16 *s,
+                                             int keys) {
+        const float *row[SDCLI_TILE];
+        sdcli_f16 acc[SDCLI_TILE];
+        #pragma GCC unroll 8
+        for (int j = 0; j < SDCLI_TILE; j++) {
+            row[j] = k + (j < keys ? j : keys - 1) * d;
+            acc[j] = (sdcli_f16){0};
+        }
+        for (ptrdiff_t c = 0; c < d; c++) {
+            const sdcli_f16 query = qt[c];
+            #pragma GCC unroll 8
+            for (int j = 0; j < SDCLI_TILE; j++) acc[j] += row[j][c] * query;
+        }
+        #pragma GCC unroll 8
+        for (int j = 0; j < SDCLI_TILE; j++) s[j] = acc[j];
+    }
+
+    /* ot[c] += sum over j < keys of v[j, c] p[j] for c < columns (1 to SDCLI_TILE): `columns` columns of the
+     * output (transposed) of 16 queries, the value rows dv floats apart. Always a whole tile, as above: columns
+     * past `columns` repeat the last one and are not stored. */
+    SDCLI_INLINE void sdcli_attention_values(const sdcli_f16 *p, const float *v, ptrdiff_t dv, ptrdiff_t keys,
+                                             sdcli_f16 *ot, int columns) {
+        ptrdiff_t column[SDCLI_TILE];
+        sdcli_f16 acc[SDCLI_TILE];
+        #pragma GCC unroll 8
+        for (int c = 0; c < SDCLI_TILE; c++) {
+            column[c] = c < columns ? c : columns - 1;
+            acc[c] = ot[column[c]];
+        }
+        for (ptrdiff_t j = 0; j < keys; j++) {
+            const sdcli_f16 weight = p[j];
+            #pragma GCC unroll 8
+            for (int c = 0; c < SDCLI_TILE; c++) acc[c] += v[j * dv + column[c]] * weight;
+        }
+        #pragma GCC unroll 8
+        for (int c = 0; c < SDCLI_TILE; c++)
+            if (c < columns) ot[c] = acc[c];
+    }
+
+    /* The queries i0 .. i0 + 15 (fewer at the end) of one head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv).
+     * scratch_bytes: sdcli_attention_scratch_bytes(d, dv) bytes, of this thread's own. */
+    SDCLI_AVX512 static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out,
+                                                   ptrdiff_t tq, ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv,
+                                                   int causal, float scale, ptrdiff_t i0, void *scratch_bytes) {
+        /* (d, 16) scaled queries, transposed; zero lanes pad a short block */
+        sdcli_f16 *qt = (sdcli_f16 *)(((size_t)scratch_bytes + 63) & ~(size_t)63);
+        sdcli_f16 *ot = qt + d;             /* (dv, 16) running sum of exp(score - max) v, transposed */
+        sdcli_f16 *p = ot + dv;             /* (SDCLI_KEY_BLOCK, 16) scores of one key block, then their exp */
+        const ptrdiff_t rows = tq - i0 < SDCLI_QUERY_BLOCK ? tq - i0 : SDCLI_QUERY_BLOCK;
+        const ptrdiff_t key_end = causal ? (tk < i0 + rows ? tk : i0 + rows) : tk;
+        const sdcli_f16 zero = {0}, lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        sdcli_f16 row_max = zero - INFINITY;
+        sdcli_d16 row_sum = {0};
+        for (ptrdiff_t c = 0; c < d; c++) qt[c] = zero;
+        for (ptrdiff_t c = 0; c < dv; c++) ot[c] = zero;
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t c = 0; c < d; c++) qt[c][r] = q[(i0 + r) * d + c] * scale;
+        for (ptrdiff_t j0 = 0; j0 < key_end; j0 += SDCLI_KEY_BLOCK) {
+            const ptrdiff_t keys = key_end - j0 < SDCLI_KEY_BLOCK ? key_end - j0 : SDCLI_KEY_BLOCK;
+            ptrdiff_t j;
+            for (j = 0; j < keys; j += SDCLI_TILE)
+                sdcli_attention_scores(qt, k + (j0 + j) * d, d, p + j, keys - j < SDCLI_TILE ? keys - j : SDCLI_TILE);
+            /* causal: query i0 + r sees key j0 + j only when j0 + j <= i0 + r */
+            for (j = causal && i0 + 1 - j0 > 0 ? i0 + 1 - j0 : 0; causal && j < keys; j++)
+                p[j] = sdcli_select_w16(lane < (float)(j0 + j - i0), zero - INFINITY, p[j]);
+            /* the streaming softmax: a new running max, what rescales the sums so far, this block's exp */
+            sdcli_f16 block_max = row_max;
+            for (j = 0; j < keys; j++) block_max = sdcli_select_w16(p[j] > block_max, p[j], block_max);
+            /* shift by 0 while a query has seen nothing finite, so that exp(-inf - shift) gives 0, not nan */
+            const sdcli_f16 shift = sdcli_select_w16(block_max == -INFINITY, zero, block_max);
+            const sdcli_f16 correction = sdcli_exp_w16(row_max - shift);
+            sdcli_f16 block_sum = zero;
+            for (j = 0; j < keys; j++) {
+                p[j] = sdcli_exp_w16(p[j] - shift);
+                block_sum += p[j];
+            }
+            row_sum = row_sum * __builtin_convertvector(correction, sdcli_d16)
+                      + __builtin_convertvector(block_sum, sdcli_d16);
+            row_max = block_max;
+            for (ptrdiff_t c = 0; c < dv; c++) ot[c] *= correction;
+            for (ptrdiff_t c = 0; c < dv; c += SDCLI_TILE)
+                sdcli_attention_values(p, v + j0 * dv + c, dv, keys, ot + c, dv - c < SDCLI_TILE ? dv - c : SDCLI_TILE);
+        }
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float total = (float)row_sum[r];
+            for (ptrdiff_t c = 0; c < dv; c++) out[(i0 + r) * dv + c] = total > 0 ? ot[c][r] / total : 0;
+        }
+    }
+
+    /* bytes of scratch for one block, with room to align it to 64 */
+    static size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv) {
+        return (size_t)(d + dv + SDCLI_KEY_BLOCK + 1) * sizeof(sdcli_f16);
+    }
+
+    #pragma GCC diagnostic pop
+
+    static int sdcli_attention_wide(void) {
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    }
+
+    #else /* not GCC or Clang on x86-64 */
+    static int sdcli_attention_wide(void) { return 0; }
+    static size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv) { return 1; }
+    static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out, ptrdiff_t tq,
+                                      ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv, int causal, float scale,
+                                      ptrdiff_t i0, void *scratch_bytes) {}
+    #endif
+    """
+    # whether this build and CPU have the AVX-512 kernel
+    bint sdcli_attention_wide()
+    size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv)
+    void sdcli_attention_block(const float* q, const float* k, const float* v, float* out, ptrdiff_t tq,
+                               ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv, bint causal, float scale, ptrdiff_t i0,
+                               void* scratch)
+
 
 cdef enum:
     TILE_ROWS = 8     # query rows computed together (the register tile of vec.h is 8 x 8)
@@ -231,22 +403,38 @@ cdef int _attention_head(const float* q, const float* k, const float* v, float* 
 
 
 def attention(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v, float[:, :, ::1] out,
-              bint causal, float scale):
+              bint causal, float scale, bint wide=True):
     """softmax(scale q k^T) v per head: q (N, Tq, d), k (N, Tk, d), v (N, Tk, dv) -> out (N, Tq, dv).
 
-    With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros. Heads run in parallel.
+    With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros. Blocks of 16 queries of
+    all heads run in parallel on CPUs with AVX-512, heads otherwise; ``wide=False`` takes the second path anyway
+    (for tests).
     """
     cdef Py_ssize_t heads = q.shape[0], tq = q.shape[1], d = q.shape[2], tk = k.shape[1], dv = v.shape[2], h
+    cdef Py_ssize_t blocks = (tq + 15) // 16, task
     cdef int failed = 0
+    cdef void* scratch = NULL
     if k.shape[0] != heads or v.shape[0] != heads or k.shape[2] != d or v.shape[1] != tk:
         raise ValueError(f"attention: mismatched q {(q.shape[0], q.shape[1], q.shape[2])}, "
                          f"k {(k.shape[0], k.shape[1], k.shape[2])}, v {(v.shape[0], v.shape[1], v.shape[2])}")
     _check_out("attention", (out.shape[0], out.shape[1], out.shape[2]), (heads, tq, dv))
     if heads == 0 or tq == 0 or dv == 0:
         return
-    with nogil:
-        for h in prange(heads, schedule="dynamic"):
-            failed += _attention_head(&q[h, 0, 0], &k[h, 0, 0], &v[h, 0, 0], &out[h, 0, 0], tq, tk, d, dv, causal,
-                                      scale) != 0
+    if not (wide and sdcli_attention_wide()):
+        with nogil:
+            for h in prange(heads, schedule="dynamic"):
+                failed += _attention_head(&q[h, 0, 0], &k[h, 0, 0], &v[h, 0, 0], &out[h, 0, 0], tq, tk, d, dv,
+                                          causal, scale) != 0
+    else:
+        with nogil, parallel():
+            scratch = malloc(sdcli_attention_scratch_bytes(d, dv))  # one per thread
+            for task in prange(heads * blocks, schedule="dynamic"):  # (head, block of 16 queries)
+                h = task // blocks
+                if scratch == NULL:
+                    failed += 1
+                else:
+                    sdcli_attention_block(&q[h, 0, 0], &k[h, 0, 0], &v[h, 0, 0], &out[h, 0, 0], tq, tk, d, dv,
+                                          causal, scale, task % blocks * 16, scratch)
+            free(scratch)
     if failed:
-        raise MemoryError("attention: out of memory for the per-head buffers")
+        raise MemoryError("attention: out of memory for the per-thread or per-head buffers")
