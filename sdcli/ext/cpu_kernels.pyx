@@ -231,6 +231,25 @@ cdef extern from * nogil:
             if (c < columns) ot[c] = acc[c];
     }
 
+    /* exp(x) for the shifted scores, x <= 0, -inf or nan: vec.h's exp (the same polynomial, the same results)
+     * without the branches that only x > 0 needs: n <= 0, so one scaling by 2^n suffices. */
+    SDCLI_INLINE sdcli_f16 sdcli_attention_exp(sdcli_f16 x) {
+        const sdcli_i16 underflow = x < -87.33654475f;  /* exp gives 0 (and -inf gives no valid n) */
+        const sdcli_f16 fx = x * 1.44269504088896341f + 0.5f;
+        sdcli_i16 n = __builtin_convertvector(fx, sdcli_i16);
+        n += __builtin_convertvector(n, sdcli_f16) > fx; /* floor: true is -1 */
+        const sdcli_f16 nf = __builtin_convertvector(n, sdcli_f16);
+        const sdcli_f16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+        sdcli_f16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+        y = y * r + 8.3334519073e-3f;
+        y = y * r + 4.1665795894e-2f;
+        y = y * r + 1.6666665459e-1f;
+        y = y * r + 5.0000001201e-1f;
+        y = y * (r * r) + r + 1.0f;
+        y *= (sdcli_f16)((n + 127) << 23);
+        return sdcli_select_w16(underflow, (sdcli_f16){0}, y);
+    }
+
     /* The queries i0 .. i0 + 15 (fewer at the end) of one head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv).
      * scratch_bytes: sdcli_attention_scratch_bytes(d, dv) bytes, of this thread's own. */
     SDCLI_AVX512 static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out,
@@ -265,7 +284,7 @@ cdef extern from * nogil:
             const sdcli_f16 correction = sdcli_exp_w16(row_max - shift);
             sdcli_f16 block_sum = zero;
             for (j = 0; j < keys; j++) {
-                p[j] = sdcli_exp_w16(p[j] - shift);
+                p[j] = sdcli_attention_exp(p[j] - shift);
                 block_sum += p[j];
             }
             row_sum = row_sum * __builtin_convertvector(correction, sdcli_d16)
