@@ -174,9 +174,9 @@ def assert_attention_close(actual, expected, q, k, v, scale=None):
 
 
 # (B, H, Tq, Tk, d, dv, causal): the CLIP shape, odd sizes, a single token, more keys than one key block
-# (64) with a partial last block, Tq != Tk, dv != d and widths that are not multiples of the 8-wide tile; the UNet's
-# self-attention at d = 40 with many blocks of 16 queries and 64 keys, ragged at both ends (1000 = 62 x 16 + 8 =
-# 15 x 64 + 40), and its cross-attention (77 keys: a short last block and a short 8-key tile).
+# (64, or 128 for AVX-512) with a partial last block, Tq != Tk, dv != d and widths that are not multiples of the
+# 8-wide tile; the UNet's self-attention at d = 40 with many blocks of 16 queries and 128 keys, ragged at both ends
+# (1000 = 62 x 16 + 8 = 7 x 128 + 104), and its cross-attention (77 keys: one short block, a short 8-key tile).
 ATTENTION_CASES = [
     (2, 12, 77, 77, 64, 64, True),
     (2, 12, 77, 77, 64, 64, False),
