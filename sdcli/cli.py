@@ -633,8 +633,7 @@ class Progress:
     def add_timings(self, timings: dict) -> None:
         for key in ("text_encoding_s", "denoising_s", "decode_s"):
             self.totals[key] += timings.get(key, 0.0)
-        self.totals["steps"] += round(timings["denoising_s"] / timings["s_per_step"]) if timings.get(
-            "s_per_step") else 0
+        self.totals["steps"] += timings["steps"]
 
     def summary(self, load_s: float, total_s: float, images: int) -> None:
         t = self.totals

@@ -110,7 +110,7 @@ class GeneratedBatch:
     latents: np.ndarray  # (B, 4, H/8, W/8) float32
     seeds: list[int]
     params: GenerateParams  # with width, height, seed and sampler filled in
-    timings: dict[str, float]
+    timings: dict[str, float]  # seconds (text_encoding_s, denoising_s, s_per_step, decode_s) and steps
 
 
 class TextToImage:
@@ -197,8 +197,9 @@ class TextToImage:
         latent_shape = (LATENT_CHANNELS, params.height // VAE_SCALE, params.width // VAE_SCALE)
         seeds = image_seeds(params.seed, batch)
         noise = BatchNoise(seeds, latent_shape)
+        seeded_noise = noise.draw()  # drawn either way, so a stochastic sampler's later draws follow the seed alone
         if initial_noise is None:
-            initial_noise = noise.draw()
+            initial_noise = seeded_noise
         elif initial_noise.shape != (batch, *latent_shape):
             raise SdcliError(f"initial latents must have shape {(batch, *latent_shape)} for {batch} image(s) of "
                              f"{params.width}x{params.height}, got {tuple(initial_noise.shape)}")
@@ -233,6 +234,7 @@ class TextToImage:
                 preview = self.preview_decoder()(step.denoised)
             yield StepRecord(step.index, total, float(step.sigma), x, preview, time.perf_counter() - start)
         timings["denoising_s"] = time.perf_counter() - start
+        timings["steps"] = total
         timings["s_per_step"] = timings["denoising_s"] / max(total, 1)
 
         latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, h, w) what diffusers decodes

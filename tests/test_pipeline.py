@@ -142,3 +142,12 @@ def test_initial_latents_of_the_wrong_shape_are_refused(model):
     params = sdcli.GenerateParams(prompt=PROMPT, steps=2, width=64, height=64, seed=1)
     with pytest.raises(SdcliError, match="shape"):
         sdcli.generate_image(model["pipeline"], params, initial_noise=np.zeros((1, 4, 4, 4), np.float32))
+
+
+def test_injected_seed_noise_reproduces_the_seeded_run_for_a_stochastic_sampler(model):
+    """Initial latents given explicitly leave the sampler's later noise draws as the seed makes them."""
+    params = sdcli.GenerateParams(prompt=PROMPT, steps=4, sampler="euler_a", width=64, height=64, seed=9)
+    seeded = sdcli.generate_image(model["pipeline"], params)
+    injected = sdcli.generate_image(model["pipeline"], params,
+                                    initial_noise=sdcli.BatchNoise([9], (4, 8, 8)).draw())
+    np.testing.assert_array_equal(seeded.images, injected.images)
