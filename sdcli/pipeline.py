@@ -19,9 +19,9 @@ import numpy as np
 
 from .config import ClipConfig
 from .errors import SdcliError
-from .io.checkpoint import Checkpoint, TensorSource, check_tensors, open_checkpoint
+from .io.checkpoint import Checkpoint, open_checkpoint
 from .nn.clip import ClipTextEncoder, clip_text_shapes
-from .nn.layers import Weight
+from .nn.layers import load_weights
 from .nn.taesd import load_taesd
 from .nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
 from .nn.unet import UNet2DConditionModel, unet_shapes
@@ -33,12 +33,6 @@ from .sampling.denoisers import Denoiser, guided_network
 from .sampling.plans import SAMPLERS
 
 log = logging.getLogger("sdcli")
-
-
-def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], precision: str) -> dict[str, Weight]:
-    """Every tensor of ``expected`` from ``source``, held at ``precision``; strict (see ``check_tensors``)."""
-    check_tensors(source, expected)
-    return {name: Weight.from_stored(source.read(name), source.dtype(name), precision) for name in expected}
 
 
 @dataclass

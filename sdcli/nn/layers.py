@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SdcliError
+from ..io.checkpoint import TensorSource, check_tensors
 from ..io.safetensors import bf16_to_float32, float32_to_bf16
 from ..ops import Ops
 
@@ -58,6 +59,16 @@ class Weight:
         if precision == "fp16":
             return cls(values.astype(np.float16, copy=False), precision)
         return cls(float32_to_bf16(values.astype(np.float32, copy=False)), precision)
+
+
+def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], precision: str,
+                 only: dict[str, tuple[int, ...]] | None = None) -> dict[str, Weight]:
+    """The tensors of ``expected`` from ``source``, held at ``precision``. Strict: ``check_tensors`` requires every
+    expected tensor with its shape and nothing else. ``only`` reads a subset (one half of an autoencoder) after
+    checking the whole, so the other half is never converted."""
+    check_tensors(source, expected)
+    return {name: Weight.from_stored(source.read(name), source.dtype(name), precision)
+            for name in (expected if only is None else only)}
 
 
 class Linear:

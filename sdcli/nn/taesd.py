@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelNotFoundError
-from ..io.checkpoint import FolderSource, check_tensors
+from ..io.checkpoint import FolderSource
 from ..io.safetensors import SafetensorsFile
 from ..ops import Ops, get_ops
-from .layers import Weight, checked_images, conv2d_from
+from .layers import Weight, checked_images, conv2d_from, load_weights
 
 WIDTH = 64  # channels of every hidden layer
 LATENT_CHANNELS = 4
@@ -164,9 +164,7 @@ def _load(path: str | Path, shapes: dict[str, tuple[int, ...]], precision: str) 
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"no TAESD weights at {path}")
-    source = FolderSource([SafetensorsFile(path)], str(path))
-    check_tensors(source, shapes)
-    return {name: Weight.from_stored(source.read(name), source.dtype(name), precision) for name in shapes}
+    return load_weights(FolderSource([SafetensorsFile(path)], str(path)), shapes, precision)
 
 
 def load_taesd_encoder(path: str | Path | None = None, backend: str = "cpu",

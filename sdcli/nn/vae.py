@@ -18,9 +18,9 @@ import logging
 import numpy as np
 
 from ..config import VAEConfig
-from ..io.checkpoint import Checkpoint, check_tensors, open_checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..ops import Ops, get_ops
-from .layers import Weight, checked_images, conv2d_from, group_norm_from, linear_from
+from .layers import Weight, checked_images, load_weights, conv2d_from, group_norm_from, linear_from
 
 log = logging.getLogger("sdcli")
 
@@ -382,9 +382,8 @@ def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str) -> tu
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     config = checkpoint.vae_config()
     source = checkpoint.source("vae")
-    check_tensors(source, vae_shapes(config))
     wanted = {"encoder": vae_encoder_shapes, "decoder": vae_decoder_shapes, "both": vae_shapes}[part](config)
-    weights = {name: Weight.from_stored(source.read(name), source.dtype(name), precision) for name in wanted}
+    weights = load_weights(source, vae_shapes(config), precision, only=wanted)
     log.info("loaded the VAE %s from %s", part if part != "both" else "encoder and decoder", checkpoint.path)
     return config, weights
 
