@@ -206,10 +206,28 @@ def test_attention_kernel_without_avx512(cpu, case):
     from sdcli.ext import cpu_kernels
 
     batch, heads, tq, tk, d, dv, causal = case
-    q, k, v = random((batch * heads, tq, d), 1), random((batch * heads, tk, d), 2), random((batch * heads, tk, dv), 3)
-    out = np.empty((batch * heads, tq, dv), dtype=np.float32)
+    q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
+    out = np.empty((batch, heads, tq, dv), dtype=np.float32)
     cpu_kernels.attention(q, k, v, out, causal, 1.0 / math.sqrt(d), wide=False)
     assert_attention_close(out, numpy_ops.attention(q, k, v, causal=causal), q, k, v)
+
+
+@pytest.mark.parametrize("wide", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_reads_and_writes_interleaved_heads(cpu, wide, causal):
+    """Heads split off (B, T, nh, hs) projections are read in place, and the output may be such a view too: the
+    results equal those of contiguous copies."""
+    from sdcli.ext import cpu_kernels
+
+    q, k, v = (random((2, 37, 3, 24), seed).transpose(0, 2, 1, 3) for seed in (1, 2, 3))  # (B, nh, T, hs) views
+    out = np.empty((2, 37, 3, 24), dtype=np.float32).transpose(0, 2, 1, 3)
+    cpu_kernels.attention(q, k, v, out, causal, 0.3, wide=wide)
+    expected = np.empty((2, 3, 37, 24), dtype=np.float32)
+    cpu_kernels.attention(*map(np.ascontiguousarray, (q, k, v)), expected, causal, 0.3, wide=wide)
+    np.testing.assert_array_equal(out, expected)
+    assert_attention_close(out, numpy_ops.attention(q, k, v, causal=causal, scale=0.3), q, k, v, 0.3)
+    merged = cpu.attention(q, k, v, causal=causal, scale=0.3).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
+    assert merged.flags.c_contiguous  # merging the heads back is a free reshape
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -268,11 +286,23 @@ def test_conv2d(cpu, case, with_bias):
 @pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 32), ((1, 6, 1, 1), 3), ((2, 32, 16, 16), 32),
                                           ((2, 8, 33), 2)], ids=str)
 @pytest.mark.parametrize("magnitude", [1.0, 1e3])
-def test_group_norm(cpu, shape, groups, magnitude):
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm(cpu, shape, groups, magnitude, silu):
     x = random(shape, magnitude=magnitude) + np.float32(magnitude)  # an offset mean, as activations have
     weight, bias = random(shape[1:2], seed=1), random(shape[1:2], seed=2)
-    assert_close(cpu.group_norm(x, groups, weight, bias, 1e-6), numpy_ops.group_norm(x, groups, weight, bias, 1e-6),
-                 "group_norm")
+    assert_close(cpu.group_norm(x, groups, weight, bias, 1e-6, silu=silu),
+                 numpy_ops.group_norm(x, groups, weight, bias, 1e-6, silu=silu), "group_norm")
+
+
+def test_group_norm_rejects_groups_that_do_not_divide_the_channels(cpu):
+    with pytest.raises(ValueError, match="do not split"):
+        cpu.group_norm(random((1, 6, 2, 2)), 4, np.ones(6, np.float32), np.zeros(6, np.float32), 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 77, 66), (3, 2), (1, 5, 2 * 1280), (4, 0)])
+def test_geglu(cpu, shape):
+    x = random(shape, magnitude=3.0)
+    assert_close(cpu.geglu(x), numpy_ops.geglu(x), "gelu")
 
 
 @pytest.mark.parametrize("case", range(len(ACTIVATION_INPUTS)))
@@ -303,6 +333,12 @@ def test_reference_gelu_against_torch():
     x = np.concatenate([np.linspace(-12.0, 12.0, 4001, dtype=np.float32), random((1000,), magnitude=4.0)])
     expected = F.gelu(torch.from_numpy(x)).numpy()  # approximate="none": x * Phi(x) with libm-class erf
     assert_close(numpy_ops.gelu(x), expected, "gelu")
+
+
+def test_reference_geglu_against_torch():
+    x = random((2, 7, 64), magnitude=3.0)
+    value, gate = torch.from_numpy(x).chunk(2, dim=-1)  # diffusers' GEGLU: hidden, gate = proj(x).chunk(2)
+    assert_close(numpy_ops.geglu(x), (value * F.gelu(gate)).numpy(), "gelu")
 
 
 def test_reference_quick_gelu_against_torch():
@@ -339,6 +375,7 @@ def test_reference_group_norm_silu_upsample_against_torch():
     x, weight, bias = random((2, 64, 5, 7), magnitude=3.0) + 1, random((64,), 1), random((64,), 2)
     expected = F.group_norm(*map(torch.from_numpy, (x,)), 32, torch.from_numpy(weight), torch.from_numpy(bias), 1e-6)
     assert_close(numpy_ops.group_norm(x, 32, weight, bias, 1e-6), expected.numpy(), "group_norm")
+    assert_close(numpy_ops.group_norm(x, 32, weight, bias, 1e-6, silu=True), F.silu(expected).numpy(), "group_norm")
     assert_close(numpy_ops.silu(x), F.silu(torch.from_numpy(x)).numpy(), "silu")
     np.testing.assert_array_equal(numpy_ops.upsample_nearest(x),
                                   F.interpolate(torch.from_numpy(x), scale_factor=2.0, mode="nearest").numpy())

@@ -9,7 +9,7 @@ in numpy. Reductions (means, variances, softmax sums) accumulate in double.
 
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
-from libc.math cimport INFINITY, erfcf, expf, sqrtf
+from libc.math cimport INFINITY, expf, sqrt, sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -33,10 +33,16 @@ cdef extern from "vec.h" nogil:
     double sdcli_exp_shifted(const float* x, float shift, ptrdiff_t n, float* y)
     # y[j] = x[j] / (1 + exp(-1.702 x[j])) for j < n
     void sdcli_quick_gelu(const float* x, ptrdiff_t n, float* y)
+    # y[j] = x[j] Phi(x[j]), exact GELU, for j < n
+    void sdcli_gelu(const float* x, ptrdiff_t n, float* y)
+    # y[j] = value[j] gelu(gate[j]) for j < n
+    void sdcli_geglu(const float* value, const float* gate, ptrdiff_t n, float* y)
+    # the sum of x[j] - shift, or of its squares, for j < n, accumulated in double
+    double sdcli_sum_shifted(const float* x, ptrdiff_t n, float shift, bint square)
+    # y[j] = x[j] scale + shift, then SiLU of that when silu, for j < n (x and y may be the same array)
+    void sdcli_scale_shift(const float* x, ptrdiff_t n, float scale, float shift, bint silu, float* y)
 
 openmp = bool(SDCLI_OPENMP)  # True when this build runs rows in parallel
-
-cdef float SQRT1_2 = 0.70710678118654752440
 
 cdef enum:
     CHUNK = 4096  # elements per parallel task of the element-wise ops
@@ -85,15 +91,24 @@ def layer_norm(const float[:, ::1] x, const float[::1] weight, const float[::1] 
 
 
 def gelu(const float[::1] x, float[::1] out):
-    """Exact GELU, x * Phi(x) = 0.5 x erfc(-x / sqrt 2), element-wise.
-
-    erfc rather than 1 + erf: for negative x the sum cancels and would lose all relative accuracy.
-    """
-    cdef Py_ssize_t n = x.shape[0], i
+    """Exact GELU, x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2, element-wise (vec.h: Numerical Recipes' erfc,
+    relative error below 1.2e-7, as numpy_ops.erf; erfc rather than 1 + erf keeps the negative tail accurate)."""
+    cdef Py_ssize_t n = x.shape[0], chunk
     _check_out("gelu", (out.shape[0],), (n,))
     with nogil:
-        for i in prange(n, schedule="static"):
-            out[i] = <float>0.5 * x[i] * erfcf(-x[i] * SQRT1_2)
+        for chunk in prange((n + CHUNK - 1) // CHUNK, schedule="static"):
+            sdcli_gelu(&x[chunk * CHUNK], min(<Py_ssize_t>CHUNK, n - chunk * CHUNK), &out[chunk * CHUNK])
+
+
+def geglu(const float[:, ::1] x, float[:, ::1] out):
+    """GEGLU of each row of x (rows, 2 C): its first C values times the GELU of its last C, into out (rows, C)."""
+    cdef Py_ssize_t rows = x.shape[0], width = out.shape[1], r
+    _check_out("geglu", (out.shape[0], 2 * out.shape[1]), (rows, x.shape[1]))
+    if width == 0:
+        return
+    with nogil:
+        for r in prange(rows, schedule="static"):
+            sdcli_geglu(&x[r, 0], &x[r, width], width, &out[r, 0])
 
 
 def quick_gelu(const float[::1] x, float[::1] out):
@@ -128,6 +143,44 @@ def softmax(const float[:, ::1] x, float[:, ::1] out):
     with nogil:
         for r in prange(rows, schedule="static"):
             _softmax_row(&x[r, 0], &out[r, 0], width)
+
+
+cdef void _group_norm_group(const float* x, const float* weight, const float* bias, float eps, bint silu,
+                            Py_ssize_t channels, Py_ssize_t positions, float* y) noexcept nogil:
+    # One group: x (channels, positions) -> y. The mean, then the biased variance of the centred values, in double;
+    # y = x scale + shift per channel with scale = weight / std, shift = bias - mean scale, then SiLU when asked.
+    cdef Py_ssize_t size = channels * positions, c
+    cdef double inverse_std
+    cdef float mean, scale
+    if size == 0:
+        return
+    mean = <float>(sdcli_sum_shifted(x, size, 0, False) / size)
+    inverse_std = 1.0 / sqrt(sdcli_sum_shifted(x, size, mean, True) / size + eps)
+    for c in range(channels):
+        scale = <float>(weight[c] * inverse_std)
+        sdcli_scale_shift(x + c * positions, positions, scale, bias[c] - mean * scale, silu, y + c * positions)
+
+
+def group_norm(const float[:, :, ::1] x, Py_ssize_t groups, const float[::1] weight, const float[::1] bias,
+               float eps, bint silu, float[:, :, ::1] out):
+    """GroupNorm of x (B, C, positions) with ``groups`` groups of C / groups channels, scaled by weight (C,) and
+    shifted by bias (C,), then SiLU when ``silu``, into out. Groups of all images run in parallel."""
+    cdef Py_ssize_t batch = x.shape[0], channels = x.shape[1], positions = x.shape[2], per_group, task, b, g
+    _check_out("group_norm", (out.shape[0], out.shape[1], out.shape[2]), (batch, channels, positions))
+    if groups <= 0 or channels % groups:
+        raise ValueError(f"group_norm: {channels} channels do not split into {groups} groups")
+    if weight.shape[0] != channels or bias.shape[0] != channels:
+        raise ValueError(f"group_norm: weight {weight.shape[0]} and bias {bias.shape[0]} must match the {channels} "
+                         "channels")
+    per_group = channels // groups
+    if batch == 0 or channels == 0 or positions == 0:
+        return
+    with nogil:
+        for task in prange(batch * groups, schedule="static"):
+            b = task // groups
+            g = task % groups
+            _group_norm_group(&x[b, g * per_group, 0], &weight[g * per_group], &bias[g * per_group], eps, silu,
+                              per_group, positions, &out[b, g * per_group, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,15 +243,15 @@ cdef extern from * nogil:
     #define SDCLI_INLINE SDCLI_AVX512 static inline __attribute__((always_inline))
 
     /* s[j] = k[j] . qt for j < keys (1 to SDCLI_TILE): scores of `keys` keys against the 16 queries of qt (d, 16),
-     * the keys' rows d floats apart. Always a whole tile, so that the accumulators stay in registers and a short
+     * the keys' rows ldk floats apart. Always a whole tile, so that the accumulators stay in registers and a short
      * tile costs no more than a whole one: rows past `keys` repeat the last key and s has room for SDCLI_TILE. */
-    SDCLI_INLINE void sdcli_attention_scores(const sdcli_f16 *qt, const float *k, ptrdiff_t d, sdcli_f16 *s,
-                                             int keys) {
+    SDCLI_INLINE void sdcli_attention_scores(const sdcli_f16 *qt, const float *k, ptrdiff_t d, ptrdiff_t ldk,
+                                             sdcli_f16 *s, int keys) {
         const float *row[SDCLI_TILE];
         sdcli_f16 acc[SDCLI_TILE];
         #pragma GCC unroll 8
         for (int j = 0; j < SDCLI_TILE; j++) {
-            row[j] = k + (j < keys ? j : keys - 1) * d;
+            row[j] = k + (j < keys ? j : keys - 1) * ldk;
             acc[j] = (sdcli_f16){0};
         }
         for (ptrdiff_t c = 0; c < d; c++) {
@@ -251,11 +304,14 @@ cdef extern from * nogil:
         return sdcli_select_w16(underflow, (sdcli_f16){0}, y);
     }
 
-    /* The queries i0 .. i0 + 15 (fewer at the end) of one head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv).
-     * scratch_bytes: sdcli_attention_scratch_bytes(d, dv) bytes, of this thread's own. */
+    /* The queries i0 .. i0 + 15 (fewer at the end) of one head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv),
+     * each a matrix whose rows are `strides` floats apart (q, k, v, out): heads may be interleaved, as a (B, T, nh,
+     * hs) projection holds them. scratch_bytes: sdcli_attention_scratch_bytes(d, dv) bytes, of this thread's own. */
     SDCLI_AVX512 static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out,
-                                                   ptrdiff_t tq, ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv,
-                                                   int causal, float scale, ptrdiff_t i0, void *scratch_bytes) {
+                                                   const ptrdiff_t *strides, ptrdiff_t tq, ptrdiff_t tk,
+                                                   ptrdiff_t d, ptrdiff_t dv, int causal, float scale,
+                                                   ptrdiff_t i0, void *scratch_bytes) {
+        const ptrdiff_t ldq = strides[0], ldk = strides[1], ldv = strides[2], ldo = strides[3];
         /* (d, 16) scaled queries, transposed; zero lanes pad a short block */
         sdcli_f16 *qt = (sdcli_f16 *)(((size_t)scratch_bytes + 63) & ~(size_t)63);
         sdcli_f16 *ot = qt + d;             /* (dv, 16) running sum of exp(score - max) v, transposed */
@@ -268,12 +324,13 @@ cdef extern from * nogil:
         for (ptrdiff_t c = 0; c < d; c++) qt[c] = zero;
         for (ptrdiff_t c = 0; c < dv; c++) ot[c] = zero;
         for (ptrdiff_t r = 0; r < rows; r++)
-            for (ptrdiff_t c = 0; c < d; c++) qt[c][r] = q[(i0 + r) * d + c] * scale;
+            for (ptrdiff_t c = 0; c < d; c++) qt[c][r] = q[(i0 + r) * ldq + c] * scale;
         for (ptrdiff_t j0 = 0; j0 < key_end; j0 += SDCLI_KEY_BLOCK) {
             const ptrdiff_t keys = key_end - j0 < SDCLI_KEY_BLOCK ? key_end - j0 : SDCLI_KEY_BLOCK;
             ptrdiff_t j;
             for (j = 0; j < keys; j += SDCLI_TILE)
-                sdcli_attention_scores(qt, k + (j0 + j) * d, d, p + j, keys - j < SDCLI_TILE ? keys - j : SDCLI_TILE);
+                sdcli_attention_scores(qt, k + (j0 + j) * ldk, d, ldk, p + j,
+                                       keys - j < SDCLI_TILE ? keys - j : SDCLI_TILE);
             /* causal: query i0 + r sees key j0 + j only when j0 + j <= i0 + r */
             for (j = causal && i0 + 1 - j0 > 0 ? i0 + 1 - j0 : 0; causal && j < keys; j++)
                 p[j] = sdcli_select_w16(lane < (float)(j0 + j - i0), zero - INFINITY, p[j]);
@@ -293,11 +350,12 @@ cdef extern from * nogil:
             row_max = block_max;
             for (ptrdiff_t c = 0; c < dv; c++) ot[c] *= correction;
             for (ptrdiff_t c = 0; c < dv; c += SDCLI_TILE)
-                sdcli_attention_values(p, v + j0 * dv + c, dv, keys, ot + c, dv - c < SDCLI_TILE ? dv - c : SDCLI_TILE);
+                sdcli_attention_values(p, v + j0 * ldv + c, ldv, keys, ot + c,
+                                       dv - c < SDCLI_TILE ? dv - c : SDCLI_TILE);
         }
         for (ptrdiff_t r = 0; r < rows; r++) {
             const float total = (float)row_sum[r];
-            for (ptrdiff_t c = 0; c < dv; c++) out[(i0 + r) * dv + c] = total > 0 ? ot[c][r] / total : 0;
+            for (ptrdiff_t c = 0; c < dv; c++) out[(i0 + r) * ldo + c] = total > 0 ? ot[c][r] / total : 0;
         }
     }
 
@@ -315,17 +373,17 @@ cdef extern from * nogil:
     #else /* not GCC or Clang on x86-64 */
     static int sdcli_attention_wide(void) { return 0; }
     static size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv) { return 1; }
-    static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out, ptrdiff_t tq,
-                                      ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv, int causal, float scale,
-                                      ptrdiff_t i0, void *scratch_bytes) {}
+    static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out,
+                                      const ptrdiff_t *strides, ptrdiff_t tq, ptrdiff_t tk, ptrdiff_t d,
+                                      ptrdiff_t dv, int causal, float scale, ptrdiff_t i0, void *scratch_bytes) {}
     #endif
     """
     # whether this build and CPU have the AVX-512 kernel
     bint sdcli_attention_wide()
     size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv)
-    void sdcli_attention_block(const float* q, const float* k, const float* v, float* out, ptrdiff_t tq,
-                               ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv, bint causal, float scale, ptrdiff_t i0,
-                               void* scratch)
+    void sdcli_attention_block(const float* q, const float* k, const float* v, float* out,
+                               const ptrdiff_t* strides, ptrdiff_t tq, ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv,
+                               bint causal, float scale, ptrdiff_t i0, void* scratch)
 
 
 cdef enum:
@@ -358,9 +416,11 @@ cdef inline void _product(const float* a, Py_ssize_t lda, const float* b, Py_ssi
         _tile_product_narrow(a, lda, b + j, ldb, n, c + j, ldc, cols - j)
 
 
-cdef int _attention_head(const float* q, const float* k, const float* v, float* out, Py_ssize_t tq, Py_ssize_t tk,
-                         Py_ssize_t d, Py_ssize_t dv, bint causal, float scale) noexcept nogil:
-    # One head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv). Returns -1 when out of memory.
+cdef int _attention_head(const float* q, const float* k, const float* v, float* out, const ptrdiff_t* strides,
+                         Py_ssize_t tq, Py_ssize_t tk, Py_ssize_t d, Py_ssize_t dv, bint causal,
+                         float scale) noexcept nogil:
+    # One head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv), rows `strides` floats apart (q, k, v, out).
+    # Returns -1 when out of memory.
     cdef Py_ssize_t tk_padded = (tk + TILE_COLS - 1) // TILE_COLS * TILE_COLS
     cdef float* scratch = <float*>malloc((d * tk_padded + TILE_ROWS * (d + dv) + 1) * sizeof(float))
     cdef float* kt = scratch                         # (d, Tk rounded up to TILE_COLS)
@@ -379,7 +439,7 @@ cdef int _attention_head(const float* q, const float* k, const float* v, float* 
     memset(kt, 0, d * tk_padded * sizeof(float))
     for j in range(tk):
         for c in range(d):
-            kt[c * tk_padded + j] = k[j * d + c]
+            kt[c * tk_padded + j] = k[j * strides[1] + c]
     for tile in range((tq + TILE_ROWS - 1) // TILE_ROWS):
         i0 = tile * TILE_ROWS
         rows = min(<Py_ssize_t>TILE_ROWS, tq - i0)
@@ -387,7 +447,7 @@ cdef int _attention_head(const float* q, const float* k, const float* v, float* 
         memset(acc, 0, TILE_ROWS * dv * sizeof(float))
         for r in range(rows):
             for c in range(d):
-                qs[r * d + c] = q[(i0 + r) * d + c] * scale
+                qs[r * d + c] = q[(i0 + r) * strides[0] + c] * scale
             row_max[r] = -INFINITY
             row_sum[r] = 0.0
         key_end = min(tk, i0 + rows) if causal else tk
@@ -413,48 +473,59 @@ cdef int _attention_head(const float* q, const float* k, const float* v, float* 
                         acc[r * dv + c] *= correction
                 row_sum[r] = row_sum[r] * correction + block_sum
                 row_max[r] = new_max
-            _product(p, KEY_BLOCK, v + j0 * dv, dv, keys, acc, dv, dv)  # (TILE_ROWS, dv) += p @ v[j0:j0+keys]
+            _product(p, KEY_BLOCK, v + j0 * strides[2], strides[2], keys, acc, dv, dv)  # (TILE_ROWS, dv) += p @ v[j0:]
         for r in range(rows):
             value = <float>row_sum[r]
             for c in range(dv):
-                out[(i0 + r) * dv + c] = acc[r * dv + c] / value if value > 0 else 0
+                out[(i0 + r) * strides[3] + c] = acc[r * dv + c] / value if value > 0 else 0
     free(scratch)
     return 0
 
 
-def attention(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v, float[:, :, ::1] out,
-              bint causal, float scale, bint wide=True):
-    """softmax(scale q k^T) v per head: q (N, Tq, d), k (N, Tk, d), v (N, Tk, dv) -> out (N, Tq, dv).
+def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[:, :, :, :] v,
+              float[:, :, :, :] out, bint causal, float scale, bint wide=True):
+    """softmax(scale q k^T) v per head: q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> out (B, H, Tq, dv).
 
-    With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros. Blocks of 16 queries of
-    all heads run in parallel on CPUs with AVX-512, heads otherwise; ``wide=False`` takes the second path anyway
-    (for tests).
+    Only the last axis need be contiguous: a (B, H, T, hs) view of a (B, T, H, hs) projection is read in place, and
+    out may be such a view too. With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros.
+    Blocks of 16 queries of all heads run in parallel on CPUs with AVX-512, heads otherwise; ``wide=False`` takes
+    the second path anyway (for tests).
     """
-    cdef Py_ssize_t heads = q.shape[0], tq = q.shape[1], d = q.shape[2], tk = k.shape[1], dv = v.shape[2], h
+    cdef Py_ssize_t batch = q.shape[0], nh = q.shape[1], tq = q.shape[2], d = q.shape[3]
+    cdef Py_ssize_t tk = k.shape[2], dv = v.shape[3], heads = batch * nh, h, b
     cdef Py_ssize_t blocks = (tq + 15) // 16, task
+    cdef ptrdiff_t strides[4]
     cdef int failed = 0
     cdef void* scratch = NULL
-    if k.shape[0] != heads or v.shape[0] != heads or k.shape[2] != d or v.shape[1] != tk:
-        raise ValueError(f"attention: mismatched q {(q.shape[0], q.shape[1], q.shape[2])}, "
-                         f"k {(k.shape[0], k.shape[1], k.shape[2])}, v {(v.shape[0], v.shape[1], v.shape[2])}")
-    _check_out("attention", (out.shape[0], out.shape[1], out.shape[2]), (heads, tq, dv))
+    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, nh, d) or (v.shape[0], v.shape[1], v.shape[2]) != (batch, nh, tk):
+        raise ValueError(f"attention: mismatched q {(batch, nh, tq, d)}, k {(k.shape[0], k.shape[1], tk, k.shape[3])}, "
+                         f"v {(v.shape[0], v.shape[1], v.shape[2], dv)}")
+    _check_out("attention", (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), (batch, nh, tq, dv))
     if heads == 0 or tq == 0 or dv == 0:
         return
+    for last in (q.strides[3], k.strides[3], v.strides[3], out.strides[3]):
+        if last != sizeof(float):
+            raise ValueError("attention: the last axis of q, k, v and out must be contiguous")
+    strides[0], strides[1] = q.strides[2] // sizeof(float), k.strides[2] // sizeof(float)
+    strides[2], strides[3] = v.strides[2] // sizeof(float), out.strides[2] // sizeof(float)  # rows, in floats
     if not (wide and sdcli_attention_wide()):
         with nogil:
             for h in prange(heads, schedule="dynamic"):
-                failed += _attention_head(&q[h, 0, 0], &k[h, 0, 0], &v[h, 0, 0], &out[h, 0, 0], tq, tk, d, dv,
-                                          causal, scale) != 0
+                b = h // nh
+                failed += _attention_head(&q[b, h % nh, 0, 0], &k[b, h % nh, 0, 0], &v[b, h % nh, 0, 0],
+                                          &out[b, h % nh, 0, 0], strides, tq, tk, d, dv, causal, scale) != 0
     else:
         with nogil, parallel():
             scratch = malloc(sdcli_attention_scratch_bytes(d, dv))  # one per thread
             for task in prange(heads * blocks, schedule="dynamic"):  # (head, block of 16 queries)
                 h = task // blocks
+                b = h // nh
                 if scratch == NULL:
                     failed += 1
                 else:
-                    sdcli_attention_block(&q[h, 0, 0], &k[h, 0, 0], &v[h, 0, 0], &out[h, 0, 0], tq, tk, d, dv,
-                                          causal, scale, task % blocks * 16, scratch)
+                    sdcli_attention_block(&q[b, h % nh, 0, 0], &k[b, h % nh, 0, 0], &v[b, h % nh, 0, 0],
+                                          &out[b, h % nh, 0, 0], strides, tq, tk, d, dv, causal, scale,
+                                          task % blocks * 16, scratch)
             free(scratch)
     if failed:
         raise MemoryError("attention: out of memory for the per-thread or per-head buffers")

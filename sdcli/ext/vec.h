@@ -4,6 +4,10 @@
  *   sdcli_max          the largest of x[0:n] (nan entries ignored; -inf when n is 0)
  *   sdcli_exp_shifted  y[j] = exp(x[j] - shift) for j < n, returning the sum (in double): the softmax numerator
  *   sdcli_quick_gelu   y[j] = x[j] / (1 + exp(-1.702 x[j])) for j < n
+ *   sdcli_gelu         y[j] = x[j] Phi(x[j]) (exact GELU, Numerical Recipes' erfc) for j < n
+ *   sdcli_geglu        y[j] = value[j] gelu(gate[j]) for j < n
+ *   sdcli_sum_shifted  the sum of (x[j] - shift), or of its squares, for j < n, accumulated in double
+ *   sdcli_scale_shift  y[j] = x[j] scale + shift, then SiLU of that when asked, for j < n
  *
  * All arrays are float32 and may be unaligned; a, b, c rows are lda, ldb, ldc floats apart; x and y may be the
  * same array. GCC and Clang build them with generic vector types: 4 lanes for the baseline (SSE2 on any x86-64,
@@ -155,6 +159,43 @@ static inline void sdcli_quick_gelu(const float *x, ptrdiff_t n, float *y) {
     sdcli_quick_gelu_w4(x, n, y);
 }
 
+static inline void sdcli_gelu(const float *x, ptrdiff_t n, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) {
+        sdcli_gelu_w8(x, n, y);
+        return;
+    }
+#endif
+    sdcli_gelu_w4(x, n, y);
+}
+
+static inline void sdcli_geglu(const float *value, const float *gate, ptrdiff_t n, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) {
+        sdcli_geglu_w8(value, gate, n, y);
+        return;
+    }
+#endif
+    sdcli_geglu_w4(value, gate, n, y);
+}
+
+static inline double sdcli_sum_shifted(const float *x, ptrdiff_t n, float shift, int square) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) return sdcli_sum_shifted_w8(x, n, shift, square);
+#endif
+    return sdcli_sum_shifted_w4(x, n, shift, square);
+}
+
+static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, float shift, int silu, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) {
+        sdcli_scale_shift_w8(x, n, scale, shift, silu, y);
+        return;
+    }
+#endif
+    sdcli_scale_shift_w4(x, n, scale, shift, silu, y);
+}
+
 #else /* neither GCC nor Clang: plain loops */
 
 static inline void sdcli_tile_8x8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,
@@ -185,6 +226,39 @@ static inline double sdcli_exp_shifted(const float *x, float shift, ptrdiff_t n,
 
 static inline void sdcli_quick_gelu(const float *x, ptrdiff_t n, float *y) {
     for (ptrdiff_t j = 0; j < n; j++) y[j] = x[j] / (1.0f + expf(-1.702f * x[j]));
+}
+
+static inline float sdcli_gelu_one(float x) {
+    const float z = fabsf(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
+    const float p = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f + t * (-0.18628806f
+                    + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f
+                    + t * 0.17087277f))))))));
+    const float half_erfc = 0.5f * t * expf(p - z * z);
+    return x * (x < 0 ? half_erfc : 1.0f - half_erfc);
+}
+
+static inline void sdcli_gelu(const float *x, ptrdiff_t n, float *y) {
+    for (ptrdiff_t j = 0; j < n; j++) y[j] = sdcli_gelu_one(x[j]);
+}
+
+static inline void sdcli_geglu(const float *value, const float *gate, ptrdiff_t n, float *y) {
+    for (ptrdiff_t j = 0; j < n; j++) y[j] = value[j] * sdcli_gelu_one(gate[j]);
+}
+
+static inline double sdcli_sum_shifted(const float *x, ptrdiff_t n, float shift, int square) {
+    double sum = 0.0;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const float v = x[j] - shift;
+        sum += square ? (double)(v * v) : (double)v;
+    }
+    return sum;
+}
+
+static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, float shift, int silu, float *y) {
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const float v = x[j] * scale + shift;
+        y[j] = silu ? v / (1.0f + expf(-v)) : v;
+    }
 }
 
 #endif

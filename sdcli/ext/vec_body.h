@@ -92,3 +92,73 @@ SDCLI_TARGET static void SDCLI_FN(quick_gelu)(const float *x, ptrdiff_t n, float
         SDCLI_FN(store)(y + j, v / (1.0f + SDCLI_FN(exp)(-1.702f * v)), lanes);
     }
 }
+
+/* GELU, x Phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2 from Numerical Recipes' erfcc (as numpy_ops.erf): for
+ * z = |x| / sqrt 2, erfc(z) = t exp(P(t) - z^2) with t = 1 / (1 + z / 2), relative error below 1.2e-7, and
+ * erfc(-z) = 2 - erfc(z). Infinities and nan come out as the reference's formula gives them (-inf: nan). */
+SDCLI_TARGET static inline SDCLI_F SDCLI_FN(gelu_lanes)(SDCLI_F x) {
+    const SDCLI_F zero = {0};
+    const SDCLI_I negative = x < zero;
+    const SDCLI_F z = SDCLI_FN(select)(negative, -x, x) * 0.70710678118654752f;
+    const SDCLI_F t = 1.0f / (1.0f + 0.5f * z);
+    SDCLI_F p = t * 0.17087277f - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    const SDCLI_F half_erfc = 0.5f * t * SDCLI_FN(exp)(p - z * z); /* erfc(|x| / sqrt 2) / 2 */
+    return x * SDCLI_FN(select)(negative, half_erfc, 1.0f - half_erfc);
+}
+
+/* y[j] = gelu(x[j]) for j < n */
+SDCLI_TARGET static void SDCLI_FN(gelu)(const float *x, ptrdiff_t n, float *y) {
+    for (ptrdiff_t j = 0; j < n; j += SDCLI_W) {
+        const ptrdiff_t lanes = n - j < SDCLI_W ? n - j : SDCLI_W;
+        const SDCLI_F v = lanes == SDCLI_W ? SDCLI_FN(load)(x + j) : SDCLI_FN(load_part)(x + j, lanes, 0.0f);
+        SDCLI_FN(store)(y + j, SDCLI_FN(gelu_lanes)(v), lanes);
+    }
+}
+
+/* GEGLU: y[j] = value[j] * gelu(gate[j]) for j < n */
+SDCLI_TARGET static void SDCLI_FN(geglu)(const float *value, const float *gate, ptrdiff_t n, float *y) {
+    for (ptrdiff_t j = 0; j < n; j += SDCLI_W) {
+        const ptrdiff_t lanes = n - j < SDCLI_W ? n - j : SDCLI_W;
+        const int whole = lanes == SDCLI_W;
+        const SDCLI_F a = whole ? SDCLI_FN(load)(value + j) : SDCLI_FN(load_part)(value + j, lanes, 0.0f);
+        const SDCLI_F g = whole ? SDCLI_FN(load)(gate + j) : SDCLI_FN(load_part)(gate + j, lanes, 0.0f);
+        SDCLI_FN(store)(y + j, a * SDCLI_FN(gelu_lanes)(g), lanes);
+    }
+}
+
+/* the sum of x[0:n] minus `shift`, squared when `square`; the lanes accumulate in double */
+SDCLI_TARGET static double SDCLI_FN(sum_shifted)(const float *x, ptrdiff_t n, float shift, int square) {
+    SDCLI_D total = {0};
+    ptrdiff_t j = 0;
+    for (; j + SDCLI_W <= n; j += SDCLI_W) {
+        const SDCLI_F v = SDCLI_FN(load)(x + j) - shift;
+        total += __builtin_convertvector(square ? v * v : v, SDCLI_D);
+    }
+    double sum = 0.0;
+    for (int lane = 0; lane < SDCLI_W; lane++) sum += total[lane];
+    for (; j < n; j++) {
+        const float v = x[j] - shift;
+        sum += square ? (double)(v * v) : (double)v;
+    }
+    return sum;
+}
+
+/* y[j] = x[j] * scale + shift for j < n, then x / (1 + exp(-x)) (SiLU) of that when `silu` */
+SDCLI_TARGET static void SDCLI_FN(scale_shift)(const float *x, ptrdiff_t n, float scale, float shift, int silu,
+                                               float *y) {
+    for (ptrdiff_t j = 0; j < n; j += SDCLI_W) {
+        const ptrdiff_t lanes = n - j < SDCLI_W ? n - j : SDCLI_W;
+        const SDCLI_F v = lanes == SDCLI_W ? SDCLI_FN(load)(x + j) : SDCLI_FN(load_part)(x + j, lanes, 0.0f);
+        SDCLI_F out = v * scale + shift;
+        if (silu) out = out / (1.0f + SDCLI_FN(exp)(-out));
+        SDCLI_FN(store)(y + j, out, lanes);
+    }
+}

@@ -109,8 +109,10 @@ class GroupNorm:
     def __init__(self, ops: Ops, weight: Weight, bias: Weight, num_groups: int, eps: float):
         self.ops, self.weight, self.bias, self.num_groups, self.eps = ops, weight, bias, num_groups, eps
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.ops.group_norm(x, self.num_groups, self.weight.float32(), self.bias.float32(), self.eps)
+    def __call__(self, x: np.ndarray, silu: bool = False) -> np.ndarray:
+        """The normalised x, then SiLU of it when ``silu`` (fused by the backend)."""
+        return self.ops.group_norm(x, self.num_groups, self.weight.float32(), self.bias.float32(), self.eps,
+                                   silu=silu)
 
 
 class Embedding:

@@ -165,12 +165,13 @@ class ResnetBlock2D:
 
     def __call__(self, x: np.ndarray, time_features: np.ndarray) -> np.ndarray:
         """x (B, Cin, H, W); ``time_features`` = SiLU(timestep embedding) (B, T) -> (B, Cout, H, W)."""
-        h = self.conv1(self.ops.silu(self.norm1(x)))  # (B, Cout, H, W)
+        h = self.conv1(self.norm1(x, silu=True))  # (B, Cout, H, W)
         h += self.time_emb_proj(time_features)[:, :, None, None]  # (B, Cout, 1, 1) broadcast over positions
-        h = self.conv2(self.ops.silu(self.norm2(h)))
-        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = shortcut + h
-        return out / np.float32(self.output_scale_factor) if self.output_scale_factor != 1 else out
+        h = self.conv2(self.norm2(h, silu=True))
+        h += self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        if self.output_scale_factor != 1:
+            h /= np.float32(self.output_scale_factor)
+        return h
 
 
 class Attention:
@@ -211,14 +212,13 @@ class BasicTransformerBlock:
 
     def feed_forward(self, x: np.ndarray) -> np.ndarray:
         """GEGLU (Shazeer 2020): the projection's first half gated by GELU of its second half."""
-        projected = self.ff_proj(x)  # (B, T, 2 * inner)
-        inner = projected.shape[-1] // 2
-        return self.ff_out(projected[..., :inner] * self.ops.gelu(projected[..., inner:]))  # (B, T, C)
+        return self.ff_out(self.ops.geglu(self.ff_proj(x)))  # (B, T, 2 inner) -> (B, T, inner) -> (B, T, C)
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
-        x = x + self.attn1(self.norm1(x))  # (B, T, C)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.feed_forward(self.norm3(x))
+        x = x + self.attn1(self.norm1(x))  # (B, T, C), a new array: the caller's x is left alone
+        x += self.attn2(self.norm2(x), context)
+        x += self.feed_forward(self.norm3(x))
+        return x
 
 
 class Transformer2DModel:
@@ -408,5 +408,5 @@ class UNet2DConditionModel:
             if block.upsampler is not None:
                 x = block.upsampler(x, skips[-1].shape[-2:])  # to the next skip's size
 
-        x = self.ops.silu(self.conv_norm_out(x))
+        x = self.conv_norm_out(x, silu=True)
         return self.conv_out(x)  # (B, out_channels, h, w)

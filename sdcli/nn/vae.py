@@ -118,8 +118,8 @@ class ResnetBlock:
         self.conv_shortcut = conv2d_from(ops, weights, shortcut) if shortcut + "weight" in weights else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        h = self.conv1(self.ops.silu(self.norm1(x)))  # (B, Cout, H, W)
-        h = self.conv2(self.ops.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))  # (B, Cout, H, W)
+        h = self.conv2(self.norm2(h, silu=True))
         residual = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         h += residual
         return h
@@ -213,7 +213,7 @@ class Encoder:
         for layer in self.layers:
             x = layer(x)
         x = self.mid_block(x)  # (B, C_last, H/f, W/f)
-        return self.conv_out(self.ops.silu(self.conv_norm_out(x)))  # (B, 2 * latent, H/f, W/f)
+        return self.conv_out(self.conv_norm_out(x, silu=True))  # (B, 2 * latent, H/f, W/f)
 
 
 class Decoder:
@@ -240,7 +240,7 @@ class Decoder:
         x = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
         for layer in self.layers:
             x = layer(x)
-        return self.conv_out(self.ops.silu(self.conv_norm_out(x)))  # (B, 3, f h, f w)
+        return self.conv_out(self.conv_norm_out(x, silu=True))  # (B, 3, f h, f w)
 
 
 TILE_OVERLAP = 0.25  # diffusers' AutoencoderKL.tile_overlap_factor: neighbouring tiles share a quarter

@@ -1,10 +1,11 @@
 """The "cpu" backend: the functions and signatures of :mod:`sdcli.ops.numpy_ops` on the kernels of ``sdcli/ext``.
 
 ``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place; ``conv2d`` is
-im2col in blocks of bounded size, one GEMM per block with the weight in its stored layout; group_norm, silu, relu and
-upsample_nearest are vectorised numpy until they get kernels of their own. layer_norm, gelu,
-quick_gelu, softmax and attention run in :mod:`sdcli.ext.cpu_kernels`: float32, parallel over rows (attention:
-heads) when the extension was built with OpenMP; attention is fused, never forming the (Tq, Tk) score matrix.
+im2col in blocks of bounded size, one GEMM per block with the weight in its stored layout; silu, relu and
+upsample_nearest are vectorised numpy. layer_norm, group_norm (with the SiLU after it fused in), gelu, geglu,
+quick_gelu, softmax and attention run in :mod:`sdcli.ext.cpu_kernels`: float32, parallel over rows (group_norm:
+groups; attention: blocks of queries) when the extension was built with OpenMP; attention is fused, never forming
+the (Tq, Tk) score matrix.
 Inputs of other dtypes or layouts are converted to C-contiguous float32 first; results are new float32 arrays.
 
 Importing this module raises ImportError when the extension is not built; ``get_ops("cpu")`` reports that.
@@ -62,6 +63,17 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return _elementwise(kernels.gelu, x)
 
 
+def geglu(x: np.ndarray) -> np.ndarray:
+    """GEGLU (Shazeer 2020): the first half of the last axis gated by the GELU of the second, in one pass.
+    (..., 2 C) -> (..., C)."""
+    x = _float32(x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu: the last axis ({x.shape[-1]}) must have an even length")
+    out = np.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=np.float32)
+    kernels.geglu(_rows(x), _rows(out))
+    return out
+
+
 def quick_gelu(x: np.ndarray) -> np.ndarray:
     """OpenAI CLIP's GELU approximation, ``x * sigmoid(1.702 x)``."""
     return _elementwise(kernels.quick_gelu, x)
@@ -75,25 +87,38 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _float32_rows(x: np.ndarray) -> np.ndarray:
+    """x as float32 whose last axis is contiguous, without a copy when it is (a head-split view of a projection)."""
+    if x.dtype == np.float32 and x.ndim and x.strides[-1] == 4 and all(s % 4 == 0 for s in x.strides):
+        return x
+    return _float32(x)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
               scale: float | None = None) -> np.ndarray:
     """Scaled dot-product attention.
 
     q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> (B, H, Tq, dv). ``scale`` defaults to ``1/sqrt(d)``.
     With ``causal``, query i sees keys 0..i (aligned at the start, as in a text encoder; needs Tq == Tk).
+    Views whose last axis is contiguous (heads split off a (B, T, C) projection) are read in place; the result is a
+    (B, H, Tq, dv) view of a (B, Tq, H, dv) array, so that merging the heads back is a free reshape.
     """
-    q, k, v = _float32(q), _float32(k), _float32(v)
+    q, k, v = _float32_rows(q), _float32_rows(k), _float32_rows(v)
     *lead, tq, d = q.shape
     tk, dv = v.shape[-2:]
     if k.shape != (*lead, tk, d) or v.shape[:-2] != tuple(lead):
         raise ValueError(f"attention: q {q.shape}, k {k.shape} and v {v.shape} do not match")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    heads = math.prod(lead)
-    out = np.empty((*lead, tq, dv), dtype=np.float32)
-    kernels.attention(q.reshape(heads, tq, d), k.reshape(heads, tk, d), v.reshape(heads, tk, dv),
-                      out.reshape(heads, tq, dv), causal, scale)  # (B*H, Tq, dv)
-    return out
+    batch = math.prod(lead[:-1]) if len(lead) > 1 else 1
+    heads = lead[-1] if lead else 1
+
+    def four_axes(x: np.ndarray) -> np.ndarray:  # (..., H, T, c) -> (B, H, T, c), a view where the strides allow
+        return x.reshape(batch, heads, *x.shape[-2:])
+
+    out = np.empty((batch, tq, heads, dv), dtype=np.float32).transpose(0, 2, 1, 3)  # (B, H, Tq, dv) view
+    kernels.attention(four_axes(q), four_axes(k), four_axes(v), out, causal, scale)
+    return out.reshape(*lead, tq, dv)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -110,24 +135,18 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(_float32(x), np.float32(0))
 
 
-def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float, *,
+               silu: bool = False) -> np.ndarray:
     """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
-    variance), then scale and shift per channel. x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
+    variance), then scale and shift per channel; then SiLU when ``silu``, in the same pass.
+    x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
     x = _float32(x)
     batch, channels = x.shape[:2]
-    groups = x.reshape(batch, num_groups, -1)  # (B, G, C/G * spatial)
-    mean = groups.mean(axis=-1, keepdims=True, dtype=np.float64)
-    variance = np.square(groups - mean.astype(np.float32)).mean(axis=-1, keepdims=True, dtype=np.float64)
-    inverse_std = (1.0 / np.sqrt(variance + eps)).astype(np.float32)  # (B, G, 1)
-    # y = x * scale + shift per (batch, channel): scale = weight / std, shift = bias - mean * weight / std
-    per_group = channels // num_groups
-    weight = weight.astype(np.float32).reshape(1, num_groups, per_group)  # (1, G, C/G)
-    scale = weight * inverse_std  # (B, G, C/G)
-    shift = bias.astype(np.float32).reshape(1, num_groups, per_group) - mean.astype(np.float32) * scale
-    scale, shift = scale.reshape(batch, channels), shift.reshape(batch, channels)  # (B, C)
-    spatial = (1,) * (x.ndim - 2)
-    out = x * scale.reshape(batch, channels, *spatial)
-    out += shift.reshape(batch, channels, *spatial)
+    if num_groups <= 0 or channels % num_groups:
+        raise ValueError(f"group_norm: {channels} channels do not split into {num_groups} groups")
+    out = np.empty_like(x)
+    kernels.group_norm(x.reshape(batch, channels, -1), num_groups, _float32(weight), _float32(bias), eps, silu,
+                       out.reshape(batch, channels, -1))  # (B, C, positions)
     return out
 
 

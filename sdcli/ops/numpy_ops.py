@@ -44,6 +44,13 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
 
 
+def geglu(x: np.ndarray) -> np.ndarray:
+    """GEGLU (Shazeer 2020): the first half of the last axis gated by the GELU of the second.
+    (..., 2 C) -> (..., C)."""
+    inner = x.shape[-1] // 2
+    return x[..., :inner] * gelu(x[..., inner:])
+
+
 def quick_gelu(x: np.ndarray) -> np.ndarray:
     """OpenAI CLIP's GELU approximation, ``x * sigmoid(1.702 x)``."""
     return x / (1.0 + np.exp(np.float32(-1.702) * x))
@@ -86,9 +93,11 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, np.float32(0))
 
 
-def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float, *,
+               silu: bool = False) -> np.ndarray:
     """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
-    variance), then scale and shift per channel. x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
+    variance), then scale and shift per channel; then SiLU when ``silu`` (the GroupNorm-SiLU pair of every ResNet
+    block, one op so that a backend can fuse it). x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
     batch, channels = x.shape[:2]
     groups = x.reshape(batch, num_groups, -1)  # (B, G, C/G * spatial)
     mean = groups.mean(axis=-1, keepdims=True)
@@ -96,7 +105,8 @@ def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndar
     variance = np.mean(centered * centered, axis=-1, keepdims=True)
     y = (centered / np.sqrt(variance + np.float32(eps))).reshape(x.shape)
     per_channel = (1, channels) + (1,) * (x.ndim - 2)
-    return y * weight.reshape(per_channel) + bias.reshape(per_channel)
+    y = y * weight.reshape(per_channel) + bias.reshape(per_channel)
+    return y / (np.float32(1) + np.exp(-y)) if silu else y  # the formula of silu() above
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *, stride: int = 1,
