@@ -1,0 +1,261 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""bfloat16 matrix products with float32 accumulation: linear layers and convolutions with bf16 weights.
+
+Weights are bfloat16 bit patterns in numpy uint16 arrays (numpy has no bf16 dtype; see
+sdcli.io.safetensors.float32_to_bf16), activations float32. Each product rounds the activations to bf16 (round to
+nearest even, inside the kernel, a block at a time), multiplies with the CPU's bf16 instructions and accumulates in
+float32. The kernels are in bf16_gemm.h; this module checks shapes, prepares the weight layouts, picks the level
+and runs the tasks in parallel (OpenMP, GIL released).
+
+Levels, chosen at run time (``capability()``): "amx" (AMX tiles, TDPBF16PS), "avx512_bf16" (VDPBF16PS),
+"portable" (plain C loops, correctness only). The environment variable SDCLI_BF16_KERNEL (one of those names)
+caps the level, for tests and benchmarks; the ``level=`` argument of linear() and conv2d() picks one directly and
+raises ValueError when the CPU lacks it.
+
+Weight layouts, built once at load time (Kp = K rounded up to 32, zeros in all padding):
+    pack_linear_weight(w (N, K))            -> (Np/32, Kp/2, 32, 2) uint16: VNNI pairs in strips of 32 columns,
+                                               [s, p, j, t] = w[32s + j, 2p + t], Np = N rounded up to 32
+    pack_conv_weight(w (Cout, Cin, kh, kw)) -> (Cout, Kp) uint16, row-major, K = Cin*kh*kw
+The linear weight is the B operand of x @ w.T, whose pair rows a tile load or a vector load takes in one piece;
+strips keep each 32-column slice contiguous down k (see bf16_gemm.h). The convolution weight is the A operand of
+w @ im2col(x), whose rows the tile loads take straight; the im2col panels are built as B strips.
+The products write into ``out`` arrays of the caller's (float32, C-contiguous, the exact output shape).
+"""
+
+import os
+
+import numpy as np
+
+from cython.parallel cimport parallel, prange
+from libc.stddef cimport ptrdiff_t
+from libc.stdint cimport uint16_t, uint32_t
+
+cdef extern from "bf16_gemm.h" nogil:
+    enum:
+        SDCLI_BF16_PORTABLE
+        SDCLI_BF16_AVX512
+        SDCLI_BF16_AMX
+        SDCLI_BF16_LINEAR_ROWS
+        SDCLI_BF16_CONV_PIXELS
+        SDCLI_BF16_PANEL_BYTES
+    ctypedef struct sdcli_bf16_scratch:
+        pass
+    int sdcli_bf16_cpu_level()
+    int sdcli_bf16_max_threads()
+    sdcli_bf16_scratch* sdcli_bf16_scratch_new(size_t a_elems, size_t c_elems, size_t panel_elems,
+                                               size_t rows_elems)
+    void sdcli_bf16_scratch_free(sdcli_bf16_scratch* s)
+    # AMX: per thread, the tile configuration before the first product and the tile release after the last
+    void sdcli_bf16_thread_begin(int level)
+    void sdcli_bf16_thread_end(int level)
+    void sdcli_bf16_linear_task(int level, const float* x, ptrdiff_t m, ptrdiff_t k, const uint16_t* w,
+                                ptrdiff_t kp, ptrdiff_t n_pad, const float* bias_pad, float* out, ptrdiff_t n,
+                                ptrdiff_t slice, ptrdiff_t slices, ptrdiff_t task, sdcli_bf16_scratch* s)
+    void sdcli_bf16_conv_task(int level, const float* x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
+                              const uint16_t* weight, ptrdiff_t cout, ptrdiff_t cout_pad, ptrdiff_t kp,
+                              ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, const float* bias_tiles,
+                              float* out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels, ptrdiff_t cslice,
+                              ptrdiff_t cslices, ptrdiff_t kb_max, ptrdiff_t task, sdcli_bf16_scratch* s)
+
+LEVELS = ("portable", "avx512_bf16", "amx")  # index = the level number of bf16_gemm.h
+ENV_VAR = "SDCLI_BF16_KERNEL"
+
+cdef int _cpu_level = sdcli_bf16_cpu_level()
+
+
+def levels():
+    """The levels this build and CPU can run, lowest first."""
+    return LEVELS[:_cpu_level + 1]
+
+
+cdef int _env_level() except -1:
+    name = os.environ.get(ENV_VAR, "")
+    if not name:
+        return _cpu_level
+    if name not in LEVELS:
+        raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(LEVELS)}")
+    return min(LEVELS.index(name), _cpu_level)
+
+
+def capability():
+    """The level in use: "amx", "avx512_bf16" or "portable" (the CPU's best, capped by SDCLI_BF16_KERNEL)."""
+    return LEVELS[_env_level()]
+
+
+cdef int _level(str op, object level) except -1:
+    if level is None:
+        return _env_level()
+    if level not in LEVELS:
+        raise ValueError(f"{op}: level {level!r} is not one of {', '.join(LEVELS)}")
+    if LEVELS.index(level) > _cpu_level:
+        raise ValueError(f"{op}: level {level!r} needs CPU support this machine lacks (best: {LEVELS[_cpu_level]})")
+    return LEVELS.index(level)
+
+
+cdef inline Py_ssize_t _round_up(Py_ssize_t a, Py_ssize_t to):
+    return (a + to - 1) // to * to
+
+
+cdef inline Py_ssize_t _clamp(Py_ssize_t a, Py_ssize_t lo, Py_ssize_t hi):
+    return lo if a < lo else hi if a > hi else a
+
+
+def _check_bits(str op, str name, array, int ndim):
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint16 or array.ndim != ndim:
+        got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"{op}: {name} must be a {ndim}-d uint16 array of bf16 bits, got {got}")
+
+
+def pack_linear_weight(w):
+    """The weight w (N, K) of a linear layer (bf16 bits) as the B operand of y = x @ w.T, in strips of 32 columns.
+
+    Returns a new uint16 array (Np/32, Kp/2, 32, 2) with [s, p, j, t] = w[32s + j, 2p + t]: Kp = K rounded up to
+    32, Np = N rounded up to 32, zeros in the padding. linear() takes it with the true N given by its ``out``.
+    """
+    _check_bits("pack_linear_weight", "w", w, 2)
+    n, k = w.shape
+    kp, np_ = _round_up(k, 32), _round_up(n, 32)
+    padded = np.zeros((np_, kp), dtype=np.uint16)
+    padded[:n, :k] = w
+    return np.ascontiguousarray(padded.reshape(np_ // 32, 32, kp // 2, 2).transpose(0, 2, 1, 3))
+
+
+def pack_conv_weight(w):
+    """The weight w (Cout, Cin, kh, kw) of a convolution (bf16 bits) as the row-major A operand (Cout, Kp).
+
+    Returns a new uint16 array: row o is w[o] flattened over (Cin, kh, kw), K = Cin*kh*kw, then zeros up to Kp, a
+    multiple of 32.
+    """
+    _check_bits("pack_conv_weight", "w", w, 4)
+    cout = w.shape[0]
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    packed = np.zeros((cout, _round_up(k, 32)), dtype=np.uint16)
+    packed[:, :k] = w.reshape(cout, k)
+    return packed
+
+
+def _bias(str op, bias, Py_ssize_t n):
+    if bias is None:
+        return None
+    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
+        got = f"{bias.dtype} {bias.shape}" if isinstance(bias, np.ndarray) else type(bias).__name__
+        raise ValueError(f"{op}: bias must be float32 of shape ({n},), got {got}")
+    return bias
+
+
+def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, float[:, ::1] out, level=None):
+    """out (M, N) = bf16(x) (M, K) @ w.T + bias, float32 accumulation; ``packed`` = pack_linear_weight(w).
+
+    x: float32 (M, K), rounded to bf16 a block of rows at a time. bias: float32 (N,) or None. out: float32 (M, N),
+    overwritten. level: "amx", "avx512_bf16", "portable" or None (capability()).
+    """
+    cdef int lvl = _level("linear", level)
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1]
+    cdef Py_ssize_t kp = packed.shape[1] * 2, np_ = packed.shape[0] * 32
+    got = (packed.shape[0], packed.shape[1], packed.shape[2], packed.shape[3])
+    if got != (np_ // 32, kp // 2, 32, 2) or kp != _round_up(k, 32) or np_ != _round_up(n, 32):
+        raise ValueError(f"linear: packed weight {got} does not fit x (M, K) = ({m}, {k}) and out (M, N) = "
+                         f"({out.shape[0]}, {n}): expected {(_round_up(n, 32) // 32, _round_up(k, 32) // 2, 32, 2)} "
+                         f"from pack_linear_weight")
+    if out.shape[0] != m:
+        raise ValueError(f"linear: out has {out.shape[0]} rows, x has {m}")
+    bias = _bias("linear", bias, n)
+    if m == 0 or n == 0:
+        return
+    bias_padded = np.zeros(np_, dtype=np.float32)  # (Np) the bias, zeros past N
+    if bias is not None:
+        bias_padded[:n] = bias
+    cdef const float[::1] bias_pad = bias_padded
+    # tasks: (block of LINEAR_ROWS rows, slice of columns); the columns split only as far as needed to give each
+    # thread about two tasks, since every slice converts the block of x again
+    cdef Py_ssize_t blocks = (m + SDCLI_BF16_LINEAR_ROWS - 1) // SDCLI_BF16_LINEAR_ROWS
+    cdef Py_ssize_t slices = _clamp((2 * sdcli_bf16_max_threads() + blocks - 1) // blocks, 1, (np_ + 31) // 32)
+    cdef Py_ssize_t slice = min(_round_up((np_ + slices - 1) // slices, 32), np_)
+    slices = (np_ + slice - 1) // slice
+    cdef Py_ssize_t tasks = blocks * slices, task
+    cdef int failed = 0
+    cdef sdcli_bf16_scratch* scratch = NULL
+    cdef const uint16_t* w = &packed[0, 0, 0, 0]
+    with nogil, parallel():
+        scratch = sdcli_bf16_scratch_new(SDCLI_BF16_LINEAR_ROWS * kp, SDCLI_BF16_LINEAR_ROWS * slice, 1, 1)
+        sdcli_bf16_thread_begin(lvl)
+        for task in prange(tasks, schedule="static"):
+            if scratch == NULL:
+                failed += 1
+            else:
+                sdcli_bf16_linear_task(lvl, &x[0, 0], m, k, w, kp, np_, &bias_pad[0], &out[0, 0], n, slice, slices,
+                                       task, scratch)
+        sdcli_bf16_thread_end(lvl)
+        sdcli_bf16_scratch_free(scratch)
+    if failed:
+        raise MemoryError("linear: out of memory for the per-thread buffers")
+
+
+def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, int kw, int stride, int padding,
+           bias, float[:, :, :, ::1] out, level=None):
+    """out = conv2d(bf16(x), w) + bias with PyTorch Conv2d semantics (cross-correlation, zero padding, NCHW).
+
+    x: float32 (B, Cin, H, W). weight: pack_conv_weight(w) of w (Cout, Cin, kh, kw). bias: float32 (Cout,) or None.
+    out: float32 (B, Cout, Ho, Wo), Ho = (H + 2 padding - kh) // stride + 1 (Wo alike), overwritten. The im2col
+    matrix is built in bf16 VNNI panels of at most SDCLI_BF16_CONV_PIXELS output pixels and SDCLI_BF16_PANEL_BYTES
+    per thread, so memory stays flat as images grow. level as in linear().
+    """
+    cdef int lvl = _level("conv2d", level)
+    cdef Py_ssize_t batch = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t cout = weight.shape[0], kp = weight.shape[1], k_total = cin * kh * kw
+    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
+        raise ValueError(f"conv2d: kernel {kh}x{kw}, stride {stride}, padding {padding}: need kh, kw, stride >= 1 "
+                         f"and padding >= 0")
+    if kp != _round_up(k_total, 32):
+        raise ValueError(f"conv2d: packed weight has {kp} columns; Cin*kh*kw = {cin}*{kh}*{kw} = {k_total} "
+                         f"needs {_round_up(k_total, 32)} (pack_conv_weight)")
+    if h + 2 * padding < kh or w + 2 * padding < kw:
+        raise ValueError(f"conv2d: input {h}x{w} with padding {padding} is smaller than the kernel {kh}x{kw}")
+    cdef Py_ssize_t ho = (h + 2 * padding - kh) // stride + 1, wo = (w + 2 * padding - kw) // stride + 1
+    got = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
+    if got != (batch, cout, ho, wo):
+        raise ValueError(f"conv2d: out has shape {got}, expected {(batch, cout, ho, wo)}")
+    bias = _bias("conv2d", bias, cout)
+    if batch == 0 or cout == 0:
+        return
+    # the weight as A needs whole 32-row blocks: zero rows up to cout_pad (a copy only when cout is not a multiple)
+    cdef Py_ssize_t cout_pad = _round_up(cout, 32)
+    cdef const uint16_t[:, ::1] a = weight
+    if cout_pad != cout:
+        a_pad = np.zeros((cout_pad, kp), dtype=np.uint16)
+        a_pad[:cout] = weight
+        a = a_pad
+    tiles = np.zeros((cout_pad, 16), dtype=np.float32)  # row i: bias[i] 16 times
+    if bias is not None:
+        tiles[:cout] = bias[:, None]
+    cdef const float[:, ::1] bias_tiles = tiles
+    # tasks: (image, block of output pixels, slice of output channels); the channels split only as far as needed to
+    # give each thread about two tasks, since every slice builds the im2col panel again
+    cdef Py_ssize_t hw_out = ho * wo
+    cdef Py_ssize_t pixels = min(<Py_ssize_t>SDCLI_BF16_CONV_PIXELS, _round_up(hw_out, 32))
+    cdef Py_ssize_t pblocks = (hw_out + pixels - 1) // pixels
+    cdef Py_ssize_t cslices = _clamp((2 * sdcli_bf16_max_threads() + batch * pblocks - 1) // (batch * pblocks), 1,
+                                     cout_pad // 32)
+    cdef Py_ssize_t cslice = _round_up((cout_pad + cslices - 1) // cslices, 32)
+    cslices = (cout_pad + cslice - 1) // cslice
+    # rows of k per panel: all of kp when the panel (kp/2 pairs x pixels) fits SDCLI_BF16_PANEL_BYTES
+    cdef Py_ssize_t kb_max = kp
+    if kp * pixels * 2 > SDCLI_BF16_PANEL_BYTES:
+        kb_max = max(32, SDCLI_BF16_PANEL_BYTES // (pixels * 2) // 32 * 32)
+    cdef Py_ssize_t tasks = batch * pblocks * cslices, task
+    cdef int failed = 0
+    cdef sdcli_bf16_scratch* scratch = NULL
+    with nogil, parallel():
+        scratch = sdcli_bf16_scratch_new(1, cslice * pixels, kb_max // 2 * pixels, 2 * pixels)
+        sdcli_bf16_thread_begin(lvl)
+        for task in prange(tasks, schedule="static"):
+            if scratch == NULL:
+                failed += 1
+            else:
+                sdcli_bf16_conv_task(lvl, &x[0, 0, 0, 0], cin, h, w, &a[0, 0], cout, cout_pad, kp, kh, kw, stride,
+                                     padding, &bias_tiles[0, 0], &out[0, 0, 0, 0], ho, wo, pixels, cslice, cslices,
+                                     kb_max, task, scratch)
+        sdcli_bf16_thread_end(lvl)
+        sdcli_bf16_scratch_free(scratch)
+    if failed:
+        raise MemoryError("conv2d: out of memory for the per-thread buffers")

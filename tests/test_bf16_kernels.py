@@ -1,0 +1,248 @@
+"""The bfloat16 kernels (sdcli.ext.bf16_kernels) against float64 numpy references, at every level the CPU has.
+
+The references round x and the weight to bf16 with sdcli.io.safetensors.float32_to_bf16, widen them back to
+float32 and compute the product (or the convolution) in float64. The kernels multiply the same bf16 values exactly
+(a product of two bf16 fits in float32) and accumulate in float32, so the only difference is float32 summation in
+another order. Shapes are awkward on purpose: M, N, K off the 16 / 32 tile sizes, one row, batch 2, the last block
+of rows or pixels partial, several column slices or channel slices per block, K past one chunk or panel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdcli.ext import bf16_kernels
+from sdcli.io.safetensors import bf16_to_float32, float32_to_bf16
+
+LEVELS = ("portable", "avx512_bf16", "amx")
+
+# |result - reference| <= rtol * (the same sum over |a| |b|, plus |bias|), per element. Float32 accumulation of K
+# exact products differs from the float64 sum by about sqrt(K) float32 ulps of the sum of magnitudes in practice
+# (at K = 2200: ~3e-6 at worst, ~2e-7 measured); a wrong index or a lost tile gives errors of order 1.
+TOL = {
+    "linear": 1e-5,
+    "conv2d": 1e-5,
+}
+
+
+@pytest.fixture(params=LEVELS)
+def level(request) -> str:
+    if request.param not in bf16_kernels.levels():
+        pytest.skip(f"this CPU has no {request.param}")
+    return request.param
+
+
+def as_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bf16 (nearest even), as float32."""
+    return bf16_to_float32(float32_to_bf16(x))
+
+
+def assert_close(name: str, out: np.ndarray, expected: np.ndarray, magnitude: np.ndarray) -> None:
+    assert out.dtype == np.float32 and out.shape == expected.shape
+    error = np.abs(out.astype(np.float64) - expected)
+    bound = TOL[name] * magnitude
+    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
+    assert np.all(error <= bound), f"{name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+def random_linear(rng, m: int, k: int, n: int, with_bias: bool):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = float32_to_bf16(rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(max(k, 1)))
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    return x, w, bias
+
+
+def linear_reference(x, w, bias):
+    """(expected, magnitude): bf16(x) @ w.T + bias and |bf16(x)| @ |w|.T + |bias|, in float64."""
+    xr, wr = as_bf16(x).astype(np.float64), bf16_to_float32(w).astype(np.float64)
+    expected, magnitude = xr @ wr.T, np.abs(xr) @ np.abs(wr).T
+    if bias is not None:
+        expected, magnitude = expected + bias, magnitude + np.abs(bias)
+    return expected, magnitude
+
+
+def conv_reference(x, w, bias, stride: int, padding: int):
+    """(expected, magnitude) of conv2d(bf16(x), w) + bias (PyTorch semantics) and of the same over |.|, in float64."""
+    xr, wr = as_bf16(x).astype(np.float64), bf16_to_float32(w).astype(np.float64)
+    batch, _, h, width = x.shape
+    cout, _, kh, kw = w.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (width + 2 * padding - kw) // stride + 1
+    results = []
+    for xs, ws in ((xr, wr), (np.abs(xr), np.abs(wr))):
+        padded = np.pad(xs, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+        total = np.zeros((batch, cout, ho, wo))
+        for dy in range(kh):
+            for dx in range(kw):
+                patch = padded[:, :, dy : dy + stride * (ho - 1) + 1 : stride, dx : dx + stride * (wo - 1) + 1 : stride]
+                total += np.einsum("oc,bchw->bohw", ws[:, :, dy, dx], patch)  # (B, Cout, Ho, Wo)
+        results.append(total)
+    if bias is not None:
+        results = [results[0] + bias[None, :, None, None], results[1] + np.abs(bias)[None, :, None, None]]
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+
+
+def test_pack_linear_weight_layout():
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 2**16, size=(45, 37), dtype=np.uint16)
+    packed = bf16_kernels.pack_linear_weight(w)
+    assert packed.dtype == np.uint16 and packed.shape == (2, 32, 32, 2)  # Np = 64, Kp = 64
+    s, p, j, t = np.meshgrid(*(np.arange(size) for size in packed.shape), indexing="ij")
+    n, k = 32 * s + j, 2 * p + t  # [s, p, j, t] = w[32s + j, 2p + t], zero in the padding
+    inside = (n < 45) & (k < 37)
+    assert np.array_equal(packed[inside], w[n[inside], k[inside]])
+    assert not packed[~inside].any()
+
+
+def test_pack_conv_weight_layout():
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 2**16, size=(5, 4, 3, 3), dtype=np.uint16)
+    packed = bf16_kernels.pack_conv_weight(w)
+    assert packed.dtype == np.uint16 and packed.shape == (5, 64)  # K = 36 -> Kp = 64
+    assert np.array_equal(packed[:, :36], w.reshape(5, 36))
+    assert not packed[:, 36:].any()
+
+
+# -------------------------------------------------------------------------------------------------- linear
+
+LINEAR_SHAPES = [  # (M, K, N)
+    (1, 1, 1),
+    (3, 17, 33),  # one block of rows, N split into column slices
+    (17, 33, 77),
+    (77, 64, 17),
+    (130, 40, 3),  # two blocks of rows (128 + 2)
+    (33, 320, 48),
+    (5, 2100, 40),  # K in two chunks
+]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("m,k,n", LINEAR_SHAPES)
+def test_linear(level, m, k, n, with_bias):
+    rng = np.random.default_rng(m * 10007 + k * 101 + n)
+    x, w, bias = random_linear(rng, m, k, n, with_bias)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    bf16_kernels.linear(x, bf16_kernels.pack_linear_weight(w), bias, out, level=level)
+    assert_close("linear", out, *linear_reference(x, w, bias))
+
+
+def test_linear_rounds_x_to_nearest_even(level):
+    """With an identity weight each output is one rounded input: bit-exact bf16 rounding, ties to even."""
+    rng = np.random.default_rng(2)
+    k = 40
+    x = (rng.standard_normal((9, k)) * 10).astype(np.float32)
+    one = np.float32(1.0).view(np.uint32)
+    x[0, :4] = np.array([one + 0x8000, one + 0x18000, one + 0x7FFF, one + 0x8001], dtype=np.uint32).view(np.float32)
+    x[1, :2] = -x[0, :2]  # ties: 1 + 2^-8 rounds down to 1, 1 + 3 * 2^-8 up to 1 + 2^-6; and their negatives
+    eye = float32_to_bf16(np.eye(k, dtype=np.float32))
+    out = np.empty_like(x)
+    bf16_kernels.linear(x, bf16_kernels.pack_linear_weight(eye), None, out, level=level)
+    assert np.array_equal(out, as_bf16(x))
+    assert out[0, 0] == 1.0 and out[0, 1] == 1.0 + 2.0**-6 and out[1, 0] == -1.0
+
+
+def test_linear_empty_k_gives_the_bias(level):
+    bias = np.arange(3, dtype=np.float32)
+    w = np.zeros((3, 0), dtype=np.uint16)
+    out = np.full((2, 3), np.nan, dtype=np.float32)
+    bf16_kernels.linear(np.zeros((2, 0), np.float32), bf16_kernels.pack_linear_weight(w), bias, out, level=level)
+    assert np.array_equal(out, np.broadcast_to(bias, (2, 3)))
+
+
+def test_linear_levels_agree_on_large_values():
+    """Large magnitudes and cancellation: every level within TOL of the reference."""
+    rng = np.random.default_rng(3)
+    x, w, bias = random_linear(rng, 40, 96, 64, True)
+    x[::3] *= 1e20
+    expected, magnitude = linear_reference(x, w, bias)
+    for name in bf16_kernels.levels():
+        out = np.empty((40, 64), dtype=np.float32)
+        bf16_kernels.linear(x, bf16_kernels.pack_linear_weight(w), bias, out, level=name)
+        assert_close("linear", out, expected, magnitude)
+
+
+# -------------------------------------------------------------------------------------------------- conv2d
+
+CONV_CASES = [  # (B, Cin, Cout, H, W, kh, kw, stride, padding)
+    (2, 4, 5, 9, 7, 3, 3, 1, 1),  # K = 36: one k-group of 32 and a padded one
+    (2, 4, 33, 17, 13, 3, 3, 2, 1),  # stride 2, padding 1; Cout off 32, two channel slices
+    (2, 40, 70, 20, 19, 1, 1, 1, 0),  # 1 x 1, stride 1: no im2col; 380 pixels = a block of 256 and a partial one
+    (1, 3, 3, 5, 6, 1, 1, 2, 0),  # 1 x 1, stride 2
+    (1, 2, 3, 4, 4, 3, 3, 2, 0),
+    (1, 3, 6, 6, 7, 1, 3, 1, 1),  # kh != kw
+    (1, 5, 4, 3, 3, 3, 3, 1, 2),  # padding larger than the kernel's reach: zero rows and columns of output
+    (1, 240, 8, 16, 16, 3, 3, 1, 1),  # K = 2160: the im2col panel in two blocks of k
+]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda case: "x".join(map(str, case)))
+def test_conv2d(level, case, with_bias):
+    batch, cin, cout, h, w, kh, kw, stride, padding = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
+    weight = float32_to_bf16(rng.standard_normal((cout, cin, kh, kw)).astype(np.float32))
+    bias = rng.standard_normal(cout).astype(np.float32) if with_bias else None
+    expected, magnitude = conv_reference(x, weight, bias, stride, padding)
+    out = np.full(expected.shape, np.nan, dtype=np.float32)
+    bf16_kernels.conv2d(x, bf16_kernels.pack_conv_weight(weight), kh, kw, stride, padding, bias, out, level=level)
+    assert_close("conv2d", out, expected, magnitude)
+
+
+# -------------------------------------------------------------------------------------- levels and errors
+
+
+def test_capability_and_environment(monkeypatch):
+    monkeypatch.delenv("SDCLI_BF16_KERNEL", raising=False)
+    best = bf16_kernels.capability()
+    assert best == bf16_kernels.levels()[-1] and best in LEVELS
+    monkeypatch.setenv("SDCLI_BF16_KERNEL", "portable")
+    assert bf16_kernels.capability() == "portable"
+    monkeypatch.setenv("SDCLI_BF16_KERNEL", "amx")  # never above what the CPU has
+    assert bf16_kernels.capability() == best
+    monkeypatch.setenv("SDCLI_BF16_KERNEL", "fast")
+    with pytest.raises(ValueError, match="SDCLI_BF16_KERNEL"):
+        bf16_kernels.capability()
+
+
+def test_unsupported_or_unknown_level():
+    x, w = np.zeros((2, 4), np.float32), bf16_kernels.pack_linear_weight(np.zeros((3, 4), np.uint16))
+    out = np.empty((2, 3), np.float32)
+    with pytest.raises(ValueError, match="not one of"):
+        bf16_kernels.linear(x, w, None, out, level="sse")
+    missing = [name for name in LEVELS if name not in bf16_kernels.levels()]
+    for name in missing:
+        with pytest.raises(ValueError, match="lacks"):
+            bf16_kernels.linear(x, w, None, out, level=name)
+
+
+def test_shape_and_dtype_errors():
+    x = np.zeros((2, 40), np.float32)
+    w = bf16_kernels.pack_linear_weight(np.zeros((3, 40), np.uint16))
+    with pytest.raises(ValueError, match="uint16"):
+        bf16_kernels.pack_linear_weight(np.zeros((3, 40), np.float32))
+    with pytest.raises(ValueError, match="uint16"):
+        bf16_kernels.pack_conv_weight(np.zeros((3, 40), np.uint16))
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_kernels.linear(np.zeros((2, 80), np.float32), w, None, np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_kernels.linear(x, w, None, np.empty((2, 40), np.float32))
+    with pytest.raises(ValueError, match="rows"):
+        bf16_kernels.linear(x, w, None, np.empty((3, 3), np.float32))
+    with pytest.raises(ValueError, match="bias"):
+        bf16_kernels.linear(x, w, np.zeros(4, np.float32), np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="bias"):
+        bf16_kernels.linear(x, w, np.zeros(3, np.float64), np.empty((2, 3), np.float32))
+    cw = bf16_kernels.pack_conv_weight(np.zeros((5, 4, 3, 3), np.uint16))
+    xc = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="out has shape"):
+        bf16_kernels.conv2d(xc, cw, 3, 3, 1, 1, None, np.empty((1, 5, 6, 6), np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        bf16_kernels.conv2d(xc, cw, 1, 1, 1, 0, None, np.empty((1, 5, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        bf16_kernels.conv2d(np.zeros((1, 4, 1, 1), np.float32), cw, 3, 3, 1, 0, None, np.empty((1, 5, 1, 1), np.float32))
+    with pytest.raises(ValueError, match="stride"):
+        bf16_kernels.conv2d(xc, cw, 3, 3, 0, 1, None, np.empty((1, 5, 8, 8), np.float32))
