@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ClipConfig
 from .errors import SdcliError
-from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from .nn.clip import ClipTextEncoder, clip_text_shapes
 from .nn.layers import load_weights
 from .nn.taesd import load_taesd
@@ -43,7 +43,13 @@ class PromptEncoder:
     text_encoder: ClipTextEncoder
     config: ClipConfig
     precision: str
+    source: TensorSource | None = None  # where the weights are mapped from, for release()
     timings: dict[str, float] = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Drop the text encoder's mapped pages from resident memory (encoding still works: they map again)."""
+        if self.source is not None:
+            self.source.release()
 
     def tokenize(self, prompts: list[str]) -> list[Tokenized]:
         return [self.tokenizer.tokenize(prompt) for prompt in prompts]
@@ -63,10 +69,11 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     ops = get_ops(backend)
     config = checkpoint.text_encoder_config()
-    weights = load_weights(checkpoint.source("text_encoder"), clip_text_shapes(config), precision)
+    source = checkpoint.source("text_encoder")
+    weights = load_weights(source, clip_text_shapes(config), precision)
     tokenizer = ClipTokenizer.from_folder(checkpoint.tokenizer_dir(),
                                           default_pad_token="!" if checkpoint.family == "sd2" else EOS_TOKEN)
-    encoder = PromptEncoder(tokenizer, ClipTextEncoder(ops, config, weights), config, precision)
+    encoder = PromptEncoder(tokenizer, ClipTextEncoder(ops, config, weights), config, precision, source)
     encoder.timings["load_s"] = time.perf_counter() - start
     log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
              encoder.timings["load_s"])
@@ -171,6 +178,7 @@ class TextToImage:
         """Drop the tokenizer and text encoder; only prompts kept by ``encode_prompts`` can be generated after."""
         if self.prompt_encoder is not None:
             log.info("released the text encoder (%d prompts encoded ahead)", len(self._encoded))
+            self.prompt_encoder.release()  # a single-file checkpoint stays mapped: drop the encoder's pages
         self.prompt_encoder = None
 
     def preview_decoder(self):
@@ -244,8 +252,10 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     (``vae="taesd"``: the shipped tiny autoencoder instead) and the scheduler config.
 
     ``vae_tiling``: the full VAE decodes large images in overlapping tiles, as diffusers' ``enable_tiling()``
-    (see :class:`~sdcli.nn.vae.VaeDecoder`; TAESD always decodes whole). ``low_memory`` turns tiling on; the
-    caller then encodes its prompts ahead and releases the text encoder (see :class:`TextToImage`).
+    (see :class:`~sdcli.nn.vae.VaeDecoder`; TAESD always decodes whole). ``low_memory`` turns tiling on and streams
+    the UNet's and VAE's weights (their mapped pages leave resident memory after each layer's use, see
+    :func:`~sdcli.nn.layers.load_weights`); the caller then encodes its prompts ahead and releases the text encoder
+    (see :class:`TextToImage`).
     """
     if vae not in VAE_CHOICES:
         raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
@@ -255,12 +265,12 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     unet_config = checkpoint.unet_config()
     unet = UNet2DConditionModel(ops, unet_config, load_weights(checkpoint.source("unet"), unet_shapes(unet_config),
-                                                              precision))
+                                                              precision, stream=low_memory))
     if vae == "taesd":
         decoder = load_taesd(backend=backend)[1]
     else:
         decoder = load_vae_decoder(checkpoint, precision=precision, backend=backend,
-                                   tiling=vae_tiling or low_memory)
+                                   tiling=vae_tiling or low_memory, stream=low_memory)
     scheduler_config = dict(checkpoint.component_config("scheduler"))
     scheduler_config["prediction_type"] = checkpoint.prediction_type
     pipeline = TextToImage(checkpoint, prompt_encoder, unet, decoder, scheduler_config, backend, precision, vae)

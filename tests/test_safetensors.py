@@ -535,3 +535,17 @@ def test_fuzz_valid_layouts(tmp_path: Path, shapes: list[list[int]], code: str, 
     with SafetensorsFile(path) as file:
         assert file.keys() == sorted(header)
     open_or_refuse(path)
+
+
+def test_release_drops_pages_but_not_the_data(tmp_path):
+    """release() (madvise DONTNEED on the mapping) keeps every view valid and unchanged, per tensor or whole."""
+    tensors = {"a": np.arange(5000, dtype=np.float32), "b": np.linspace(0, 1, 3000).astype(np.float16)}
+    save_file(tmp_path / "t.safetensors", tensors)
+    with SafetensorsFile(tmp_path / "t.safetensors") as file:
+        views = {name: file.view(name) for name in tensors}
+        file.release("a")
+        np.testing.assert_array_equal(views["a"], tensors["a"])
+        file.release()
+        for name, view in views.items():
+            np.testing.assert_array_equal(view, tensors[name])
+    file.release()  # closed: nothing to drop

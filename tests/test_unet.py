@@ -216,10 +216,10 @@ def open_single_file(path, tiny, tmp_path, monkeypatch):
     return checkpoint
 
 
-def run_checkpoint(checkpoint, tiny, precision: str, size=(9, 9)) -> np.ndarray:
+def run_checkpoint(checkpoint, tiny, precision: str, size=(9, 9), stream: bool = False) -> np.ndarray:
     config = checkpoint.unet_config()
     assert config == tiny["config"]
-    weights = load_weights(checkpoint.source("unet"), unet_shapes(config), precision)
+    weights = load_weights(checkpoint.source("unet"), unet_shapes(config), precision, stream=stream)
     sample, context = inputs(tiny["data"], size)
     return build(config, weights)(sample, TIMESTEPS, context)
 
@@ -236,6 +236,29 @@ def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch, shared_data):
     in_memory = build(tiny["config"], fp32_weights(tiny["state"]))(sample, TIMESTEPS, context)
     np.testing.assert_array_equal(from_folder, in_memory)
     np.testing.assert_array_equal(from_single, in_memory)
+
+
+def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch, shared_data):
+    """stream=True drops each layer's mapped pages after use (and a converted tensor's at load); the outputs do
+    not change, from a folder or a single file."""
+    from sdcli.io.safetensors import SafetensorsFile
+
+    released = []
+    original = SafetensorsFile.release
+    monkeypatch.setattr(SafetensorsFile, "release", lambda self, name=None: (released.append(name),
+                                                                             original(self, name)))
+    family_configs = shared_data / "configs" / ("sd21" if tiny["name"] == "sd2" else "sd15")
+    folder = ref.write_unet_folder(tmp_path / "folder", family_configs, tiny["data"], tiny["state"])
+    single = tmp_path / "single.safetensors"
+    save_file(single_file_state(tiny), str(single))
+    for checkpoint in (open_checkpoint(folder), open_single_file(single, tiny, tmp_path, monkeypatch)):
+        for precision in ("fp32", "fp16"):
+            released.clear()
+            kept = run_checkpoint(checkpoint, tiny, precision)
+            assert bool(released) == (precision == "fp16")  # converted at load: the file's pages are let go
+            released.clear()
+            np.testing.assert_array_equal(run_checkpoint(checkpoint, tiny, precision, stream=True), kept)
+            assert released
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", "F16"), ("bf16", "BF16")])

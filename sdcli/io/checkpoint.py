@@ -70,6 +70,9 @@ class TensorSource(Protocol):
 
     def unexpected(self) -> list[str]: ...
 
+    def release(self, name: str | None = None) -> None:
+        """Drop the pages of tensor ``name`` (of every tensor when None) from resident memory; reads still work."""
+
 
 class FolderSource:
     """A diffusers component: one safetensors file or a set of shards, names used as they are.
@@ -106,6 +109,14 @@ class FolderSource:
     def read(self, name: str) -> np.ndarray:
         file, stored = self._where[name]
         return file.view(stored)
+
+    def release(self, name: str | None = None) -> None:
+        if name is not None:
+            file, stored = self._where[name]
+            file.release(stored)
+            return
+        for file in {id(file): file for file, _ in self._where.values()}.values():
+            file.release()
 
     def unexpected(self) -> list[str]:
         return []
@@ -151,6 +162,10 @@ class MappedSource:
         if key.shape is not None:
             array = array.reshape(key.shape)
         return array
+
+    def release(self, name: str | None = None) -> None:
+        for stored in [self._mapping[name].name] if name is not None else {key.name for key in self._mapping.values()}:
+            self._file.release(stored)
 
     def unexpected(self) -> list[str]:
         return list(self._unexpected)

@@ -393,6 +393,21 @@ class SafetensorsFile:
         with np.errstate(over="ignore"):  # F64 beyond the float32 range becomes inf, as a cast should
             return stored.astype(np.float32)
 
+    def release(self, name: str | None = None) -> None:
+        """Let the operating system drop the pages of tensor ``name`` (of the whole file when None) from this
+        process's resident memory. Nothing changes for the views: the next read of a dropped page maps it again from
+        the page cache or the file. Does nothing where ``madvise`` is missing, or once the file is closed."""
+        if self._mmap is None or not hasattr(self._mmap, "madvise"):
+            return
+        if name is None:
+            start, end = 0, len(self._mmap)
+        else:
+            info = self.info(name)
+            start, end = self._data_start + info.begin, self._data_start + info.end
+        start -= start % mmap.PAGESIZE  # madvise wants a page-aligned start; the neighbours' pages come back alike
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Drop the mapping. Views still alive keep it mapped until they go; the file object is then unusable."""
         mapping, self._mmap = self._mmap, None

@@ -7,7 +7,9 @@ when the file stores F32), float16, or bfloat16 bits in a uint16 array (numpy ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -21,10 +23,19 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class Weight:
-    """One tensor held as ``precision`` ("fp32", "fp16" or "bf16"; bf16 data are uint16 bits)."""
+    """One tensor held as ``precision`` ("fp32", "fp16" or "bf16"; bf16 data are uint16 bits).
+
+    ``release``, when set, drops the pages of a memory-mapped ``data`` from resident memory (see
+    ``load_weights(stream=True)``); layers call ``release_pages`` once a call has used the tensor.
+    """
 
     data: np.ndarray
     precision: str
+    release: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def release_pages(self) -> None:
+        if self.release is not None:
+            self.release()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,13 +73,27 @@ class Weight:
 
 
 def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], precision: str,
-                 only: dict[str, tuple[int, ...]] | None = None) -> dict[str, Weight]:
+                 only: dict[str, tuple[int, ...]] | None = None, stream: bool = False) -> dict[str, Weight]:
     """The tensors of ``expected`` from ``source``, held at ``precision``. Strict: ``check_tensors`` requires every
     expected tensor with its shape and nothing else. ``only`` reads a subset (one half of an autoencoder) after
-    checking the whole, so the other half is never converted."""
+    checking the whole, so the other half is never converted.
+
+    A tensor converted to another type leaves the file's pages at once (only the converted copy stays resident).
+    A tensor held as a view of the file stays mapped; with ``stream`` its pages are dropped again after each use
+    (``Weight.release_pages``), so that resident memory holds about one layer's weights instead of the model's, for
+    the cost of mapping them again from the page cache on the next call.
+    """
     check_tensors(source, expected)
-    return {name: Weight.from_stored(source.read(name), source.dtype(name), precision)
-            for name in (expected if only is None else only)}
+    weights = {}
+    for name in expected if only is None else only:
+        stored = source.read(name)
+        weight = Weight.from_stored(stored, source.dtype(name), precision)
+        if weight.data is not stored:
+            source.release(name)
+        elif stream:
+            weight = replace(weight, release=partial(source.release, name))
+        weights[name] = weight
+    return weights
 
 
 class Linear:
@@ -79,7 +104,9 @@ class Linear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
-        return self.ops.linear(x, self.weight.float32(), bias)
+        y = self.ops.linear(x, self.weight.float32(), bias)
+        self.weight.release_pages()
+        return y
 
 
 class LayerNorm:
@@ -100,7 +127,9 @@ class Conv2d:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
-        return self.ops.conv2d(x, self.weight.float32(), bias, stride=self.stride, padding=self.padding)
+        y = self.ops.conv2d(x, self.weight.float32(), bias, stride=self.stride, padding=self.padding)
+        self.weight.release_pages()
+        return y
 
 
 class GroupNorm:

@@ -372,26 +372,28 @@ class VaeEncoder:
         return latents * np.float32(self.config.scaling_factor)
 
 
-def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str) -> tuple[VAEConfig, dict[str, Weight]]:
+def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str,
+                  stream: bool = False) -> tuple[VAEConfig, dict[str, Weight]]:
     """The config and the tensors of ``part`` ("encoder", "decoder" or "both") at ``precision``.
 
     The check is strict over the whole autoencoder (every tensor present with its shape, nothing unknown) even
     when one half is loaded, and only that half is converted: an fp32 file held as fp16 does not pay for the
-    other. fp32 weights stored as F32 stay zero-copy views of the mapped file.
+    other. fp32 weights stored as F32 stay zero-copy views of the mapped file (``stream``: see ``load_weights``).
     """
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     config = checkpoint.vae_config()
     source = checkpoint.source("vae")
     wanted = {"encoder": vae_encoder_shapes, "decoder": vae_decoder_shapes, "both": vae_shapes}[part](config)
-    weights = load_weights(source, vae_shapes(config), precision, only=wanted)
+    weights = load_weights(source, vae_shapes(config), precision, only=wanted, stream=stream)
     log.info("loaded the VAE %s from %s", part if part != "both" else "encoder and decoder", checkpoint.path)
     return config, weights
 
 
 def load_vae_decoder(checkpoint: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
-                     tiling: bool = False) -> VaeDecoder:
-    """The decoder of ``checkpoint`` (a path or an opened checkpoint); ``tiling``: see :class:`VaeDecoder`."""
-    config, weights = _load_weights(checkpoint, "decoder", precision)
+                     tiling: bool = False, stream: bool = False) -> VaeDecoder:
+    """The decoder of ``checkpoint`` (a path or an opened checkpoint); ``tiling``: see :class:`VaeDecoder`;
+    ``stream``: see :func:`~sdcli.nn.layers.load_weights`."""
+    config, weights = _load_weights(checkpoint, "decoder", precision, stream)
     return VaeDecoder(get_ops(backend), config, weights, tiling=tiling)
 
 
