@@ -99,11 +99,12 @@ def test_pack_linear_weight_layout():
 
 def test_pack_conv_weight_layout():
     rng = np.random.default_rng(1)
-    w = rng.integers(0, 2**16, size=(5, 4, 3, 3), dtype=np.uint16)
+    w = rng.integers(0, 2**16, size=(5, 3, 3, 2), dtype=np.uint16)  # odd Cin: a zero channel in every tap
     packed = bf16_kernels.pack_conv_weight(w)
-    assert packed.dtype == np.uint16 and packed.shape == (5, 64)  # K = 36 -> Kp = 64
-    assert np.array_equal(packed[:, :36], w.reshape(5, 36))
-    assert not packed[:, 36:].any()
+    assert packed.dtype == np.uint16 and packed.shape == (5, 32)  # K = 3 * 2 taps * Cin2 4 = 24 -> Kp = 32
+    taps = packed[:, :24].reshape(5, 3, 2, 4)  # [o, dy, dx, ci] = w[o, ci, dy, dx]
+    assert np.array_equal(taps[..., :3], w.transpose(0, 2, 3, 1))
+    assert not taps[..., 3].any() and not packed[:, 24:].any()
 
 
 # -------------------------------------------------------------------------------------------------- linear
@@ -175,6 +176,9 @@ CONV_CASES = [  # (B, Cin, Cout, H, W, kh, kw, stride, padding)
     (1, 3, 6, 6, 7, 1, 3, 1, 1),  # kh != kw
     (1, 5, 4, 3, 3, 3, 3, 1, 2),  # padding larger than the kernel's reach: zero rows and columns of output
     (1, 240, 8, 16, 16, 3, 3, 1, 1),  # K = 2160: the im2col panel in two blocks of k
+    (1, 3, 4, 33, 35, 3, 3, 2, 1),  # stride 2 over output rows of 18: chunks of 16 in one row and across rows
+    (1, 3, 5, 40, 40, 1, 1, 2, 0),  # 1 x 1, stride 2, output rows of 20
+    (2, 2, 3, 20, 40, 3, 3, 3, 1),  # stride 3
 ]
 
 

@@ -446,13 +446,26 @@ static void sdcli_bf16_gemm(int level, const uint16_t *a, ptrdiff_t lda, ptrdiff
 
 /* ----------------------------------------------------------------------------------------- parallel tasks */
 
+/* one run: the columns of a chunk within one output row (conv2d, AVX-512: see sdcli_bf16_im2col_avx512) */
+typedef struct sdcli_bf16_run {
+    ptrdiff_t base;     /* the region pair of the run's first column at tap (0, 0) of channel pair 0 */
+    uint16_t lanes;     /* the lanes of the chunk the run fills */
+    uint16_t lo, hi;    /* the pairs of the 32-pair window at base + (offset of the pair row) the run reads */
+    int whole;          /* 1: all 16 lanes at stride 1, one load; 2: all 16 lanes at stride 2, two loads */
+    uint32_t index[16]; /* lane l takes window pair index[l] */
+} sdcli_bf16_run;
+
 /* What one thread keeps between its tasks (allocated by sdcli_bf16_scratch_new, NULL when out of memory). */
 typedef struct {
-    uint16_t *a;      /* linear: (kp/32, SDCLI_BF16_LINEAR_ROWS, 32) the thread's block of x in bf16, blocked */
+    uint16_t *a;      /* linear: (kp/32, SDCLI_BF16_LINEAR_ROWS, 32) the thread's block of x in bf16, blocked;
+                         conv2d, AVX-512: the region of x a block of columns reads, in bf16 pairs */
     float *c;         /* an output block that does not cover whole tiles: computed here, then copied */
     uint32_t *panel;  /* conv2d: (pixels/32, kb/2, 32) a block of the im2col matrix as B strips of pairs */
-    float *rows;      /* conv2d: (2, pixels) the two im2col rows of one pair */
-    ptrdiff_t cached; /* the block of x in a (linear), or the (image, pixel block) in panel (conv2d); -1: none */
+    float *rows;      /* conv2d, portable: (2, pixels) two rows of the im2col matrix */
+    sdcli_bf16_run *runs;       /* conv2d, AVX-512: (pixels) the runs of a block of columns */
+    ptrdiff_t *chunk_runs;       /* conv2d, AVX-512: (pixels/16 + 1) the first run of each chunk of 16 columns */
+    ptrdiff_t cached; /* the block of x in a (linear), or the block of columns in panel (conv2d); -1: none */
+    ptrdiff_t cached_region; /* conv2d: the block of columns whose region is in a; -1: none */
 } sdcli_bf16_scratch;
 
 static void *sdcli_bf16_alloc(size_t bytes) {
@@ -466,20 +479,26 @@ static void sdcli_bf16_scratch_free(sdcli_bf16_scratch *s) {
     free(s->c);
     free(s->panel);
     free(s->rows);
+    free(s->runs);
+    free(s->chunk_runs);
     free(s);
 }
 
-/* a scratch with room for a_elems bf16, c_elems floats, panel_elems pairs and rows_elems floats */
+/* a scratch with room for a_elems bf16, c_elems floats, panel_elems pairs and the im2col of blocks of `pixels`
+ * columns */
 static sdcli_bf16_scratch *sdcli_bf16_scratch_new(size_t a_elems, size_t c_elems, size_t panel_elems,
-                                                  size_t rows_elems) {
+                                                  size_t pixels) {
     sdcli_bf16_scratch *s = (sdcli_bf16_scratch *)calloc(1, sizeof *s);
     if (s == NULL) return NULL;
     s->a = (uint16_t *)sdcli_bf16_alloc(a_elems * sizeof(uint16_t));
     s->c = (float *)sdcli_bf16_alloc(c_elems * sizeof(float));
     s->panel = (uint32_t *)sdcli_bf16_alloc(panel_elems * sizeof(uint32_t));
-    s->rows = (float *)sdcli_bf16_alloc(rows_elems * sizeof(float));
-    s->cached = -1;
-    if (s->a == NULL || s->c == NULL || s->panel == NULL || s->rows == NULL) {
+    s->rows = (float *)sdcli_bf16_alloc(2 * pixels * sizeof(float));
+    s->runs = (sdcli_bf16_run *)sdcli_bf16_alloc(pixels * sizeof(sdcli_bf16_run));
+    s->chunk_runs = (ptrdiff_t *)sdcli_bf16_alloc((pixels / 16 + 1) * sizeof(ptrdiff_t));
+    s->cached = s->cached_region = -1;
+    if (s->a == NULL || s->c == NULL || s->panel == NULL || s->rows == NULL || s->runs == NULL ||
+        s->chunk_runs == NULL) {
         sdcli_bf16_scratch_free(s);
         return NULL;
     }
@@ -515,13 +534,16 @@ static void sdcli_bf16_linear_task(int level, const float *x, ptrdiff_t m, ptrdi
     }
 }
 
+/* The im2col matrix of conv2d orders k by tap, then channel: k = (dy * kw + dx) * cin2 + ci, cin2 = cin rounded up
+ * to even (channel ci = cin of an odd cin is a row of zeros). The pair of rows (2p, 2p + 1) of a VNNI pair is then
+ * one tap of two neighbouring channels, which the AVX-512 im2col copies from channel pairs stored side by side. */
+
 /* row[0:n] = row k of the im2col matrix of one image x (cin, h, w) at output pixels pix0 .. pix0 + n - 1 (row-major
- * over (ho, wo)): k = (ci * kh + dy) * kw + dx, row[q] = x[ci, oy * stride - pad + dy, ox * stride - pad + dx],
- * 0 outside the image */
-static void sdcli_bf16_im2col_row(const float *x, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kh, ptrdiff_t kw,
+ * over (ho, wo)): row[q] = x[ci, oy * stride - pad + dy, ox * stride - pad + dx], 0 outside the image */
+static void sdcli_bf16_im2col_row(const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kw,
                                   ptrdiff_t stride, ptrdiff_t pad, ptrdiff_t wo, ptrdiff_t k, ptrdiff_t pix0,
                                   ptrdiff_t n, float *row) {
-    const ptrdiff_t ci = k / (kh * kw), dy = k / kw % kh, dx = k % kw;
+    const ptrdiff_t cin2 = cin + cin % 2, ci = k % cin2, dy = k / cin2 / kw, dx = k / cin2 % kw;
     const float *plane = x + ci * h * w;
     /* ox in [ox_lo, ox_hi) reads inside the row: 0 <= ox * stride + shift < w, shift = dx - pad */
     const ptrdiff_t shift = dx - pad;
@@ -532,7 +554,7 @@ static void sdcli_bf16_im2col_row(const float *x, ptrdiff_t h, ptrdiff_t w, ptrd
         const ptrdiff_t count = sdcli_bf16_min(wo - ox0, n - q); /* this output row's part of the block */
         const ptrdiff_t iy = oy * stride - pad + dy;
         float *dst = row + q;
-        if (iy < 0 || iy >= h) {
+        if (ci >= cin || iy < 0 || iy >= h) {
             memset(dst, 0, (size_t)count * sizeof(float));
         } else {
             const float *src = plane + iy * w;
@@ -550,62 +572,193 @@ static void sdcli_bf16_im2col_row(const float *x, ptrdiff_t h, ptrdiff_t w, ptrd
     }
 }
 
-/* Rows k0 .. k0 + kb - 1 of the im2col matrix of one image at output pixels pix0 .. pix0 + n - 1, as B strips:
- * panel (pixels/32, kb/2, 32) pairs, columns n .. pixels-1 and rows past k_total zero. A 1 x 1, stride 1, unpadded
- * convolution reads its rows straight from x. rows: room for 2 x pixels floats. */
-static void sdcli_bf16_im2col(int level, const float *x, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kh, ptrdiff_t kw,
-                              ptrdiff_t stride, ptrdiff_t pad, ptrdiff_t wo, ptrdiff_t k_total, ptrdiff_t pix0,
-                              ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kb, uint32_t *panel, ptrdiff_t pixels,
-                              float *rows) {
-    const int direct = kh == 1 && kw == 1 && stride == 1 && pad == 0;
+/* Rows k0 .. k0 + kb - 1 of the im2col matrix of x (batch, cin, h, w) at columns col0 .. col0 + n - 1, as B strips:
+ * panel (pixels/32, kb/2, 32) pairs, columns n .. pixels-1 and rows past the last tap zero. Column q is output
+ * pixel q % hw_out of image q / hw_out, so a block of columns may run across images. rows: room for 2 x pixels
+ * floats. (The portable level; the others use the region and sdcli_bf16_im2col_avx512.) */
+static void sdcli_bf16_im2col(int level, const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kh,
+                              ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, ptrdiff_t ho, ptrdiff_t wo,
+                              ptrdiff_t col0, ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kb, uint32_t *panel,
+                              ptrdiff_t pixels, float *rows) {
+    const ptrdiff_t hw_out = ho * wo, k_total = kh * kw * (cin + cin % 2), image_size = cin * h * w;
     const ptrdiff_t strip = kb / 2 * 32; /* pairs per strip */
     for (ptrdiff_t p = 0; p < kb / 2; p++) {
-        const float *r[2];
+        if (k0 + 2 * p >= k_total) { /* the padding of k */
+            sdcli_bf16_pack_pairs(level, rows, NULL, 0, panel + p * 32, pixels, strip);
+            continue;
+        }
         for (int t = 0; t < 2; t++) {
-            const ptrdiff_t k = k0 + 2 * p + t;
-            if (k >= k_total) {
-                r[t] = NULL;
-            } else if (direct) {
-                r[t] = x + k * h * w + pix0;
-            } else {
-                sdcli_bf16_im2col_row(x, h, w, kh, kw, stride, pad, wo, k, pix0, n, rows + t * pixels);
-                r[t] = rows + t * pixels;
+            float *row = rows + t * pixels;
+            for (ptrdiff_t q = 0; q < n;) { /* the part of the block in one image */
+                const ptrdiff_t image = (col0 + q) / hw_out, pix = (col0 + q) % hw_out;
+                const ptrdiff_t count = sdcli_bf16_min(hw_out - pix, n - q);
+                sdcli_bf16_im2col_row(x + image * image_size, cin, h, w, kw, stride, pad, wo, k0 + 2 * p + t, pix,
+                                      count, row + q);
+                q += count;
             }
         }
-        if (r[0] == NULL)
-            sdcli_bf16_pack_pairs(level, rows, NULL, 0, panel + p * 32, pixels, strip); /* zeros */
-        else
-            sdcli_bf16_pack_pairs(level, r[0], r[1], n, panel + p * 32, pixels, strip);
+        sdcli_bf16_pack_pairs(level, rows, rows + pixels, n, panel + p * 32, pixels, strip);
     }
 }
 
-/* Task `task` of conv2d on x (batch, cin, h, w) -> out (batch, cout, ho, wo): the weight as A (cout_pad, kp), cout_pad
- * = cout rounded up to 32 (zero rows), bias_tiles (cout_pad, 16) floats: bias[i] repeated in row i. Tasks are
- * (image, block of `pixels` output pixels, slice of `cslice` output channels), the slices innermost. The im2col
- * panel covers kb_max rows of k at a time (all of kp unless the panel would pass SDCLI_BF16_PANEL_BYTES); the
- * first block starts from the bias, the others add to what the earlier ones left in C. */
-static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
-                                 const uint16_t *weight, ptrdiff_t cout, ptrdiff_t cout_pad, ptrdiff_t kp,
-                                 ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
+#ifdef SDCLI_BF16_X86
+/* conv2d at the AVX-512 levels: the im2col in two steps, so that each value of x is converted to bf16 once, not
+ * kh x kw times, and the im2col itself only copies pairs.
+ * 1. sdcli_bf16_region_avx512: the input rows a block of columns reads, all channels, in bf16 VNNI pairs of
+ *    channels with the zero padding written out: region (slots, cin2/2, rh, rw) pairs, pair [s, c, r, col] =
+ *    (x[image, 2c, iy, ix], x[image, 2c + 1, iy, ix]) with image = the block's first image + s, iy = oy_first *
+ *    stride - pad + r (oy_first: the image's first output row in the block), ix = col - pad, rw = w + 2 pad.
+ *    Built once per block of columns, reused by every block of k and every slice of output channels.
+ * 2. sdcli_bf16_im2col_avx512: the panel from the region, 16 columns (a chunk, half a strip row) at a time. Pair
+ *    row p of tap (dy, dx) and channel pair c, for a run of columns within one output row, lies at stride
+ *    `stride` from region pair run.base + (c * rh + dy) * rw + dx: a whole chunk at stride 1 is one load, at
+ *    stride 2 two loads and a permutation, any other run two masked loads of a 32-pair window and a permutation. */
+
+/* the first output row of `image` among the columns col0 .. */
+static inline ptrdiff_t sdcli_bf16_first_row(ptrdiff_t image, ptrdiff_t col0, ptrdiff_t hw_out, ptrdiff_t wo) {
+    return image == col0 / hw_out ? col0 % hw_out / wo : 0;
+}
+
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_region_avx512(const float *x, ptrdiff_t cin, ptrdiff_t h,
+                                                              ptrdiff_t w, ptrdiff_t kh, ptrdiff_t stride,
+                                                              ptrdiff_t pad, ptrdiff_t ho, ptrdiff_t wo,
+                                                              ptrdiff_t col0, ptrdiff_t n, uint32_t *region,
+                                                              ptrdiff_t rh) {
+    const ptrdiff_t hw_out = ho * wo, rw = w + 2 * pad, pairs = (cin + 1) / 2;
+    const ptrdiff_t first = col0 / hw_out, last = (col0 + n - 1) / hw_out;
+    /* [a[0..15] | b[0..15]] (16-bit lanes) -> a[0] b[0] a[1] b[1] ...: the pairs */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (ptrdiff_t image = first; image <= last; image++) {
+        const ptrdiff_t end = sdcli_bf16_min(col0 + n, (image + 1) * hw_out) - image * hw_out; /* past its last */
+        const ptrdiff_t oy0 = sdcli_bf16_first_row(image, col0, hw_out, wo), oy1 = (end - 1) / wo;
+        const ptrdiff_t rows = (oy1 - oy0) * stride + kh; /* at most rh */
+        for (ptrdiff_t c = 0; c < pairs; c++)
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                uint32_t *dst = region + (((image - first) * pairs + c) * rh + r) * rw;
+                const ptrdiff_t iy = oy0 * stride - pad + r;
+                if (iy < 0 || iy >= h) {
+                    memset(dst, 0, (size_t)rw * sizeof(uint32_t));
+                    continue;
+                }
+                const float *src0 = x + ((image * cin + 2 * c) * h + iy) * w, *src1 = src0 + h * w;
+                for (ptrdiff_t i = 0; i < pad; i++) dst[i] = dst[pad + w + i] = 0;
+                for (ptrdiff_t j = 0; j < w; j += 16) {
+                    const ptrdiff_t count = w - j >= 16 ? 16 : w - j;
+                    const __mmask16 mask = (__mmask16)((1u << count) - 1);
+                    const __m512 v0 = _mm512_maskz_loadu_ps(mask, src0 + j);
+                    const __m512 v1 = 2 * c + 1 < cin ? _mm512_maskz_loadu_ps(mask, src1 + j) : _mm512_setzero_ps();
+                    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(v1, v0); /* [channel 2c | 2c + 1] */
+                    _mm512_mask_storeu_epi32(dst + pad + j, mask, _mm512_permutexvar_epi16(interleave, halves));
+                }
+            }
+    }
+}
+
+/* the 16 pairs of one chunk in one pair row of the im2col matrix: its runs read from `at`, the region at the pair
+ * row's offset (NULL: a row of zeros) */
+SDCLI_BF16_AVX512_TARGET SDCLI_BF16_INLINE __m512i sdcli_bf16_chunk_row(const uint32_t *at, const sdcli_bf16_run *run,
+                                                                       const sdcli_bf16_run *end, __m512i even) {
+    if (at == NULL) return _mm512_setzero_si512();
+    if (run->whole == 1) return _mm512_loadu_si512(at + run->base);
+    if (run->whole == 2)
+        return _mm512_permutex2var_epi32(_mm512_loadu_si512(at + run->base), even, _mm512_loadu_si512(at + run->base + 16));
+    __m512i v = _mm512_setzero_si512();
+    for (; run < end; run++) {
+        const uint32_t *window = at + run->base;
+        const __m512i lo = _mm512_maskz_loadu_epi32(run->lo, window), hi = _mm512_maskz_loadu_epi32(run->hi, window + 16);
+        v = _mm512_mask_mov_epi32(v, run->lanes, _mm512_permutex2var_epi32(lo, _mm512_loadu_si512(run->index), hi));
+    }
+    return v;
+}
+
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_im2col_avx512(ptrdiff_t cin, ptrdiff_t w, ptrdiff_t kh,
+                                                              ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
+                                                              ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t col0,
+                                                              ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kb,
+                                                              const uint32_t *region, ptrdiff_t rh,
+                                                              uint32_t *panel, ptrdiff_t pixels,
+                                                              sdcli_bf16_run *runs, ptrdiff_t *chunk_runs) {
+    const ptrdiff_t hw_out = ho * wo, rw = w + 2 * pad, pairs = (cin + 1) / 2, first = col0 / hw_out;
+    const ptrdiff_t strip = kb / 2 * 32, max_run = 31 / stride + 1; /* a run's pairs fit a window of 32 */
+    /* the runs of each chunk of 16 columns */
+    ptrdiff_t count = 0;
+    for (ptrdiff_t c = 0; c < pixels / 16; c++) {
+        chunk_runs[c] = count;
+        const ptrdiff_t chunk_end = sdcli_bf16_min(16 * c + 16, n);
+        for (ptrdiff_t j = 16 * c; j < chunk_end;) {
+            const ptrdiff_t q = col0 + j, image = q / hw_out, oy = q % hw_out / wo, ox = q % wo;
+            const ptrdiff_t length = sdcli_bf16_min(sdcli_bf16_min(wo - ox, chunk_end - j), max_run);
+            const ptrdiff_t lane = j - 16 * c, span = (length - 1) * stride + 1;
+            sdcli_bf16_run *run = runs + count++;
+            run->base = ((image - first) * pairs * rh + (oy - sdcli_bf16_first_row(image, col0, hw_out, wo)) * stride) * rw +
+                        ox * stride;
+            run->lanes = (uint16_t)(((1u << length) - 1) << lane);
+            run->lo = (uint16_t)(span >= 16 ? 0xffffu : (1u << span) - 1);
+            run->hi = (uint16_t)(span > 16 ? (1u << (span - 16)) - 1 : 0);
+            run->whole = length == 16 && stride <= 2 ? (int)stride : 0;
+            for (ptrdiff_t l = 0; l < 16; l++)
+                run->index[l] = (uint32_t)(l >= lane && l < lane + length ? (l - lane) * stride : 0);
+            j += length;
+        }
+    }
+    chunk_runs[pixels / 16] = count;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    /* pair row p = k0 / 2 + p: tap t = (dy, dx), channel pair c, counted up */
+    const ptrdiff_t p0 = k0 / 2, taps = kh * kw;
+    ptrdiff_t c = p0 % pairs, t = p0 / pairs;
+    for (ptrdiff_t p = 0; p < kb / 2; p++) {
+        const uint32_t *at = t < taps ? region + (c * rh + t / kw) * rw + t % kw : NULL;
+        if (++c == pairs) {
+            c = 0;
+            t++;
+        }
+        for (ptrdiff_t chunk = 0; chunk < pixels / 16; chunk++)
+            _mm512_storeu_si512(panel + chunk / 2 * strip + p * 32 + chunk % 2 * 16,
+                                sdcli_bf16_chunk_row(at, runs + chunk_runs[chunk], runs + chunk_runs[chunk + 1], even));
+    }
+}
+#endif
+
+/* Task `task` of conv2d on x (batch, cin, h, w) -> out (batch, cout, ho, wo) as the product
+ * out[:, b, pixels] = weight (cout, K) @ im2col(x[b]) (K, pixels) + bias, over columns = (image, output pixel).
+ * The weight is A (cout_pad, kp), cout_pad = cout rounded up to 32 (zero rows); bias_tiles (cout_pad, 16) floats:
+ * bias[i] repeated in row i. Tasks are (block of `pixels` columns, slice of `cslice` output channels), the slices
+ * innermost; the columns of both images of a small batch share a block, so the weight is read once for both. The
+ * im2col panel covers kb_max rows of k at a time (all of kp unless the panel would pass SDCLI_BF16_PANEL_BYTES);
+ * the first block starts from the bias, the others add to what the earlier ones left in C. C is the output itself
+ * when the block covers whole tiles of one image, else s->c, copied out at the end. */
+static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h,
+                                 ptrdiff_t w, const uint16_t *weight, ptrdiff_t cout, ptrdiff_t cout_pad,
+                                 ptrdiff_t kp, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
                                  const float *bias_tiles, float *out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
-                                 ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t kb_max, ptrdiff_t task,
+                                 ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t kb_max, ptrdiff_t rh, ptrdiff_t task,
                                  sdcli_bf16_scratch *s) {
-    const ptrdiff_t hw_out = ho * wo, pblocks = (hw_out + pixels - 1) / pixels;
-    const ptrdiff_t image = task / (pblocks * cslices), pblock = task / cslices % pblocks;
-    const ptrdiff_t pix0 = pblock * pixels, npix = sdcli_bf16_min(pixels, hw_out - pix0);
+    const ptrdiff_t hw_out = ho * wo, block = task / cslices;
+    const ptrdiff_t col0 = block * pixels, ncols = sdcli_bf16_min(pixels, batch * hw_out - col0);
     const ptrdiff_t c0 = task % cslices * cslice, crows = sdcli_bf16_min(cslice, cout_pad - c0);
-    const ptrdiff_t k_total = cin * kh * kw, key = image * pblocks + pblock;
-    const float *xi = x + image * cin * h * w;
-    const int direct = npix == pixels && c0 + crows <= cout; /* whole tiles inside out */
-    float *c = direct ? out + (image * cout + c0) * hw_out + pix0 : s->c;
+    const ptrdiff_t image0 = col0 / hw_out, pix0 = col0 % hw_out;
+    const int direct = ncols == pixels && pix0 + pixels <= hw_out && c0 + crows <= cout; /* whole tiles in out */
+    float *c = direct ? out + (image0 * cout + c0) * hw_out + pix0 : s->c;
     const ptrdiff_t ldc = direct ? hw_out : pixels;
     ptrdiff_t k0 = 0;
     do { /* at least once: with kp = 0, C = bias */
         const ptrdiff_t kb = sdcli_bf16_min(kb_max, kp - k0);
-        if (!(kb == kp && s->cached == key)) /* one panel for all of k: reused by the next slice of channels */
-            sdcli_bf16_im2col(level, xi, h, w, kh, kw, stride, pad, wo, k_total, pix0, npix, k0, kb, s->panel, pixels,
-                              s->rows);
-        s->cached = kb == kp ? key : -1;
+        if (!(kb == kp && s->cached == block)) { /* one panel for all of k: reused by the next slice of channels */
+#ifdef SDCLI_BF16_X86
+            if (level >= SDCLI_BF16_AVX512) {
+                if (s->cached_region != block) {
+                    sdcli_bf16_region_avx512(x, cin, h, w, kh, stride, pad, ho, wo, col0, ncols, (uint32_t *)s->a, rh);
+                    s->cached_region = block;
+                }
+                sdcli_bf16_im2col_avx512(cin, w, kh, kw, stride, pad, ho, wo, col0, ncols, k0, kb,
+                                         (const uint32_t *)s->a, rh, s->panel, pixels, s->runs, s->chunk_runs);
+            } else
+#endif
+                sdcli_bf16_im2col(level, x, cin, h, w, kh, kw, stride, pad, ho, wo, col0, ncols, k0, kb, s->panel,
+                                  pixels, s->rows);
+        }
+        s->cached = kb == kp ? block : -1;
         if (k0 == 0)
             sdcli_bf16_gemm(level, weight + c0 * kp, kp, 32, (const uint16_t *)s->panel, kb, crows, pixels,
                             bias_tiles + c0 * 16, 16, 0, c, ldc);
@@ -615,8 +768,13 @@ static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t cin, ptrdi
         k0 += kb;
     } while (k0 < kp);
     if (!direct)
-        sdcli_bf16_copy_block(s->c, pixels, sdcli_bf16_min(crows, cout - c0), npix,
-                              out + (image * cout + c0) * hw_out + pix0, hw_out);
+        for (ptrdiff_t q = 0; q < ncols;) { /* the part of the block in one image */
+            const ptrdiff_t image = (col0 + q) / hw_out, pix = (col0 + q) % hw_out;
+            const ptrdiff_t count = sdcli_bf16_min(hw_out - pix, ncols - q);
+            sdcli_bf16_copy_block(s->c + q, pixels, sdcli_bf16_min(crows, cout - c0), count,
+                                  out + (image * cout + c0) * hw_out + pix, hw_out);
+            q += count;
+        }
 }
 
 #endif /* SDCLI_BF16_GEMM_H */

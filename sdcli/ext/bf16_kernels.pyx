@@ -15,7 +15,8 @@ raises ValueError when the CPU lacks it.
 Weight layouts, built once at load time (Kp = K rounded up to 32, zeros in all padding):
     pack_linear_weight(w (N, K))            -> (Np/32, Kp/2, 32, 2) uint16: VNNI pairs in strips of 32 columns,
                                                [s, p, j, t] = w[32s + j, 2p + t], Np = N rounded up to 32
-    pack_conv_weight(w (Cout, Cin, kh, kw)) -> (Cout, Kp) uint16, row-major, K = Cin*kh*kw
+    pack_conv_weight(w (Cout, Cin, kh, kw)) -> (Cout, Kp) uint16, row-major, [o, (dy*kw + dx)*Cin2 + ci] =
+                                               w[o, ci, dy, dx], Cin2 = Cin rounded up to even, K = kh*kw*Cin2
 The linear weight is the B operand of x @ w.T, whose pair rows a tile load or a vector load takes in one piece;
 strips keep each 32-column slice contiguous down k (see bf16_gemm.h). The convolution weight is the A operand of
 w @ im2col(x), whose rows the tile loads take straight; the im2col panels are built as B strips.
@@ -42,8 +43,7 @@ cdef extern from "bf16_gemm.h" nogil:
         pass
     int sdcli_bf16_cpu_level()
     int sdcli_bf16_max_threads()
-    sdcli_bf16_scratch* sdcli_bf16_scratch_new(size_t a_elems, size_t c_elems, size_t panel_elems,
-                                               size_t rows_elems)
+    sdcli_bf16_scratch* sdcli_bf16_scratch_new(size_t a_elems, size_t c_elems, size_t panel_elems, size_t pixels)
     void sdcli_bf16_scratch_free(sdcli_bf16_scratch* s)
     # AMX: per thread, the tile configuration before the first product and the tile release after the last
     void sdcli_bf16_thread_begin(int level)
@@ -51,11 +51,11 @@ cdef extern from "bf16_gemm.h" nogil:
     void sdcli_bf16_linear_task(int level, const float* x, ptrdiff_t m, ptrdiff_t k, const uint16_t* w,
                                 ptrdiff_t kp, ptrdiff_t n_pad, const float* bias_pad, float* out, ptrdiff_t n,
                                 ptrdiff_t slice, ptrdiff_t slices, ptrdiff_t task, sdcli_bf16_scratch* s)
-    void sdcli_bf16_conv_task(int level, const float* x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
+    void sdcli_bf16_conv_task(int level, const float* x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
                               const uint16_t* weight, ptrdiff_t cout, ptrdiff_t cout_pad, ptrdiff_t kp,
                               ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, const float* bias_tiles,
                               float* out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels, ptrdiff_t cslice,
-                              ptrdiff_t cslices, ptrdiff_t kb_max, ptrdiff_t task, sdcli_bf16_scratch* s)
+                              ptrdiff_t cslices, ptrdiff_t kb_max, ptrdiff_t rh, ptrdiff_t task, sdcli_bf16_scratch* s)
 
 LEVELS = ("portable", "avx512_bf16", "amx")  # index = the level number of bf16_gemm.h
 ENV_VAR = "SDCLI_BF16_KERNEL"
@@ -123,14 +123,17 @@ def pack_linear_weight(w):
 def pack_conv_weight(w):
     """The weight w (Cout, Cin, kh, kw) of a convolution (bf16 bits) as the row-major A operand (Cout, Kp).
 
-    Returns a new uint16 array: row o is w[o] flattened over (Cin, kh, kw), K = Cin*kh*kw, then zeros up to Kp, a
-    multiple of 32.
+    Returns a new uint16 array whose row o is w[o] in the order of conv2d's im2col matrix, tap by tap and channel
+    by channel within a tap: [o, (dy * kw + dx) * Cin2 + ci] = w[o, ci, dy, dx], Cin2 = Cin rounded up to even,
+    K = kh * kw * Cin2, then zeros up to Kp, a multiple of 32 (and where ci = Cin of an odd Cin).
     """
     _check_bits("pack_conv_weight", "w", w, 4)
-    cout = w.shape[0]
-    k = w.shape[1] * w.shape[2] * w.shape[3]
-    packed = np.zeros((cout, _round_up(k, 32)), dtype=np.uint16)
-    packed[:, :k] = w.reshape(cout, k)
+    cout, cin, kh, kw = w.shape
+    cin2 = cin + cin % 2
+    taps = np.zeros((cout, kh, kw, cin2), dtype=np.uint16)
+    taps[..., :cin] = w.transpose(0, 2, 3, 1)  # (Cout, kh, kw, Cin)
+    packed = np.zeros((cout, _round_up(kh * kw * cin2, 32)), dtype=np.uint16)
+    packed[:, : kh * kw * cin2] = taps.reshape(cout, -1)
     return packed
 
 
@@ -177,7 +180,7 @@ def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, flo
     cdef sdcli_bf16_scratch* scratch = NULL
     cdef const uint16_t* w = &packed[0, 0, 0, 0]
     with nogil, parallel():
-        scratch = sdcli_bf16_scratch_new(SDCLI_BF16_LINEAR_ROWS * kp, SDCLI_BF16_LINEAR_ROWS * slice, 1, 1)
+        scratch = sdcli_bf16_scratch_new(SDCLI_BF16_LINEAR_ROWS * kp, SDCLI_BF16_LINEAR_ROWS * slice, 1, 0)
         sdcli_bf16_thread_begin(lvl)
         for task in prange(tasks, schedule="static"):
             if scratch == NULL:
@@ -202,13 +205,13 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
     """
     cdef int lvl = _level("conv2d", level)
     cdef Py_ssize_t batch = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3]
-    cdef Py_ssize_t cout = weight.shape[0], kp = weight.shape[1], k_total = cin * kh * kw
+    cdef Py_ssize_t cout = weight.shape[0], kp = weight.shape[1], k_total = kh * kw * (cin + cin % 2)
     if kh < 1 or kw < 1 or stride < 1 or padding < 0:
         raise ValueError(f"conv2d: kernel {kh}x{kw}, stride {stride}, padding {padding}: need kh, kw, stride >= 1 "
                          f"and padding >= 0")
     if kp != _round_up(k_total, 32):
-        raise ValueError(f"conv2d: packed weight has {kp} columns; Cin*kh*kw = {cin}*{kh}*{kw} = {k_total} "
-                         f"needs {_round_up(k_total, 32)} (pack_conv_weight)")
+        raise ValueError(f"conv2d: packed weight has {kp} columns; Cin {cin} with a {kh}x{kw} kernel needs "
+                         f"{_round_up(k_total, 32)} (pack_conv_weight)")
     if h + 2 * padding < kh or w + 2 * padding < kw:
         raise ValueError(f"conv2d: input {h}x{w} with padding {padding} is smaller than the kernel {kh}x{kw}")
     cdef Py_ssize_t ho = (h + 2 * padding - kh) // stride + 1, wo = (w + 2 * padding - kw) // stride + 1
@@ -229,32 +232,36 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
     if bias is not None:
         tiles[:cout] = bias[:, None]
     cdef const float[:, ::1] bias_tiles = tiles
-    # tasks: (image, block of output pixels, slice of output channels); the channels split only as far as needed to
-    # give each thread about two tasks, since every slice builds the im2col panel again
-    cdef Py_ssize_t hw_out = ho * wo
-    cdef Py_ssize_t pixels = min(<Py_ssize_t>SDCLI_BF16_CONV_PIXELS, _round_up(hw_out, 32))
-    cdef Py_ssize_t pblocks = (hw_out + pixels - 1) // pixels
-    cdef Py_ssize_t cslices = _clamp((2 * sdcli_bf16_max_threads() + batch * pblocks - 1) // (batch * pblocks), 1,
-                                     cout_pad // 32)
+    # tasks: (block of columns = (image, output pixel), slice of output channels); the channels split only as far as
+    # needed to give each thread about two tasks, since every slice builds the im2col panel again
+    cdef Py_ssize_t columns = batch * ho * wo
+    cdef Py_ssize_t pixels = min(<Py_ssize_t>SDCLI_BF16_CONV_PIXELS, _round_up(columns, 32))
+    cdef Py_ssize_t pblocks = (columns + pixels - 1) // pixels
+    cdef Py_ssize_t cslices = _clamp((2 * sdcli_bf16_max_threads() + pblocks - 1) // pblocks, 1, cout_pad // 32)
     cdef Py_ssize_t cslice = _round_up((cout_pad + cslices - 1) // cslices, 32)
     cslices = (cout_pad + cslice - 1) // cslice
     # rows of k per panel: all of kp when the panel (kp/2 pairs x pixels) fits SDCLI_BF16_PANEL_BYTES
     cdef Py_ssize_t kb_max = kp
     if kp * pixels * 2 > SDCLI_BF16_PANEL_BYTES:
         kb_max = max(32, SDCLI_BF16_PANEL_BYTES // (pixels * 2) // 32 * 32)
-    cdef Py_ssize_t tasks = batch * pblocks * cslices, task
+    # AVX-512 levels: the region of x one block of columns reads (bf16_gemm.h), at most `slots` images of `rh` rows
+    cdef Py_ssize_t spanned = min(ho, (pixels + wo - 2) // wo + 1)  # output rows of one image in a block
+    cdef Py_ssize_t rh = (spanned - 1) * stride + kh
+    cdef Py_ssize_t slots = min(batch, (pixels + ho * wo - 2) // (ho * wo) + 1)
+    cdef Py_ssize_t region = 2 * slots * ((cin + 1) // 2) * rh * (w + 2 * padding) if lvl >= SDCLI_BF16_AVX512 else 1
+    cdef Py_ssize_t tasks = pblocks * cslices, task
     cdef int failed = 0
     cdef sdcli_bf16_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_bf16_scratch_new(1, cslice * pixels, kb_max // 2 * pixels, 2 * pixels)
+        scratch = sdcli_bf16_scratch_new(region, cslice * pixels, kb_max // 2 * pixels, pixels)
         sdcli_bf16_thread_begin(lvl)
         for task in prange(tasks, schedule="static"):
             if scratch == NULL:
                 failed += 1
             else:
-                sdcli_bf16_conv_task(lvl, &x[0, 0, 0, 0], cin, h, w, &a[0, 0], cout, cout_pad, kp, kh, kw, stride,
+                sdcli_bf16_conv_task(lvl, &x[0, 0, 0, 0], batch, cin, h, w, &a[0, 0], cout, cout_pad, kp, kh, kw, stride,
                                      padding, &bias_tiles[0, 0], &out[0, 0, 0, 0], ho, wo, pixels, cslice, cslices,
-                                     kb_max, task, scratch)
+                                     kb_max, rh, task, scratch)
         sdcli_bf16_thread_end(lvl)
         sdcli_bf16_scratch_free(scratch)
     if failed:
