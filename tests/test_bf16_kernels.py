@@ -130,6 +130,27 @@ def test_linear(level, m, k, n, with_bias):
     assert_close("linear", out, *linear_reference(x, w, bias))
 
 
+def aligned_empty(shape, alignment: int = 64) -> np.ndarray:
+    """An uninitialised float32 array whose data starts on an `alignment`-byte boundary."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + alignment // 4, dtype=np.float32)
+    start = (-raw.ctypes.data % alignment) // 4
+    return raw[start : start + size].reshape(shape)
+
+
+@pytest.mark.parametrize("m,k,n", [(130, 40, 48), (64, 2100, 32)])  # streaming in the last of two chunks of k
+def test_linear_streaming_stores(level, m, k, n):
+    rng = np.random.default_rng(4)
+    x, w, bias = random_linear(rng, m, k, n, True)
+    out = aligned_empty((m, n))
+    out[:] = np.nan
+    bf16_kernels.linear(x, bf16_kernels.pack_linear_weight(w), bias, out, level=level, stream=True)
+    assert_close("linear", out, *linear_reference(x, w, bias))
+    with pytest.raises(ValueError, match="aligned"):
+        misaligned = aligned_empty((m * n + 1,))[1:].reshape(m, n)  # 4 bytes past a 64-byte boundary
+        bf16_kernels.linear(x, bf16_kernels.pack_linear_weight(w), bias, misaligned, stream=True)
+
+
 def test_linear_rounds_x_to_nearest_even(level):
     """With an identity weight each output is one rounded input: bit-exact bf16 rounding, ties to even."""
     rng = np.random.default_rng(2)

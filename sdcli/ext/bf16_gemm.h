@@ -49,8 +49,9 @@
  * convert a block of x (linear) or build a block of the im2col matrix as B strips (conv2d), then the product.
  *
  * x86-64 with GCC or Clang gets all three levels (AMX on Linux only, where the kernel must grant the tile data
- * permission); anything else builds the portable level alone. No -march flags: the AVX-512 code is compiled for
- * its target alone (function attributes), AMX goes through inline assembly, and both are chosen at run time.
+ * permission); anything else builds the portable level alone, as does SDCLI_BASELINE_ONLY (vec.h's switch, to test
+ * that build on x86). No -march flags: the AVX-512 code is compiled for its target alone (function attributes),
+ * AMX goes through inline assembly, and both are chosen at run time.
  */
 #ifndef SDCLI_BF16_GEMM_H
 #define SDCLI_BF16_GEMM_H
@@ -76,6 +77,9 @@ enum { SDCLI_BF16_PORTABLE = 0, SDCLI_BF16_AVX512 = 1, SDCLI_BF16_AMX = 2 };
 #ifndef SDCLI_BF16_LINEAR_ROWS
 #define SDCLI_BF16_LINEAR_ROWS 128          /* rows of x per task of linear(): converted once, reused by all of N */
 #endif
+#ifndef SDCLI_BF16_STREAM_BYTES
+#define SDCLI_BF16_STREAM_BYTES (32 << 20) /* linear(): outputs at least this big go out with streaming stores */
+#endif
 #ifndef SDCLI_BF16_CONV_PIXELS
 #define SDCLI_BF16_CONV_PIXELS 256          /* output pixels per task of conv2d(): the columns of the im2col panel */
 #endif
@@ -89,7 +93,7 @@ enum { SDCLI_BF16_PORTABLE = 0, SDCLI_BF16_AVX512 = 1, SDCLI_BF16_AMX = 2 };
 #define SDCLI_BF16_INLINE static inline
 #endif
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SDCLI_BASELINE_ONLY)
 #define SDCLI_BF16_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -348,12 +352,22 @@ typedef struct {
 } sdcli_bf16_tile_config;
 
 /* AMX: the unit as C (32 x 32) = [tmm0 tmm1; tmm2 tmm3] += [tmm4; tmm5] (32 x 32 of k) @ [tmm6 tmm7] (32 of k x 32),
- * one step of 32 in k at a time. */
-static void sdcli_bf16_unit_amx(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b, ptrdiff_t kc,
-                                const float *init, ptrdiff_t init_rs, ptrdiff_t init_cs, float *c, ptrdiff_t ldc) {
+ * one step of 32 in k at a time. The lines of C are requested for writing first, so that fetching them overlaps
+ * the products. With `stream` (c 64-byte aligned, ldc a multiple of 16) C goes out through an L1 buffer with
+ * streaming stores instead, which skip that fetch and leave the caches to the operands: for outputs much larger
+ * than the caches, where the fetch costs more than the products (the caller issues the store fence). */
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_unit_amx(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks,
+                                                         const uint16_t *b, ptrdiff_t kc, const float *init,
+                                                         ptrdiff_t init_rs, ptrdiff_t init_cs, float *c,
+                                                         ptrdiff_t ldc, int stream) {
     const ptrdiff_t a_stride = lda * 2, c_stride = ldc * 4, init_stride = init_rs * 4;
     const uint16_t *a1 = a + 16 * lda;
     const float *init1 = init + 16 * init_rs;
+    if (!stream)
+        for (int r = 0; r < 32; r++) {
+            _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_ET0);
+            _mm_prefetch((const char *)(c + r * ldc + 16), _MM_HINT_ET0);
+        }
     SDCLI_TILE_LOAD(0, init, init_stride);
     SDCLI_TILE_LOAD(1, init + 16 * init_cs, init_stride);
     SDCLI_TILE_LOAD(2, init1, init_stride);
@@ -367,6 +381,18 @@ static void sdcli_bf16_unit_amx(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks
         SDCLI_TILE_LOAD(7, b + 32, 128);
         SDCLI_TILE_DP(1, 4, 7);
         SDCLI_TILE_DP(3, 5, 7);
+    }
+    if (stream) {
+        float block[32 * 32] __attribute__((aligned(64)));
+        SDCLI_TILE_STORE(0, block, 128);
+        SDCLI_TILE_STORE(1, block + 16, 128);
+        SDCLI_TILE_STORE(2, block + 16 * 32, 128);
+        SDCLI_TILE_STORE(3, block + 16 * 32 + 16, 128);
+        for (int r = 0; r < 32; r++) {
+            _mm512_stream_ps(c + r * ldc, _mm512_load_ps(block + r * 32));
+            _mm512_stream_ps(c + r * ldc + 16, _mm512_load_ps(block + r * 32 + 16));
+        }
+        return;
     }
     SDCLI_TILE_STORE(0, c, c_stride);
     SDCLI_TILE_STORE(1, c + 16, c_stride);
@@ -403,10 +429,11 @@ static void sdcli_bf16_thread_end(int level) {
 /* ------------------------------------------------------------------------------------------ the product */
 
 /* C (m, n) = init + A (m, kp) @ B (n/32 strips, kp/2, 32, 2) at `level`; m, n, kp multiples of 32 (blocking in
- * the header comment). */
+ * the header comment). stream: write C with streaming stores (AMX only, see sdcli_bf16_unit_amx; in the last
+ * chunk of k only, since the others are read back). */
 static void sdcli_bf16_gemm(int level, const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b, ptrdiff_t kp,
                             ptrdiff_t m, ptrdiff_t n, const float *init, ptrdiff_t init_rs, ptrdiff_t init_cs,
-                            float *c, ptrdiff_t ldc) {
+                            float *c, ptrdiff_t ldc, int stream) {
     const ptrdiff_t strip = kp * 32;                                 /* elements of B per strip */
     const ptrdiff_t chunks = (kp + SDCLI_BF16_KC - 1) / SDCLI_BF16_KC; /* k in chunks of about equal size */
     const ptrdiff_t kc_max = sdcli_bf16_round_up((kp + chunks - 1) / (chunks > 0 ? chunks : 1), 32);
@@ -426,7 +453,7 @@ static void sdcli_bf16_gemm(int level, const uint16_t *a, ptrdiff_t lda, ptrdiff
                     float *cij = c + i * ldc + j;
 #ifdef SDCLI_BF16_AMX_BUILD
                     if (level == SDCLI_BF16_AMX) {
-                        sdcli_bf16_unit_amx(ai, lda, a_ks, bj, kc, init_ij, rs, cs, cij, ldc);
+                        sdcli_bf16_unit_amx(ai, lda, a_ks, bj, kc, init_ij, rs, cs, cij, ldc, stream && k0 + kc == kp);
                         continue;
                     }
 #endif
@@ -442,6 +469,11 @@ static void sdcli_bf16_gemm(int level, const uint16_t *a, ptrdiff_t lda, ptrdiff
         }
         k0 += kc;
     } while (k0 < kp);
+#ifdef SDCLI_BF16_AMX_BUILD
+    if (stream && level == SDCLI_BF16_AMX) _mm_sfence(); /* the streaming stores before anything that follows */
+#endif
+    (void)level;
+    (void)stream;
 }
 
 /* ----------------------------------------------------------------------------------------- parallel tasks */
@@ -517,7 +549,8 @@ static void sdcli_bf16_copy_block(const float *c, ptrdiff_t ldc, ptrdiff_t rows,
  * consecutive tasks share the block of x it converted. */
 static void sdcli_bf16_linear_task(int level, const float *x, ptrdiff_t m, ptrdiff_t k, const uint16_t *w,
                                    ptrdiff_t kp, ptrdiff_t np, const float *bias_pad, float *out, ptrdiff_t n,
-                                   ptrdiff_t slice, ptrdiff_t slices, ptrdiff_t task, sdcli_bf16_scratch *s) {
+                                   ptrdiff_t slice, ptrdiff_t slices, int stream, ptrdiff_t task,
+                                   sdcli_bf16_scratch *s) {
     const ptrdiff_t block = task / slices, i0 = block * SDCLI_BF16_LINEAR_ROWS;
     const ptrdiff_t rows = sdcli_bf16_min(SDCLI_BF16_LINEAR_ROWS, m - i0), rows_pad = sdcli_bf16_round_up(rows, 32);
     const ptrdiff_t j0 = task % slices * slice, cols = sdcli_bf16_min(slice, np - j0); /* cols: a multiple of 32 */
@@ -527,9 +560,10 @@ static void sdcli_bf16_linear_task(int level, const float *x, ptrdiff_t m, ptrdi
         s->cached = block;
     }
     if (rows == rows_pad && j0 + cols <= n) { /* whole tiles inside out: straight there */
-        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, out + i0 * n + j0, n);
+        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, out + i0 * n + j0, n,
+                        stream);
     } else {
-        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, s->c, cols);
+        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, s->c, cols, 0);
         sdcli_bf16_copy_block(s->c, cols, rows, sdcli_bf16_min(cols, n - j0), out + i0 * n + j0, n);
     }
 }
@@ -742,6 +776,7 @@ static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t batch, ptr
     float *c = direct ? out + (image0 * cout + c0) * hw_out + pix0 : s->c;
     const ptrdiff_t ldc = direct ? hw_out : pixels;
     ptrdiff_t k0 = 0;
+    (void)rh; /* the AVX-512 levels only */
     do { /* at least once: with kp = 0, C = bias */
         const ptrdiff_t kb = sdcli_bf16_min(kb_max, kp - k0);
         if (!(kb == kp && s->cached == block)) { /* one panel for all of k: reused by the next slice of channels */
@@ -761,10 +796,10 @@ static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t batch, ptr
         s->cached = kb == kp ? block : -1;
         if (k0 == 0)
             sdcli_bf16_gemm(level, weight + c0 * kp, kp, 32, (const uint16_t *)s->panel, kb, crows, pixels,
-                            bias_tiles + c0 * 16, 16, 0, c, ldc);
+                            bias_tiles + c0 * 16, 16, 0, c, ldc, 0);
         else
             sdcli_bf16_gemm(level, weight + c0 * kp + k0, kp, 32, (const uint16_t *)s->panel, kb, crows, pixels, c, ldc,
-                            1, c, ldc);
+                            1, c, ldc, 0);
         k0 += kb;
     } while (k0 < kp);
     if (!direct)

@@ -37,6 +37,7 @@ cdef extern from "bf16_gemm.h" nogil:
         SDCLI_BF16_AVX512
         SDCLI_BF16_AMX
         SDCLI_BF16_LINEAR_ROWS
+        SDCLI_BF16_STREAM_BYTES
         SDCLI_BF16_CONV_PIXELS
         SDCLI_BF16_PANEL_BYTES
     ctypedef struct sdcli_bf16_scratch:
@@ -50,7 +51,7 @@ cdef extern from "bf16_gemm.h" nogil:
     void sdcli_bf16_thread_end(int level)
     void sdcli_bf16_linear_task(int level, const float* x, ptrdiff_t m, ptrdiff_t k, const uint16_t* w,
                                 ptrdiff_t kp, ptrdiff_t n_pad, const float* bias_pad, float* out, ptrdiff_t n,
-                                ptrdiff_t slice, ptrdiff_t slices, ptrdiff_t task, sdcli_bf16_scratch* s)
+                                ptrdiff_t slice, ptrdiff_t slices, bint stream, ptrdiff_t task, sdcli_bf16_scratch* s)
     void sdcli_bf16_conv_task(int level, const float* x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
                               const uint16_t* weight, ptrdiff_t cout, ptrdiff_t cout_pad, ptrdiff_t kp,
                               ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, const float* bias_tiles,
@@ -146,11 +147,16 @@ def _bias(str op, bias, Py_ssize_t n):
     return bias
 
 
-def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, float[:, ::1] out, level=None):
+def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, float[:, ::1] out, level=None,
+           stream=None):
     """out (M, N) = bf16(x) (M, K) @ w.T + bias, float32 accumulation; ``packed`` = pack_linear_weight(w).
 
     x: float32 (M, K), rounded to bf16 a block of rows at a time. bias: float32 (N,) or None. out: float32 (M, N),
-    overwritten. level: "amx", "avx512_bf16", "portable" or None (capability()).
+    overwritten. level: "amx", "avx512_bf16", "portable" or None (capability()). stream: at the AMX level, write
+    out with streaming stores, which do not first fetch the lines they fill: None (the default) does so for an
+    out of SDCLI_BF16_STREAM_BYTES or more (far larger than the caches, where that fetch costs about as much as
+    the products) whose rows are 64-byte aligned (out 64-byte aligned, N a multiple of 16); True requires the
+    alignment; False never streams.
     """
     cdef int lvl = _level("linear", level)
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1]
@@ -177,6 +183,10 @@ def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, flo
     slices = (np_ + slice - 1) // slice
     cdef Py_ssize_t tasks = blocks * slices, task
     cdef int failed = 0
+    cdef bint aligned = n % 16 == 0 and <size_t>&out[0, 0] % 64 == 0
+    if stream and not aligned:
+        raise ValueError("linear: stream=True needs out 64-byte aligned and N a multiple of 16")
+    cdef bint streaming = aligned and m * n * 4 >= SDCLI_BF16_STREAM_BYTES if stream is None else stream
     cdef sdcli_bf16_scratch* scratch = NULL
     cdef const uint16_t* w = &packed[0, 0, 0, 0]
     with nogil, parallel():
@@ -187,7 +197,7 @@ def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, flo
                 failed += 1
             else:
                 sdcli_bf16_linear_task(lvl, &x[0, 0], m, k, w, kp, np_, &bias_pad[0], &out[0, 0], n, slice, slices,
-                                       task, scratch)
+                                       streaming, task, scratch)
         sdcli_bf16_thread_end(lvl)
         sdcli_bf16_scratch_free(scratch)
     if failed:
