@@ -268,6 +268,7 @@ def test_shape_and_dtype_errors():
     with pytest.raises(ValueError, match="columns"):
         bf16_kernels.conv2d(xc, cw, 1, 1, 1, 0, None, np.empty((1, 5, 8, 8), np.float32))
     with pytest.raises(ValueError, match="smaller than the kernel"):
-        bf16_kernels.conv2d(np.zeros((1, 4, 1, 1), np.float32), cw, 3, 3, 1, 0, None, np.empty((1, 5, 1, 1), np.float32))
+        tiny = np.zeros((1, 4, 1, 1), np.float32)
+        bf16_kernels.conv2d(tiny, cw, 3, 3, 1, 0, None, np.empty((1, 5, 1, 1), np.float32))
     with pytest.raises(ValueError, match="stride"):
         bf16_kernels.conv2d(xc, cw, 3, 3, 0, 1, None, np.empty((1, 5, 8, 8), np.float32))

@@ -36,8 +36,8 @@
  *           of the strip row and, per row, the pair of A broadcast to the 16 lanes.
  * Around it: the rows of A in blocks of SDCLI_BF16_A_BYTES (kept in L2), each block against every strip of B, a
  * strip against every row pair of the block, so a strip is read from memory once per block. Splitting k into
- * chunks would keep a strip's chunk in L1, but every chunk after the first reloads C from memory, which measured
- * slower: k is split only past SDCLI_BF16_KC (chunks after the first add to C, init = C).
+ * chunks would keep a strip's chunk in L1, but every chunk after the first reloads C, which measured slower: k is
+ * split only past SDCLI_BF16_KC (chunks after the first add to C, init = C).
  * Each OpenMP thread that runs the AMX level calls sdcli_bf16_thread_begin (tile configuration: eight 16 x 64-byte
  * tiles) before its first product and sdcli_bf16_thread_end (tile release) after its last.
  *
@@ -46,7 +46,11 @@
  * become zero (the bf16 products treat bf16 denormals as zero anyway).
  *
  * The task functions at the end are the work of one parallel task of linear() and conv2d() in bf16_kernels.pyx:
- * convert a block of x (linear) or build a block of the im2col matrix as B strips (conv2d), then the product.
+ *   linear  a block of SDCLI_BF16_LINEAR_ROWS rows of x converted to the blocked A layout (once per block, kept
+ *           by the thread for all its slices of columns), times the packed weight as B.
+ *   conv2d  out[image] (cout, pixels) = weight (cout, K) @ im2col(x[image]) (K, pixels): the weight is A, a block
+ *           of SDCLI_BF16_CONV_PIXELS columns (output pixels, across the images of the batch) of the im2col matrix
+ *           is built as B strips, at most SDCLI_BF16_PANEL_BYTES of it at a time, and C is the output itself.
  *
  * x86-64 with GCC or Clang gets all three levels (AMX on Linux only, where the kernel must grant the tile data
  * permission); anything else builds the portable level alone, as does SDCLI_BASELINE_ONLY (vec.h's switch, to test
@@ -275,8 +279,8 @@ static void sdcli_bf16_pack_pairs(int level, const float *r0, const float *r1, p
  * (rows lda elements apart), b at the first pair row of one strip (rows 64 elements apart), init and c at the
  * block's first element (init read as in the header comment, c rows ldc floats apart). kc: a multiple of 32. */
 
-static void sdcli_bf16_unit_portable(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b, ptrdiff_t kc,
-                                     const float *init, ptrdiff_t init_rs, ptrdiff_t init_cs, float *c,
+static void sdcli_bf16_unit_portable(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b,
+                                     ptrdiff_t kc, const float *init, ptrdiff_t init_rs, ptrdiff_t init_cs, float *c,
                                      ptrdiff_t ldc) {
     for (ptrdiff_t i = 0; i < 32; i++) {
         float row[32];
@@ -297,9 +301,10 @@ static void sdcli_bf16_unit_portable(const uint16_t *a, ptrdiff_t lda, ptrdiff_t
 /* AVX512_BF16: the unit as four register tiles of 8 rows x 32 columns, each in 16 zmm accumulators. Per pair p
  * of k: the strip row (two registers of 16 column pairs) and, per row r, the pair A[r, 2p:2p+2] broadcast to all
  * lanes; VDPBF16PS adds A[r, 2p] B[2p, j] + A[r, 2p+1] B[2p+1, j] to lane j. */
-SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_unit_avx512(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b,
-                                                            ptrdiff_t kc, const float *init, ptrdiff_t init_rs,
-                                                            ptrdiff_t init_cs, float *c, ptrdiff_t ldc) {
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_unit_avx512(const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks,
+                                                            const uint16_t *b, ptrdiff_t kc, const float *init,
+                                                            ptrdiff_t init_rs, ptrdiff_t init_cs, float *c,
+                                                            ptrdiff_t ldc) {
     for (int i = 0; i < 32; i += 8) {
         __m512 acc[8][2];
 #pragma GCC unroll 8
@@ -431,9 +436,9 @@ static void sdcli_bf16_thread_end(int level) {
 /* C (m, n) = init + A (m, kp) @ B (n/32 strips, kp/2, 32, 2) at `level`; m, n, kp multiples of 32 (blocking in
  * the header comment). stream: write C with streaming stores (AMX only, see sdcli_bf16_unit_amx; in the last
  * chunk of k only, since the others are read back). */
-static void sdcli_bf16_gemm(int level, const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b, ptrdiff_t kp,
-                            ptrdiff_t m, ptrdiff_t n, const float *init, ptrdiff_t init_rs, ptrdiff_t init_cs,
-                            float *c, ptrdiff_t ldc, int stream) {
+static void sdcli_bf16_gemm(int level, const uint16_t *a, ptrdiff_t lda, ptrdiff_t a_ks, const uint16_t *b,
+                            ptrdiff_t kp, ptrdiff_t m, ptrdiff_t n, const float *init, ptrdiff_t init_rs,
+                            ptrdiff_t init_cs, float *c, ptrdiff_t ldc, int stream) {
     const ptrdiff_t strip = kp * 32;                                 /* elements of B per strip */
     const ptrdiff_t chunks = (kp + SDCLI_BF16_KC - 1) / SDCLI_BF16_KC; /* k in chunks of about equal size */
     const ptrdiff_t kc_max = sdcli_bf16_round_up((kp + chunks - 1) / (chunks > 0 ? chunks : 1), 32);
@@ -560,10 +565,11 @@ static void sdcli_bf16_linear_task(int level, const float *x, ptrdiff_t m, ptrdi
         s->cached = block;
     }
     if (rows == rows_pad && j0 + cols <= n) { /* whole tiles inside out: straight there */
-        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, out + i0 * n + j0, n,
-                        stream);
+        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1,
+                        out + i0 * n + j0, n, stream);
     } else {
-        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, s->c, cols, 0);
+        sdcli_bf16_gemm(level, s->a, 32, rows_pad * 32, wj, kp, rows_pad, cols, bias_pad + j0, 0, 1, s->c, cols,
+                        0);
         sdcli_bf16_copy_block(s->c, cols, rows, sdcli_bf16_min(cols, n - j0), out + i0 * n + j0, n);
     }
 }
@@ -695,12 +701,14 @@ SDCLI_BF16_AVX512_TARGET SDCLI_BF16_INLINE __m512i sdcli_bf16_chunk_row(const ui
                                                                        const sdcli_bf16_run *end, __m512i even) {
     if (at == NULL) return _mm512_setzero_si512();
     if (run->whole == 1) return _mm512_loadu_si512(at + run->base);
-    if (run->whole == 2)
-        return _mm512_permutex2var_epi32(_mm512_loadu_si512(at + run->base), even, _mm512_loadu_si512(at + run->base + 16));
+    if (run->whole == 2) /* the even ones of 32 pairs */
+        return _mm512_permutex2var_epi32(_mm512_loadu_si512(at + run->base), even,
+                                         _mm512_loadu_si512(at + run->base + 16));
     __m512i v = _mm512_setzero_si512();
     for (; run < end; run++) {
         const uint32_t *window = at + run->base;
-        const __m512i lo = _mm512_maskz_loadu_epi32(run->lo, window), hi = _mm512_maskz_loadu_epi32(run->hi, window + 16);
+        const __m512i lo = _mm512_maskz_loadu_epi32(run->lo, window);
+        const __m512i hi = _mm512_maskz_loadu_epi32(run->hi, window + 16);
         v = _mm512_mask_mov_epi32(v, run->lanes, _mm512_permutex2var_epi32(lo, _mm512_loadu_si512(run->index), hi));
     }
     return v;
@@ -725,8 +733,8 @@ SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_im2col_avx512(ptrdiff_t cin, ptr
             const ptrdiff_t length = sdcli_bf16_min(sdcli_bf16_min(wo - ox, chunk_end - j), max_run);
             const ptrdiff_t lane = j - 16 * c, span = (length - 1) * stride + 1;
             sdcli_bf16_run *run = runs + count++;
-            run->base = ((image - first) * pairs * rh + (oy - sdcli_bf16_first_row(image, col0, hw_out, wo)) * stride) * rw +
-                        ox * stride;
+            const ptrdiff_t r = (oy - sdcli_bf16_first_row(image, col0, hw_out, wo)) * stride; /* its region row */
+            run->base = ((image - first) * pairs * rh + r) * rw + ox * stride;
             run->lanes = (uint16_t)(((1u << length) - 1) << lane);
             run->lo = (uint16_t)(span >= 16 ? 0xffffu : (1u << span) - 1);
             run->hi = (uint16_t)(span > 16 ? (1u << (span - 16)) - 1 : 0);

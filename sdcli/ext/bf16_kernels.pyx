@@ -243,11 +243,12 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
         tiles[:cout] = bias[:, None]
     cdef const float[:, ::1] bias_tiles = tiles
     # tasks: (block of columns = (image, output pixel), slice of output channels); the channels split only as far as
-    # needed to give each thread about two tasks, since every slice builds the im2col panel again
+    # needed to give each thread a task, since every slice builds the im2col panel again (and with k in blocks, a
+    # thread's second slice of the same columns builds it again too)
     cdef Py_ssize_t columns = batch * ho * wo
     cdef Py_ssize_t pixels = min(<Py_ssize_t>SDCLI_BF16_CONV_PIXELS, _round_up(columns, 32))
     cdef Py_ssize_t pblocks = (columns + pixels - 1) // pixels
-    cdef Py_ssize_t cslices = _clamp((2 * sdcli_bf16_max_threads() + pblocks - 1) // pblocks, 1, cout_pad // 32)
+    cdef Py_ssize_t cslices = _clamp((sdcli_bf16_max_threads() + pblocks - 1) // pblocks, 1, cout_pad // 32)
     cdef Py_ssize_t cslice = _round_up((cout_pad + cslices - 1) // cslices, 32)
     cslices = (cout_pad + cslice - 1) // cslice
     # rows of k per panel: all of kp when the panel (kp/2 pairs x pixels) fits SDCLI_BF16_PANEL_BYTES
@@ -269,9 +270,9 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
             if scratch == NULL:
                 failed += 1
             else:
-                sdcli_bf16_conv_task(lvl, &x[0, 0, 0, 0], batch, cin, h, w, &a[0, 0], cout, cout_pad, kp, kh, kw, stride,
-                                     padding, &bias_tiles[0, 0], &out[0, 0, 0, 0], ho, wo, pixels, cslice, cslices,
-                                     kb_max, rh, task, scratch)
+                sdcli_bf16_conv_task(lvl, &x[0, 0, 0, 0], batch, cin, h, w, &a[0, 0], cout, cout_pad, kp, kh, kw,
+                                     stride, padding, &bias_tiles[0, 0], &out[0, 0, 0, 0], ho, wo, pixels, cslice,
+                                     cslices, kb_max, rh, task, scratch)
         sdcli_bf16_thread_end(lvl)
         sdcli_bf16_scratch_free(scratch)
     if failed:
