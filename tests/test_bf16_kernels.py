@@ -166,6 +166,24 @@ def test_linear_rounds_x_to_nearest_even(level):
     assert out[0, 0] == 1.0 and out[0, 1] == 1.0 + 2.0**-6 and out[1, 0] == -1.0
 
 
+def test_nan_and_inf_propagate(level):
+    """A NaN or an inf in x reaches exactly the outputs that read it, as in float arithmetic."""
+    x = np.ones((3, 40), np.float32)
+    x[0, 5], x[1, 7] = np.nan, np.inf
+    w = float32_to_bf16(np.random.default_rng(5).uniform(0.1, 1.0, (5, 40)).astype(np.float32))  # all positive
+    out = np.empty((3, 5), np.float32)
+    bf16_kernels.linear(x, bf16_kernels.pack_linear_weight(w), None, out, level=level)
+    assert np.isnan(out[0]).all() and np.isposinf(out[1]).all() and np.isfinite(out[2]).all()
+    xc = np.ones((1, 4, 6, 7), np.float32)
+    xc[0, 1, 2, 3] = np.nan
+    wc = float32_to_bf16(np.ones((2, 4, 3, 3), np.float32))
+    outc = np.empty((1, 2, 6, 7), np.float32)
+    bf16_kernels.conv2d(xc, bf16_kernels.pack_conv_weight(wc), 3, 3, 1, 1, None, outc, level=level)
+    expected = np.zeros((6, 7), bool)
+    expected[1:4, 2:5] = True  # the 3 x 3 outputs whose window holds (2, 3)
+    assert np.array_equal(np.isnan(outc[0, 0]), expected) and np.array_equal(np.isnan(outc[0, 1]), expected)
+
+
 def test_linear_empty_k_gives_the_bias(level):
     bias = np.arange(3, dtype=np.float32)
     w = np.zeros((3, 0), dtype=np.uint16)

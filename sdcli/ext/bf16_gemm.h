@@ -49,8 +49,8 @@
  *   linear  a block of SDCLI_BF16_LINEAR_ROWS rows of x converted to the blocked A layout (once per block, kept
  *           by the thread for all its slices of columns), times the packed weight as B.
  *   conv2d  out[image] (cout, pixels) = weight (cout, K) @ im2col(x[image]) (K, pixels): the weight is A, a block
- *           of SDCLI_BF16_CONV_PIXELS columns (output pixels, across the images of the batch) of the im2col matrix
- *           is built as B strips, at most SDCLI_BF16_PANEL_BYTES of it at a time, and C is the output itself.
+ *           of up to SDCLI_BF16_CONV_PIXELS columns (output pixels, across the images of the batch) of the im2col
+ *           matrix is built as B strips, SDCLI_BF16_PANEL_K rows of k at a time, and C is the output itself.
  *
  * x86-64 with GCC or Clang gets all three levels (AMX on Linux only, where the kernel must grant the tile data
  * permission); anything else builds the portable level alone, as does SDCLI_BASELINE_ONLY (vec.h's switch, to test
@@ -85,10 +85,10 @@ enum { SDCLI_BF16_PORTABLE = 0, SDCLI_BF16_AVX512 = 1, SDCLI_BF16_AMX = 2 };
 #define SDCLI_BF16_STREAM_BYTES (32 << 20) /* linear(): outputs at least this big go out with streaming stores */
 #endif
 #ifndef SDCLI_BF16_CONV_PIXELS
-#define SDCLI_BF16_CONV_PIXELS 256          /* output pixels per task of conv2d(): the columns of the im2col panel */
+#define SDCLI_BF16_CONV_PIXELS 512          /* output pixels per task of conv2d() at most: the im2col panel's columns */
 #endif
-#ifndef SDCLI_BF16_PANEL_BYTES
-#define SDCLI_BF16_PANEL_BYTES (1024 * 1024) /* im2col panel at most this big: k in blocks when it would be larger */
+#ifndef SDCLI_BF16_PANEL_K
+#define SDCLI_BF16_PANEL_K 2048             /* rows of k of the im2col panel at most (2 MB at 512 columns) */
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -641,6 +641,22 @@ static void sdcli_bf16_im2col(int level, const float *x, ptrdiff_t cin, ptrdiff_
     }
 }
 
+/* The im2col of a 1 x 1, stride 1, unpadded convolution for columns within one image: pair row p is channels
+ * (k0 + 2p, k0 + 2p + 1) at the block's pixels, converted straight from x. */
+static void sdcli_bf16_im2col_1x1(int level, const float *x, ptrdiff_t cin, ptrdiff_t hw, ptrdiff_t col0,
+                                  ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kb, uint32_t *panel, ptrdiff_t pixels) {
+    const float *pixels0 = x + col0 / hw * cin * hw + col0 % hw; /* channel 0 at the first column */
+    const ptrdiff_t strip = kb / 2 * 32;
+    for (ptrdiff_t p = 0; p < kb / 2; p++) {
+        const ptrdiff_t ci = k0 + 2 * p;
+        if (ci < cin)
+            sdcli_bf16_pack_pairs(level, pixels0 + ci * hw, ci + 1 < cin ? pixels0 + (ci + 1) * hw : NULL, n,
+                                  panel + p * 32, pixels, strip);
+        else /* the padding of k */
+            sdcli_bf16_pack_pairs(level, pixels0, NULL, 0, panel + p * 32, pixels, strip);
+    }
+}
+
 #ifdef SDCLI_BF16_X86
 /* conv2d at the AVX-512 levels: the im2col in two steps, so that each value of x is converted to bf16 once, not
  * kh x kw times, and the im2col itself only copies pairs.
@@ -767,7 +783,7 @@ SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_im2col_avx512(ptrdiff_t cin, ptr
  * The weight is A (cout_pad, kp), cout_pad = cout rounded up to 32 (zero rows); bias_tiles (cout_pad, 16) floats:
  * bias[i] repeated in row i. Tasks are (block of `pixels` columns, slice of `cslice` output channels), the slices
  * innermost; the columns of both images of a small batch share a block, so the weight is read once for both. The
- * im2col panel covers kb_max rows of k at a time (all of kp unless the panel would pass SDCLI_BF16_PANEL_BYTES);
+ * im2col panel covers kb_max rows of k at a time (all of kp up to SDCLI_BF16_PANEL_K);
  * the first block starts from the bias, the others add to what the earlier ones left in C. C is the output itself
  * when the block covers whole tiles of one image, else s->c, copied out at the end. */
 static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h,
@@ -788,6 +804,9 @@ static void sdcli_bf16_conv_task(int level, const float *x, ptrdiff_t batch, ptr
     do { /* at least once: with kp = 0, C = bias */
         const ptrdiff_t kb = sdcli_bf16_min(kb_max, kp - k0);
         if (!(kb == kp && s->cached == block)) { /* one panel for all of k: reused by the next slice of channels */
+            if (kh == 1 && kw == 1 && stride == 1 && pad == 0 && pix0 + ncols <= hw_out)
+                sdcli_bf16_im2col_1x1(level, x, cin, hw_out, col0, ncols, k0, kb, s->panel, pixels);
+            else
 #ifdef SDCLI_BF16_X86
             if (level >= SDCLI_BF16_AVX512) {
                 if (s->cached_region != block) {

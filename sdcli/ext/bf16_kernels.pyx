@@ -20,7 +20,8 @@ Weight layouts, built once at load time (Kp = K rounded up to 32, zeros in all p
 The linear weight is the B operand of x @ w.T, whose pair rows a tile load or a vector load takes in one piece;
 strips keep each 32-column slice contiguous down k (see bf16_gemm.h). The convolution weight is the A operand of
 w @ im2col(x), whose rows the tile loads take straight; the im2col panels are built as B strips.
-The products write into ``out`` arrays of the caller's (float32, C-contiguous, the exact output shape).
+The products write into ``out`` arrays of the caller's (float32, C-contiguous, the exact output shape, not
+overlapping the inputs).
 """
 
 import os
@@ -39,7 +40,7 @@ cdef extern from "bf16_gemm.h" nogil:
         SDCLI_BF16_LINEAR_ROWS
         SDCLI_BF16_STREAM_BYTES
         SDCLI_BF16_CONV_PIXELS
-        SDCLI_BF16_PANEL_BYTES
+        SDCLI_BF16_PANEL_K
     ctypedef struct sdcli_bf16_scratch:
         pass
     int sdcli_bf16_cpu_level()
@@ -210,8 +211,8 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
 
     x: float32 (B, Cin, H, W). weight: pack_conv_weight(w) of w (Cout, Cin, kh, kw). bias: float32 (Cout,) or None.
     out: float32 (B, Cout, Ho, Wo), Ho = (H + 2 padding - kh) // stride + 1 (Wo alike), overwritten. The im2col
-    matrix is built in bf16 VNNI panels of at most SDCLI_BF16_CONV_PIXELS output pixels and SDCLI_BF16_PANEL_BYTES
-    per thread, so memory stays flat as images grow. level as in linear().
+    matrix is built in bf16 VNNI panels of at most SDCLI_BF16_CONV_PIXELS output pixels by SDCLI_BF16_PANEL_K rows
+    (2 MB) per thread, so memory stays flat as images grow. level as in linear().
     """
     cdef int lvl = _level("conv2d", level)
     cdef Py_ssize_t batch = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3]
@@ -245,16 +246,18 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
     # tasks: (block of columns = (image, output pixel), slice of output channels); the channels split only as far as
     # needed to give each thread a task, since every slice builds the im2col panel again (and with k in blocks, a
     # thread's second slice of the same columns builds it again too)
-    cdef Py_ssize_t columns = batch * ho * wo
-    cdef Py_ssize_t pixels = min(<Py_ssize_t>SDCLI_BF16_CONV_PIXELS, _round_up(columns, 32))
+    # Blocks of SDCLI_BF16_CONV_PIXELS columns read the weight fewer times than half as many, but fewer blocks than
+    # threads would make threads build the same panel: then half as many columns, down to 256.
+    cdef Py_ssize_t columns = batch * ho * wo, threads = sdcli_bf16_max_threads()
+    cdef Py_ssize_t pixels = SDCLI_BF16_CONV_PIXELS
+    while pixels > 256 and (columns + pixels - 1) // pixels < threads:
+        pixels //= 2
+    pixels = min(pixels, _round_up(columns, 32))
     cdef Py_ssize_t pblocks = (columns + pixels - 1) // pixels
-    cdef Py_ssize_t cslices = _clamp((sdcli_bf16_max_threads() + pblocks - 1) // pblocks, 1, cout_pad // 32)
+    cdef Py_ssize_t cslices = _clamp((threads + pblocks - 1) // pblocks, 1, cout_pad // 32)
     cdef Py_ssize_t cslice = _round_up((cout_pad + cslices - 1) // cslices, 32)
     cslices = (cout_pad + cslice - 1) // cslice
-    # rows of k per panel: all of kp when the panel (kp/2 pairs x pixels) fits SDCLI_BF16_PANEL_BYTES
-    cdef Py_ssize_t kb_max = kp
-    if kp * pixels * 2 > SDCLI_BF16_PANEL_BYTES:
-        kb_max = max(32, SDCLI_BF16_PANEL_BYTES // (pixels * 2) // 32 * 32)
+    cdef Py_ssize_t kb_max = min(kp, <Py_ssize_t>SDCLI_BF16_PANEL_K)  # rows of k per panel
     # AVX-512 levels: the region of x one block of columns reads (bf16_gemm.h), at most `slots` images of `rh` rows
     cdef Py_ssize_t spanned = min(ho, (pixels + wo - 2) // wo + 1)  # output rows of one image in a block
     cdef Py_ssize_t rh = (spanned - 1) * stride + kh
