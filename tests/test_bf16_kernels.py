@@ -218,6 +218,8 @@ CONV_CASES = [  # (B, Cin, Cout, H, W, kh, kw, stride, padding)
     (1, 3, 4, 33, 35, 3, 3, 2, 1),  # stride 2 over output rows of 18: chunks of 16 in one row and across rows
     (1, 3, 5, 40, 40, 1, 1, 2, 0),  # 1 x 1, stride 2, output rows of 20
     (2, 2, 3, 20, 40, 3, 3, 3, 1),  # stride 3
+    (5, 3, 4, 3, 3, 3, 3, 1, 1),  # one block of columns across five images
+    (1, 2, 3, 2, 600, 3, 3, 1, 1),  # output rows of 600: blocks of columns within and across rows
 ]
 
 
