@@ -177,7 +177,7 @@ def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, flo
         bias_padded[:n] = bias
     cdef const float[::1] bias_pad = bias_padded
     # tasks: (block of LINEAR_ROWS rows, slice of columns); the columns split only as far as needed to give each
-    # thread about two tasks, since every slice converts the block of x again
+    # thread about two tasks, since each thread converts the blocks of x of its tasks itself
     cdef Py_ssize_t blocks = (m + SDCLI_BF16_LINEAR_ROWS - 1) // SDCLI_BF16_LINEAR_ROWS
     cdef Py_ssize_t slices = _clamp((2 * sdcli_bf16_max_threads() + blocks - 1) // blocks, 1, (np_ + 31) // 32)
     cdef Py_ssize_t slice = min(_round_up((np_ + slices - 1) // slices, 32), np_)
