@@ -84,7 +84,8 @@ def model_options(command):
                      help="1 uses every text-encoder layer, 2 stops at the penultimate one (as AUTOMATIC1111 "
                           "counts)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="How weights are held in memory; the arithmetic stays float32 on the CPU."),
+                     help="Weights held as fp32, fp16 (computed in float32) or bf16 (bf16 products with float32 "
+                          "sums where the CPU has bf16 instructions)."),
         click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
                      help="Op implementations: compiled kernels (cpu) or the numpy reference."),
     ]

@@ -70,7 +70,7 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
     ops = get_ops(backend)
     config = checkpoint.text_encoder_config()
     source = checkpoint.source("text_encoder")
-    weights = load_weights(source, clip_text_shapes(config), precision)
+    weights = load_weights(source, clip_text_shapes(config), precision, ops=ops)
     tokenizer = ClipTokenizer.from_folder(checkpoint.tokenizer_dir(),
                                           default_pad_token="!" if checkpoint.family == "sd2" else EOS_TOKEN)
     encoder = PromptEncoder(tokenizer, ClipTextEncoder(ops, config, weights), config, precision, source)
@@ -265,7 +265,7 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     unet_config = checkpoint.unet_config()
     unet = UNet2DConditionModel(ops, unet_config, load_weights(checkpoint.source("unet"), unet_shapes(unet_config),
-                                                              precision, stream=low_memory))
+                                                              precision, stream=low_memory, ops=ops))
     if vae == "taesd":
         decoder = load_taesd(backend=backend)[1]
     else:

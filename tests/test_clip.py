@@ -21,7 +21,18 @@ TOL = {
     # Also the tolerance for weights stored or held as fp16/bf16: the reference then runs the same rounded
     # weights in float32, so only the arithmetic differs (stricter than the 2e-2 the issue allows there).
     "fp32": 1e-4,
+    # bf16 compute (--precision bf16 multiplies in bf16 with float32 sums): against the same rounded weights run
+    # in float32, as max |diff| / max |reference|. Every product rounds its activations to bf16 (2^-8 relative);
+    # measured ~1e-3 over the 12-23 layers. Bound: 4 bf16 ulps, as for the UNet.
+    "bf16": 4 * 2**-8,
 }
+
+
+def within(ours: np.ndarray, expected: np.ndarray, precision: str) -> bool:
+    """fp32/fp16 (float32 arithmetic): max |diff| <= TOL["fp32"]; bf16: relative to max |expected|."""
+    if precision == "bf16":
+        return max_abs(ours, expected) <= TOL["bf16"] * float(np.abs(expected).max())
+    return max_abs(ours, expected) <= TOL["fp32"]
 PROMPTS = ["a photograph of an astronaut riding a horse", "",
            "café 🐱 東京! (masterpiece:1.2), " + "very " * 90 + "long", "Hello, World!"]
 
@@ -113,15 +124,16 @@ def test_numpy_backend_parity(family):
 
 
 def test_reduced_storage(family):
-    """fp16 (SD1, diffusers fp16 variant) or bf16 (SD2, single file) weights, held as stored."""
+    """fp16 (SD1, diffusers fp16 variant) or bf16 (SD2, single file) weights, held as stored; bf16 multiplies
+    in bf16."""
     precision = family["reduced_precision"]
     ours = encode(family["paths"]["reduced"], family["ids"], precision=precision)
     for skip in (1, 2):
-        assert max_abs(ours[skip], family["expected_rounded"][precision][skip]) <= TOL["fp32"], skip
+        assert within(ours[skip], family["expected_rounded"][precision][skip], precision), skip
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_from_fp32_file(family, precision):
     """An fp32 file held as fp16 / bf16: rounded at load exactly as the reference rounds."""
     ours = encode(family["paths"]["folder"], family["ids"], precision=precision)
-    assert max_abs(ours[1], family["expected_rounded"][precision][1]) <= TOL["fp32"]
+    assert within(ours[1], family["expected_rounded"][precision][1], precision)

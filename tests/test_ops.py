@@ -379,3 +379,78 @@ def test_reference_group_norm_silu_upsample_against_torch():
     assert_close(numpy_ops.silu(x), F.silu(torch.from_numpy(x)).numpy(), "silu")
     np.testing.assert_array_equal(numpy_ops.upsample_nearest(x),
                                   F.interpolate(torch.from_numpy(x), scale_factor=2.0, mode="nearest").numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights held at reduced precision
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_weight_float32_is_exact(cpu, precision):
+    """Every 16-bit pattern widens to the float32 numpy_ops gives (nan payloads aside: any nan stays nan)."""
+    bits = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    data = bits.view(np.float16) if precision == "fp16" else bits
+    got, expected = cpu.weight_float32(data, precision), numpy_ops.weight_float32(data, precision)
+    nan = np.isnan(expected)
+    assert got.shape == (256, 256) and got.dtype == np.float32 and np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    assert cpu.weight_float32(random((3, 4)), "fp32").dtype == np.float32
+
+
+def bf16_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    from sdcli.io.safetensors import float32_to_bf16
+
+    return float32_to_bf16(random(shape, seed))
+
+
+@pytest.fixture(params=["native", "fallback"])
+def bf16_cpu(request, cpu, monkeypatch):
+    """The cpu backend with its bf16 kernels (skipped where the CPU has no bf16 instructions), or forced to the
+    float32 fallback that such CPUs run."""
+    from sdcli.ops import cpu_ops
+
+    if request.param == "fallback":
+        monkeypatch.setattr(cpu_ops, "bf16_level", lambda: "portable")
+    elif cpu_ops.bf16_level() == "portable":
+        pytest.skip("this CPU has no bf16 instructions")  # the fallback case runs everywhere
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_bf16(cpu, bf16_cpu, shape, with_bias):
+    x, bits = random(shape), bf16_bits((37, shape[-1]), 1)
+    bias = random((37,), seed=2) if with_bias else None
+    got = cpu.linear_bf16(x, cpu.pack_linear_bf16(bits), bias)
+    if bf16_cpu == "native":  # the same rounded operands, summed in another order
+        expected = numpy_ops.linear_bf16(x, numpy_ops.pack_linear_bf16(bits), bias)
+    else:  # float32 activations times the widened weight
+        expected = numpy_ops.linear(x, numpy_ops.weight_float32(bits, "bf16"), bias)
+    assert_close(got, expected, "linear")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_bf16(cpu, bf16_cpu, case):
+    batch, cin, cout, height, width, kernel, stride, padding = case
+    x, bits, bias = random((batch, cin, height, width)), bf16_bits((cout, cin, kernel, kernel), 1), random((cout,), 2)
+    got = cpu.conv2d_bf16(x, cpu.pack_conv_bf16(bits), bias, stride=stride, padding=padding)
+    if bf16_cpu == "native":
+        expected = numpy_ops.conv2d_bf16(x, numpy_ops.pack_conv_bf16(bits), bias, stride=stride, padding=padding)
+    else:
+        expected = numpy_ops.conv2d(x, numpy_ops.weight_float32(bits, "bf16"), bias, stride=stride, padding=padding)
+    assert_close(got, expected, "conv2d")
+
+
+def test_reference_bf16_products_against_torch():
+    """numpy_ops' bf16 contract is torch's bf16 linear and conv2d: operands rounded to bf16, float32 sums (torch
+    rounds its bf16 output too, one more rounding: compared at bf16's own precision)."""
+    x, bits, bias = random((2, 7, 64)), bf16_bits((24, 64), 1), random((24,), 2)
+    weight = torch.from_numpy(numpy_ops.weight_float32(bits, "bf16")).bfloat16()
+    expected = F.linear(torch.from_numpy(x).bfloat16(), weight, torch.from_numpy(bias).bfloat16()).float().numpy()
+    got = numpy_ops.linear_bf16(x, numpy_ops.pack_linear_bf16(bits), numpy_ops.round_to_bf16(bias))
+    np.testing.assert_allclose(got, expected, rtol=2 ** -8, atol=2 ** -8 * np.abs(expected).max())
+    x, bits = random((2, 5, 9, 9)), bf16_bits((6, 5, 3, 3), 1)
+    weight = torch.from_numpy(numpy_ops.weight_float32(bits, "bf16")).bfloat16()
+    expected = F.conv2d(torch.from_numpy(x).bfloat16(), weight, padding=1).float().numpy()
+    got = numpy_ops.conv2d_bf16(x, numpy_ops.pack_conv_bf16(bits), padding=1)
+    np.testing.assert_allclose(got, expected, rtol=2 ** -8, atol=2 ** -8 * np.abs(expected).max())

@@ -9,6 +9,7 @@ in numpy. Reductions (means, variances, softmax sums) accumulate in double.
 
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
+from libc.stdint cimport uint16_t
 from libc.math cimport INFINITY, expf, sqrt, sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -181,6 +182,132 @@ def group_norm(const float[:, :, ::1] x, Py_ssize_t groups, const float[::1] wei
             g = task % groups
             _group_norm_group(&x[b, g * per_group, 0], &weight[g * per_group], &bias[g * per_group], eps, silu,
                               per_group, positions, &out[b, g * per_group, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Widening fp16 and bf16 weights to float32, for layers that hold them at reduced precision and compute in float32
+# ---------------------------------------------------------------------------------------------------------------
+
+cdef extern from * nogil:
+    """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* IEEE binary16 bits -> float, exactly: normals rebias the exponent, subnormals are m 2^-24, inf/nan keep
+     * their payload */
+    static inline float sdcli_half_bits_to_float(uint16_t h) {
+        const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+        uint32_t bits;
+        if (exponent == 0x1fu) {
+            bits = sign | 0x7f800000u | (mantissa << 13);
+        } else if (exponent != 0) {
+            bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+        } else {
+            const float magnitude = (float)mantissa * 5.9604644775390625e-8f; /* 2^-24, exact */
+            return sign ? -magnitude : magnitude;
+        }
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        return value;
+    }
+
+    static void sdcli_half_to_float_portable(const uint16_t *x, ptrdiff_t n, float *y) {
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = sdcli_half_bits_to_float(x[i]);
+    }
+
+    #if defined(SDCLI_X86_DISPATCH)
+    #include <immintrin.h>
+    /* 8 at a time with the F16C instruction, which converts exactly */
+    __attribute__((target("avx,f16c"))) static void sdcli_half_to_float_f16c(const uint16_t *x, ptrdiff_t n,
+                                                                              float *y) {
+        ptrdiff_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+        sdcli_half_to_float_portable(x + i, n - i, y + i);
+    }
+    static int sdcli_has_f16c(void) { return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c"); }
+    /* float -> half bits with F16C, rounding to nearest even (as numpy's astype(float16)) */
+    __attribute__((target("avx,f16c"))) static void sdcli_float_to_half_f16c(const float *x, ptrdiff_t n,
+                                                                              uint16_t *y) {
+        ptrdiff_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        if (i < n) {
+            float rest[8] = {0};
+            uint16_t bits[8];
+            memcpy(rest, x + i, (size_t)(n - i) * sizeof(float));
+            _mm_storeu_si128((__m128i *)bits, _mm256_cvtps_ph(_mm256_loadu_ps(rest), _MM_FROUND_TO_NEAREST_INT));
+            memcpy(y + i, bits, (size_t)(n - i) * sizeof(uint16_t));
+        }
+    }
+    #else
+    static void sdcli_float_to_half_f16c(const float *x, ptrdiff_t n, uint16_t *y) {}
+    static void sdcli_half_to_float_f16c(const uint16_t *x, ptrdiff_t n, float *y) { sdcli_half_to_float_portable(x, n, y); }
+    static int sdcli_has_f16c(void) { return 0; }
+    #endif
+
+    /* float -> bf16 bits, rounding to nearest even; a nan stays a quiet nan of its sign (as float32_to_bf16) */
+    static void sdcli_float_to_bf16(const float *x, ptrdiff_t n, uint16_t *y) {
+        const uint32_t *in = (const uint32_t *)x;
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const uint32_t u = in[i];
+            const int nan = (u & 0x7fffffffu) > 0x7f800000u;
+            y[i] = nan ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+
+    /* bf16 bits -> float: the bits become the top half of the float (exact) */
+    static void sdcli_bf16_to_float(const uint16_t *x, ptrdiff_t n, float *y) {
+        uint32_t *out = (uint32_t *)y;
+        for (ptrdiff_t i = 0; i < n; i++) out[i] = (uint32_t)x[i] << 16;
+    }
+    """
+    void sdcli_half_to_float_f16c(const uint16_t* x, ptrdiff_t n, float* y)
+    void sdcli_half_to_float_portable(const uint16_t* x, ptrdiff_t n, float* y)
+    bint sdcli_has_f16c()
+    void sdcli_bf16_to_float(const uint16_t* x, ptrdiff_t n, float* y)
+    void sdcli_float_to_bf16(const float* x, ptrdiff_t n, uint16_t* y)
+    void sdcli_float_to_half_f16c(const float* x, ptrdiff_t n, uint16_t* y)
+
+
+def narrow_to_bf16(const float[::1] x, uint16_t[::1] out):
+    """bf16 bits of float32 values, rounding to nearest even (nan: a quiet nan of its sign), into out."""
+    cdef Py_ssize_t n = x.shape[0], chunk, start
+    _check_out("narrow_to_bf16", (out.shape[0],), (n,))
+    with nogil:
+        for chunk in prange((n + 16 * CHUNK - 1) // (16 * CHUNK), schedule="static"):
+            start = chunk * 16 * CHUNK
+            sdcli_float_to_bf16(&x[start], min(<Py_ssize_t>(16 * CHUNK), n - start), &out[start])
+
+
+def narrow_to_half(const float[::1] x, uint16_t[::1] out):
+    """IEEE half bits of float32 values, rounding to nearest even, into out; returns False (and writes nothing)
+    where the CPU lacks F16C, for the caller to convert another way."""
+    cdef Py_ssize_t n = x.shape[0], chunk, start
+    _check_out("narrow_to_half", (out.shape[0],), (n,))
+    if not sdcli_has_f16c():
+        return False
+    with nogil:
+        for chunk in prange((n + 16 * CHUNK - 1) // (16 * CHUNK), schedule="static"):
+            start = chunk * 16 * CHUNK
+            sdcli_float_to_half_f16c(&x[start], min(<Py_ssize_t>(16 * CHUNK), n - start), &out[start])
+    return True
+
+
+def widen(const uint16_t[::1] bits, bint bf16, float[::1] out):
+    """float32 values of 16-bit floats, exactly: IEEE half bits (``bf16`` false) or bfloat16 bits, into out.
+    Parallel over chunks; half uses the F16C instructions where the CPU has them."""
+    cdef Py_ssize_t n = bits.shape[0], chunk, start
+    cdef bint f16c = sdcli_has_f16c()
+    _check_out("widen", (out.shape[0],), (n,))
+    with nogil:
+        for chunk in prange((n + 16 * CHUNK - 1) // (16 * CHUNK), schedule="static"):
+            start = chunk * 16 * CHUNK
+            if bf16:
+                sdcli_bf16_to_float(&bits[start], min(<Py_ssize_t>(16 * CHUNK), n - start), &out[start])
+            elif f16c:
+                sdcli_half_to_float_f16c(&bits[start], min(<Py_ssize_t>(16 * CHUNK), n - start), &out[start])
+            else:
+                sdcli_half_to_float_portable(&bits[start], min(<Py_ssize_t>(16 * CHUNK), n - start), &out[start])
 
 
 # ---------------------------------------------------------------------------------------------------------------

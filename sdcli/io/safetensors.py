@@ -154,6 +154,16 @@ _TO_FLOAT32 = {
 # ------------------------------------------------------------------------------------------- header checks
 
 
+def stored_float32(stored: np.ndarray, code: str) -> np.ndarray:
+    """A tensor in its storage dtype (safetensors ``code``) as float32: itself for F32, otherwise a new array."""
+    if code == "F32":
+        return stored
+    if code in _TO_FLOAT32:
+        return _TO_FLOAT32[code](stored)
+    with np.errstate(over="ignore"):  # F64 beyond the float32 range becomes inf, as a cast should
+        return stored.astype(np.float32)
+
+
 class _HeaderError(Exception):
     """A header problem, turned into a SafetensorsError with the file name by the caller."""
 
@@ -384,14 +394,7 @@ class SafetensorsFile:
 
     def float32(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32: the view itself for F32, otherwise a new converted array."""
-        code = self.info(name).dtype
-        stored = self.view(name)
-        if code == "F32":
-            return stored
-        if code in _TO_FLOAT32:
-            return _TO_FLOAT32[code](stored)
-        with np.errstate(over="ignore"):  # F64 beyond the float32 range becomes inf, as a cast should
-            return stored.astype(np.float32)
+        return stored_float32(self.view(name), self.info(name).dtype)
 
     def release(self, name: str | None = None) -> None:
         """Let the operating system drop the pages of tensor ``name`` (of the whole file when None) from this

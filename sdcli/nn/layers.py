@@ -1,8 +1,9 @@
 """Weight holders: small layers that keep their tensors in the precision asked for and call the op backend.
 
 A :class:`Weight` holds one tensor as it is kept in memory: float32 (a zero-copy view of the memory-mapped file
-when the file stores F32), float16, or bfloat16 bits in a uint16 array (numpy has no bfloat16). Layers ask for
-``weight.float32()`` when they compute; on the CPU all arithmetic is float32.
+when the file stores F32), float16, or bfloat16 bits in a uint16 array (numpy has no bfloat16). fp32 and fp16 layers
+compute in float32, widening an fp16 weight at each call; bf16 Linear and Conv2d layers multiply in bf16 with
+float32 sums where the backend can (see :class:`Linear`), and norms widen their small weights.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..errors import SdcliError
 from ..io.checkpoint import TensorSource, check_tensors
-from ..io.safetensors import bf16_to_float32, float32_to_bf16
+from ..io.safetensors import bf16_to_float32, stored_float32
 from ..ops import Ops
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -52,28 +53,28 @@ class Weight:
         return self.data.astype(np.float32, copy=False)
 
     @classmethod
-    def from_stored(cls, data: np.ndarray, dtype: str, precision: str) -> "Weight":
+    def from_stored(cls, data: np.ndarray, dtype: str, precision: str, ops: Ops | None = None) -> "Weight":
         """Hold ``data`` (stored as safetensors ``dtype``: "F32", "F16", "BF16", ...) at ``precision``.
 
-        No copy is made when the stored type is already the held type.
+        No copy is made when the stored type is already the held type. Conversions run on ``ops`` (a backend's
+        parallel kernels) when given, in numpy otherwise; both round to nearest even.
         """
         if precision not in PRECISIONS:
             raise SdcliError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if dtype == "BF16":
-            if precision == "bf16":
-                return cls(data, precision)
-            values = bf16_to_float32(data)
+        if (dtype, precision) in (("F32", "fp32"), ("F16", "fp16"), ("BF16", "bf16")):
+            return cls(data, precision)
+        if ops is None:
+            from ..ops import numpy_ops as ops
+        if dtype in ("BF16", "F16"):
+            values = ops.weight_float32(data, "bf16" if dtype == "BF16" else "fp16")
         else:
-            values = data
-        if precision == "fp32":
-            return cls(values.astype(np.float32, copy=False), precision)
-        if precision == "fp16":
-            return cls(values.astype(np.float16, copy=False), precision)
-        return cls(float32_to_bf16(values.astype(np.float32, copy=False)), precision)
+            values = stored_float32(data, dtype)
+        return cls(ops.weight_from_float32(values, precision), precision)
 
 
 def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], precision: str,
-                 only: dict[str, tuple[int, ...]] | None = None, stream: bool = False) -> dict[str, Weight]:
+                 only: dict[str, tuple[int, ...]] | None = None, stream: bool = False,
+                 ops: Ops | None = None) -> dict[str, Weight]:
     """The tensors of ``expected`` from ``source``, held at ``precision``. Strict: ``check_tensors`` requires every
     expected tensor with its shape and nothing else. ``only`` reads a subset (one half of an autoencoder) after
     checking the whole, so the other half is never converted.
@@ -81,13 +82,13 @@ def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], pre
     A tensor converted to another type leaves the file's pages at once (only the converted copy stays resident).
     A tensor held as a view of the file stays mapped; with ``stream`` its pages are dropped again after each use
     (``Weight.release_pages``), so that resident memory holds about one layer's weights instead of the model's, for
-    the cost of mapping them again from the page cache on the next call.
+    the cost of mapping them again from the page cache on the next call. Conversions run on ``ops`` when given.
     """
     check_tensors(source, expected)
     weights = {}
     for name in expected if only is None else only:
         stored = source.read(name)
-        weight = Weight.from_stored(stored, source.dtype(name), precision)
+        weight = Weight.from_stored(stored, source.dtype(name), precision, ops)
         if weight.data is not stored:
             source.release(name)
         elif stream:
@@ -97,14 +98,25 @@ def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], pre
 
 
 class Linear:
-    """y = x W^T + b. weight (out, in), bias (out,)."""
+    """y = x W^T + b. weight (out, in), bias (out,).
+
+    fp32 and fp16 weights are widened to float32 at each call (fp16 stays fp16 in memory); a bf16 weight is prepared
+    for the backend's bf16 products on the first call (``ops.pack_linear_bf16``), after which only that is kept.
+    """
 
     def __init__(self, ops: Ops, weight: Weight, bias: Weight | None):
         self.ops, self.weight, self.bias = ops, weight, bias
+        self.bf16 = None  # the prepared bf16 weight, once made
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
-        y = self.ops.linear(x, self.weight.float32(), bias)
+        if self.weight.precision == "bf16":
+            if self.bf16 is None:
+                self.bf16 = self.ops.pack_linear_bf16(self.weight.data)
+                self.weight.release_pages()
+                self.weight = replace(self.weight, data=np.empty(0, np.uint16))  # the bits are not needed again
+            return self.ops.linear_bf16(x, self.bf16, bias)
+        y = self.ops.linear(x, self.ops.weight_float32(self.weight.data, self.weight.precision), bias)
         self.weight.release_pages()
         return y
 
@@ -120,14 +132,22 @@ class LayerNorm:
 
 
 class Conv2d:
-    """2-D convolution with zero padding. weight (Cout, Cin, kh, kw), bias (Cout,) or None."""
+    """2-D convolution with zero padding. weight (Cout, Cin, kh, kw), bias (Cout,) or None. Precisions as Linear."""
 
     def __init__(self, ops: Ops, weight: Weight, bias: Weight | None, stride: int = 1, padding: int = 0):
         self.ops, self.weight, self.bias, self.stride, self.padding = ops, weight, bias, stride, padding
+        self.bf16 = None  # the prepared bf16 weight, once made
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
-        y = self.ops.conv2d(x, self.weight.float32(), bias, stride=self.stride, padding=self.padding)
+        if self.weight.precision == "bf16":
+            if self.bf16 is None:
+                self.bf16 = self.ops.pack_conv_bf16(self.weight.data)
+                self.weight.release_pages()
+                self.weight = replace(self.weight, data=np.empty(0, np.uint16))  # the bits are not needed again
+            return self.ops.conv2d_bf16(x, self.bf16, bias, stride=self.stride, padding=self.padding)
+        weight = self.ops.weight_float32(self.weight.data, self.weight.precision)
+        y = self.ops.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
         self.weight.release_pages()
         return y
 

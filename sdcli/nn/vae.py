@@ -372,7 +372,7 @@ class VaeEncoder:
         return latents * np.float32(self.config.scaling_factor)
 
 
-def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str,
+def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str, backend: str,
                   stream: bool = False) -> tuple[VAEConfig, dict[str, Weight]]:
     """The config and the tensors of ``part`` ("encoder", "decoder" or "both") at ``precision``.
 
@@ -384,7 +384,7 @@ def _load_weights(checkpoint: str | Checkpoint, part: str, precision: str,
     config = checkpoint.vae_config()
     source = checkpoint.source("vae")
     wanted = {"encoder": vae_encoder_shapes, "decoder": vae_decoder_shapes, "both": vae_shapes}[part](config)
-    weights = load_weights(source, vae_shapes(config), precision, only=wanted, stream=stream)
+    weights = load_weights(source, vae_shapes(config), precision, only=wanted, stream=stream, ops=get_ops(backend))
     log.info("loaded the VAE %s from %s", part if part != "both" else "encoder and decoder", checkpoint.path)
     return config, weights
 
@@ -393,19 +393,19 @@ def load_vae_decoder(checkpoint: str | Checkpoint, precision: str = "fp32", back
                      tiling: bool = False, stream: bool = False) -> VaeDecoder:
     """The decoder of ``checkpoint`` (a path or an opened checkpoint); ``tiling``: see :class:`VaeDecoder`;
     ``stream``: see :func:`~sdcli.nn.layers.load_weights`."""
-    config, weights = _load_weights(checkpoint, "decoder", precision, stream)
+    config, weights = _load_weights(checkpoint, "decoder", precision, backend, stream)
     return VaeDecoder(get_ops(backend), config, weights, tiling=tiling)
 
 
 def load_vae_encoder(checkpoint: str | Checkpoint, precision: str = "fp32", backend: str = "cpu") -> VaeEncoder:
     """The encoder of ``checkpoint`` (a path or an opened checkpoint)."""
-    config, weights = _load_weights(checkpoint, "encoder", precision)
+    config, weights = _load_weights(checkpoint, "encoder", precision, backend)
     return VaeEncoder(get_ops(backend), config, weights)
 
 
 def load_vae(checkpoint: str | Checkpoint, precision: str = "fp32",
              backend: str = "cpu") -> tuple[VaeEncoder, VaeDecoder]:
     """The encoder and decoder of ``checkpoint`` (a path or an opened checkpoint)."""
-    config, weights = _load_weights(checkpoint, "both", precision)
+    config, weights = _load_weights(checkpoint, "both", precision, backend)
     ops = get_ops(backend)
     return VaeEncoder(ops, config, weights), VaeDecoder(ops, config, weights)

@@ -52,6 +52,23 @@ class Ops(Protocol):
 
     def upsample_nearest(self, x: np.ndarray, factor: int = 2) -> np.ndarray: ...
 
+    # Weights held at reduced precision. fp16 (and fp32) weights are widened per call and go through linear and
+    # conv2d; bf16 weights are prepared once by pack_* into whatever layout the backend multiplies fastest, and
+    # linear_bf16 / conv2d_bf16 round the activations to bf16 and sum the products in float32 (a backend without
+    # bf16 arithmetic may keep float32 activations instead).
+    def weight_float32(self, data: np.ndarray, precision: str) -> np.ndarray: ...
+
+    def weight_from_float32(self, values: np.ndarray, precision: str) -> np.ndarray: ...
+
+    def pack_linear_bf16(self, bits: np.ndarray): ...
+
+    def linear_bf16(self, x: np.ndarray, packed, bias: np.ndarray | None = None) -> np.ndarray: ...
+
+    def pack_conv_bf16(self, bits: np.ndarray): ...
+
+    def conv2d_bf16(self, x: np.ndarray, packed, bias: np.ndarray | None = None, *, stride: int = 1,
+                    padding: int = 0) -> np.ndarray: ...
+
 
 def get_ops(name: str = "cpu") -> Ops:
     """Return the backend called ``name`` ("numpy" or "cpu")."""

@@ -14,9 +14,11 @@ Importing this module raises ImportError when the extension is not built; ``get_
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..ext import bf16_kernels
 from ..ext import cpu_kernels as kernels
 
 name = "cpu"
@@ -243,3 +245,103 @@ def upsample_nearest(x: np.ndarray, factor: int = 2) -> np.ndarray:
     out = np.empty((*lead, height, factor, width, factor), dtype=np.float32)
     out[...] = x[..., :, None, :, None]
     return out.reshape(*lead, height * factor, width * factor)
+
+
+# -- weights held at reduced precision ----------------------------------------------------------------------------
+
+def weight_float32(data: np.ndarray, precision: str) -> np.ndarray:
+    """The values of a weight held as ``precision`` ("fp32", "fp16", or "bf16" bits in uint16) as float32: fp32 as
+    it is, fp16 and bf16 widened exactly by a parallel kernel (F16C for fp16 where the CPU has it)."""
+    if precision == "fp32":
+        return _float32(data)
+    if precision not in ("fp16", "bf16"):
+        raise ValueError(f"weight_float32: unknown precision {precision!r}")
+    bits = np.ascontiguousarray(data).view(np.uint16)
+    out = np.empty(bits.shape, dtype=np.float32)
+    kernels.widen(bits.reshape(-1), precision == "bf16", out.reshape(-1))
+    return out
+
+
+def weight_from_float32(values: np.ndarray, precision: str) -> np.ndarray:
+    """float32 values as a weight is held at ``precision``: themselves (fp32), float16 (F16C where the CPU has
+    it), or bf16 bits in uint16; rounding to nearest even, in parallel."""
+    values = _float32(values)
+    if precision == "fp32":
+        return values
+    if precision not in ("fp16", "bf16"):
+        raise ValueError(f"weight_from_float32: unknown precision {precision!r}")
+    bits = np.empty(values.shape, dtype=np.uint16)
+    if precision == "bf16":
+        kernels.narrow_to_bf16(values.reshape(-1), bits.reshape(-1))
+        return bits
+    if not kernels.narrow_to_half(values.reshape(-1), bits.reshape(-1)):
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16)
+    return bits.view(np.float16)
+
+
+@dataclass(frozen=True)
+class Bf16Weight:
+    """A bf16 weight prepared by ``pack_linear_bf16`` / ``pack_conv_bf16``: in the layout of the kernels in
+    :mod:`sdcli.ext.bf16_kernels` (``packed``) where the CPU has bf16 instructions, otherwise the bits themselves,
+    widened to float32 at each call (the float32 fallback)."""
+
+    data: np.ndarray
+    shape: tuple[int, ...]  # the weight's own: (out, in) or (Cout, Cin, kh, kw)
+    packed: bool
+
+
+def bf16_level() -> str:
+    """How this CPU multiplies bf16: "amx", "avx512_bf16", or "portable" (then the float32 fallback runs)."""
+    return bf16_kernels.capability()
+
+
+def _pack_bf16(bits: np.ndarray, ndim: int, pack) -> Bf16Weight:
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    if bits.ndim != ndim:
+        raise ValueError(f"expected a {ndim}-d weight of bf16 bits, got shape {bits.shape}")
+    if bf16_level() == "portable":
+        return Bf16Weight(bits, bits.shape, False)
+    return Bf16Weight(pack(bits), bits.shape, True)
+
+
+def pack_linear_bf16(bits: np.ndarray):  # -> Bf16Weight
+    """A linear weight (out, in) of bf16 bits prepared for ``linear_bf16``."""
+    return _pack_bf16(bits, 2, bf16_kernels.pack_linear_weight)
+
+
+def linear_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight.T + bias`` with bf16 products summed in float32 (AMX or AVX512_BF16); the float32 fallback
+    where the CPU has neither. x (..., in), bias (out,) -> (..., out)."""
+    if not packed.packed:
+        return linear(x, weight_float32(packed.data, "bf16"), bias)
+    x = _float32(x)
+    out_features, in_features = packed.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"linear_bf16: x has {x.shape[-1]} features, the weight takes {in_features}")
+    out = np.empty((*x.shape[:-1], out_features), dtype=np.float32)
+    bf16_kernels.linear(_rows(x), packed.data, None if bias is None else _float32(bias), _rows(out))
+    return out
+
+
+def pack_conv_bf16(bits: np.ndarray):  # -> Bf16Weight
+    """A convolution weight (Cout, Cin, kh, kw) of bf16 bits prepared for ``conv2d_bf16``."""
+    return _pack_bf16(bits, 4, bf16_kernels.pack_conv_weight)
+
+
+def conv2d_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None, *, stride: int = 1,
+                padding: int = 0) -> np.ndarray:
+    """``conv2d`` with bf16 products summed in float32, im2col panels built in bf16 by the kernel; the float32
+    fallback where the CPU has no bf16 instructions. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    if not packed.packed:
+        return conv2d(x, weight_float32(packed.data, "bf16"), bias, stride=stride, padding=padding)
+    x = _float32(x)
+    out_channels, in_channels, kh, kw = packed.shape
+    batch, channels, height, width = x.shape
+    if channels != in_channels:
+        raise ValueError(f"conv2d_bf16: x has {channels} channels, the weight takes {in_channels}")
+    out_h = (height + 2 * padding - kh) // stride + 1
+    out_w = (width + 2 * padding - kw) // stride + 1
+    out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
+    bf16_kernels.conv2d(x, packed.data, kh, kw, stride, padding, None if bias is None else _float32(bias), out)
+    return out

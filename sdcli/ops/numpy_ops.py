@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io.safetensors import bf16_to_float32, float32_to_bf16
+
 name = "numpy"
 
 
@@ -134,3 +136,51 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
 def upsample_nearest(x: np.ndarray, factor: int = 2) -> np.ndarray:
     """Nearest-neighbour upsampling of the last two axes by an integer ``factor``. (B, C, H, W) -> (B, C, fH, fW)."""
     return np.repeat(np.repeat(x, factor, axis=-2), factor, axis=-1)
+
+
+# -- weights held at reduced precision ----------------------------------------------------------------------------
+
+def weight_float32(data: np.ndarray, precision: str) -> np.ndarray:
+    """The values of a weight held as ``precision`` ("fp32", "fp16", or "bf16" bits in uint16) as float32."""
+    if precision == "bf16":
+        return bf16_to_float32(data)
+    return np.asarray(data, dtype=np.float32)
+
+
+def weight_from_float32(values: np.ndarray, precision: str) -> np.ndarray:
+    """float32 values as a weight is held at ``precision``: themselves (fp32), float16, or bf16 bits in uint16,
+    rounding to nearest even."""
+    values = np.asarray(values, dtype=np.float32)
+    if precision == "bf16":
+        return float32_to_bf16(values)
+    if precision == "fp16":
+        with np.errstate(over="ignore"):  # beyond fp16's range: inf, as a cast should
+            return values.astype(np.float16)
+    return values
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest bfloat16 (ties to even), as float32."""
+    return bf16_to_float32(float32_to_bf16(x))
+
+
+def pack_linear_bf16(bits: np.ndarray):
+    """A linear weight (out, in) of bf16 bits prepared for ``linear_bf16`` (here: the bits themselves)."""
+    return np.asarray(bits, dtype=np.uint16)
+
+
+def linear_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None) -> np.ndarray:
+    """``linear`` in bfloat16: x rounded to bf16, times the bf16 weight, products summed in float32.
+    x (..., in), ``packed`` from ``pack_linear_bf16``, bias (out,) float32 -> (..., out)."""
+    return linear(round_to_bf16(x), bf16_to_float32(packed), bias)
+
+
+def pack_conv_bf16(bits: np.ndarray):
+    """A convolution weight (Cout, Cin, kh, kw) of bf16 bits prepared for ``conv2d_bf16`` (here: the bits)."""
+    return np.asarray(bits, dtype=np.uint16)
+
+
+def conv2d_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None, *, stride: int = 1,
+                padding: int = 0) -> np.ndarray:
+    """``conv2d`` in bfloat16: x rounded to bf16, the bf16 weight, products summed in float32."""
+    return conv2d(round_to_bf16(x), bf16_to_float32(packed), bias, stride=stride, padding=padding)
