@@ -1,0 +1,369 @@
+/* float32 matrix products with AVX-512 FMA, for f32_kernels.pyx: linear layers and convolutions (im2col).
+ *
+ * One level only: AVX-512F FMA, compiled per function (target attributes, no -march) and chosen at run time by
+ * sdcli_f32_available(). Where the CPU, the OS or the build lacks it, f32_kernels.pyx raises RuntimeError and the
+ * op layer keeps its OpenBLAS path; the task functions here are then empty stubs that are never called.
+ *
+ * The product is C (m, n) = init + A (m, k) @ B (k, n), C row-major, in the classic blocked form:
+ *   A  micro-panels of MR rows, k cut into chunks of KC: panel p, chunk c is (MR, KC) row-major (rows KC floats
+ *      apart, a compile-time constant, so the microkernel addresses its MR rows with fixed displacements), at
+ *      a[(p * chunks + c) * MR * KC]; zeros in rows past m and in k past the true K.
+ *        linear:  the rows of x, packed per task (sdcli_f32_pack_rows)
+ *        conv2d:  the weight (Cout, K), packed once at load time (pack_conv_weight in f32_kernels.pyx)
+ *   B  strips of NR columns: strip s is (k, NR) row-major, so walking down k reads memory in order.
+ *        linear:  the weight w.T (K, N), packed once at load time as (Np/NR, K, NR), Np = N rounded up to NR
+ *        conv2d:  a block of up to SDCLI_F32_PIXELS columns (output pixels of one image) of the im2col matrix,
+ *                 one chunk of k at a time, written straight into strips (KC, NR) by sdcli_f32_im2col
+ *   C  the caller's output: rows ldc floats apart; partial tiles at the edges are written with masked stores.
+ *
+ * Microkernel (sdcli_f32_tile): an MR x NR = 14 x 32 tile of C in 28 zmm accumulators; per step of k, the two
+ * vectors of the strip row and, per row, A[r, k] broadcast: 28 FMAs for 2 vector loads and 14 broadcasts. Around
+ * it (sdcli_f32_block): one chunk of k, the panels of A outermost, so a panel (MR x KC floats, 14 KB) stays in L1
+ * while the strips of B (a block of at most SDCLI_F32_COLS or SDCLI_F32_PIXELS columns, in L2) stream past it.
+ * The first chunk starts C from the bias, the later ones add to it (summation order: k within a chunk, then the
+ * chunks in order, then... the bias first; float32 throughout, no -ffast-math).
+ *
+ * The im2col matrix orders k as PyTorch's weight does: k = (ci * kh + dy) * kw + dx, so pack_conv_weight is
+ * w.reshape(Cout, K) cut into panels.
+ */
+#ifndef SDCLI_F32_GEMM_H
+#define SDCLI_F32_GEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* tile and block sizes (each may be set with -D when measuring others) */
+#define SDCLI_F32_MR 14 /* rows of a C tile: broadcast values of A */
+#define SDCLI_F32_NR 32 /* columns of a C tile: two zmm registers of B */
+#ifndef SDCLI_F32_KC
+#define SDCLI_F32_KC 256 /* k per chunk: an A panel is MR x KC floats (14 KB, L1) */
+#endif
+#ifndef SDCLI_F32_COLS
+#define SDCLI_F32_COLS 512 /* linear: columns of w.T per block: KC x COLS floats (512 KB, L2) */
+#endif
+#ifndef SDCLI_F32_ROWS
+#define SDCLI_F32_ROWS 224 /* linear: rows of x per task (16 panels), packed once per task */
+#endif
+#ifndef SDCLI_F32_PIXELS
+#define SDCLI_F32_PIXELS 512 /* conv2d: output pixels per task at most: KC x PIXELS floats of im2col (L2) */
+#endif
+
+static inline ptrdiff_t sdcli_f32_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static inline ptrdiff_t sdcli_f32_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
+
+static int sdcli_f32_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* What one thread keeps between its tasks (sdcli_f32_scratch_new; NULL when out of memory). */
+typedef struct {
+    float *a;         /* linear: the thread's block of rows of x as A panels */
+    float *panel;     /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
+    ptrdiff_t cached; /* linear: the block of rows in a; -1: none */
+} sdcli_f32_scratch;
+
+static void *sdcli_f32_alloc(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes > 0 ? bytes : 64) == 0 ? p : NULL;
+}
+
+static void sdcli_f32_scratch_free(sdcli_f32_scratch *s) {
+    if (s == NULL) return;
+    free(s->a);
+    free(s->panel);
+    free(s);
+}
+
+static sdcli_f32_scratch *sdcli_f32_scratch_new(size_t a_floats, size_t panel_floats) {
+    sdcli_f32_scratch *s = (sdcli_f32_scratch *)calloc(1, sizeof *s);
+    if (s == NULL) return NULL;
+    s->a = (float *)sdcli_f32_alloc(a_floats * sizeof(float));
+    s->panel = (float *)sdcli_f32_alloc(panel_floats * sizeof(float));
+    s->cached = -1;
+    if (s->a == NULL || s->panel == NULL) {
+        sdcli_f32_scratch_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SDCLI_BASELINE_ONLY)
+#define SDCLI_F32_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#define SDCLI_F32_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define SDCLI_F32_INLINE static inline __attribute__((always_inline))
+#endif
+
+#ifdef SDCLI_F32_X86
+
+static unsigned long long sdcli_f32_xgetbv0(void) {
+    unsigned eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((unsigned long long)edx << 32) | eax;
+}
+
+/* 1 when the CPU has AVX-512F and AVX-512DQ and the OS saves the zmm state, else 0 */
+static int sdcli_f32_available(void) {
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid(1, a, b, c, d);
+    if (!(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv usable */
+    /* XCR0: SSE, AVX, opmask, ZMM upper halves, ZMM16-31 (bits 1, 2, 5, 6, 7) enabled by the OS */
+    if ((sdcli_f32_xgetbv0() & 0xe6) != 0xe6) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b >> 16) & 1 && (b >> 17) & 1; /* AVX512F, AVX512DQ */
+}
+
+static inline __mmask16 sdcli_f32_mask(ptrdiff_t count) {
+    return count >= 16 ? (__mmask16)0xffff : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
+}
+
+/* ------------------------------------------------------------------------------------------ the microkernel */
+
+/* C[0:mr, 0:nr] = init + A (MR rows KC apart, kc of k) @ B (kc rows of NR), mr <= MR, nr <= NR. init: C itself
+ * (accumulate), else bias_row[r] (per row) plus bias_col[j] (per column), either NULL for none. The sum over k
+ * starts from zero and init is added last, after the lines of C asked for at the start have arrived. */
+SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrdiff_t kc, float *c, ptrdiff_t ldc,
+                                            int mr, int nr, int accumulate, const float *bias_row,
+                                            const float *bias_col) {
+    enum { MR = SDCLI_F32_MR, KC = SDCLI_F32_KC };
+    __m512 acc[MR][2];
+    for (int r = 0; r < mr; r++) {
+        _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + r * ldc + 16), _MM_HINT_T0);
+    }
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < kc; k++, a++, b += SDCLI_F32_NR) {
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 14
+        for (int r = 0; r < MR; r++) {
+            const __m512 av = _mm512_set1_ps(a[r * KC]);
+            acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+        }
+    }
+    const __mmask16 m0 = sdcli_f32_mask(nr), m1 = sdcli_f32_mask(nr - 16);
+    __m512 col0 = _mm512_setzero_ps(), col1 = _mm512_setzero_ps();
+    if (!accumulate && bias_col != NULL) {
+        col0 = _mm512_maskz_loadu_ps(m0, bias_col);
+        col1 = _mm512_maskz_loadu_ps(m1, bias_col + 16);
+    }
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; r++) {
+        if (r >= mr) break;
+        float *row = c + r * ldc;
+        __m512 init0, init1;
+        if (accumulate) {
+            init0 = _mm512_maskz_loadu_ps(m0, row);
+            init1 = _mm512_maskz_loadu_ps(m1, row + 16);
+        } else if (bias_row != NULL) {
+            init0 = _mm512_add_ps(col0, _mm512_set1_ps(bias_row[r]));
+            init1 = _mm512_add_ps(col1, _mm512_set1_ps(bias_row[r]));
+        } else {
+            init0 = col0;
+            init1 = col1;
+        }
+        _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(init0, acc[r][0]));
+        _mm512_mask_storeu_ps(row + 16, m1, _mm512_add_ps(init1, acc[r][1]));
+    }
+}
+
+/* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride floats apart; b:
+ * the chunk of the first strip, strips b_stride floats apart. The panels outermost: one stays in L1 while the
+ * strips (in L2) pass. */
+SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride, ptrdiff_t m, const float *b,
+                                             ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c, ptrdiff_t ldc,
+                                             int accumulate, const float *bias_row, const float *bias_col) {
+    for (ptrdiff_t i = 0; i < m; i += SDCLI_F32_MR) {
+        const float *ai = a + i / SDCLI_F32_MR * a_stride;
+        const int mr = (int)sdcli_f32_min(SDCLI_F32_MR, m - i);
+        for (ptrdiff_t j = 0; j < n; j += SDCLI_F32_NR)
+            sdcli_f32_tile(ai, b + j / SDCLI_F32_NR * b_stride, kc, c + i * ldc + j, ldc, mr,
+                           (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate, bias_row != NULL ? bias_row + i : NULL,
+                           bias_col != NULL ? bias_col + j : NULL);
+    }
+}
+
+/* --------------------------------------------------------------------------------------------------- linear */
+
+/* Rows i0 .. i0 + rows - 1 of x (m, k) as A panels: (panels, chunks, MR, KC), zeros past k and past the rows. */
+SDCLI_F32_TARGET static void sdcli_f32_pack_rows(const float *x, ptrdiff_t k, ptrdiff_t rows, float *a) {
+    const ptrdiff_t chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
+    const ptrdiff_t panels = (rows + SDCLI_F32_MR - 1) / SDCLI_F32_MR;
+    for (ptrdiff_t p = 0; p < panels; p++)
+        for (ptrdiff_t ch = 0; ch < chunks; ch++)
+            for (ptrdiff_t r = 0; r < SDCLI_F32_MR; r++) {
+                const ptrdiff_t row = p * SDCLI_F32_MR + r, k0 = ch * SDCLI_F32_KC;
+                float *dst = a + ((p * chunks + ch) * SDCLI_F32_MR + r) * SDCLI_F32_KC;
+                const float *src = x + row * k + k0;
+                const ptrdiff_t count = row < rows ? sdcli_f32_min(SDCLI_F32_KC, k - k0) : 0;
+                for (ptrdiff_t j = 0; j < SDCLI_F32_KC; j += 16) {
+                    const __mmask16 mask = sdcli_f32_mask(count - j);
+                    _mm512_storeu_ps(dst + j, _mm512_maskz_loadu_ps(mask, src + j));
+                }
+            }
+}
+
+/* Task `task` of linear: out (m, n) = x (m, k) @ w.T + bias, w packed as strips (np/NR, k, NR). Tasks are (block
+ * of SDCLI_F32_ROWS rows, slice of `slice` columns, a multiple of NR), `slices` per block, slices innermost: a
+ * thread's consecutive tasks share the block of x it packed. bias: (n) or NULL. */
+SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t m, ptrdiff_t k, const float *w,
+                                                   ptrdiff_t np, const float *bias, float *out, ptrdiff_t n,
+                                                   ptrdiff_t slice, ptrdiff_t slices, ptrdiff_t task,
+                                                   sdcli_f32_scratch *s) {
+    const ptrdiff_t block = task / slices, i0 = block * SDCLI_F32_ROWS;
+    const ptrdiff_t rows = sdcli_f32_min(SDCLI_F32_ROWS, m - i0);
+    const ptrdiff_t j0 = task % slices * slice, j1 = sdcli_f32_min(j0 + slice, n);
+    const ptrdiff_t chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
+    (void)np;
+    if (s->cached != block) {
+        sdcli_f32_pack_rows(x + i0 * k, k, rows, s->a);
+        s->cached = block;
+    }
+    for (ptrdiff_t jc = j0; jc < j1; jc += SDCLI_F32_COLS) {
+        const ptrdiff_t cols = sdcli_f32_min(SDCLI_F32_COLS, j1 - jc);
+        ptrdiff_t ch = 0;
+        do { /* at least once: with k = 0, out = bias */
+            const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
+            sdcli_f32_block(s->a + ch * SDCLI_F32_MR * SDCLI_F32_KC, chunks * SDCLI_F32_MR * SDCLI_F32_KC, rows,
+                            w + jc * k + k0 * SDCLI_F32_NR, k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, ch > 0,
+                            NULL, bias != NULL ? bias + jc : NULL);
+        } while (++ch < chunks);
+    }
+}
+
+/* --------------------------------------------------------------------------------------------------- conv2d */
+
+/* dst[0:count] = src[0], src[stride], ... (count <= 16) */
+SDCLI_F32_TARGET SDCLI_F32_INLINE void sdcli_f32_copy16(float *dst, const float *src, ptrdiff_t count,
+                                                         ptrdiff_t stride) {
+    const __mmask16 mask = sdcli_f32_mask(count);
+    if (stride == 1) {
+        _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src));
+    } else if (stride == 2) {
+        const ptrdiff_t span = 2 * count - 1;
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512 lo = _mm512_maskz_loadu_ps(sdcli_f32_mask(span), src);
+        const __m512 hi = _mm512_maskz_loadu_ps(sdcli_f32_mask(span - 16), src + 16);
+        _mm512_mask_storeu_ps(dst, mask, _mm512_permutex2var_ps(lo, even, hi));
+    } else {
+        for (ptrdiff_t t = 0; t < count; t++) dst[t] = src[t * stride];
+    }
+}
+
+/* columns q .. q + count - 1 of row kk of the panel (strips of NR columns, KC rows) = src[0], src[stride], ...
+ * (src NULL: zeros) */
+SDCLI_F32_TARGET static void sdcli_f32_put(float *panel, ptrdiff_t kk, ptrdiff_t q, const float *src,
+                                           ptrdiff_t count, ptrdiff_t stride) {
+    while (count > 0) {
+        const ptrdiff_t piece = sdcli_f32_min(16 - q % 16, count); /* within one half of a strip row */
+        float *dst = panel + q / SDCLI_F32_NR * (SDCLI_F32_KC * SDCLI_F32_NR) + kk * SDCLI_F32_NR + q % SDCLI_F32_NR;
+        if (src == NULL) {
+            _mm512_mask_storeu_ps(dst, sdcli_f32_mask(piece), _mm512_setzero_ps());
+        } else {
+            sdcli_f32_copy16(dst, src, piece, stride);
+            src += piece * stride;
+        }
+        q += piece;
+        count -= piece;
+    }
+}
+
+/* Rows k0 .. k0 + kc - 1 of the im2col matrix of one image x (cin, h, w) at output pixels pix0 .. pix0 + n - 1
+ * (row-major over (ho, wo)), as B strips (KC rows of NR columns) in `panel`: panel row kk, column q =
+ * x[ci, oy * stride - pad + dy, ox * stride - pad + dx] (zero outside the image) with k0 + kk = (ci * kh + dy) * kw
+ * + dx and pix0 + q = oy * wo + ox. The columns of the last strip past n are zero. */
+SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kh, ptrdiff_t kw,
+                                              ptrdiff_t stride, ptrdiff_t pad, ptrdiff_t wo, ptrdiff_t pix0,
+                                              ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kc, float *panel) {
+    const ptrdiff_t n_pad = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR * SDCLI_F32_NR;
+    for (ptrdiff_t kk = 0; kk < kc; kk++) {
+        const ptrdiff_t k = k0 + kk, dx = k % kw, dy = k / kw % kh, ci = k / (kw * kh);
+        const float *plane = x + ci * h * w;
+        /* ox in [ox_lo, ox_hi) reads inside the row: 0 <= ox * stride + shift < w */
+        const ptrdiff_t shift = dx - pad;
+        const ptrdiff_t ox_lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
+        const ptrdiff_t ox_hi = sdcli_f32_min(wo, w - shift <= 0 ? 0 : (w - shift + stride - 1) / stride);
+        for (ptrdiff_t q = 0; q < n;) {
+            const ptrdiff_t oy = (pix0 + q) / wo, ox0 = (pix0 + q) % wo;
+            const ptrdiff_t count = sdcli_f32_min(wo - ox0, n - q); /* this output row's part of the block */
+            const ptrdiff_t iy = oy * stride - pad + dy;
+            if (iy < 0 || iy >= h) {
+                sdcli_f32_put(panel, kk, q, NULL, count, 1);
+            } else {
+                /* dst[t], t in [0, count): ox = ox0 + t; inside for t in [lo, hi) */
+                const ptrdiff_t lo = sdcli_f32_min(count, sdcli_f32_max(0, ox_lo - ox0));
+                const ptrdiff_t hi = sdcli_f32_max(lo, sdcli_f32_min(count, ox_hi - ox0));
+                if (lo > 0) sdcli_f32_put(panel, kk, q, NULL, lo, 1);
+                sdcli_f32_put(panel, kk, q + lo, plane + iy * w + (ox0 + lo) * stride + shift, hi - lo, stride);
+                if (hi < count) sdcli_f32_put(panel, kk, q + hi, NULL, count - hi, 1);
+            }
+            q += count;
+        }
+        if (n < n_pad) sdcli_f32_put(panel, kk, n, NULL, n_pad - n, 1);
+    }
+}
+
+/* Task `task` of conv2d on x (batch, cin, h, w) -> out (batch, cout, ho, wo): out[b][:, pixels] = weight (cout, K)
+ * @ im2col(x[b]) (K, pixels) + bias. weight: A panels (cout_pad/MR, chunks, MR, KC). Tasks are (block of at most
+ * `pixels` output pixels of one image, slice of `cslice` output channels, a multiple of MR), the slices
+ * innermost; `blocks` blocks per image. bias: (cout) or NULL. */
+SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
+                                                 const float *weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw,
+                                                 ptrdiff_t stride, ptrdiff_t pad, const float *bias, float *out,
+                                                 ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels, ptrdiff_t blocks,
+                                                 ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t task,
+                                                 sdcli_f32_scratch *s) {
+    const ptrdiff_t hw_out = ho * wo, k = cin * kh * kw, chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
+    const ptrdiff_t block = task / cslices, image = block / blocks, pix0 = block % blocks * pixels;
+    const ptrdiff_t n = sdcli_f32_min(pixels, hw_out - pix0);
+    const ptrdiff_t c0 = task % cslices * cslice, crows = sdcli_f32_min(cslice, cout - c0);
+    const ptrdiff_t a_stride = chunks * SDCLI_F32_MR * SDCLI_F32_KC;
+    const float *xi = x + image * cin * h * w;
+    float *c = out + (image * cout + c0) * hw_out + pix0;
+    ptrdiff_t ch = 0;
+    do { /* at least once: with k = 0, out = bias */
+        const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
+        sdcli_f32_im2col(xi, h, w, kh, kw, stride, pad, wo, pix0, n, k0, kc, s->panel);
+        sdcli_f32_block(weight + c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC, a_stride, crows,
+                        s->panel, SDCLI_F32_KC * SDCLI_F32_NR, n, kc, c, hw_out, ch > 0,
+                        bias != NULL ? bias + c0 : NULL, NULL);
+    } while (++ch < chunks);
+}
+
+#else /* no AVX-512 build: f32_kernels.pyx checks sdcli_f32_available() and never calls the tasks */
+
+static int sdcli_f32_available(void) { return 0; }
+
+static void sdcli_f32_linear_task(const float *x, ptrdiff_t m, ptrdiff_t k, const float *w, ptrdiff_t np,
+                                  const float *bias, float *out, ptrdiff_t n, ptrdiff_t slice, ptrdiff_t slices,
+                                  ptrdiff_t task, sdcli_f32_scratch *s) {
+    (void)x, (void)m, (void)k, (void)w, (void)np, (void)bias, (void)out, (void)n, (void)slice, (void)slices,
+        (void)task, (void)s;
+}
+
+static void sdcli_f32_conv_task(const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w, const float *weight,
+                                ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
+                                const float *bias, float *out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
+                                ptrdiff_t blocks, ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t task,
+                                sdcli_f32_scratch *s) {
+    (void)x, (void)cin, (void)h, (void)w, (void)weight, (void)cout, (void)kh, (void)kw, (void)stride, (void)pad,
+        (void)bias, (void)out, (void)ho, (void)wo, (void)pixels, (void)blocks, (void)cslice, (void)cslices,
+        (void)task, (void)s;
+}
+
+#endif /* SDCLI_F32_X86 */
+
+#endif /* SDCLI_F32_GEMM_H */

@@ -1,0 +1,224 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""float32 matrix products with AVX-512 FMA: linear layers and convolutions with float32 weights.
+
+The kernels are in f32_gemm.h (a register-blocked 14 x 32 microkernel over weights packed once at load time and
+activations packed per block, k in chunks of KC); this module checks shapes, packs the weights and runs the tasks
+in parallel (OpenMP, GIL released). ``available()`` says whether the CPU (AVX-512F and AVX-512DQ, with the zmm
+state enabled by the OS) and the build (x86-64, GCC or Clang) have the kernels; where they do not, linear() and
+conv2d() raise RuntimeError and the op layer keeps numpy's BLAS.
+
+Weight layouts, built once at load time (MR = 14 rows, NR = 32 columns, KC = 256 of k per chunk; zeros in all
+padding):
+    pack_linear_weight(w (N, K))            -> (Np/32, K, 32) float32: w.T in strips of 32 columns,
+                                               [s, k, j] = w[32s + j, k], Np = N rounded up to 32
+    pack_conv_weight(w (Cout, Cin, kh, kw)) -> (Cp/14, chunks, 14, KC) float32: panels of 14 output channels,
+                                               [p, c, r, kk] = w2[14p + r, KC c + kk], w2 = w.reshape(Cout, K),
+                                               K = Cin kh kw, chunks = ceil(K / KC), Cp = Cout rounded up to 14
+The linear weight is the B operand of x @ w.T (strips the microkernel reads down k, two vectors per row); the
+convolution weight is the A operand of w2 @ im2col(x) (rows the microkernel broadcasts), whose im2col panels the
+kernel writes as B strips a block of pixels and a chunk of k at a time, so memory stays flat as images grow.
+The products write into ``out`` arrays of the caller's (float32, C-contiguous, the exact output shape, not
+overlapping the inputs).
+"""
+
+import numpy as np
+
+from cython.parallel cimport parallel, prange
+from libc.stddef cimport ptrdiff_t
+
+cdef extern from "f32_gemm.h" nogil:
+    enum:
+        SDCLI_F32_MR
+        SDCLI_F32_NR
+        SDCLI_F32_KC
+        SDCLI_F32_ROWS
+        SDCLI_F32_PIXELS
+    ctypedef struct sdcli_f32_scratch:
+        pass
+    int sdcli_f32_available()
+    int sdcli_f32_max_threads()
+    sdcli_f32_scratch* sdcli_f32_scratch_new(size_t a_floats, size_t panel_floats)
+    void sdcli_f32_scratch_free(sdcli_f32_scratch* s)
+    void sdcli_f32_linear_task(const float* x, ptrdiff_t m, ptrdiff_t k, const float* w, ptrdiff_t np_,
+                               const float* bias, float* out, ptrdiff_t n, ptrdiff_t slice, ptrdiff_t slices,
+                               ptrdiff_t task, sdcli_f32_scratch* s)
+    void sdcli_f32_conv_task(const float* x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w, const float* weight,
+                             ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
+                             const float* bias, float* out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
+                             ptrdiff_t blocks, ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t task,
+                             sdcli_f32_scratch* s)
+
+MR, NR, KC = SDCLI_F32_MR, SDCLI_F32_NR, SDCLI_F32_KC
+
+cdef bint _available = sdcli_f32_available()
+
+
+def available():
+    """True when this CPU and build run the AVX-512 kernels; otherwise linear() and conv2d() raise RuntimeError."""
+    return bool(_available)
+
+
+cdef inline Py_ssize_t _round_up(Py_ssize_t a, Py_ssize_t to):
+    return (a + to - 1) // to * to
+
+
+cdef inline Py_ssize_t _clamp(Py_ssize_t a, Py_ssize_t lo, Py_ssize_t hi):
+    return lo if a < lo else hi if a > hi else a
+
+
+cdef _require(str op):
+    if not _available:
+        raise RuntimeError(f"{op}: the float32 AVX-512 kernels need a CPU with AVX-512F and AVX-512DQ and an x86-64 "
+                           f"GCC or Clang build (f32_kernels.available() is False here)")
+
+
+def _check_float32(str op, str name, array, int ndim):
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim != ndim:
+        got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"{op}: {name} must be a {ndim}-d float32 array, got {got}")
+
+
+def pack_linear_weight(w):
+    """The weight w (N, K) of a linear layer as the B operand of y = x @ w.T, in strips of 32 columns.
+
+    Returns a new float32 array (Np/32, K, 32) with [s, k, j] = w[32s + j, k]: Np = N rounded up to 32, zeros in
+    the padding. linear() takes it with the true N given by its ``out``.
+    """
+    _check_float32("pack_linear_weight", "w", w, 2)
+    n, k = w.shape
+    np_ = _round_up(n, NR)
+    padded = np.zeros((np_, k), dtype=np.float32)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(np_ // NR, NR, k).transpose(0, 2, 1))  # (Np/32, K, 32)
+
+
+def pack_conv_weight(w):
+    """The weight w (Cout, Cin, kh, kw) of a convolution as the A operand of w2 @ im2col(x), w2 = w (Cout, K).
+
+    Returns a new float32 array (Cp/14, chunks, 14, KC) with [p, c, r, kk] = w2[14p + r, KC c + kk]: K = Cin kh kw
+    in PyTorch's order (ci, dy, dx), chunks = ceil(K / KC), Cp = Cout rounded up to 14, zeros in the padding.
+    """
+    _check_float32("pack_conv_weight", "w", w, 4)
+    cout, cin, kh, kw = w.shape
+    k = cin * kh * kw
+    chunks, cp = max(1, (k + KC - 1) // KC), _round_up(cout, MR)
+    padded = np.zeros((cp, chunks * KC), dtype=np.float32)
+    padded[:cout, :k] = w.reshape(cout, k)
+    return np.ascontiguousarray(padded.reshape(cp // MR, MR, chunks, KC).transpose(0, 2, 1, 3))
+
+
+def _bias(str op, bias, Py_ssize_t n):
+    if bias is None:
+        return None
+    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
+        got = f"{bias.dtype} {bias.shape}" if isinstance(bias, np.ndarray) else type(bias).__name__
+        raise ValueError(f"{op}: bias must be float32 of shape ({n},), got {got}")
+    return np.ascontiguousarray(bias)
+
+
+def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, ::1] out):
+    """out (M, N) = x (M, K) @ w.T + bias in float32; ``packed`` = pack_linear_weight(w).
+
+    x: float32 (M, K). bias: float32 (N,) or None. out: float32 (M, N), overwritten.
+    """
+    _require("linear")
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1]
+    cdef Py_ssize_t np_ = packed.shape[0] * NR
+    got = (packed.shape[0], packed.shape[1], packed.shape[2])
+    if got != (_round_up(n, NR) // NR, k, NR):
+        raise ValueError(f"linear: packed weight {got} does not fit x (M, K) = ({m}, {k}) and out (M, N) = "
+                         f"({out.shape[0]}, {n}): expected {(_round_up(n, NR) // NR, k, NR)} from pack_linear_weight")
+    if out.shape[0] != m:
+        raise ValueError(f"linear: out has {out.shape[0]} rows, x has {m}")
+    bias = _bias("linear", bias, n)
+    if m == 0 or n == 0:
+        return
+    cdef const float[::1] bias_view
+    cdef const float* bias_ptr = NULL
+    if bias is not None:
+        bias_view = bias
+        bias_ptr = &bias_view[0]
+    # tasks: (block of ROWS rows, slice of columns); the columns split only as far as needed to give each thread
+    # about two tasks, since each thread packs the blocks of x of its tasks itself
+    cdef Py_ssize_t threads = sdcli_f32_max_threads()
+    cdef Py_ssize_t blocks = (m + SDCLI_F32_ROWS - 1) // SDCLI_F32_ROWS
+    cdef Py_ssize_t slices = _clamp((2 * threads + blocks - 1) // blocks, 1, np_ // NR)
+    cdef Py_ssize_t slice = _round_up((np_ + slices - 1) // slices, NR)
+    slices = (np_ + slice - 1) // slice
+    cdef Py_ssize_t tasks = blocks * slices, task
+    cdef Py_ssize_t a_floats = _round_up(SDCLI_F32_ROWS, MR) * max(1, (k + KC - 1) // KC) * KC
+    cdef int failed = 0
+    cdef sdcli_f32_scratch* scratch = NULL
+    with nogil, parallel():
+        scratch = sdcli_f32_scratch_new(a_floats, 1)
+        for task in prange(tasks, schedule="dynamic"):
+            if scratch == NULL:
+                failed += 1
+            else:
+                sdcli_f32_linear_task(&x[0, 0], m, k, &packed[0, 0, 0], np_, bias_ptr, &out[0, 0], n, slice, slices,
+                                      task, scratch)
+        sdcli_f32_scratch_free(scratch)
+    if failed:
+        raise MemoryError("linear: out of memory for the per-thread buffers")
+
+
+def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh, int kw, int stride, int padding,
+           bias, float[:, :, :, ::1] out):
+    """out = conv2d(x, w) + bias with PyTorch Conv2d semantics (cross-correlation, zero padding, NCHW), float32.
+
+    x: float32 (B, Cin, H, W). weight: pack_conv_weight(w) of w (Cout, Cin, kh, kw). bias: float32 (Cout,) or None.
+    out: float32 (B, Cout, Ho, Wo), Ho = (H + 2 padding - kh) // stride + 1 (Wo alike), overwritten. The im2col
+    matrix is built in panels of at most SDCLI_F32_PIXELS output pixels by KC rows of k per thread. The packed
+    shape fixes Cout (up to a panel) and the number of chunks of K only: the caller keeps w's shape for the rest.
+    """
+    _require("conv2d")
+    cdef Py_ssize_t batch = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t cout = out.shape[1], k = cin * kh * kw
+    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
+        raise ValueError(f"conv2d: kernel {kh}x{kw}, stride {stride}, padding {padding}: need kh, kw, stride >= 1 "
+                         f"and padding >= 0")
+    expected = (_round_up(cout, MR) // MR, max(1, (k + KC - 1) // KC), MR, KC)
+    got = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
+    if got != expected:
+        raise ValueError(f"conv2d: packed weight {got} does not fit Cin {cin}, a {kh}x{kw} kernel and Cout {cout} "
+                         f"(of out): expected {expected} from pack_conv_weight")
+    if h + 2 * padding < kh or w + 2 * padding < kw:
+        raise ValueError(f"conv2d: input {h}x{w} with padding {padding} is smaller than the kernel {kh}x{kw}")
+    cdef Py_ssize_t ho = (h + 2 * padding - kh) // stride + 1, wo = (w + 2 * padding - kw) // stride + 1
+    got = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
+    if got != (batch, cout, ho, wo):
+        raise ValueError(f"conv2d: out has shape {got}, expected {(batch, cout, ho, wo)}")
+    bias = _bias("conv2d", bias, cout)
+    if batch == 0 or cout == 0:
+        return
+    cdef const float[::1] bias_view
+    cdef const float* bias_ptr = NULL
+    if bias is not None:
+        bias_view = bias
+        bias_ptr = &bias_view[0]
+    # tasks: (block of output pixels of one image, slice of output channels); blocks of about equal size, at most
+    # PIXELS; the channels split only as far as needed to give each thread a task, since every slice builds the
+    # im2col panels of its block again
+    cdef Py_ssize_t hw_out = ho * wo, threads = sdcli_f32_max_threads()
+    cdef Py_ssize_t blocks = (hw_out + SDCLI_F32_PIXELS - 1) // SDCLI_F32_PIXELS
+    cdef Py_ssize_t pixels = _round_up((hw_out + blocks - 1) // blocks, NR)
+    blocks = (hw_out + pixels - 1) // pixels
+    cdef Py_ssize_t panels = _round_up(cout, MR) // MR
+    cdef Py_ssize_t cslices = _clamp((threads + batch * blocks - 1) // (batch * blocks), 1, panels)
+    cdef Py_ssize_t cslice = (panels + cslices - 1) // cslices * MR
+    cslices = (_round_up(cout, MR) + cslice - 1) // cslice
+    cdef Py_ssize_t tasks = batch * blocks * cslices, task
+    cdef int failed = 0
+    cdef sdcli_f32_scratch* scratch = NULL
+    with nogil, parallel():
+        scratch = sdcli_f32_scratch_new(1, SDCLI_F32_KC * pixels)
+        for task in prange(tasks, schedule="dynamic"):
+            if scratch == NULL:
+                failed += 1
+            else:
+                sdcli_f32_conv_task(&x[0, 0, 0, 0], cin, h, w, &weight[0, 0, 0, 0], cout, kh, kw, stride, padding,
+                                    bias_ptr, &out[0, 0, 0, 0], ho, wo, pixels, blocks, cslice, cslices, task,
+                                    scratch)
+        sdcli_f32_scratch_free(scratch)
+    if failed:
+        raise MemoryError("conv2d: out of memory for the per-thread buffers")
