@@ -292,3 +292,148 @@ def test_shape_and_dtype_errors():
         bf16_kernels.conv2d(tiny, cw, 3, 3, 1, 0, None, np.empty((1, 5, 1, 1), np.float32))
     with pytest.raises(ValueError, match="stride"):
         bf16_kernels.conv2d(xc, cw, 3, 3, 0, 1, None, np.empty((1, 5, 8, 8), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+# attention: |out - reference| <= ATTENTION_TOL * (softmax(scores) @ |v|), per element. The reference is the float32
+# numpy attention of the bf16-rounded q, k, v, so what differs is the rounding of the probabilities p to bf16 for
+# p @ v (each off by at most 2^-9 relative, while the float32 sum of the unrounded p normalises: the error is at
+# most 2^-9 of softmax @ |v|), the float32 scores summed in another order and the exp polynomial (2.7e-6): 2^-8
+# leaves a factor 2 for the last two. A wrong mask, index or rescaling gives errors of order 1.
+# attention_torch: against torch's bf16 scaled_dot_product_attention, whose output is rounded to bf16 as well
+# (another 2^-9 relative of |out| <= softmax @ |v|) and whose p rounds at other maxima: 2^-7.
+ATTENTION_TOL = {
+    "attention": 2.0**-8,
+    "attention_torch": 2.0**-7,
+}
+
+ATTENTION_SHAPES = [  # (B, H, Tq, Tk, d, dv, causal)
+    (1, 1, 1, 1, 8, 8, False),
+    (2, 3, 5, 7, 8, 8, False),  # one partial block of queries and of keys
+    (2, 2, 70, 100, 40, 40, False),  # Tq, Tk off the 32-query and 64-key blocks
+    (1, 2, 33, 77, 40, 40, False),  # cross-attention's 77 keys
+    (1, 2, 64, 64, 64, 64, False),  # exact blocks, d = 64 (two k-groups, no padding)
+    (1, 1, 40, 130, 80, 80, False),  # three key blocks, the last of 2
+    (1, 1, 17, 77, 160, 160, False),  # d = 160: five k-groups
+    (1, 1, 20, 90, 40, 8, False),  # dv != d
+    (1, 1, 20, 90, 8, 160, False),
+    (2, 2, 77, 77, 40, 40, True),  # causal: the text encoder's shape
+    (1, 1, 130, 130, 64, 64, True),  # causal over three key blocks and five query blocks
+]
+
+
+def attention_reference(q, k, v, causal: bool, scale: float):
+    """(expected, magnitude): the float32 attention of the bf16-rounded q, k, v, and the same with |v|."""
+    qr, kr, vr = as_bf16(q), as_bf16(k), as_bf16(v)
+    if k.shape[2] == 0:
+        zeros = np.zeros(q.shape[:3] + v.shape[3:], np.float32)
+        return zeros, zeros
+    from sdcli.ops import numpy_ops
+
+    return (numpy_ops.attention(qr, kr, vr, causal=causal, scale=scale),
+            numpy_ops.attention(qr, kr, np.abs(vr), causal=causal, scale=scale))
+
+
+def random_attention(rng, b, h, tq, tk, d, dv, spread: float = 1.0):
+    q = (rng.standard_normal((b, h, tq, d)) * spread).astype(np.float32)
+    k = (rng.standard_normal((b, h, tk, d)) * spread).astype(np.float32)
+    v = rng.standard_normal((b, h, tk, dv)).astype(np.float32)
+    return q, k, v
+
+
+def check_attention(q, k, v, causal, scale, level, name="attention"):
+    out = np.full(q.shape[:3] + v.shape[3:], np.nan, np.float32)
+    bf16_kernels.attention(q, k, v, out, causal, scale, level=level)
+    expected, magnitude = attention_reference(q, k, v, causal, scale)
+    error = np.abs(out.astype(np.float64) - expected)
+    bound = ATTENTION_TOL[name] * magnitude
+    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
+    assert np.all(error <= bound), f"{name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    return out
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_attention(level, shape):
+    b, h, tq, tk, d, dv, causal = shape
+    rng = np.random.default_rng(sum(shape))
+    q, k, v = random_attention(rng, b, h, tq, tk, d, dv)
+    check_attention(q, k, v, causal, 1.0 / np.sqrt(d), level)
+
+
+def test_attention_large_scores(level):
+    """scale 1 and |q|, |k| ~ 4: scores of several hundred, one key dominating: no overflow, no lost rows."""
+    rng = np.random.default_rng(6)
+    q, k, v = random_attention(rng, 1, 2, 40, 150, 40, 40, spread=4.0)
+    out = check_attention(q, k, v, False, 1.0, level)
+    assert np.isfinite(out).all()
+
+
+def test_attention_negative_scale(level):
+    rng = np.random.default_rng(7)
+    q, k, v = random_attention(rng, 1, 1, 35, 70, 40, 40)
+    check_attention(q, k, v, False, -0.3, level)
+
+
+def test_attention_causal_hides_future_keys(level):
+    """Huge future keys would dominate every row they reach: the mask must act before the running max."""
+    rng = np.random.default_rng(8)
+    q, k, v = random_attention(rng, 1, 1, 100, 100, 40, 40)
+    q[:] = np.abs(q)
+    k[0, 0, 50:] = 100.0  # scores ~ 100 * sum |q| for the queries before 50, if they saw these keys
+    out = check_attention(q, k, v, True, 1.0 / np.sqrt(40), level)
+    # query 0 sees key 0 alone: its output is bf16(v[0]) up to the float32 normalisation
+    assert np.allclose(out[0, 0, 0], as_bf16(v[0, 0, 0]), rtol=1e-5, atol=0)
+
+
+def test_attention_interleaved_heads(level):
+    """(B, H, T, hs) views of (B, T, H, hs) projections, out too: bit for bit the result of contiguous copies."""
+    rng = np.random.default_rng(9)
+    b, h, tq, tk, d, dv = 2, 3, 45, 80, 40, 24
+    qp = rng.standard_normal((b, tq, h, d)).astype(np.float32)  # (B, T, nh, hs)
+    kp = rng.standard_normal((b, tk, h, d)).astype(np.float32)
+    vp = rng.standard_normal((b, tk, h, dv)).astype(np.float32)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (qp, kp, vp))  # (B, nh, T, hs) views
+    out_proj = np.full((b, tq, h, dv), np.nan, np.float32)
+    bf16_kernels.attention(q, k, v, out_proj.transpose(0, 2, 1, 3), False, 0.2, level=level)
+    contiguous = np.full((b, h, tq, dv), np.nan, np.float32)
+    bf16_kernels.attention(*(np.ascontiguousarray(x) for x in (q, k, v)), contiguous, False, 0.2, level=level)
+    assert np.array_equal(out_proj.transpose(0, 2, 1, 3), contiguous)
+    check_attention(q, k, v, False, 0.2, level)
+
+
+def test_attention_no_keys_gives_zeros(level):
+    q = np.ones((1, 2, 5, 8), np.float32)
+    k, v = np.zeros((1, 2, 0, 8), np.float32), np.zeros((1, 2, 0, 16), np.float32)
+    out = np.full((1, 2, 5, 16), np.nan, np.float32)
+    bf16_kernels.attention(q, k, v, out, False, 1.0, level=level)
+    assert not out.any()
+    bf16_kernels.attention(q, k, v, out, True, 1.0, level=level)
+    assert not out.any()
+
+
+def test_attention_against_torch(level):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    q, k, v = random_attention(rng, 2, 2, 70, 77, 40, 40)
+    out = np.empty((2, 2, 70, 40), np.float32)
+    bf16_kernels.attention(q, k, v, out, False, 1.0 / np.sqrt(40), level=level)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(x).bfloat16() for x in (q, k, v))).float().numpy()
+    _, magnitude = attention_reference(q, k, v, False, 1.0 / np.sqrt(40))
+    assert np.all(np.abs(out - expected) <= ATTENTION_TOL["attention_torch"] * magnitude)
+
+
+def test_attention_errors():
+    q, k, v = np.zeros((1, 2, 3, 8), np.float32), np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 2, 4, 5), np.float32)
+    out = np.empty((1, 2, 3, 5), np.float32)
+    with pytest.raises(ValueError, match="mismatched"):
+        bf16_kernels.attention(q, k[:, :, :, :4], v, out, False, 1.0)
+    with pytest.raises(ValueError, match="mismatched"):
+        bf16_kernels.attention(q, k, v[:, :, :3], out, False, 1.0)
+    with pytest.raises(ValueError, match="out has shape"):
+        bf16_kernels.attention(q, k, v, np.empty((1, 2, 3, 6), np.float32), False, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        bf16_kernels.attention(q, np.zeros((1, 2, 4, 16), np.float32)[..., ::2], v, out, False, 1.0)
+    with pytest.raises(ValueError, match="not one of"):
+        bf16_kernels.attention(q, k, v, out, False, 1.0, level="sse")

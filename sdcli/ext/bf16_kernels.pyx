@@ -5,7 +5,8 @@ Weights are bfloat16 bit patterns in numpy uint16 arrays (numpy has no bf16 dtyp
 sdcli.io.safetensors.float32_to_bf16), activations float32. Each product rounds the activations to bf16 (round to
 nearest even, inside the kernel, a block at a time), multiplies with the CPU's bf16 instructions and accumulates in
 float32. The kernels are in bf16_gemm.h; this module checks shapes, prepares the weight layouts, picks the level
-and runs the tasks in parallel (OpenMP, GIL released).
+and runs the tasks in parallel (OpenMP, GIL released). attention() is fused attention with bf16 products and a
+float32 streaming softmax (bf16_attention.h).
 
 Levels, chosen at run time (``capability()``): "amx" (AMX tiles, TDPBF16PS), "avx512_bf16" (VDPBF16PS),
 "portable" (plain C loops, correctness only). The environment variable SDCLI_BF16_KERNEL (one of those names)
@@ -58,6 +59,18 @@ cdef extern from "bf16_gemm.h" nogil:
                               ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, const float* bias_tiles,
                               float* out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels, ptrdiff_t cslice,
                               ptrdiff_t cslices, ptrdiff_t kb_max, ptrdiff_t rh, ptrdiff_t task, sdcli_bf16_scratch* s)
+
+cdef extern from "bf16_attention.h" nogil:
+    enum:
+        SDCLI_BF16_ATTN_QUERIES
+    ctypedef struct sdcli_bf16_attn_scratch:
+        pass
+    sdcli_bf16_attn_scratch* sdcli_bf16_attn_scratch_new(ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv)
+    void sdcli_bf16_attn_scratch_free(sdcli_bf16_attn_scratch* s)
+    void sdcli_bf16_attention_task(int level, const float* q, const float* k, const float* v, float* out,
+                                   const ptrdiff_t* strides, ptrdiff_t tq, ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv,
+                                   bint causal, float scale, ptrdiff_t head, ptrdiff_t i0,
+                                   sdcli_bf16_attn_scratch* s)
 
 LEVELS = ("portable", "avx512_bf16", "amx")  # index = the level number of bf16_gemm.h
 ENV_VAR = "SDCLI_BF16_KERNEL"
@@ -280,3 +293,56 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
         sdcli_bf16_scratch_free(scratch)
     if failed:
         raise MemoryError("conv2d: out of memory for the per-thread buffers")
+
+
+def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[:, :, :, :] v,
+              float[:, :, :, :] out, bint causal, float scale, level=None):
+    """softmax(scale q k^T) v per head in bf16: q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> out (B, H,
+    Tq, dv), the semantics of cpu_kernels.attention.
+
+    q and k are rounded to bf16 for the scores, the scores and the softmax are float32, the probabilities and v
+    are rounded to bf16 for their product, the output is summed in float32 (bf16_attention.h). Only the last axis
+    need be contiguous: a (B, H, T, hs) view of a (B, T, H, hs) projection is read in place, and out may be such a
+    view too. With ``causal``, query i sees keys 0..i. Rows that see no key (Tk = 0) give zeros. Tasks of
+    SDCLI_BF16_ATTN_QUERIES queries of one head run in parallel, each thread converting the keys and values of a
+    head once for all its tasks of that head. level as in linear().
+    """
+    cdef int lvl = _level("attention", level)
+    cdef Py_ssize_t batch = q.shape[0], nh = q.shape[1], tq = q.shape[2], d = q.shape[3]
+    cdef Py_ssize_t tk = k.shape[2], dv = v.shape[3], heads = batch * nh, h, b
+    cdef Py_ssize_t blocks = (tq + SDCLI_BF16_ATTN_QUERIES - 1) // SDCLI_BF16_ATTN_QUERIES, task
+    cdef ptrdiff_t strides[4]
+    cdef int failed = 0
+    cdef sdcli_bf16_attn_scratch* scratch = NULL
+    if ((k.shape[0], k.shape[1], k.shape[3]) != (batch, nh, d)
+            or (v.shape[0], v.shape[1], v.shape[2]) != (batch, nh, tk)):
+        raise ValueError(f"attention: mismatched q {(batch, nh, tq, d)}, k {(k.shape[0], k.shape[1], tk, k.shape[3])}, "
+                         f"v {(v.shape[0], v.shape[1], v.shape[2], dv)}")
+    got = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
+    if got != (batch, nh, tq, dv):
+        raise ValueError(f"attention: out has shape {got}, expected {(batch, nh, tq, dv)}")
+    if heads == 0 or tq == 0 or dv == 0:
+        return
+    for last in (q.strides[3], k.strides[3], v.strides[3], out.strides[3]):
+        if last != sizeof(float):
+            raise ValueError("attention: the last axis of q, k, v and out must be contiguous")
+    strides[0], strides[1] = q.strides[2] // sizeof(float), k.strides[2] // sizeof(float)
+    strides[2], strides[3] = v.strides[2] // sizeof(float), out.strides[2] // sizeof(float)  # rows, in floats
+    # tasks (head, block of queries), head by head in contiguous runs per thread (static schedule), so that a
+    # thread converts the keys and values of a head once
+    with nogil, parallel():
+        scratch = sdcli_bf16_attn_scratch_new(tk, d, dv)
+        sdcli_bf16_thread_begin(lvl)
+        for task in prange(heads * blocks, schedule="static"):
+            h = task // blocks
+            b = h // nh
+            if scratch == NULL:
+                failed += 1
+            else:
+                sdcli_bf16_attention_task(lvl, &q[b, h % nh, 0, 0], &k[b, h % nh, 0, 0], &v[b, h % nh, 0, 0],
+                                          &out[b, h % nh, 0, 0], strides, tq, tk, d, dv, causal, scale, h,
+                                          task % blocks * SDCLI_BF16_ATTN_QUERIES, scratch)
+        sdcli_bf16_thread_end(lvl)
+        sdcli_bf16_attn_scratch_free(scratch)
+    if failed:
+        raise MemoryError("attention: out of memory for the per-thread buffers")
