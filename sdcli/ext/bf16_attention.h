@@ -90,6 +90,107 @@ static sdcli_bf16_attn_scratch *sdcli_bf16_attn_scratch_new(ptrdiff_t tk, ptrdif
     return s;
 }
 
+#ifdef SDCLI_BF16_X86
+/* r[0:16] (16 x 16 uint32, row i in r[i]) transposed in place: afterwards r[c] holds column c. Three stages of
+ * 16 shuffles: 32-bit, then 64-bit interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles. */
+SDCLI_BF16_AVX512_TARGET SDCLI_BF16_INLINE void sdcli_bf16_attn_transpose16(__m512i r[16]) {
+    __m512i t[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) { /* t[2i] lane L: r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]; t[2i+1]: 4L+2, 4L+3 */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) { /* r[4i + j] lane L: rows 4i .. 4i+3 of column 4L + j */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) { /* lanes (0, 2) and (1, 3) of r[j] and r[4 + j], of r[8 + j] and r[12 + j] */
+        t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
+        t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+        t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+        t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) { /* column 4L + j: lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
+        r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+        r[4 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xdd);
+    }
+}
+
+/* s->vt from v (tk, dv), rows ldv floats apart: per 32 keys and 16 columns, the 16 pair rows (two keys, 16
+ * columns) converted with VCVTNE2PS2BF16, then transposed to 16 columns of 16 pairs */
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_attn_pack_values_avx512(const float *v, ptrdiff_t ldv,
+                                                                        ptrdiff_t tk, ptrdiff_t dv,
+                                                                        sdcli_bf16_attn_scratch *s) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const ptrdiff_t dv_pad = sdcli_bf16_round_up(dv, 16), tk_pad = sdcli_bf16_round_up(tk, SDCLI_BF16_ATTN_KEYS);
+    uint32_t *vt = (uint32_t *)s->vt; /* (tk_pad/32, dv_pad, 16) pairs */
+    for (ptrdiff_t j0 = 0; j0 < tk_pad; j0 += 32)
+        for (ptrdiff_t c0 = 0; c0 < dv_pad; c0 += 16) {
+            const ptrdiff_t count = dv - c0 < 16 ? dv - c0 : 16;
+            const __mmask16 mask = (__mmask16)((1u << count) - 1);
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int k = 0; k < 16; k++) {
+                const ptrdiff_t j = j0 + 2 * k;
+                const __m512 v0 = j < tk ? _mm512_maskz_loadu_ps(mask, v + j * ldv + c0) : _mm512_setzero_ps();
+                const __m512 v1 =
+                    j + 1 < tk ? _mm512_maskz_loadu_ps(mask, v + (j + 1) * ldv + c0) : _mm512_setzero_ps();
+                r[k] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+            }
+            sdcli_bf16_attn_transpose16(r);
+            uint32_t *dst = vt + (j0 / 32 * dv_pad + c0) * 16;
+#pragma GCC unroll 16
+            for (int c = 0; c < 16; c++) _mm512_store_si512(dst + 16 * c, r[c]);
+        }
+}
+
+/* s->qt from s->qrows: per half and 32 of d, 16 query rows of 16 pairs transposed */
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_attn_qt_avx512(sdcli_bf16_attn_scratch *s, ptrdiff_t dp) {
+    const ptrdiff_t groups = dp / 32;
+    const uint32_t *pairs = (const uint32_t *)s->qrows; /* (32, dp/2) */
+    for (ptrdiff_t h = 0; h < 2; h++)
+        for (ptrdiff_t g = 0; g < groups; g++) {
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(pairs + (16 * h + i) * (dp / 2) + 16 * g);
+            sdcli_bf16_attn_transpose16(r);
+            uint32_t *dst = s->qt + (h * groups + g) * 256;
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; p++) _mm512_store_si512(dst + 16 * p, r[p]);
+        }
+}
+
+/* out rows 0 .. rows-1 (ldo floats apart, dv columns) = o / l, 0 where l = 0: per 16 columns and half, o's 16
+ * rows scaled lane-wise by 1 / l, then transposed to 16 query rows */
+SDCLI_BF16_AVX512_TARGET static void sdcli_bf16_attn_output_avx512(const sdcli_bf16_attn_scratch *s, float *out,
+                                                                   ptrdiff_t ldo, ptrdiff_t rows, ptrdiff_t dv) {
+    for (ptrdiff_t h = 0; h < 2 && 16 * h < rows; h++) {
+        const __m512 l = _mm512_load_ps(s->l + 16 * h);
+        const __mmask16 seen = _mm512_cmp_ps_mask(l, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 inverse = _mm512_maskz_div_ps(seen, _mm512_set1_ps(1.0f), l);
+        for (ptrdiff_t c0 = 0; c0 < dv; c0 += 16) {
+            const float *o = s->o + (c0 / 16 * 2 + h) * 256;
+            const ptrdiff_t count = dv - c0 < 16 ? dv - c0 : 16;
+            const __mmask16 mask = (__mmask16)((1u << count) - 1);
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int c = 0; c < 16; c++) r[c] = (__m512i)_mm512_mul_ps(_mm512_load_ps(o + 16 * c), inverse);
+            sdcli_bf16_attn_transpose16(r);
+            for (ptrdiff_t i = 0; i < 16 && 16 * h + i < rows; i++)
+                _mm512_mask_storeu_ps(out + (16 * h + i) * ldo + c0, mask, (__m512)r[i]);
+        }
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------- conversions */
 
 #ifdef SDCLI_BF16_X86
@@ -116,12 +217,16 @@ static void sdcli_bf16_attn_pack_head(int level, const float *k, ptrdiff_t ldk, 
                                       ptrdiff_t tk, ptrdiff_t d, ptrdiff_t dv, sdcli_bf16_attn_scratch *s) {
     const ptrdiff_t dp = sdcli_bf16_round_up(d, 32), dv_pad = sdcli_bf16_round_up(dv, 16);
     const ptrdiff_t tk_pad = sdcli_bf16_round_up(tk, SDCLI_BF16_ATTN_KEYS), dv32 = sdcli_bf16_round_up(dv, 32);
+    for (ptrdiff_t j = 0; j < tk; j++) sdcli_bf16_attn_row(level, k + j * ldk, d, s->k + j * dp, dp);
+    memset(s->k + tk * dp, 0, (size_t)((tk_pad - tk) * dp) * sizeof(uint16_t));
+#ifdef SDCLI_BF16_X86
+    if (level >= SDCLI_BF16_AVX512) {
+        sdcli_bf16_attn_pack_values_avx512(v, ldv, tk, dv, s);
+        return;
+    }
+#endif
     uint16_t row[dv32 > 0 ? dv32 : 1];
     for (ptrdiff_t j = 0; j < tk_pad; j++) {
-        if (j < tk)
-            sdcli_bf16_attn_row(level, k + j * ldk, d, s->k + j * dp, dp);
-        else
-            memset(s->k + j * dp, 0, (size_t)dp * sizeof(uint16_t));
         if (j < tk)
             sdcli_bf16_attn_row(level, v + j * ldv, dv, row, dv32);
         else
@@ -145,6 +250,12 @@ static void sdcli_bf16_attn_pack_queries(int level, const float *q, ptrdiff_t ld
         if (negate)
             for (ptrdiff_t c = 0; c < dp; c++) dst[c] ^= 0x8000u;
     }
+#ifdef SDCLI_BF16_X86
+    if (level >= SDCLI_BF16_AVX512) {
+        sdcli_bf16_attn_qt_avx512(s, dp);
+        return;
+    }
+#endif
     const uint32_t *pairs = (const uint32_t *)s->qrows; /* (32, dp/2) */
     for (ptrdiff_t h = 0; h < 2; h++)
         for (ptrdiff_t g = 0; g < groups; g++)
@@ -490,6 +601,12 @@ static void sdcli_bf16_attention_task(int level, const float *q, const float *k,
         sdcli_bf16_attn_softmax_portable(s, keys, dv_pad, scale_log2);
         sdcli_bf16_attn_values_portable(s, j0, keys, dv_pad);
     }
+#ifdef SDCLI_BF16_X86
+    if (level >= SDCLI_BF16_AVX512) {
+        sdcli_bf16_attn_output_avx512(s, out + i0 * strides[3], strides[3], rows, dv);
+        return;
+    }
+#endif
     for (ptrdiff_t r = 0; r < rows; r++) {
         const float total = s->l[r];
         const float *o = s->o + r / 16 * 256 + r % 16; /* [0, r / 16, 0, r % 16] */
