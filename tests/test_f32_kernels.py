@@ -145,6 +145,9 @@ CONV_CASES = [
     (1, 5, 7, 8, 11, 3, 3, 2),  # stride 3, padding 2: the generic strided copy
     (2, 77, 29, 24, 27, 3, 1, 1),  # K = 693: several chunks; blocks of pixels across several output rows
     (1, 6, 5, 40, 40, 3, 1, 1),  # several blocks of pixels in one image, the last one partial
+    (3, 10, 20, 8, 8, 3, 1, 1),  # 64 pixels per image: one block of three whole images
+    (5, 6, 17, 8, 16, 3, 1, 1),  # 128 pixels per image: blocks of four images, the last of one
+    (3, 7, 9, 16, 16, 3, 2, 1),  # stride 2 to 8 x 8: whole images per block
 ]
 
 
@@ -193,10 +196,11 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="bias"):
         f32_kernels.linear(np.zeros((2, 4), np.float32), packed, np.zeros(4, np.float32), np.zeros((2, 5), np.float32))
     conv = f32_kernels.pack_conv_weight(np.zeros((5, 4, 3, 3), dtype=np.float32))
+    out = np.zeros((1, 5, 6, 6), np.float32)
     with pytest.raises(ValueError, match="out has shape"):
-        f32_kernels.conv2d(np.zeros((1, 4, 6, 6), np.float32), conv, 3, 3, 1, 1, None, np.zeros((1, 5, 5, 5), np.float32))
-    with pytest.raises(ValueError, match="packed weight"):
-        f32_kernels.conv2d(np.zeros((1, 40, 6, 6), np.float32), conv, 3, 3, 1, 1, None, np.zeros((1, 5, 6, 6), np.float32))
+        f32_kernels.conv2d(np.zeros((1, 4, 6, 6), np.float32), conv, 3, 3, 1, 1, None, out[:, :, 1:, 1:].copy())
+    with pytest.raises(ValueError, match="packed weight"):  # K = 360: two chunks, the weight has one
+        f32_kernels.conv2d(np.zeros((1, 40, 6, 6), np.float32), conv, 3, 3, 1, 1, None, out)
     with pytest.raises(ValueError, match="float32"):
         f32_kernels.pack_linear_weight(np.zeros((5, 4), np.float64))
 

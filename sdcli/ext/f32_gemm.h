@@ -65,35 +65,44 @@ static int sdcli_f32_max_threads(void) {
 #endif
 }
 
-/* What one thread keeps between its tasks (sdcli_f32_scratch_new; NULL when out of memory). */
+/* What one thread keeps between its tasks. The buffers stay with the thread between calls (OpenMP reuses its
+ * threads), growing to the largest size asked for: a fresh allocation of a few MB per call costs page faults
+ * comparable to a small convolution. At most 224 x K floats for linear and KC x SDCLI_F32_PIXELS for conv2d. */
 typedef struct {
     float *a;         /* linear: the thread's block of rows of x as A panels */
     float *panel;     /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
+    size_t a_floats, panel_floats;
     ptrdiff_t cached; /* linear: the block of rows in a; -1: none */
 } sdcli_f32_scratch;
 
-static void *sdcli_f32_alloc(size_t bytes) {
-    void *p = NULL;
-    return posix_memalign(&p, 64, bytes > 0 ? bytes : 64) == 0 ? p : NULL;
-}
+#if defined(__GNUC__) || defined(__clang__)
+#define SDCLI_F32_THREAD_LOCAL __thread
+#else
+#define SDCLI_F32_THREAD_LOCAL _Thread_local
+#endif
 
-static void sdcli_f32_scratch_free(sdcli_f32_scratch *s) {
-    if (s == NULL) return;
-    free(s->a);
-    free(s->panel);
-    free(s);
-}
+static SDCLI_F32_THREAD_LOCAL sdcli_f32_scratch sdcli_f32_thread_scratch;
 
-static sdcli_f32_scratch *sdcli_f32_scratch_new(size_t a_floats, size_t panel_floats) {
-    sdcli_f32_scratch *s = (sdcli_f32_scratch *)calloc(1, sizeof *s);
-    if (s == NULL) return NULL;
-    s->a = (float *)sdcli_f32_alloc(a_floats * sizeof(float));
-    s->panel = (float *)sdcli_f32_alloc(panel_floats * sizeof(float));
-    s->cached = -1;
-    if (s->a == NULL || s->panel == NULL) {
-        sdcli_f32_scratch_free(s);
-        return NULL;
+/* buffer *p of *have floats grown to at least `want` floats (contents not kept); 0 when out of memory */
+static int sdcli_f32_reserve(float **p, size_t *have, size_t want) {
+    if (*have >= want && *p != NULL) return 1;
+    free(*p);
+    *have = 0;
+    if (posix_memalign((void **)p, 64, (want > 16 ? want : 16) * sizeof(float)) != 0) {
+        *p = NULL;
+        return 0;
     }
+    *have = want;
+    return 1;
+}
+
+/* this thread's scratch with room for a_floats and panel_floats, nothing cached; NULL when out of memory */
+static sdcli_f32_scratch *sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats) {
+    sdcli_f32_scratch *s = &sdcli_f32_thread_scratch;
+    if (!sdcli_f32_reserve(&s->a, &s->a_floats, a_floats) ||
+        !sdcli_f32_reserve(&s->panel, &s->panel_floats, panel_floats))
+        return NULL;
+    s->cached = -1;
     return s;
 }
 
@@ -181,18 +190,20 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
 }
 
 /* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride floats apart; b:
- * the chunk of the first strip, strips b_stride floats apart. The panels outermost: one stays in L1 while the
- * strips (in L2) pass. */
+ * the chunk of the first strip, strips b_stride floats apart. Column j of C is at c + (j / hw) * image_stride +
+ * j % hw (conv2d: a block of whole images, hw a multiple of NR; otherwise hw >= n). The panels outermost: one
+ * stays in L1 while the strips (in L2) pass. */
 SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride, ptrdiff_t m, const float *b,
                                              ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c, ptrdiff_t ldc,
-                                             int accumulate, const float *bias_row, const float *bias_col) {
+                                             ptrdiff_t hw, ptrdiff_t image_stride, int accumulate,
+                                             const float *bias_row, const float *bias_col) {
     for (ptrdiff_t i = 0; i < m; i += SDCLI_F32_MR) {
         const float *ai = a + i / SDCLI_F32_MR * a_stride;
         const int mr = (int)sdcli_f32_min(SDCLI_F32_MR, m - i);
         for (ptrdiff_t j = 0; j < n; j += SDCLI_F32_NR)
-            sdcli_f32_tile(ai, b + j / SDCLI_F32_NR * b_stride, kc, c + i * ldc + j, ldc, mr,
-                           (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate, bias_row != NULL ? bias_row + i : NULL,
-                           bias_col != NULL ? bias_col + j : NULL);
+            sdcli_f32_tile(ai, b + j / SDCLI_F32_NR * b_stride, kc, c + j / hw * image_stride + j % hw + i * ldc, ldc,
+                           mr, (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate,
+                           bias_row != NULL ? bias_row + i : NULL, bias_col != NULL ? bias_col + j : NULL);
     }
 }
 
@@ -238,8 +249,8 @@ SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t m, 
         do { /* at least once: with k = 0, out = bias */
             const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
             sdcli_f32_block(s->a + ch * SDCLI_F32_MR * SDCLI_F32_KC, chunks * SDCLI_F32_MR * SDCLI_F32_KC, rows,
-                            w + jc * k + k0 * SDCLI_F32_NR, k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, ch > 0,
-                            NULL, bias != NULL ? bias + jc : NULL);
+                            w + jc * k + k0 * SDCLI_F32_NR, k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, cols, 0,
+                            ch > 0, NULL, bias != NULL ? bias + jc : NULL);
         } while (++ch < chunks);
     }
 }
@@ -317,28 +328,35 @@ SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t h, ptrdi
 }
 
 /* Task `task` of conv2d on x (batch, cin, h, w) -> out (batch, cout, ho, wo): out[b][:, pixels] = weight (cout, K)
- * @ im2col(x[b]) (K, pixels) + bias. weight: A panels (cout_pad/MR, chunks, MR, KC). Tasks are (block of at most
- * `pixels` output pixels of one image, slice of `cslice` output channels, a multiple of MR), the slices
- * innermost; `blocks` blocks per image. bias: (cout) or NULL. */
-SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
-                                                 const float *weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw,
-                                                 ptrdiff_t stride, ptrdiff_t pad, const float *bias, float *out,
-                                                 ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels, ptrdiff_t blocks,
-                                                 ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t task,
-                                                 sdcli_f32_scratch *s) {
+ * @ im2col(x[b]) (K, pixels) + bias. weight: A panels (cout_pad/MR, chunks, MR, KC). Tasks are (block of output
+ * pixels, slice of `cslice` output channels, a multiple of MR), the slices innermost. A block is either at most
+ * `pixels` pixels of one image (`blocks` blocks per image, images = 1) or `images` whole images (blocks = 1;
+ * ho wo a multiple of NR, so that no strip of NR columns straddles two images), for small images: then the
+ * weight is read once for all of them. bias: (cout) or NULL. */
+SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h,
+                                                 ptrdiff_t w, const float *weight, ptrdiff_t cout, ptrdiff_t kh,
+                                                 ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, const float *bias,
+                                                 float *out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
+                                                 ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice,
+                                                 ptrdiff_t cslices, ptrdiff_t task, sdcli_f32_scratch *s) {
     const ptrdiff_t hw_out = ho * wo, k = cin * kh * kw, chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
-    const ptrdiff_t block = task / cslices, image = block / blocks, pix0 = block % blocks * pixels;
-    const ptrdiff_t n = sdcli_f32_min(pixels, hw_out - pix0);
+    const ptrdiff_t block = task / cslices, image = block / blocks * images, pix0 = block % blocks * pixels;
+    const ptrdiff_t count = sdcli_f32_min(images, batch - image); /* images in the block */
+    const ptrdiff_t n = count > 1 ? count * hw_out : sdcli_f32_min(pixels, hw_out - pix0);
     const ptrdiff_t c0 = task % cslices * cslice, crows = sdcli_f32_min(cslice, cout - c0);
-    const ptrdiff_t a_stride = chunks * SDCLI_F32_MR * SDCLI_F32_KC;
-    const float *xi = x + image * cin * h * w;
+    const ptrdiff_t a_stride = chunks * SDCLI_F32_MR * SDCLI_F32_KC, strip = SDCLI_F32_KC * SDCLI_F32_NR;
     float *c = out + (image * cout + c0) * hw_out + pix0;
     ptrdiff_t ch = 0;
     do { /* at least once: with k = 0, out = bias */
         const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
-        sdcli_f32_im2col(xi, h, w, kh, kw, stride, pad, wo, pix0, n, k0, kc, s->panel);
+        if (count > 1)
+            for (ptrdiff_t i = 0; i < count; i++)
+                sdcli_f32_im2col(x + (image + i) * cin * h * w, h, w, kh, kw, stride, pad, wo, 0, hw_out, k0, kc,
+                                 s->panel + i * hw_out / SDCLI_F32_NR * strip);
+        else
+            sdcli_f32_im2col(x + image * cin * h * w, h, w, kh, kw, stride, pad, wo, pix0, n, k0, kc, s->panel);
         sdcli_f32_block(weight + c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC, a_stride, crows,
-                        s->panel, SDCLI_F32_KC * SDCLI_F32_NR, n, kc, c, hw_out, ch > 0,
+                        s->panel, strip, n, kc, c, hw_out, count > 1 ? hw_out : n, cout * hw_out, ch > 0,
                         bias != NULL ? bias + c0 : NULL, NULL);
     } while (++ch < chunks);
 }
@@ -354,14 +372,14 @@ static void sdcli_f32_linear_task(const float *x, ptrdiff_t m, ptrdiff_t k, cons
         (void)task, (void)s;
 }
 
-static void sdcli_f32_conv_task(const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w, const float *weight,
-                                ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
-                                const float *bias, float *out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
-                                ptrdiff_t blocks, ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t task,
-                                sdcli_f32_scratch *s) {
-    (void)x, (void)cin, (void)h, (void)w, (void)weight, (void)cout, (void)kh, (void)kw, (void)stride, (void)pad,
-        (void)bias, (void)out, (void)ho, (void)wo, (void)pixels, (void)blocks, (void)cslice, (void)cslices,
-        (void)task, (void)s;
+static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
+                                const float *weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride,
+                                ptrdiff_t pad, const float *bias, float *out, ptrdiff_t ho, ptrdiff_t wo,
+                                ptrdiff_t pixels, ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice,
+                                ptrdiff_t cslices, ptrdiff_t task, sdcli_f32_scratch *s) {
+    (void)x, (void)batch, (void)images, (void)cin, (void)h, (void)w, (void)weight, (void)cout, (void)kh, (void)kw,
+        (void)stride, (void)pad, (void)bias, (void)out, (void)ho, (void)wo, (void)pixels, (void)blocks, (void)cslice,
+        (void)cslices, (void)task, (void)s;
 }
 
 #endif /* SDCLI_F32_X86 */

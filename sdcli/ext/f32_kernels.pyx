@@ -37,16 +37,15 @@ cdef extern from "f32_gemm.h" nogil:
         pass
     int sdcli_f32_available()
     int sdcli_f32_max_threads()
-    sdcli_f32_scratch* sdcli_f32_scratch_new(size_t a_floats, size_t panel_floats)
-    void sdcli_f32_scratch_free(sdcli_f32_scratch* s)
+    sdcli_f32_scratch* sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats)
     void sdcli_f32_linear_task(const float* x, ptrdiff_t m, ptrdiff_t k, const float* w, ptrdiff_t np_,
                                const float* bias, float* out, ptrdiff_t n, ptrdiff_t slice, ptrdiff_t slices,
                                ptrdiff_t task, sdcli_f32_scratch* s)
-    void sdcli_f32_conv_task(const float* x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w, const float* weight,
-                             ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
-                             const float* bias, float* out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
-                             ptrdiff_t blocks, ptrdiff_t cslice, ptrdiff_t cslices, ptrdiff_t task,
-                             sdcli_f32_scratch* s)
+    void sdcli_f32_conv_task(const float* x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
+                             const float* weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride,
+                             ptrdiff_t pad, const float* bias, float* out, ptrdiff_t ho, ptrdiff_t wo,
+                             ptrdiff_t pixels, ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice, ptrdiff_t cslices,
+                             ptrdiff_t task, sdcli_f32_scratch* s)
 
 MR, NR, KC = SDCLI_F32_MR, SDCLI_F32_NR, SDCLI_F32_KC
 
@@ -150,14 +149,13 @@ def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, 
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_f32_scratch_new(a_floats, 1)
+        scratch = sdcli_f32_scratch_get(a_floats, 1)
         for task in prange(tasks, schedule="dynamic"):
             if scratch == NULL:
                 failed += 1
             else:
                 sdcli_f32_linear_task(&x[0, 0], m, k, &packed[0, 0, 0], np_, bias_ptr, &out[0, 0], n, slice, slices,
                                       task, scratch)
-        sdcli_f32_scratch_free(scratch)
     if failed:
         raise MemoryError("linear: out of memory for the per-thread buffers")
 
@@ -196,29 +194,34 @@ def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh
     if bias is not None:
         bias_view = bias
         bias_ptr = &bias_view[0]
-    # tasks: (block of output pixels of one image, slice of output channels); blocks of about equal size, at most
-    # PIXELS; the channels split only as far as needed to give each thread a task, since every slice builds the
-    # im2col panels of its block again
+    # tasks: (block of output pixels, slice of output channels). A block is part of one image, blocks of about
+    # equal size of at most PIXELS, or, for images of fewer pixels (a multiple of NR), as many whole images as fit:
+    # each block reads the whole weight (of its slice). The channels split only as far as needed to give each
+    # thread a task, since every slice builds the im2col panels of its block again.
     cdef Py_ssize_t hw_out = ho * wo, threads = sdcli_f32_max_threads()
     cdef Py_ssize_t blocks = (hw_out + SDCLI_F32_PIXELS - 1) // SDCLI_F32_PIXELS
     cdef Py_ssize_t pixels = _round_up((hw_out + blocks - 1) // blocks, NR)
     blocks = (hw_out + pixels - 1) // pixels
+    cdef Py_ssize_t images = 1
+    if blocks == 1 and hw_out % NR == 0:
+        images = max(1, min(batch, SDCLI_F32_PIXELS // hw_out))
+        pixels = images * hw_out
+    cdef Py_ssize_t block_count = blocks * ((batch + images - 1) // images)
     cdef Py_ssize_t panels = _round_up(cout, MR) // MR
-    cdef Py_ssize_t cslices = _clamp((threads + batch * blocks - 1) // (batch * blocks), 1, panels)
+    cdef Py_ssize_t cslices = _clamp((threads + block_count - 1) // block_count, 1, panels)
     cdef Py_ssize_t cslice = (panels + cslices - 1) // cslices * MR
     cslices = (_round_up(cout, MR) + cslice - 1) // cslice
-    cdef Py_ssize_t tasks = batch * blocks * cslices, task
+    cdef Py_ssize_t tasks = block_count * cslices, task
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_f32_scratch_new(1, SDCLI_F32_KC * pixels)
+        scratch = sdcli_f32_scratch_get(1, SDCLI_F32_KC * pixels)
         for task in prange(tasks, schedule="dynamic"):
             if scratch == NULL:
                 failed += 1
             else:
-                sdcli_f32_conv_task(&x[0, 0, 0, 0], cin, h, w, &weight[0, 0, 0, 0], cout, kh, kw, stride, padding,
-                                    bias_ptr, &out[0, 0, 0, 0], ho, wo, pixels, blocks, cslice, cslices, task,
-                                    scratch)
-        sdcli_f32_scratch_free(scratch)
+                sdcli_f32_conv_task(&x[0, 0, 0, 0], batch, cin, h, w, &weight[0, 0, 0, 0], cout, kh, kw, stride,
+                                    padding, bias_ptr, &out[0, 0, 0, 0], ho, wo, pixels, blocks, images, cslice,
+                                    cslices, task, scratch)
     if failed:
         raise MemoryError("conv2d: out of memory for the per-thread buffers")
