@@ -42,7 +42,9 @@
 #include "bf16_gemm.h"
 
 #define SDCLI_BF16_ATTN_QUERIES 32 /* queries per task: two halves of 16 */
-#define SDCLI_BF16_ATTN_KEYS 64    /* keys per step of the streaming softmax (a multiple of 32) */
+#ifndef SDCLI_BF16_ATTN_KEYS
+#define SDCLI_BF16_ATTN_KEYS 64    /* keys per step of the streaming softmax (a multiple of 32; -D to measure others) */
+#endif
 #define SDCLI_BF16_ATTN_TAU 8.0f   /* the running max lags the true one by at most this (log2 units): p <= 256 */
 
 typedef struct {
