@@ -595,11 +595,13 @@ def bench_generate(work: Path, folder: Path, sides: list[str], repeats: int, ste
     def measure(side: str) -> dict:
         index = next(counter)
         output = work / f"generate-{side}-{index}.png"
-        if side == "sdcli":
+        if side in ("sdcli", "sdcli_low_memory"):
             command = [sys.executable, "-m", "sdcli", "generate", "-m", str(folder), "-p", prompt, "--steps",
                        str(steps), "--guidance", "7.5", "--seed", "0", "--precision", "fp16", "-W", str(size),
                        "-H", str(size), "-o", str(output), "--quiet", "--json"]
-            result = measure_process(work, f"sdcli-generate-{index}", command)
+            if side == "sdcli_low_memory":
+                command.append("--low-memory")
+            result = measure_process(work, f"{side}-generate-{index}", command)
             record = last_json(result.pop("stdout"))
             timings = record["timings"]
             result.update(generate_s=timings["text_encoding_s"] + timings["denoising_s"] + timings["decode_s"],
@@ -614,19 +616,21 @@ def bench_generate(work: Path, folder: Path, sides: list[str], repeats: int, ste
         output.unlink()
         return result
 
+    sides = [sides[0], "sdcli_low_memory", *sides[1:]]  # sdcli as it runs by default and with --low-memory
     runs = alternate(f"txt2img {size}x{size}, {steps} steps", sides, repeats, measure)
     row: dict = {"what": f"txt2img {size}x{size}, {steps} steps, guidance 7.5, fp16 weights", "steps": steps,
                  "pixels": size}
     for side, measured in runs.items():
-        name = "sdcli" if side == "sdcli" else "diffusers"
+        name = "diffusers" if side == "reference" else side
         row[f"{name}_wall_s"] = statistics.median(m["wall_s"] for m in measured)
         row[f"{name}_generate_s"] = statistics.median(m["generate_s"] for m in measured)
         row[f"{name}_peak_bytes"] = max(m["peak_bytes"] for m in measured)
         row[f"{name}_scheduler"] = measured[-1]["scheduler"]
     if "reference" in sides:
         row["ratio"] = row["sdcli_wall_s"] / row["diffusers_wall_s"]
+        row["low_memory_ratio"] = row["sdcli_low_memory_wall_s"] / row["diffusers_wall_s"]
         row["diffusers_output_finite"] = all(m["finite"] for m in runs["reference"])
-    row["runs"] = {("sdcli" if side == "sdcli" else "diffusers"): measured for side, measured in runs.items()}
+    row["runs"] = {("diffusers" if side == "reference" else side): measured for side, measured in runs.items()}
     return row
 
 
@@ -687,13 +691,15 @@ def report_networks(unet: list[dict], vae: list[dict]) -> None:
 
 def report_generate(row: dict) -> None:
     body = []
-    for name in ("sdcli", "diffusers"):
+    labels = {"sdcli": "sdcli", "sdcli_low_memory": "sdcli --low-memory", "diffusers": "diffusers"}
+    for name, label in labels.items():
         if f"{name}_wall_s" in row:
             wall, generate = row[f"{name}_wall_s"], row[f"{name}_generate_s"]
-            body.append([name, num(wall, ".1f"), num(generate, ".1f"), num(wall - generate, ".1f"),
+            body.append([label, num(wall, ".1f"), num(generate, ".1f"), num(wall - generate, ".1f"),
                          gib(row[f"{name}_peak_bytes"]), row[f"{name}_scheduler"]])
     if row.get("ratio") is not None:
-        body.append(["ratio", num(row["ratio"], ".2f"), "", "", "", ""])
+        body.append(["ratio sdcli / diffusers", num(row["ratio"], ".2f"), "", "", "", ""])
+        body.append(["ratio --low-memory / diffusers", num(row["low_memory_ratio"], ".2f"), "", "", "", ""])
     print_table([f"SD1.5 {row['what']}", "process (s)", "generation (s)", "start+load+save (s)", "peak",
                  "scheduler"], body)
     if row.get("diffusers_output_finite") is False:

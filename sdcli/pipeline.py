@@ -178,7 +178,7 @@ class TextToImage:
         """Drop the tokenizer and text encoder; only prompts kept by ``encode_prompts`` can be generated after."""
         if self.prompt_encoder is not None:
             log.info("released the text encoder (%d prompts encoded ahead)", len(self._encoded))
-            self.prompt_encoder.release()  # a single-file checkpoint stays mapped: drop the encoder's pages
+            self.prompt_encoder.release()  # the file stays mapped (the checkpoint keeps it): drop its pages
         self.prompt_encoder = None
 
     def preview_decoder(self):
@@ -215,6 +215,9 @@ class TextToImage:
             uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip), batch,
                                        axis=0)  # (B, 77, D)
         timings["text_encoding_s"] = time.perf_counter() - start
+        # Each stage's mapped weights leave resident memory when the next stage starts (they map again, from the
+        # page cache, when needed), so the peak is the largest stage's, not the sum of all three.
+        self.checkpoint.release("text_encoder")
 
         spec = SAMPLERS[params.sampler]
         plan = spec.plan(self.scheduler_config, params.steps)
@@ -240,9 +243,11 @@ class TextToImage:
         timings["s_per_step"] = timings["denoising_s"] / max(total, 1)
 
         latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, h, w) what diffusers decodes
+        self.checkpoint.release("unet")
         start = time.perf_counter()
         images = self.decoder(latents)  # (B, 3, H, W)
         timings["decode_s"] = time.perf_counter() - start
+        self.checkpoint.release("vae")
         yield GeneratedBatch(images, latents, seeds, params, timings)
 
 

@@ -53,6 +53,26 @@ def test_position_ids_are_ignored(tmp_path, shared_data, tiny_state):
     assert encoder.encode(["a cat"]).shape == (1, 77, 32)
 
 
+def test_sources_are_opened_once_and_released_in_place(tmp_path, shared_data, tiny_state, monkeypatch):
+    """checkpoint.source() returns one object per component, so the pipeline's release() drops the pages of the
+    very mapping the weights were read from; encoding still works (and gives the same values) after it."""
+    from sdcli.io.safetensors import SafetensorsFile
+
+    checkpoint = open_checkpoint(folder_with(tmp_path, shared_data, tiny_state))
+    assert checkpoint.source("text_encoder") is checkpoint.source("text_encoder")
+    released = []
+    original = SafetensorsFile.release
+    monkeypatch.setattr(SafetensorsFile, "release", lambda self, name=None: (released.append(name),
+                                                                             original(self, name)))
+    checkpoint.release("unet")  # never opened: nothing to do
+    assert released == []
+    encoder = load_prompt_encoder(checkpoint, backend="numpy")
+    before = encoder.encode(["a cat"])
+    checkpoint.release("text_encoder")
+    assert released == [None]
+    np.testing.assert_array_equal(encoder.encode(["a cat"]), before)
+
+
 def test_single_file_unexpected_tensor_is_named(tmp_path):
     path = tmp_path / "odd.safetensors"
     save_file(path, {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight":

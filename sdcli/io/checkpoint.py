@@ -198,6 +198,7 @@ class Checkpoint:
     prediction_type: str  # "epsilon" or "v_prediction"
     variant: str | None = None
     _file: SafetensorsFile | None = field(default=None, repr=False)
+    _sources: dict[str, TensorSource] = field(default_factory=dict, repr=False, compare=False)
 
     # -- configs ---------------------------------------------------------------------------------------------
     def config_dir(self, component: str) -> Path:
@@ -232,12 +233,19 @@ class Checkpoint:
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def source(self, component: str) -> TensorSource:
-        """The tensors of ``component`` ("text_encoder", "unet" or "vae") in canonical names."""
+        """The tensors of ``component`` ("text_encoder", "unet" or "vae") in canonical names. Opened once and
+        kept, so that every caller reads (and ``release``\ s) the same mapping."""
         if component not in COMPONENT_WEIGHT_STEMS:
             raise CheckpointError(f"unknown component {component!r}")
-        if self.layout == "diffusers":
-            return self._folder_source(component)
-        return self._mapped_source(component)
+        if component not in self._sources:
+            self._sources[component] = (self._folder_source(component) if self.layout == "diffusers"
+                                         else self._mapped_source(component))
+        return self._sources[component]
+
+    def release(self, component: str) -> None:
+        """Drop the mapped pages of ``component``'s tensors from resident memory, if it was opened."""
+        if component in self._sources:
+            self._sources[component].release()
 
     def _folder_source(self, component: str) -> FolderSource:
         folder = self.path / component
