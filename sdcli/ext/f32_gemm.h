@@ -48,7 +48,7 @@
 #define SDCLI_F32_COLS 512 /* linear: columns of w.T per block: KC x COLS floats (512 KB, L2) */
 #endif
 #ifndef SDCLI_F32_ROWS
-#define SDCLI_F32_ROWS 224 /* linear: rows of x per task (16 panels), packed once per task */
+#define SDCLI_F32_ROWS 280 /* linear: rows of x per block (20 panels), packed once */
 #endif
 #ifndef SDCLI_F32_PIXELS
 #define SDCLI_F32_PIXELS 512 /* conv2d: output pixels per task at most: KC x PIXELS floats of im2col (L2) */
@@ -69,10 +69,10 @@ static int sdcli_f32_max_threads(void) {
  * threads), growing to the largest size asked for: a fresh allocation of a few MB per call costs page faults
  * comparable to a small convolution. At most 224 x K floats for linear and KC x SDCLI_F32_PIXELS for conv2d. */
 typedef struct {
-    float *a;         /* linear: the thread's block of rows of x as A panels */
-    float *panel;     /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
-    size_t a_floats, panel_floats;
-    ptrdiff_t cached; /* linear: the block of rows in a; -1: none */
+    float *a;               /* linear: the thread's block of rows of x as A panels */
+    float *panel;           /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
+    ptrdiff_t *segments;    /* conv2d: (pixels, 4) the block's runs of pixels within one output row */
+    size_t a_bytes, panel_bytes, segment_bytes;
 } sdcli_f32_scratch;
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -83,12 +83,12 @@ typedef struct {
 
 static SDCLI_F32_THREAD_LOCAL sdcli_f32_scratch sdcli_f32_thread_scratch;
 
-/* buffer *p of *have floats grown to at least `want` floats (contents not kept); 0 when out of memory */
-static int sdcli_f32_reserve(float **p, size_t *have, size_t want) {
+/* buffer *p of *have bytes grown to at least `want` bytes (contents not kept); 0 when out of memory */
+static int sdcli_f32_reserve(void **p, size_t *have, size_t want) {
     if (*have >= want && *p != NULL) return 1;
     free(*p);
     *have = 0;
-    if (posix_memalign((void **)p, 64, (want > 16 ? want : 16) * sizeof(float)) != 0) {
+    if (posix_memalign(p, 64, want > 64 ? want : 64) != 0) {
         *p = NULL;
         return 0;
     }
@@ -96,13 +96,14 @@ static int sdcli_f32_reserve(float **p, size_t *have, size_t want) {
     return 1;
 }
 
-/* this thread's scratch with room for a_floats and panel_floats, nothing cached; NULL when out of memory */
-static sdcli_f32_scratch *sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats) {
+/* this thread's scratch with room for a_floats, panel_floats and the runs of `pixels` pixels; NULL when out of
+ * memory */
+static sdcli_f32_scratch *sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats, size_t pixels) {
     sdcli_f32_scratch *s = &sdcli_f32_thread_scratch;
-    if (!sdcli_f32_reserve(&s->a, &s->a_floats, a_floats) ||
-        !sdcli_f32_reserve(&s->panel, &s->panel_floats, panel_floats))
+    if (!sdcli_f32_reserve((void **)&s->a, &s->a_bytes, a_floats * sizeof(float)) ||
+        !sdcli_f32_reserve((void **)&s->panel, &s->panel_bytes, panel_floats * sizeof(float)) ||
+        !sdcli_f32_reserve((void **)&s->segments, &s->segment_bytes, pixels * 4 * sizeof(ptrdiff_t)))
         return NULL;
-    s->cached = -1;
     return s;
 }
 
@@ -192,18 +193,32 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
 /* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride floats apart; b:
  * the chunk of the first strip, strips b_stride floats apart. Column j of C is at c + (j / hw) * image_stride +
  * j % hw (conv2d: a block of whole images, hw a multiple of NR; otherwise hw >= n). The panels outermost: one
- * stays in L1 while the strips (in L2) pass. */
+ * stays in L1 while the strips (in L2) pass. Along the way, the next panel and pf_lines 64-byte lines from pf
+ * (what the caller reads next: linear's next block of x) are prefetched into L2, a share before each tile. */
 SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride, ptrdiff_t m, const float *b,
                                              ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c, ptrdiff_t ldc,
                                              ptrdiff_t hw, ptrdiff_t image_stride, int accumulate,
-                                             const float *bias_row, const float *bias_col) {
+                                             const float *bias_row, const float *bias_col, const char *pf,
+                                             ptrdiff_t pf_lines) {
+    const ptrdiff_t strips = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR, row_lines = (kc + 15) / 16;
+    const ptrdiff_t lines = SDCLI_F32_MR * row_lines; /* 64-byte lines of a panel's chunk */
+    const ptrdiff_t tiles = (m + SDCLI_F32_MR - 1) / SDCLI_F32_MR * strips;
+    ptrdiff_t tile = 0;
     for (ptrdiff_t i = 0; i < m; i += SDCLI_F32_MR) {
-        const float *ai = a + i / SDCLI_F32_MR * a_stride;
+        const float *ai = a + i / SDCLI_F32_MR * a_stride, *next = i + SDCLI_F32_MR < m ? ai + a_stride : NULL;
         const int mr = (int)sdcli_f32_min(SDCLI_F32_MR, m - i);
-        for (ptrdiff_t j = 0; j < n; j += SDCLI_F32_NR)
+        for (ptrdiff_t j = 0; j < n; j += SDCLI_F32_NR) {
+            if (next != NULL) /* the next panel into L2, a share with each strip: its rows are short streams that
+                                 the hardware prefetchers barely catch (the weight of conv2d comes from memory) */
+                for (ptrdiff_t l = j / SDCLI_F32_NR * lines / strips; l < (j / SDCLI_F32_NR + 1) * lines / strips; l++)
+                    _mm_prefetch((const char *)(next + l / row_lines * SDCLI_F32_KC + l % row_lines * 16), _MM_HINT_T1);
+            for (ptrdiff_t l = tile * pf_lines / tiles; l < (tile + 1) * pf_lines / tiles; l++) /* pf: a share */
+                _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
+            tile++;
             sdcli_f32_tile(ai, b + j / SDCLI_F32_NR * b_stride, kc, c + j / hw * image_stride + j % hw + i * ldc, ldc,
                            mr, (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate,
                            bias_row != NULL ? bias_row + i : NULL, bias_col != NULL ? bias_col + j : NULL);
+        }
     }
 }
 
@@ -227,31 +242,36 @@ SDCLI_F32_TARGET static void sdcli_f32_pack_rows(const float *x, ptrdiff_t k, pt
             }
 }
 
-/* Task `task` of linear: out (m, n) = x (m, k) @ w.T + bias, w packed as strips (np/NR, k, NR). Tasks are (block
- * of SDCLI_F32_ROWS rows, slice of `slice` columns, a multiple of NR), `slices` per block, slices innermost: a
- * thread's consecutive tasks share the block of x it packed. bias: (n) or NULL. */
-SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t m, ptrdiff_t k, const float *w,
-                                                   ptrdiff_t np, const float *bias, float *out, ptrdiff_t n,
-                                                   ptrdiff_t slice, ptrdiff_t slices, ptrdiff_t task,
-                                                   sdcli_f32_scratch *s) {
-    const ptrdiff_t block = task / slices, i0 = block * SDCLI_F32_ROWS;
-    const ptrdiff_t rows = sdcli_f32_min(SDCLI_F32_ROWS, m - i0);
-    const ptrdiff_t j0 = task % slices * slice, j1 = sdcli_f32_min(j0 + slice, n);
+/* Task of linear: out[r0:r1, j0:j1] of out (m, n) = x (m, k) @ w.T + bias, w packed as strips (np/NR, k, NR);
+ * r0 a multiple of MR, j0 of NR. The rows go in blocks of about equal size, at most SDCLI_F32_ROWS, each packed
+ * as A panels, then multiplied by w in blocks of SDCLI_F32_COLS columns, chunk by chunk of k; the next block of x
+ * is prefetched meanwhile. bias: (n) or NULL. */
+SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const float *w, const float *bias,
+                                                   float *out, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0,
+                                                   ptrdiff_t j1, sdcli_f32_scratch *s) {
     const ptrdiff_t chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
-    (void)np;
-    if (s->cached != block) {
+    const ptrdiff_t blocks = (r1 - r0 + SDCLI_F32_ROWS - 1) / SDCLI_F32_ROWS;
+    const ptrdiff_t block_rows = ((r1 - r0 + blocks - 1) / blocks + SDCLI_F32_MR - 1) / SDCLI_F32_MR * SDCLI_F32_MR;
+    const ptrdiff_t calls = (j1 - j0 + SDCLI_F32_COLS - 1) / SDCLI_F32_COLS * (chunks > 0 ? chunks : 1);
+    for (ptrdiff_t i0 = r0; i0 < r1; i0 += block_rows) {
+        const ptrdiff_t rows = sdcli_f32_min(block_rows, r1 - i0);
+        const ptrdiff_t next_rows = sdcli_f32_max(0, sdcli_f32_min(block_rows, r1 - i0 - block_rows));
+        const char *pf = (const char *)(x + (i0 + rows) * k);
+        const ptrdiff_t pf_lines = (next_rows * k * (ptrdiff_t)sizeof(float) + 63) / 64;
+        ptrdiff_t call = 0;
         sdcli_f32_pack_rows(x + i0 * k, k, rows, s->a);
-        s->cached = block;
-    }
-    for (ptrdiff_t jc = j0; jc < j1; jc += SDCLI_F32_COLS) {
-        const ptrdiff_t cols = sdcli_f32_min(SDCLI_F32_COLS, j1 - jc);
-        ptrdiff_t ch = 0;
-        do { /* at least once: with k = 0, out = bias */
-            const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
-            sdcli_f32_block(s->a + ch * SDCLI_F32_MR * SDCLI_F32_KC, chunks * SDCLI_F32_MR * SDCLI_F32_KC, rows,
-                            w + jc * k + k0 * SDCLI_F32_NR, k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, cols, 0,
-                            ch > 0, NULL, bias != NULL ? bias + jc : NULL);
-        } while (++ch < chunks);
+        for (ptrdiff_t jc = j0; jc < j1; jc += SDCLI_F32_COLS) {
+            const ptrdiff_t cols = sdcli_f32_min(SDCLI_F32_COLS, j1 - jc);
+            ptrdiff_t ch = 0;
+            do { /* at least once: with k = 0, out = bias */
+                const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
+                const ptrdiff_t l0 = call * pf_lines / calls, l1 = (call + 1) * pf_lines / calls;
+                sdcli_f32_block(s->a + ch * SDCLI_F32_MR * SDCLI_F32_KC, chunks * SDCLI_F32_MR * SDCLI_F32_KC, rows,
+                                w + jc * k + k0 * SDCLI_F32_NR, k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, cols,
+                                0, ch > 0, NULL, bias != NULL ? bias + jc : NULL, pf + 64 * l0, l1 - l0);
+                call++;
+            } while (++ch < chunks);
+        }
     }
 }
 
@@ -276,8 +296,8 @@ SDCLI_F32_TARGET SDCLI_F32_INLINE void sdcli_f32_copy16(float *dst, const float 
 
 /* columns q .. q + count - 1 of row kk of the panel (strips of NR columns, KC rows) = src[0], src[stride], ...
  * (src NULL: zeros) */
-SDCLI_F32_TARGET static void sdcli_f32_put(float *panel, ptrdiff_t kk, ptrdiff_t q, const float *src,
-                                           ptrdiff_t count, ptrdiff_t stride) {
+SDCLI_F32_TARGET SDCLI_F32_INLINE void sdcli_f32_put(float *panel, ptrdiff_t kk, ptrdiff_t q, const float *src,
+                                                      ptrdiff_t count, ptrdiff_t stride) {
     while (count > 0) {
         const ptrdiff_t piece = sdcli_f32_min(16 - q % 16, count); /* within one half of a strip row */
         float *dst = panel + q / SDCLI_F32_NR * (SDCLI_F32_KC * SDCLI_F32_NR) + kk * SDCLI_F32_NR + q % SDCLI_F32_NR;
@@ -292,25 +312,37 @@ SDCLI_F32_TARGET static void sdcli_f32_put(float *panel, ptrdiff_t kk, ptrdiff_t
     }
 }
 
-/* Rows k0 .. k0 + kc - 1 of the im2col matrix of one image x (cin, h, w) at output pixels pix0 .. pix0 + n - 1
- * (row-major over (ho, wo)), as B strips (KC rows of NR columns) in `panel`: panel row kk, column q =
- * x[ci, oy * stride - pad + dy, ox * stride - pad + dx] (zero outside the image) with k0 + kk = (ci * kh + dy) * kw
- * + dx and pix0 + q = oy * wo + ox. The columns of the last strip past n are zero. */
+/* The runs of output pixels pix0 .. pix0 + n - 1 (row-major over (ho, wo)) within one output row: segments[4 i ..]
+ * = (first column q, length, oy, first ox). Returns the number of runs. */
+static ptrdiff_t sdcli_f32_segments(ptrdiff_t wo, ptrdiff_t pix0, ptrdiff_t n, ptrdiff_t *segments) {
+    ptrdiff_t count = 0, oy = pix0 / wo, ox = pix0 % wo;
+    for (ptrdiff_t q = 0; q < n; count++, oy++, ox = 0) {
+        const ptrdiff_t length = sdcli_f32_min(wo - ox, n - q);
+        ptrdiff_t *seg = segments + 4 * count;
+        seg[0] = q, seg[1] = length, seg[2] = oy, seg[3] = ox;
+        q += length;
+    }
+    return count;
+}
+
+/* Rows k0 .. k0 + kc - 1 of the im2col matrix of one image x (cin, h, w) at the block's output pixels (the runs
+ * of sdcli_f32_segments, n pixels in all) as B strips (KC rows of NR columns) in `panel`: panel row kk, column
+ * q = x[ci, oy * stride - pad + dy, ox * stride - pad + dx] (zero outside the image) with k0 + kk = (ci * kh + dy)
+ * * kw + dx and (oy, ox) the pixel of column q. The columns of the last strip past n are zero. */
 SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kh, ptrdiff_t kw,
-                                              ptrdiff_t stride, ptrdiff_t pad, ptrdiff_t wo, ptrdiff_t pix0,
-                                              ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kc, float *panel) {
+                                              ptrdiff_t stride, ptrdiff_t pad, const ptrdiff_t *segments,
+                                              ptrdiff_t runs, ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kc, float *panel) {
     const ptrdiff_t n_pad = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR * SDCLI_F32_NR;
+    ptrdiff_t dx = k0 % kw, dy = k0 / kw % kh, ci = k0 / (kw * kh); /* of row kk, counted up */
     for (ptrdiff_t kk = 0; kk < kc; kk++) {
-        const ptrdiff_t k = k0 + kk, dx = k % kw, dy = k / kw % kh, ci = k / (kw * kh);
         const float *plane = x + ci * h * w;
         /* ox in [ox_lo, ox_hi) reads inside the row: 0 <= ox * stride + shift < w */
         const ptrdiff_t shift = dx - pad;
         const ptrdiff_t ox_lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
-        const ptrdiff_t ox_hi = sdcli_f32_min(wo, w - shift <= 0 ? 0 : (w - shift + stride - 1) / stride);
-        for (ptrdiff_t q = 0; q < n;) {
-            const ptrdiff_t oy = (pix0 + q) / wo, ox0 = (pix0 + q) % wo;
-            const ptrdiff_t count = sdcli_f32_min(wo - ox0, n - q); /* this output row's part of the block */
-            const ptrdiff_t iy = oy * stride - pad + dy;
+        const ptrdiff_t ox_hi = w - shift <= 0 ? 0 : (w - shift + stride - 1) / stride;
+        for (ptrdiff_t r = 0; r < runs; r++) {
+            const ptrdiff_t *seg = segments + 4 * r;
+            const ptrdiff_t q = seg[0], count = seg[1], ox0 = seg[3], iy = seg[2] * stride - pad + dy;
             if (iy < 0 || iy >= h) {
                 sdcli_f32_put(panel, kk, q, NULL, count, 1);
             } else {
@@ -321,9 +353,15 @@ SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t h, ptrdi
                 sdcli_f32_put(panel, kk, q + lo, plane + iy * w + (ox0 + lo) * stride + shift, hi - lo, stride);
                 if (hi < count) sdcli_f32_put(panel, kk, q + hi, NULL, count - hi, 1);
             }
-            q += count;
         }
         if (n < n_pad) sdcli_f32_put(panel, kk, n, NULL, n_pad - n, 1);
+        if (++dx == kw) {
+            dx = 0;
+            if (++dy == kh) {
+                dy = 0;
+                ci++;
+            }
+        }
     }
 }
 
@@ -346,18 +384,20 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
     const ptrdiff_t c0 = task % cslices * cslice, crows = sdcli_f32_min(cslice, cout - c0);
     const ptrdiff_t a_stride = chunks * SDCLI_F32_MR * SDCLI_F32_KC, strip = SDCLI_F32_KC * SDCLI_F32_NR;
     float *c = out + (image * cout + c0) * hw_out + pix0;
+    const ptrdiff_t runs = sdcli_f32_segments(wo, count > 1 ? 0 : pix0, count > 1 ? hw_out : n, s->segments);
     ptrdiff_t ch = 0;
     do { /* at least once: with k = 0, out = bias */
         const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
         if (count > 1)
             for (ptrdiff_t i = 0; i < count; i++)
-                sdcli_f32_im2col(x + (image + i) * cin * h * w, h, w, kh, kw, stride, pad, wo, 0, hw_out, k0, kc,
-                                 s->panel + i * hw_out / SDCLI_F32_NR * strip);
+                sdcli_f32_im2col(x + (image + i) * cin * h * w, h, w, kh, kw, stride, pad, s->segments, runs, hw_out,
+                                 k0, kc, s->panel + i * hw_out / SDCLI_F32_NR * strip);
         else
-            sdcli_f32_im2col(x + image * cin * h * w, h, w, kh, kw, stride, pad, wo, pix0, n, k0, kc, s->panel);
+            sdcli_f32_im2col(x + image * cin * h * w, h, w, kh, kw, stride, pad, s->segments, runs, n, k0, kc,
+                             s->panel);
         sdcli_f32_block(weight + c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC, a_stride, crows,
                         s->panel, strip, n, kc, c, hw_out, count > 1 ? hw_out : n, cout * hw_out, ch > 0,
-                        bias != NULL ? bias + c0 : NULL, NULL);
+                        bias != NULL ? bias + c0 : NULL, NULL, NULL, 0);
     } while (++ch < chunks);
 }
 
@@ -365,11 +405,10 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
 
 static int sdcli_f32_available(void) { return 0; }
 
-static void sdcli_f32_linear_task(const float *x, ptrdiff_t m, ptrdiff_t k, const float *w, ptrdiff_t np,
-                                  const float *bias, float *out, ptrdiff_t n, ptrdiff_t slice, ptrdiff_t slices,
-                                  ptrdiff_t task, sdcli_f32_scratch *s) {
-    (void)x, (void)m, (void)k, (void)w, (void)np, (void)bias, (void)out, (void)n, (void)slice, (void)slices,
-        (void)task, (void)s;
+static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const float *w, const float *bias, float *out,
+                                  ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1,
+                                  sdcli_f32_scratch *s) {
+    (void)x, (void)k, (void)w, (void)bias, (void)out, (void)n, (void)r0, (void)r1, (void)j0, (void)j1, (void)s;
 }
 
 static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,

@@ -37,10 +37,10 @@ cdef extern from "f32_gemm.h" nogil:
         pass
     int sdcli_f32_available()
     int sdcli_f32_max_threads()
-    sdcli_f32_scratch* sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats)
-    void sdcli_f32_linear_task(const float* x, ptrdiff_t m, ptrdiff_t k, const float* w, ptrdiff_t np_,
-                               const float* bias, float* out, ptrdiff_t n, ptrdiff_t slice, ptrdiff_t slices,
-                               ptrdiff_t task, sdcli_f32_scratch* s)
+    sdcli_f32_scratch* sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats, size_t pixels)
+    void sdcli_f32_linear_task(const float* x, ptrdiff_t k, const float* w, const float* bias, float* out,
+                               ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1,
+                               sdcli_f32_scratch* s)
     void sdcli_f32_conv_task(const float* x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
                              const float* weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride,
                              ptrdiff_t pad, const float* bias, float* out, ptrdiff_t ho, ptrdiff_t wo,
@@ -57,7 +57,7 @@ def available():
     return bool(_available)
 
 
-cdef inline Py_ssize_t _round_up(Py_ssize_t a, Py_ssize_t to):
+cdef inline Py_ssize_t _round_up(Py_ssize_t a, Py_ssize_t to) noexcept nogil:
     return (a + to - 1) // to * to
 
 
@@ -137,25 +137,27 @@ def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, 
     if bias is not None:
         bias_view = bias
         bias_ptr = &bias_view[0]
-    # tasks: (block of ROWS rows, slice of columns); the columns split only as far as needed to give each thread
-    # about two tasks, since each thread packs the blocks of x of its tasks itself
+    # one task per thread: an equal share of the rows (multiples of MR), or where there are too few rows for that
+    # (under 8 panels a thread), of the columns (multiples of NR)
     cdef Py_ssize_t threads = sdcli_f32_max_threads()
-    cdef Py_ssize_t blocks = (m + SDCLI_F32_ROWS - 1) // SDCLI_F32_ROWS
-    cdef Py_ssize_t slices = _clamp((2 * threads + blocks - 1) // blocks, 1, np_ // NR)
-    cdef Py_ssize_t slice = _round_up((np_ + slices - 1) // slices, NR)
-    slices = (np_ + slice - 1) // slice
-    cdef Py_ssize_t tasks = blocks * slices, task
+    cdef Py_ssize_t row_parts = _clamp(m // (8 * MR), 1, threads)
+    cdef Py_ssize_t col_parts = _clamp(threads // row_parts, 1, np_ // NR)
+    cdef Py_ssize_t tasks = row_parts * col_parts, task, r0, r1, j0, j1
     cdef Py_ssize_t a_floats = _round_up(SDCLI_F32_ROWS, MR) * max(1, (k + KC - 1) // KC) * KC
+    cdef const float* w = &packed[0, 0, 0]
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_f32_scratch_get(a_floats, 1)
-        for task in prange(tasks, schedule="dynamic"):
+        scratch = sdcli_f32_scratch_get(a_floats, 1, 1)
+        for task in prange(tasks, schedule="static", chunksize=1):
+            r0 = _round_up(task // col_parts * m // row_parts, SDCLI_F32_MR)
+            r1 = min(m, _round_up((task // col_parts + 1) * m // row_parts, SDCLI_F32_MR))
+            j0 = _round_up(task % col_parts * np_ // col_parts, SDCLI_F32_NR)
+            j1 = min(n, _round_up((task % col_parts + 1) * np_ // col_parts, SDCLI_F32_NR))
             if scratch == NULL:
                 failed += 1
-            else:
-                sdcli_f32_linear_task(&x[0, 0], m, k, &packed[0, 0, 0], np_, bias_ptr, &out[0, 0], n, slice, slices,
-                                      task, scratch)
+            elif r0 < r1 and j0 < j1:
+                sdcli_f32_linear_task(&x[0, 0], k, w, bias_ptr, &out[0, 0], n, r0, r1, j0, j1, scratch)
     if failed:
         raise MemoryError("linear: out of memory for the per-thread buffers")
 
@@ -215,7 +217,7 @@ def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_f32_scratch_get(1, SDCLI_F32_KC * pixels)
+        scratch = sdcli_f32_scratch_get(1, SDCLI_F32_KC * pixels, pixels)
         for task in prange(tasks, schedule="dynamic"):
             if scratch == NULL:
                 failed += 1
