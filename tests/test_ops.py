@@ -454,3 +454,29 @@ def test_reference_bf16_products_against_torch():
     expected = F.conv2d(torch.from_numpy(x).bfloat16(), weight, padding=1).float().numpy()
     got = numpy_ops.conv2d_bf16(x, numpy_ops.pack_conv_bf16(bits), padding=1)
     np.testing.assert_allclose(got, expected, rtol=2 ** -8, atol=2 ** -8 * np.abs(expected).max())
+
+
+# bf16 attention (the layers of a bf16 model): the kernel rounds the probabilities to bf16 against its running
+# maximum, the reference against the final one, so a probability may round differently on each side: at most
+# 2^-9 of it, hence 2^-9 max |v| per output, doubled for summation order and the kernel's exp polynomial.
+BF16_ATTENTION_ULPS = 2**-8
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention_bf16(cpu, bf16_cpu, case):
+    batch, heads, tq, tk, d, dv, causal = case
+    q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
+    got = cpu.attention(q, k, v, causal=causal, bf16=True)
+    if bf16_cpu == "fallback":  # float32 attention
+        assert_attention_close(got, numpy_ops.attention(q, k, v, causal=causal), q, k, v)
+        return
+    expected = numpy_ops.attention(q, k, v, causal=causal, bf16=True)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=BF16_ATTENTION_ULPS * float(np.abs(v).max()))
+
+
+def test_reference_bf16_attention_against_torch():
+    q, k, v = random((2, 3, 50, 40), 1), random((2, 3, 77, 40), 2), random((2, 3, 77, 40), 3)
+    expected = F.scaled_dot_product_attention(*(torch.from_numpy(a).bfloat16() for a in (q, k, v))).float().numpy()
+    got = numpy_ops.attention(q, k, v, bf16=True)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2 * BF16_ATTENTION_ULPS * float(np.abs(v).max()))

@@ -193,7 +193,7 @@ class Attention:
 
         q = split_heads(self.to_q(x))
         k, v = split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        y = self.ops.attention(q, k, v)  # (B, nh, T, hs), scale 1/sqrt(hs)
+        y = self.ops.attention(q, k, v, bf16=self.to_q.weight.precision == "bf16")  # (B, nh, T, hs), 1/sqrt(hs)
         return self.to_out(y.transpose(0, 2, 1, 3).reshape(batch, tokens, width))  # (B, T, C)
 
 

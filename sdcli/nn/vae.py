@@ -144,7 +144,7 @@ class MidBlockAttention:
         # One head of width C: (B, 1, T, C). The backend's attention streams over keys (cpu) or forms the
         # (T, T) scores per image (numpy: 64 MB at T = 64*64).
         q, k, v = (projection(tokens)[:, None] for projection in (self.to_q, self.to_k, self.to_v))
-        y = self.ops.attention(q, k, v)[:, 0]  # (B, T, C)
+        y = self.ops.attention(q, k, v, bf16=self.to_q.weight.precision == "bf16")[:, 0]  # (B, T, C)
         y = self.to_out(y).transpose(0, 2, 1).reshape(batch, channels, height, width)  # (B, C, H, W)
         return x + y
 

@@ -97,11 +97,13 @@ def _float32_rows(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
-              scale: float | None = None) -> np.ndarray:
+              scale: float | None = None, bf16: bool = False) -> np.ndarray:
     """Scaled dot-product attention.
 
     q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> (B, H, Tq, dv). ``scale`` defaults to ``1/sqrt(d)``.
     With ``causal``, query i sees keys 0..i (aligned at the start, as in a text encoder; needs Tq == Tk).
+    With ``bf16``, the products run in bf16 (AMX or AVX512_BF16, :mod:`sdcli.ext.bf16_kernels`) where the CPU
+    has them, as numpy_ops states; in float32 elsewhere.
     Views whose last axis is contiguous (heads split off a (B, T, C) projection) are read in place; the result is a
     (B, H, Tq, dv) view of a (B, Tq, H, dv) array, so that merging the heads back is a free reshape.
     """
@@ -119,7 +121,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
         return x.reshape(batch, heads, *x.shape[-2:])
 
     out = np.empty((batch, tq, heads, dv), dtype=np.float32).transpose(0, 2, 1, 3)  # (B, H, Tq, dv) view
-    kernels.attention(four_axes(q), four_axes(k), four_axes(v), out, causal, scale)
+    kernel = bf16_kernels.attention if bf16 and bf16_level() != "portable" else kernels.attention
+    kernel(four_axes(q), four_axes(k), four_axes(v), out, causal, scale)
     return out.reshape(*lead, tq, dv)
 
 

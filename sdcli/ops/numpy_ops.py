@@ -68,21 +68,25 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
-              scale: float | None = None) -> np.ndarray:
+              scale: float | None = None, bf16: bool = False) -> np.ndarray:
     """Scaled dot-product attention.
 
     q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> (B, H, Tq, dv). ``scale`` defaults to ``1/sqrt(d)``.
     With ``causal``, query i sees keys 0..i (aligned at the start, as in a text encoder; needs Tq == Tk).
+    With ``bf16`` (the layers of a bf16 model): q, k and v rounded to bf16, scores and softmax in float32, the
+    probabilities rounded to bf16 for the product with v, float32 sums (PyTorch's bf16 attention on the CPU).
     """
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
+    if bf16:
+        q, k, v = round_to_bf16(q), round_to_bf16(k), round_to_bf16(v)
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)  # (B, H, Tq, Tk)
     if causal:
         tq, tk = scores.shape[-2:]
         future = np.triu(np.ones((tq, tk), dtype=bool), k=1)
         scores = np.where(future, np.float32(-np.inf), scores)
-    return np.matmul(softmax(scores), v)  # (B, H, Tq, dv)
-
+    weights = softmax(scores)
+    return np.matmul(round_to_bf16(weights) if bf16 else weights, v)  # (B, H, Tq, dv)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
