@@ -39,7 +39,9 @@
 #endif
 
 /* tile and block sizes (each may be set with -D when measuring others) */
+#ifndef SDCLI_F32_MR
 #define SDCLI_F32_MR 14 /* rows of a C tile: broadcast values of A */
+#endif
 #define SDCLI_F32_NR 32 /* columns of a C tile: two zmm registers of B */
 #ifndef SDCLI_F32_KC
 #define SDCLI_F32_KC 256 /* k per chunk: an A panel is MR x KC floats (14 KB, L1) */
@@ -207,11 +209,14 @@ SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride,
     for (ptrdiff_t i = 0; i < m; i += SDCLI_F32_MR) {
         const float *ai = a + i / SDCLI_F32_MR * a_stride, *next = i + SDCLI_F32_MR < m ? ai + a_stride : NULL;
         const int mr = (int)sdcli_f32_min(SDCLI_F32_MR, m - i);
+        ptrdiff_t line = 0, row = 0, column = 0; /* the next line of the next panel to prefetch: (row, column) */
         for (ptrdiff_t j = 0; j < n; j += SDCLI_F32_NR) {
-            if (next != NULL) /* the next panel into L2, a share with each strip: its rows are short streams that
-                                 the hardware prefetchers barely catch (the weight of conv2d comes from memory) */
-                for (ptrdiff_t l = j / SDCLI_F32_NR * lines / strips; l < (j / SDCLI_F32_NR + 1) * lines / strips; l++)
-                    _mm_prefetch((const char *)(next + l / row_lines * SDCLI_F32_KC + l % row_lines * 16), _MM_HINT_T1);
+            /* the next panel into L2, a share with each strip: its rows are short streams that the hardware
+               prefetchers barely catch (the weight of conv2d comes from memory) */
+            for (const ptrdiff_t end = next != NULL ? (j / SDCLI_F32_NR + 1) * lines / strips : 0; line < end; line++) {
+                _mm_prefetch((const char *)(next + row * SDCLI_F32_KC + column), _MM_HINT_T1);
+                if ((column += 16) == 16 * row_lines) column = 0, row++;
+            }
             for (ptrdiff_t l = tile * pf_lines / tiles; l < (tile + 1) * pf_lines / tiles; l++) /* pf: a share */
                 _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
             tile++;
@@ -329,13 +334,21 @@ static ptrdiff_t sdcli_f32_segments(ptrdiff_t wo, ptrdiff_t pix0, ptrdiff_t n, p
  * of sdcli_f32_segments, n pixels in all) as B strips (KC rows of NR columns) in `panel`: panel row kk, column
  * q = x[ci, oy * stride - pad + dy, ox * stride - pad + dx] (zero outside the image) with k0 + kk = (ci * kh + dy)
  * * kw + dx and (oy, ox) the pixel of column q. The columns of the last strip past n are zero. */
-SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t h, ptrdiff_t w, ptrdiff_t kh, ptrdiff_t kw,
-                                              ptrdiff_t stride, ptrdiff_t pad, const ptrdiff_t *segments,
-                                              ptrdiff_t runs, ptrdiff_t n, ptrdiff_t k0, ptrdiff_t kc, float *panel) {
+SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
+                                              ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad,
+                                              const ptrdiff_t *segments, ptrdiff_t runs, ptrdiff_t n, ptrdiff_t k0,
+                                              ptrdiff_t kc, float *panel) {
     const ptrdiff_t n_pad = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR * SDCLI_F32_NR;
+    /* the rows of a channel the block reads, prefetched a channel ahead (the first read of x is from memory) */
+    const ptrdiff_t iy_lo = sdcli_f32_max(0, segments[2] * stride - pad);
+    const ptrdiff_t iy_hi = sdcli_f32_min(h, segments[4 * (runs - 1) + 2] * stride - pad + kh);
+    const ptrdiff_t span_lines = iy_hi > iy_lo ? ((iy_hi - iy_lo) * w * (ptrdiff_t)sizeof(float) + 63) / 64 : 0;
     ptrdiff_t dx = k0 % kw, dy = k0 / kw % kh, ci = k0 / (kw * kh); /* of row kk, counted up */
     for (ptrdiff_t kk = 0; kk < kc; kk++) {
         const float *plane = x + ci * h * w;
+        if ((kk == 0 || (dx == 0 && dy == 0)) && ci + 1 < cin)
+            for (ptrdiff_t l = 0; l < span_lines; l++)
+                _mm_prefetch((const char *)(plane + h * w + iy_lo * w) + 64 * l, _MM_HINT_T0);
         /* ox in [ox_lo, ox_hi) reads inside the row: 0 <= ox * stride + shift < w */
         const ptrdiff_t shift = dx - pad;
         const ptrdiff_t ox_lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
@@ -390,10 +403,10 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
         const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
         if (count > 1)
             for (ptrdiff_t i = 0; i < count; i++)
-                sdcli_f32_im2col(x + (image + i) * cin * h * w, h, w, kh, kw, stride, pad, s->segments, runs, hw_out,
-                                 k0, kc, s->panel + i * hw_out / SDCLI_F32_NR * strip);
+                sdcli_f32_im2col(x + (image + i) * cin * h * w, cin, h, w, kh, kw, stride, pad, s->segments, runs,
+                                 hw_out, k0, kc, s->panel + i * hw_out / SDCLI_F32_NR * strip);
         else
-            sdcli_f32_im2col(x + image * cin * h * w, h, w, kh, kw, stride, pad, s->segments, runs, n, k0, kc,
+            sdcli_f32_im2col(x + image * cin * h * w, cin, h, w, kh, kw, stride, pad, s->segments, runs, n, k0, kc,
                              s->panel);
         sdcli_f32_block(weight + c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC, a_stride, crows,
                         s->panel, strip, n, kc, c, hw_out, count > 1 ? hw_out : n, cout * hw_out, ch > 0,
