@@ -42,6 +42,9 @@ cdef extern from "vec.h" nogil:
     double sdcli_sum_shifted(const float* x, ptrdiff_t n, float shift, bint square)
     # y[j] = x[j] scale + shift, then SiLU of that when silu, for j < n (x and y may be the same array)
     void sdcli_scale_shift(const float* x, ptrdiff_t n, float scale, float shift, bint silu, float* y)
+    # y[j] = (x[j] - mean) inverse_std weight[j] + bias[j] for j < n
+    void sdcli_normalize_affine(const float* x, ptrdiff_t n, float mean, float inverse_std, const float* weight,
+                                const float* bias, float* y)
 
 openmp = bool(SDCLI_OPENMP)  # True when this build runs rows in parallel
 
@@ -61,21 +64,13 @@ cdef int _check_out(str name, tuple got, tuple expected) except -1:
 
 cdef void _layer_norm_row(const float* x, const float* weight, const float* bias, float eps, float* y,
                           Py_ssize_t n) noexcept nogil:
-    # two passes: mean, then the biased variance of the centred values; (x - mean) / std * weight + bias as numpy_ops
-    cdef Py_ssize_t i
-    cdef double total = 0.0, squares = 0.0
-    cdef float mean, centered, std
+    # two passes in double: the mean, then the biased variance of the centred values; then the affine step
+    cdef float mean
     if n == 0:
         return
-    for i in range(n):
-        total += x[i]
-    mean = <float>(total / n)
-    for i in range(n):
-        centered = x[i] - mean
-        squares += <double>centered * centered
-    std = sqrtf(<float>(squares / n) + eps)
-    for i in range(n):
-        y[i] = (x[i] - mean) / std * weight[i] + bias[i]
+    mean = <float>(sdcli_sum_shifted(x, n, 0, False) / n)
+    sdcli_normalize_affine(x, n, mean, <float>(1.0 / sqrt(sdcli_sum_shifted(x, n, mean, True) / n + eps)), weight,
+                           bias, y)
 
 
 def layer_norm(const float[:, ::1] x, const float[::1] weight, const float[::1] bias, float eps, float[:, ::1] out):

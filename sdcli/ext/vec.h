@@ -8,6 +8,7 @@
  *   sdcli_geglu        y[j] = value[j] gelu(gate[j]) for j < n
  *   sdcli_sum_shifted  the sum of (x[j] - shift), or of its squares, for j < n, accumulated in double
  *   sdcli_scale_shift  y[j] = x[j] scale + shift, then SiLU of that when asked, for j < n
+ *   sdcli_normalize_affine  y[j] = (x[j] - mean) inverse_std weight[j] + bias[j] for j < n
  *
  * All arrays are float32 and may be unaligned; a, b, c rows are lda, ldb, ldc floats apart; x and y may be the
  * same array. GCC and Clang build them with generic vector types: 4 lanes for the baseline (SSE2 on any x86-64,
@@ -196,6 +197,17 @@ static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, f
     sdcli_scale_shift_w4(x, n, scale, shift, silu, y);
 }
 
+static inline void sdcli_normalize_affine(const float *x, ptrdiff_t n, float mean, float inverse_std,
+                                          const float *weight, const float *bias, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx2()) {
+        sdcli_normalize_affine_w8(x, n, mean, inverse_std, weight, bias, y);
+        return;
+    }
+#endif
+    sdcli_normalize_affine_w4(x, n, mean, inverse_std, weight, bias, y);
+}
+
 #else /* neither GCC nor Clang: plain loops */
 
 static inline void sdcli_tile_8x8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,
@@ -259,6 +271,11 @@ static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, f
         const float v = x[j] * scale + shift;
         y[j] = silu ? v / (1.0f + expf(-v)) : v;
     }
+}
+
+static inline void sdcli_normalize_affine(const float *x, ptrdiff_t n, float mean, float inverse_std,
+                                          const float *weight, const float *bias, float *y) {
+    for (ptrdiff_t j = 0; j < n; j++) y[j] = (x[j] - mean) * inverse_std * weight[j] + bias[j];
 }
 
 #endif

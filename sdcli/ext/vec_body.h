@@ -162,3 +162,13 @@ SDCLI_TARGET static void SDCLI_FN(scale_shift)(const float *x, ptrdiff_t n, floa
         SDCLI_FN(store)(y + j, out, lanes);
     }
 }
+
+/* y[j] = (x[j] - mean) * inverse_std * weight[j] + bias[j] for j < n (layer norm's affine step) */
+SDCLI_TARGET static void SDCLI_FN(normalize_affine)(const float *x, ptrdiff_t n, float mean, float inverse_std,
+                                                    const float *weight, const float *bias, float *y) {
+    ptrdiff_t j = 0;
+    for (; j + SDCLI_W <= n; j += SDCLI_W)
+        SDCLI_FN(store)(y + j, (SDCLI_FN(load)(x + j) - mean) * inverse_std * SDCLI_FN(load)(weight + j)
+                                   + SDCLI_FN(load)(bias + j), SDCLI_W);
+    for (; j < n; j++) y[j] = (x[j] - mean) * inverse_std * weight[j] + bias[j];
+}
