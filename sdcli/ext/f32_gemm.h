@@ -6,10 +6,11 @@
  *
  * The product is C (m, n) = init + A (m, k) @ B (k, n), C row-major, in the classic blocked form:
  *   A  micro-panels of MR rows, k cut into chunks of KC: panel p, chunk c is (MR, KC) row-major (rows KC floats
- *      apart, a compile-time constant, so the microkernel addresses its MR rows with fixed displacements), at
- *      a[(p * chunks + c) * MR * KC]; zeros in rows past m and in k past the true K.
- *        linear:  the rows of x, packed per task (sdcli_f32_pack_rows)
- *        conv2d:  the weight (Cout, K), packed once at load time (pack_conv_weight in f32_kernels.pyx)
+ *      apart, a compile-time constant, so the microkernel addresses its MR rows with fixed displacements); zeros
+ *      in rows past m and in k past the true K.
+ *        linear:  a block of rows of x, one chunk at a time (sdcli_f32_pack_rows): panel p at a[p * MR * KC]
+ *        conv2d:  the weight (Cout, K), packed once at load time (pack_conv_weight in f32_kernels.pyx), all the
+ *                 chunks: panel p, chunk c at a[(p * chunks + c) * MR * KC]
  *   B  strips of NR columns: strip s is (k, NR) row-major, so walking down k reads memory in order.
  *        linear:  the weight w.T (K, N), packed once at load time as (Np/NR, K, NR), Np = N rounded up to NR
  *        conv2d:  a block of up to SDCLI_F32_PIXELS columns (output pixels of one image) of the im2col matrix,
@@ -20,8 +21,11 @@
  * vectors of the strip row and, per row, A[r, k] broadcast: 28 FMAs for 2 vector loads and 14 broadcasts. Around
  * it (sdcli_f32_block): one chunk of k, the panels of A outermost, so a panel (MR x KC floats, 14 KB) stays in L1
  * while the strips of B (a block of at most SDCLI_F32_COLS or SDCLI_F32_PIXELS columns, in L2) stream past it.
- * The first chunk starts C from the bias, the later ones add to it (summation order: k within a chunk, then the
- * chunks in order, then... the bias first; float32 throughout, no -ffast-math).
+ * Each chunk's sum over k is added to C, the first one to the bias: C = ((bias + sum_0) + sum_1) + ..., float32
+ * throughout (no -ffast-math), so results differ from BLAS only by summation order.
+ * Prefetch: the rows of an A panel are short streams (1 KB each) that the hardware prefetchers barely catch, and
+ * conv2d's weight comes from memory, so each block prefetches the next panel into L2 while it works on one; linear
+ * also prefetches its next piece of x, and im2col the next channel's rows of x.
  *
  * The im2col matrix orders k as PyTorch's weight does: k = (ci * kh + dy) * kw + dx, so pack_conv_weight is
  * w.reshape(Cout, K) cut into panels.
@@ -69,7 +73,7 @@ static int sdcli_f32_max_threads(void) {
 
 /* What one thread keeps between its tasks. The buffers stay with the thread between calls (OpenMP reuses its
  * threads), growing to the largest size asked for: a fresh allocation of a few MB per call costs page faults
- * comparable to a small convolution. At most 224 x K floats for linear and KC x SDCLI_F32_PIXELS for conv2d. */
+ * comparable to a small convolution. At most SDCLI_F32_ROWS x KC floats for linear and KC x SDCLI_F32_PIXELS for conv2d. */
 typedef struct {
     float *a;               /* linear: the thread's block of rows of x as A panels */
     float *panel;           /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
@@ -195,17 +199,19 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
 /* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride floats apart; b:
  * the chunk of the first strip, strips b_stride floats apart. Column j of C is at c + (j / hw) * image_stride +
  * j % hw (conv2d: a block of whole images, hw a multiple of NR; otherwise hw >= n). The panels outermost: one
- * stays in L1 while the strips (in L2) pass. Along the way, the next panel and pf_lines 64-byte lines from pf
- * (what the caller reads next: linear's next block of x) are prefetched into L2, a share before each tile. */
+ * stays in L1 while the strips (in L2) pass. Along the way, the next panel and the pf_rows x pf_cols floats at
+ * pf (rows pf_stride apart: what the caller reads next, linear's next piece of x) are prefetched into L2, a share
+ * before each tile. */
 SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride, ptrdiff_t m, const float *b,
                                              ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c, ptrdiff_t ldc,
                                              ptrdiff_t hw, ptrdiff_t image_stride, int accumulate,
-                                             const float *bias_row, const float *bias_col, const char *pf,
-                                             ptrdiff_t pf_lines) {
+                                             const float *bias_row, const float *bias_col, const float *pf,
+                                             ptrdiff_t pf_rows, ptrdiff_t pf_cols, ptrdiff_t pf_stride) {
     const ptrdiff_t strips = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR, row_lines = (kc + 15) / 16;
     const ptrdiff_t lines = SDCLI_F32_MR * row_lines; /* 64-byte lines of a panel's chunk */
     const ptrdiff_t tiles = (m + SDCLI_F32_MR - 1) / SDCLI_F32_MR * strips;
-    ptrdiff_t tile = 0;
+    const ptrdiff_t pf_row_lines = (pf_cols + 15) / 16, pf_lines = pf_rows * pf_row_lines;
+    ptrdiff_t tile = 0, pf_line = 0, pf_row = 0, pf_column = 0; /* the next line of pf to prefetch */
     for (ptrdiff_t i = 0; i < m; i += SDCLI_F32_MR) {
         const float *ai = a + i / SDCLI_F32_MR * a_stride, *next = i + SDCLI_F32_MR < m ? ai + a_stride : NULL;
         const int mr = (int)sdcli_f32_min(SDCLI_F32_MR, m - i);
@@ -217,8 +223,10 @@ SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride,
                 _mm_prefetch((const char *)(next + row * SDCLI_F32_KC + column), _MM_HINT_T1);
                 if ((column += 16) == 16 * row_lines) column = 0, row++;
             }
-            for (ptrdiff_t l = tile * pf_lines / tiles; l < (tile + 1) * pf_lines / tiles; l++) /* pf: a share */
-                _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
+            for (const ptrdiff_t end = (tile + 1) * pf_lines / tiles; pf_line < end; pf_line++) { /* pf: a share */
+                _mm_prefetch((const char *)(pf + pf_row * pf_stride + pf_column), _MM_HINT_T1);
+                if ((pf_column += 16) == 16 * pf_row_lines) pf_column = 0, pf_row++;
+            }
             tile++;
             sdcli_f32_tile(ai, b + j / SDCLI_F32_NR * b_stride, kc, c + j / hw * image_stride + j % hw + i * ldc, ldc,
                            mr, (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate,
@@ -229,54 +237,50 @@ SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride,
 
 /* --------------------------------------------------------------------------------------------------- linear */
 
-/* Rows i0 .. i0 + rows - 1 of x (m, k) as A panels: (panels, chunks, MR, KC), zeros past k and past the rows. */
-SDCLI_F32_TARGET static void sdcli_f32_pack_rows(const float *x, ptrdiff_t k, ptrdiff_t rows, float *a) {
-    const ptrdiff_t chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
-    const ptrdiff_t panels = (rows + SDCLI_F32_MR - 1) / SDCLI_F32_MR;
-    for (ptrdiff_t p = 0; p < panels; p++)
-        for (ptrdiff_t ch = 0; ch < chunks; ch++)
-            for (ptrdiff_t r = 0; r < SDCLI_F32_MR; r++) {
-                const ptrdiff_t row = p * SDCLI_F32_MR + r, k0 = ch * SDCLI_F32_KC;
-                float *dst = a + ((p * chunks + ch) * SDCLI_F32_MR + r) * SDCLI_F32_KC;
-                const float *src = x + row * k + k0;
-                const ptrdiff_t count = row < rows ? sdcli_f32_min(SDCLI_F32_KC, k - k0) : 0;
-                for (ptrdiff_t j = 0; j < SDCLI_F32_KC; j += 16) {
-                    const __mmask16 mask = sdcli_f32_mask(count - j);
-                    _mm512_storeu_ps(dst + j, _mm512_maskz_loadu_ps(mask, src + j));
-                }
-            }
+/* Rows 0 .. rows - 1, columns k0 .. k0 + kc - 1 of x (rows k floats apart) as the A panels of one chunk: (panels,
+ * MR, KC), zeros past kc and past the rows. */
+SDCLI_F32_TARGET static void sdcli_f32_pack_rows(const float *x, ptrdiff_t k, ptrdiff_t rows, ptrdiff_t k0,
+                                                 ptrdiff_t kc, float *a) {
+    const ptrdiff_t padded = (rows + SDCLI_F32_MR - 1) / SDCLI_F32_MR * SDCLI_F32_MR;
+    for (ptrdiff_t r = 0; r < padded; r++) {
+        float *dst = a + r * SDCLI_F32_KC; /* panel r / MR, row r % MR */
+        const float *src = x + r * k + k0;
+        const ptrdiff_t count = r < rows ? kc : 0;
+        for (ptrdiff_t j = 0; j < SDCLI_F32_KC; j += 16)
+            _mm512_storeu_ps(dst + j, _mm512_maskz_loadu_ps(sdcli_f32_mask(count - j), src + j));
+    }
 }
 
 /* Task of linear: out[r0:r1, j0:j1] of out (m, n) = x (m, k) @ w.T + bias, w packed as strips (np/NR, k, NR);
- * r0 a multiple of MR, j0 of NR. The rows go in blocks of about equal size, at most SDCLI_F32_ROWS, each packed
- * as A panels, then multiplied by w in blocks of SDCLI_F32_COLS columns, chunk by chunk of k; the next block of x
- * is prefetched meanwhile. bias: (n) or NULL. */
+ * r0 a multiple of MR, j0 of NR. The rows go in blocks of about equal size, at most SDCLI_F32_ROWS; per block, k
+ * chunk by chunk: the chunk of x packed as A panels (in L2), times w in blocks of SDCLI_F32_COLS columns, while
+ * the next chunk of x is prefetched. bias: (n) or NULL. */
 SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const float *w, const float *bias,
                                                    float *out, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0,
                                                    ptrdiff_t j1, sdcli_f32_scratch *s) {
     const ptrdiff_t chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
     const ptrdiff_t blocks = (r1 - r0 + SDCLI_F32_ROWS - 1) / SDCLI_F32_ROWS;
     const ptrdiff_t block_rows = ((r1 - r0 + blocks - 1) / blocks + SDCLI_F32_MR - 1) / SDCLI_F32_MR * SDCLI_F32_MR;
-    const ptrdiff_t calls = (j1 - j0 + SDCLI_F32_COLS - 1) / SDCLI_F32_COLS * (chunks > 0 ? chunks : 1);
+    const ptrdiff_t calls = (j1 - j0 + SDCLI_F32_COLS - 1) / SDCLI_F32_COLS; /* per chunk */
     for (ptrdiff_t i0 = r0; i0 < r1; i0 += block_rows) {
         const ptrdiff_t rows = sdcli_f32_min(block_rows, r1 - i0);
-        const ptrdiff_t next_rows = sdcli_f32_max(0, sdcli_f32_min(block_rows, r1 - i0 - block_rows));
-        const char *pf = (const char *)(x + (i0 + rows) * k);
-        const ptrdiff_t pf_lines = (next_rows * k * (ptrdiff_t)sizeof(float) + 63) / 64;
-        ptrdiff_t call = 0;
-        sdcli_f32_pack_rows(x + i0 * k, k, rows, s->a);
-        for (ptrdiff_t jc = j0; jc < j1; jc += SDCLI_F32_COLS) {
-            const ptrdiff_t cols = sdcli_f32_min(SDCLI_F32_COLS, j1 - jc);
-            ptrdiff_t ch = 0;
-            do { /* at least once: with k = 0, out = bias */
-                const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
-                const ptrdiff_t l0 = call * pf_lines / calls, l1 = (call + 1) * pf_lines / calls;
-                sdcli_f32_block(s->a + ch * SDCLI_F32_MR * SDCLI_F32_KC, chunks * SDCLI_F32_MR * SDCLI_F32_KC, rows,
-                                w + jc * k + k0 * SDCLI_F32_NR, k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, cols,
-                                0, ch > 0, NULL, bias != NULL ? bias + jc : NULL, pf + 64 * l0, l1 - l0);
-                call++;
-            } while (++ch < chunks);
-        }
+        ptrdiff_t ch = 0;
+        do { /* at least once: with k = 0, out = bias */
+            const ptrdiff_t k0 = ch * SDCLI_F32_KC, kc = sdcli_f32_min(SDCLI_F32_KC, k - k0);
+            /* the piece of x after this one: the next chunk, or the first of the next block */
+            const int last = ch + 1 >= chunks;
+            const ptrdiff_t pf_rows = last ? sdcli_f32_max(0, sdcli_f32_min(block_rows, r1 - i0 - rows)) : rows;
+            const ptrdiff_t pf_k0 = last ? 0 : k0 + kc, pf_cols = sdcli_f32_min(SDCLI_F32_KC, k - pf_k0);
+            const float *pf = x + (last ? i0 + rows : i0) * k + pf_k0;
+            sdcli_f32_pack_rows(x + i0 * k, k, rows, k0, kc, s->a);
+            for (ptrdiff_t jc = j0, call = 0; jc < j1; jc += SDCLI_F32_COLS, call++) {
+                const ptrdiff_t cols = sdcli_f32_min(SDCLI_F32_COLS, j1 - jc);
+                const ptrdiff_t p0 = call * pf_rows / calls, p1 = (call + 1) * pf_rows / calls; /* its share */
+                sdcli_f32_block(s->a, SDCLI_F32_MR * SDCLI_F32_KC, rows, w + jc * k + k0 * SDCLI_F32_NR,
+                                k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, cols, 0, ch > 0, NULL,
+                                bias != NULL ? bias + jc : NULL, pf + p0 * k, p1 - p0, pf_cols, k);
+            }
+        } while (++ch < chunks);
     }
 }
 
@@ -410,7 +414,7 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
                              s->panel);
         sdcli_f32_block(weight + c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC, a_stride, crows,
                         s->panel, strip, n, kc, c, hw_out, count > 1 ? hw_out : n, cout * hw_out, ch > 0,
-                        bias != NULL ? bias + c0 : NULL, NULL, NULL, 0);
+                        bias != NULL ? bias + c0 : NULL, NULL, NULL, 0, 0, 0);
     } while (++ch < chunks);
 }
 

@@ -143,7 +143,7 @@ def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, 
     cdef Py_ssize_t row_parts = _clamp(m // (8 * MR), 1, threads)
     cdef Py_ssize_t col_parts = _clamp(threads // row_parts, 1, np_ // NR)
     cdef Py_ssize_t tasks = row_parts * col_parts, task, r0, r1, j0, j1
-    cdef Py_ssize_t a_floats = _round_up(SDCLI_F32_ROWS, MR) * max(1, (k + KC - 1) // KC) * KC
+    cdef Py_ssize_t a_floats = _round_up(SDCLI_F32_ROWS, MR) * KC
     cdef const float* w = &packed[0, 0, 0]
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
