@@ -73,9 +73,10 @@ static int sdcli_f32_max_threads(void) {
 
 /* What one thread keeps between its tasks. The buffers stay with the thread between calls (OpenMP reuses its
  * threads), growing to the largest size asked for: a fresh allocation of a few MB per call costs page faults
- * comparable to a small convolution. At most SDCLI_F32_ROWS x KC floats for linear and KC x SDCLI_F32_PIXELS for conv2d. */
+ * comparable to a small convolution. At most SDCLI_F32_ROWS x KC floats for linear (300 KB) and KC x
+ * SDCLI_F32_PIXELS for conv2d (512 KB). */
 typedef struct {
-    float *a;               /* linear: the thread's block of rows of x as A panels */
+    float *a;               /* linear: one chunk of the thread's block of rows of x as A panels */
     float *panel;           /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
     ptrdiff_t *segments;    /* conv2d: (pixels, 4) the block's runs of pixels within one output row */
     size_t a_bytes, panel_bytes, segment_bytes;
