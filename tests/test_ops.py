@@ -96,11 +96,13 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear(cpu, shape, with_bias):
+@pytest.mark.parametrize("packed", [False, True])  # the weight as given, or prepared once by pack_linear
+def test_linear(cpu, shape, with_bias, packed):
     x = random(shape)
     weight = random((5, shape[-1]), seed=1)
     bias = random((5,), seed=2) if with_bias else None
-    assert_close(cpu.linear(x, weight, bias), numpy_ops.linear(x, weight, bias), "linear")
+    given = cpu.pack_linear(weight) if packed else weight
+    assert_close(cpu.linear(x, given, bias), numpy_ops.linear(x, weight, bias), "linear")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -275,12 +277,14 @@ CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_conv2d(cpu, case, with_bias):
+@pytest.mark.parametrize("packed", [False, True])  # the weight as given, or prepared once by pack_conv
+def test_conv2d(cpu, case, with_bias, packed):
     batch, cin, cout, height, width, kernel, stride, padding = case
     x, weight = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), seed=1)
     bias = random((cout,), seed=2) if with_bias else None
     expected = numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding)
-    assert_close(cpu.conv2d(x, weight, bias, stride=stride, padding=padding), expected, "conv2d")
+    given = cpu.pack_conv(weight) if packed else weight
+    assert_close(cpu.conv2d(x, given, bias, stride=stride, padding=padding), expected, "conv2d")
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 32), ((1, 6, 1, 1), 3), ((2, 32, 16, 16), 32),

@@ -247,8 +247,8 @@ def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch, shared_data):
 
 
 def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch, shared_data):
-    """stream=True drops each layer's mapped pages after use (and a converted tensor's at load); the outputs do
-    not change, from a folder or a single file."""
+    """stream=True drops each layer's mapped pages after every use (without it, once the layer has its own copy);
+    the outputs do not change beyond float32 summation order, from a folder or a single file."""
     from sdcli.io.safetensors import SafetensorsFile
 
     released = []
@@ -263,9 +263,13 @@ def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch, shared
         for precision in ("fp32", "fp16"):
             released.clear()
             kept = run_checkpoint(checkpoint, tiny, precision)
-            assert bool(released) == (precision == "fp16")  # converted at load: the file's pages are let go
+            assert released  # the file's pages are let go once converted (fp16) or prepared (fp32)
             released.clear()
-            np.testing.assert_array_equal(run_checkpoint(checkpoint, tiny, precision, stream=True), kept)
+            streamed = run_checkpoint(checkpoint, tiny, precision, stream=True)
+            if precision == "fp16":  # both widen the fp16 weights at each call: the same arithmetic
+                np.testing.assert_array_equal(streamed, kept)
+            else:  # a kept fp32 layer runs the packed kernels, a streamed one numpy's GEMM: summation order only
+                assert relative_error(streamed, kept) <= TOL["tiny"]
             assert released
 
 

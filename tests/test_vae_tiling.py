@@ -104,7 +104,7 @@ def model(shared_data, tmp_path_factory):
 
 
 def test_low_memory_pipeline_same_images_without_text_encoder(model):
-    """Prompts encoded ahead, text encoder released: the same images bit for bit; an unencoded prompt is refused."""
+    """Prompts encoded ahead, text encoder released: the same images; an unencoded prompt is refused."""
     _, folder = model
     params = sdcli.GenerateParams(prompt="a red barn", negative_prompt="fog", steps=2, width=64, height=64, seed=3,
                                   batch_size=2)
@@ -114,7 +114,9 @@ def test_low_memory_pipeline_same_images_without_text_encoder(model):
     pipeline.encode_prompts([params])
     pipeline.release_text_encoder()
     assert pipeline.prompt_encoder is None
-    np.testing.assert_array_equal(sdcli.generate_image(pipeline, params).images, expected)
+    # low memory streams the weights, whose layers then run numpy's GEMM instead of the packed float32 kernels:
+    # the same images up to float32 summation order
+    np.testing.assert_allclose(sdcli.generate_image(pipeline, params).images, expected, rtol=0, atol=TOL["tiled"])
     with pytest.raises(SdcliError, match="not encoded ahead"):
         sdcli.generate_image(pipeline, params.with_(prompt="a blue barn"))
 

@@ -26,13 +26,15 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 class Weight:
     """One tensor held as ``precision`` ("fp32", "fp16" or "bf16"; bf16 data are uint16 bits).
 
-    ``release``, when set, drops the pages of a memory-mapped ``data`` from resident memory (see
-    ``load_weights(stream=True)``); layers call ``release_pages`` once a call has used the tensor.
+    ``release``, set when ``data`` is a view of a memory-mapped file, drops its pages from resident memory: layers
+    call ``release_pages`` once they have made their own copy of the tensor, and after every use when ``stream``
+    (``load_weights(stream=True)``).
     """
 
     data: np.ndarray
     precision: str
     release: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    stream: bool = False  # release after every use: layers then never keep a prepared copy
 
     def release_pages(self) -> None:
         if self.release is not None:
@@ -91,8 +93,8 @@ def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], pre
         weight = Weight.from_stored(stored, source.dtype(name), precision, ops)
         if weight.data is not stored:
             source.release(name)
-        elif stream:
-            weight = replace(weight, release=partial(source.release, name))
+        else:
+            weight = replace(weight, release=partial(source.release, name), stream=stream)
         weights[name] = weight
     return weights
 
@@ -100,25 +102,34 @@ def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], pre
 class Linear:
     """y = x W^T + b. weight (out, in), bias (out,).
 
-    fp32 and fp16 weights are widened to float32 at each call (fp16 stays fp16 in memory); a bf16 weight is prepared
-    for the backend's bf16 products on the first call (``ops.pack_linear_bf16``), after which only that is kept.
+    On the first call an fp32 weight is prepared for the backend's float32 products (``ops.pack_linear``) and a
+    bf16 one for its bf16 products (``ops.pack_linear_bf16``); only the prepared form is kept after. fp16 weights
+    stay fp16 in memory and are widened to float32 at each call, and so are streamed fp32 ones (the file's pages
+    then leave resident memory after each call; a prepared copy would stay).
     """
 
     def __init__(self, ops: Ops, weight: Weight, bias: Weight | None):
         self.ops, self.weight, self.bias = ops, weight, bias
-        self.bf16 = None  # the prepared bf16 weight, once made
+        self.prepared = None  # the weight as the backend multiplies it, once made (see prepare)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
         if self.weight.precision == "bf16":
-            if self.bf16 is None:
-                self.bf16 = self.ops.pack_linear_bf16(self.weight.data)
-                self.weight.release_pages()
-                self.weight = replace(self.weight, data=np.empty(0, np.uint16))  # the bits are not needed again
-            return self.ops.linear_bf16(x, self.bf16, bias)
+            return self.ops.linear_bf16(x, self.prepare(self.ops.pack_linear_bf16), bias)
+        if self.weight.precision == "fp32" and not self.weight.stream:
+            return self.ops.linear(x, self.prepare(self.ops.pack_linear), bias)
         y = self.ops.linear(x, self.ops.weight_float32(self.weight.data, self.weight.precision), bias)
-        self.weight.release_pages()
+        if self.weight.stream:
+            self.weight.release_pages()
         return y
+
+    def prepare(self, pack):
+        """``pack(weight)`` on the first call, kept; the held array is dropped (and its file pages released)."""
+        if self.prepared is None:
+            self.prepared = pack(self.weight.data)
+            self.weight.release_pages()
+            self.weight = replace(self.weight, data=np.empty(0, self.weight.data.dtype))
+        return self.prepared
 
 
 class LayerNorm:
@@ -136,19 +147,22 @@ class Conv2d:
 
     def __init__(self, ops: Ops, weight: Weight, bias: Weight | None, stride: int = 1, padding: int = 0):
         self.ops, self.weight, self.bias, self.stride, self.padding = ops, weight, bias, stride, padding
-        self.bf16 = None  # the prepared bf16 weight, once made
+        self.prepared = None  # the weight as the backend multiplies it, once made (see Linear.prepare)
+
+    prepare = Linear.prepare
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
         if self.weight.precision == "bf16":
-            if self.bf16 is None:
-                self.bf16 = self.ops.pack_conv_bf16(self.weight.data)
-                self.weight.release_pages()
-                self.weight = replace(self.weight, data=np.empty(0, np.uint16))  # the bits are not needed again
-            return self.ops.conv2d_bf16(x, self.bf16, bias, stride=self.stride, padding=self.padding)
+            return self.ops.conv2d_bf16(x, self.prepare(self.ops.pack_conv_bf16), bias, stride=self.stride,
+                                        padding=self.padding)
+        if self.weight.precision == "fp32" and not self.weight.stream:
+            return self.ops.conv2d(x, self.prepare(self.ops.pack_conv), bias, stride=self.stride,
+                                   padding=self.padding)
         weight = self.ops.weight_float32(self.weight.data, self.weight.precision)
         y = self.ops.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
-        self.weight.release_pages()
+        if self.weight.stream:
+            self.weight.release_pages()
         return y
 
 

@@ -163,6 +163,16 @@ def weight_from_float32(values: np.ndarray, precision: str) -> np.ndarray:
     return values
 
 
+def pack_linear(weight: np.ndarray):
+    """A float32 linear weight prepared for ``linear`` (a backend may reorder it once; here it is itself)."""
+    return weight
+
+
+def pack_conv(weight: np.ndarray):
+    """A float32 convolution weight prepared for ``conv2d`` (here: itself)."""
+    return weight
+
+
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """x rounded to the nearest bfloat16 (ties to even), as float32."""
     return bf16_to_float32(float32_to_bf16(x))
