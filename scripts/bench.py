@@ -139,8 +139,9 @@ if side == "sdcli":
     elif network == "unet":
         checkpoint = sdcli.open_checkpoint(folder)
         config = checkpoint.unet_config()
-        unet = UNet2DConditionModel(get_ops("cpu"), config,
-                                    load_weights(checkpoint.source("unet"), unet_shapes(config), precision))
+        ops = get_ops("cpu")  # conversions at load on the backend's kernels, as load_pipeline does
+        unet = UNet2DConditionModel(ops, config, load_weights(checkpoint.source("unet"), unet_shapes(config),
+                                                              precision, ops=ops))
         run = lambda: unet(inputs["sample"], inputs["timesteps"], inputs["context"])
     else:
         decoder = load_vae_decoder(folder, precision=precision)
@@ -350,6 +351,11 @@ class FlopCounter:
         self.flops["conv2d"] += 2 * batch * out_h * out_w * out_channels * in_channels * kh * kw
         return np.zeros((batch, out_channels, out_h, out_w), np.float32)  # (B, Cout, Ho, Wo)
 
+    def pack_linear(self, weight: np.ndarray) -> np.ndarray:
+        return weight  # kept as it is, so linear sees its shape
+
+    pack_conv = pack_linear
+
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
                   scale: float | None = None, **_) -> np.ndarray:
         heads = int(np.prod(q.shape[:-2]))  # B * H
@@ -399,6 +405,9 @@ class ZeroSource:
 
     def unexpected(self) -> list[str]:
         return []
+
+    def release(self, name: str | None = None) -> None:
+        pass  # nothing is mapped
 
 
 def unet_flops(latent: int, batch: int = 2) -> dict:

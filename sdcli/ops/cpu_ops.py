@@ -51,6 +51,17 @@ class PackedF32:
     shape: tuple[int, ...]  # the weight's own: (out, in) or (Cout, Cin, kh, kw)
 
 
+def _packed_linear(name: str, kernel, x: np.ndarray, packed, bias: np.ndarray | None) -> np.ndarray:
+    """x (..., in) @ weight.T + bias with a kernel taking (rows, in), the packed data, bias and out (rows, out)."""
+    x = _float32(x)
+    out_features, in_features = packed.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, the weight takes {in_features}")
+    out = np.empty((*x.shape[:-1], out_features), dtype=np.float32)
+    kernel(_rows(x), packed.data, None if bias is None else _float32(bias), _rows(out))
+    return out
+
+
 def pack_linear(weight: np.ndarray):
     """A float32 linear weight (out, in) prepared for ``linear``: the AVX-512 kernels' layout where the CPU has
     them (a copy, made once per layer), the array itself otherwise."""
@@ -72,13 +83,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     """``x @ weight.T + bias``. x (..., in), weight (out, in) or ``pack_linear(weight)``, bias (out,) -> (..., out).
     A packed weight runs the AVX-512 kernel; a plain one numpy's matmul."""
     if isinstance(weight, PackedF32):
-        x = _float32(x)
-        out_features, in_features = weight.shape
-        if x.shape[-1] != in_features:
-            raise ValueError(f"linear: x has {x.shape[-1]} features, the weight takes {in_features}")
-        out = np.empty((*x.shape[:-1], out_features), dtype=np.float32)
-        f32_kernels.linear(_rows(x), weight.data, None if bias is None else _float32(bias), _rows(out))
-        return out
+        return _packed_linear("linear", f32_kernels.linear, x, weight, bias)
     x = _float32(x)
     weight = np.asarray(weight, dtype=np.float32)
     y = np.matmul(_rows(x), weight.T)  # (rows, out): one GEMM over all leading axes; weight.T is a view
@@ -367,13 +372,7 @@ def linear_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None) -> np.nda
     where the CPU has neither. x (..., in), bias (out,) -> (..., out)."""
     if not packed.packed:
         return linear(x, weight_float32(packed.data, "bf16"), bias)
-    x = _float32(x)
-    out_features, in_features = packed.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"linear_bf16: x has {x.shape[-1]} features, the weight takes {in_features}")
-    out = np.empty((*x.shape[:-1], out_features), dtype=np.float32)
-    bf16_kernels.linear(_rows(x), packed.data, None if bias is None else _float32(bias), _rows(out))
-    return out
+    return _packed_linear("linear_bf16", bf16_kernels.linear, x, packed, bias)
 
 
 def pack_conv_bf16(bits: np.ndarray):  # -> Bf16Weight
