@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from .arguments import attention_row_strides, conv_output_size
+
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport uint16_t, uint32_t
@@ -230,19 +232,16 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
     cdef int lvl = _level("conv2d", level)
     cdef Py_ssize_t batch = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t cout = weight.shape[0], kp = weight.shape[1], k_total = kh * kw * (cin + cin % 2)
-    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
-        raise ValueError(f"conv2d: kernel {kh}x{kw}, stride {stride}, padding {padding}: need kh, kw, stride >= 1 "
-                         f"and padding >= 0")
+    cdef Py_ssize_t ho, wo
+    ho, wo = conv_output_size((batch, cin, h, w), kh, kw, stride, padding,
+                              (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), cout)
     if kp != _round_up(k_total, 32):
         raise ValueError(f"conv2d: packed weight has {kp} columns; Cin {cin} with a {kh}x{kw} kernel needs "
                          f"{_round_up(k_total, 32)} (pack_conv_weight)")
-    if h + 2 * padding < kh or w + 2 * padding < kw:
-        raise ValueError(f"conv2d: input {h}x{w} with padding {padding} is smaller than the kernel {kh}x{kw}")
-    cdef Py_ssize_t ho = (h + 2 * padding - kh) // stride + 1, wo = (w + 2 * padding - kw) // stride + 1
-    got = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
-    if got != (batch, cout, ho, wo):
-        raise ValueError(f"conv2d: out has shape {got}, expected {(batch, cout, ho, wo)}")
-    bias = _bias("conv2d", bias, cout)
+    cdef Py_ssize_t ho, wo
+    ho, wo = conv_output_size((batch, cin, h, w), kh, kw, stride, padding,
+                              (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), cout)
+    if kp != _round_up(k_total, 32):
     if batch == 0 or cout == 0:
         return
     # the weight as A needs whole 32-row blocks: zero rows up to cout_pad (a copy only when cout is not a multiple)
@@ -314,20 +313,9 @@ def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[
     cdef ptrdiff_t strides[4]
     cdef int failed = 0
     cdef sdcli_bf16_attn_scratch* scratch = NULL
-    if ((k.shape[0], k.shape[1], k.shape[3]) != (batch, nh, d)
-            or (v.shape[0], v.shape[1], v.shape[2]) != (batch, nh, tk)):
-        raise ValueError(f"attention: mismatched q {(batch, nh, tq, d)}, k {(k.shape[0], k.shape[1], tk, k.shape[3])}, "
-                         f"v {(v.shape[0], v.shape[1], v.shape[2], dv)}")
-    got = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
-    if got != (batch, nh, tq, dv):
-        raise ValueError(f"attention: out has shape {got}, expected {(batch, nh, tq, dv)}")
+    strides[0], strides[1], strides[2], strides[3] = attention_row_strides(q, k, v, out)  # rows, in floats
     if heads == 0 or tq == 0 or dv == 0:
         return
-    for last in (q.strides[3], k.strides[3], v.strides[3], out.strides[3]):
-        if last != sizeof(float):
-            raise ValueError("attention: the last axis of q, k, v and out must be contiguous")
-    strides[0], strides[1] = q.strides[2] // sizeof(float), k.strides[2] // sizeof(float)
-    strides[2], strides[3] = v.strides[2] // sizeof(float), out.strides[2] // sizeof(float)  # rows, in floats
     # tasks (head, block of queries), head by head in contiguous runs per thread (static schedule), so that a
     # thread converts the keys and values of a head once
     with nogil, parallel():

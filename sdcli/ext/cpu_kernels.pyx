@@ -46,6 +46,8 @@ cdef extern from "vec.h" nogil:
     void sdcli_normalize_affine(const float* x, ptrdiff_t n, float mean, float inverse_std, const float* weight,
                                 const float* bias, float* y)
 
+from .arguments import attention_row_strides
+
 openmp = bool(SDCLI_OPENMP)  # True when this build runs rows in parallel
 
 cdef enum:
@@ -619,17 +621,9 @@ def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[
     cdef ptrdiff_t strides[4]
     cdef int failed = 0
     cdef void* scratch = NULL
-    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, nh, d) or (v.shape[0], v.shape[1], v.shape[2]) != (batch, nh, tk):
-        raise ValueError(f"attention: mismatched q {(batch, nh, tq, d)}, k {(k.shape[0], k.shape[1], tk, k.shape[3])}, "
-                         f"v {(v.shape[0], v.shape[1], v.shape[2], dv)}")
-    _check_out("attention", (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), (batch, nh, tq, dv))
+    strides[0], strides[1], strides[2], strides[3] = attention_row_strides(q, k, v, out)  # rows, in floats
     if heads == 0 or tq == 0 or dv == 0:
         return
-    for last in (q.strides[3], k.strides[3], v.strides[3], out.strides[3]):
-        if last != sizeof(float):
-            raise ValueError("attention: the last axis of q, k, v and out must be contiguous")
-    strides[0], strides[1] = q.strides[2] // sizeof(float), k.strides[2] // sizeof(float)
-    strides[2], strides[3] = v.strides[2] // sizeof(float), out.strides[2] // sizeof(float)  # rows, in floats
     if not (wide and sdcli_attention_wide()):
         with nogil:
             for h in prange(heads, schedule="dynamic"):

@@ -23,6 +23,8 @@ overlapping the inputs).
 
 import numpy as np
 
+from .arguments import conv_output_size
+
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
 
@@ -174,20 +176,14 @@ def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh
     _require("conv2d")
     cdef Py_ssize_t batch = x.shape[0], cin = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef Py_ssize_t cout = out.shape[1], k = cin * kh * kw
-    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
-        raise ValueError(f"conv2d: kernel {kh}x{kw}, stride {stride}, padding {padding}: need kh, kw, stride >= 1 "
-                         f"and padding >= 0")
+    cdef Py_ssize_t ho, wo
+    ho, wo = conv_output_size((batch, cin, h, w), kh, kw, stride, padding,
+                              (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), cout)
     expected = (_round_up(cout, MR) // MR, max(1, (k + KC - 1) // KC), MR, KC)
     got = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
     if got != expected:
         raise ValueError(f"conv2d: packed weight {got} does not fit Cin {cin}, a {kh}x{kw} kernel and Cout {cout} "
                          f"(of out): expected {expected} from pack_conv_weight")
-    if h + 2 * padding < kh or w + 2 * padding < kw:
-        raise ValueError(f"conv2d: input {h}x{w} with padding {padding} is smaller than the kernel {kh}x{kw}")
-    cdef Py_ssize_t ho = (h + 2 * padding - kh) // stride + 1, wo = (w + 2 * padding - kw) // stride + 1
-    got = (out.shape[0], out.shape[1], out.shape[2], out.shape[3])
-    if got != (batch, cout, ho, wo):
-        raise ValueError(f"conv2d: out has shape {got}, expected {(batch, cout, ho, wo)}")
     bias = _bias("conv2d", bias, cout)
     if batch == 0 or cout == 0:
         return
