@@ -3,6 +3,8 @@ layouts their attention and convolution entry points accept, each raising one Va
 
 from __future__ import annotations
 
+import numpy as np
+
 FLOAT_BYTES = 4
 
 
@@ -35,3 +37,13 @@ def conv_output_size(x_shape, kh: int, kw: int, stride: int, padding: int, out_s
     if tuple(out_shape[:4]) != (batch, out_channels, out_h, out_w):
         raise ValueError(f"conv2d: out has shape {tuple(out_shape[:4])}, expected {(batch, out_channels, out_h, out_w)}")
     return out_h, out_w
+
+
+def checked_bias(op: str, bias, n: int):
+    """``bias`` as a C-contiguous float32 (n,) array, or None; anything else is a ValueError naming ``op``."""
+    if bias is None:
+        return None
+    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
+        got = f"{bias.dtype} {bias.shape}" if isinstance(bias, np.ndarray) else type(bias).__name__
+        raise ValueError(f"{op}: bias must be float32 of shape ({n},), got {got}")
+    return np.ascontiguousarray(bias)

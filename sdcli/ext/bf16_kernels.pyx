@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 from .arguments import attention_row_strides, conv_output_size
+from .arguments import checked_bias as _bias
 
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
@@ -154,15 +155,6 @@ def pack_conv_weight(w):
     return packed
 
 
-def _bias(str op, bias, Py_ssize_t n):
-    if bias is None:
-        return None
-    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
-        got = f"{bias.dtype} {bias.shape}" if isinstance(bias, np.ndarray) else type(bias).__name__
-        raise ValueError(f"{op}: bias must be float32 of shape ({n},), got {got}")
-    return bias
-
-
 def linear(const float[:, ::1] x, const uint16_t[:, :, :, ::1] packed, bias, float[:, ::1] out, level=None,
            stream=None):
     """out (M, N) = bf16(x) (M, K) @ w.T + bias, float32 accumulation; ``packed`` = pack_linear_weight(w).
@@ -238,10 +230,7 @@ def conv2d(const float[:, :, :, ::1] x, const uint16_t[:, ::1] weight, int kh, i
     if kp != _round_up(k_total, 32):
         raise ValueError(f"conv2d: packed weight has {kp} columns; Cin {cin} with a {kh}x{kw} kernel needs "
                          f"{_round_up(k_total, 32)} (pack_conv_weight)")
-    cdef Py_ssize_t ho, wo
-    ho, wo = conv_output_size((batch, cin, h, w), kh, kw, stride, padding,
-                              (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), cout)
-    if kp != _round_up(k_total, 32):
+    bias = _bias("conv2d", bias, cout)
     if batch == 0 or cout == 0:
         return
     # the weight as A needs whole 32-row blocks: zero rows up to cout_pad (a copy only when cout is not a multiple)

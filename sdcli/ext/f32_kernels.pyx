@@ -24,6 +24,7 @@ overlapping the inputs).
 import numpy as np
 
 from .arguments import conv_output_size
+from .arguments import checked_bias as _bias
 
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
@@ -106,15 +107,6 @@ def pack_conv_weight(w):
     padded = np.zeros((cp, chunks * KC), dtype=np.float32)
     padded[:cout, :k] = w.reshape(cout, k)
     return np.ascontiguousarray(padded.reshape(cp // MR, MR, chunks, KC).transpose(0, 2, 1, 3))
-
-
-def _bias(str op, bias, Py_ssize_t n):
-    if bias is None:
-        return None
-    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
-        got = f"{bias.dtype} {bias.shape}" if isinstance(bias, np.ndarray) else type(bias).__name__
-        raise ValueError(f"{op}: bias must be float32 of shape ({n},), got {got}")
-    return np.ascontiguousarray(bias)
 
 
 def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, ::1] out):
