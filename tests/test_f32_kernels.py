@@ -171,6 +171,37 @@ def test_conv2d_rectangular_kernel():
     assert_close("conv2d", out, expected, magnitude)
 
 
+def test_pack_keeps_float16():
+    w = (np.arange(33 * 5).reshape(33, 5) / 8).astype(np.float16)
+    packed = f32_kernels.pack_linear_weight(w)
+    assert packed.dtype == np.float16 and np.array_equal(packed, f32_kernels.pack_linear_weight(w.astype(np.float32)))
+    w4 = (np.arange(15 * 4 * 3 * 3).reshape(15, 4, 3, 3) / 8).astype(np.float16)
+    packed = f32_kernels.pack_conv_weight(w4)
+    assert packed.dtype == np.float16 and np.array_equal(packed, f32_kernels.pack_conv_weight(w4.astype(np.float32)))
+
+
+# fp16 weights: the kernels widen the packed panels exactly and then run the float32 code, so the result is the
+# float32 kernel's on the widened weight, to the bit (shapes: several chunks of k, blocks of rows and of columns,
+# partial tiles, the widening's 16-value tail).
+@needs_avx512
+@pytest.mark.parametrize("m, k, n", [(3, 17, 33), (230, KC + 17, 65), (700, 50, 1100), (300, 320, 1280)])
+def test_linear_float16_weight_is_the_widened_product(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x, w, bias = random_arrays(rng, (m, k), (n, k), True)
+    half = w.astype(np.float16)
+    assert np.array_equal(run_linear(x, half, bias), run_linear(x, half.astype(np.float32), bias))
+
+
+@needs_avx512
+@pytest.mark.parametrize("batch, cin, cout, h, w, k, stride, padding", CONV_CASES[::2] + [CONV_CASES[9]])
+def test_conv2d_float16_weight_is_the_widened_product(batch, cin, cout, h, w, k, stride, padding):
+    rng = np.random.default_rng(batch + cin + cout + h + w)
+    x, weight, bias = random_arrays(rng, (batch, cin, h, w), (cout, cin, k, k), True)
+    half = weight.astype(np.float16)
+    assert np.array_equal(run_conv(x, half, bias, stride, padding),
+                          run_conv(x, half.astype(np.float32), bias, stride, padding))
+
+
 @needs_avx512
 def test_against_torch():
     torch = pytest.importorskip("torch")
@@ -201,8 +232,10 @@ def test_shape_errors():
         f32_kernels.conv2d(np.zeros((1, 4, 6, 6), np.float32), conv, 3, 3, 1, 1, None, out[:, :, 1:, 1:].copy())
     with pytest.raises(ValueError, match="packed weight"):  # K = 360: two chunks, the weight has one
         f32_kernels.conv2d(np.zeros((1, 40, 6, 6), np.float32), conv, 3, 3, 1, 1, None, out)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or float16"):
         f32_kernels.pack_linear_weight(np.zeros((5, 4), np.float64))
+    with pytest.raises(ValueError, match="float32 or float16"):
+        f32_kernels.linear(np.zeros((2, 4), np.float32), packed.astype(np.float64), None, np.zeros((2, 5), np.float32))
 
 
 @pytest.mark.skipif(f32_kernels.available(), reason="this CPU has the AVX-512 kernels")

@@ -97,12 +97,14 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("packed", [False, True])  # the weight as given, or prepared once by pack_linear
-def test_linear(cpu, shape, with_bias, packed):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # fp16 weights are multiplied in float32 too
+def test_linear(cpu, shape, with_bias, packed, dtype):
     x = random(shape)
-    weight = random((5, shape[-1]), seed=1)
+    weight = random((5, shape[-1]), seed=1).astype(dtype)
     bias = random((5,), seed=2) if with_bias else None
     given = cpu.pack_linear(weight) if packed else weight
-    assert_close(cpu.linear(x, given, bias), numpy_ops.linear(x, weight, bias), "linear")
+    expected = numpy_ops.linear(x, weight.astype(np.float32), bias)
+    assert_close(cpu.linear(x, given, bias), expected, "linear")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -278,11 +280,12 @@ CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("packed", [False, True])  # the weight as given, or prepared once by pack_conv
-def test_conv2d(cpu, case, with_bias, packed):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_conv2d(cpu, case, with_bias, packed, dtype):
     batch, cin, cout, height, width, kernel, stride, padding = case
-    x, weight = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), seed=1)
+    x, weight = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), seed=1).astype(dtype)
     bias = random((cout,), seed=2) if with_bias else None
-    expected = numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding)
+    expected = numpy_ops.conv2d(x, weight.astype(np.float32), bias, stride=stride, padding=padding)
     given = cpu.pack_conv(weight) if packed else weight
     assert_close(cpu.conv2d(x, given, bias, stride=stride, padding=padding), expected, "conv2d")
 

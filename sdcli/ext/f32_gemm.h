@@ -27,6 +27,11 @@
  * conv2d's weight comes from memory, so each block prefetches the next panel into L2 while it works on one; linear
  * also prefetches its next piece of x, and im2col the next channel's rows of x.
  *
+ * Weights held as fp16 (--precision fp16) are packed in the same layouts with half the bytes and widened (exactly,
+ * vcvtph2ps) into the thread's scratch just before use: conv2d's A panel chunk (MR x KC) before the strips pass
+ * it, linear's block of B strips (KC x COLS) before the block's panels pass it. Each widening is used for a
+ * whole block of products (well under 1% of the time) and the arithmetic is float32 as for float32 weights.
+ *
  * The im2col matrix orders k as PyTorch's weight does: k = (ci * kh + dy) * kw + dx, so pack_conv_weight is
  * w.reshape(Cout, K) cut into panels.
  */
@@ -76,8 +81,10 @@ static int sdcli_f32_max_threads(void) {
  * comparable to a small convolution. At most SDCLI_F32_ROWS x KC floats for linear (300 KB) and KC x
  * SDCLI_F32_PIXELS for conv2d (512 KB). */
 typedef struct {
-    float *a;               /* linear: one chunk of the thread's block of rows of x as A panels */
-    float *panel;           /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips */
+    float *a;               /* linear: one chunk of the thread's block of rows of x as A panels;
+                               conv2d with fp16 weights: one widened chunk of a weight panel (MR x KC) */
+    float *panel;           /* conv2d: one chunk of the im2col matrix of a block of pixels as B strips;
+                               linear with fp16 weights: one widened block of strips of w.T (KC x COLS) */
     ptrdiff_t *segments;    /* conv2d: (pixels, 4) the block's runs of pixels within one output row */
     size_t a_bytes, panel_bytes, segment_bytes;
 } sdcli_f32_scratch;
@@ -146,6 +153,19 @@ static inline __mmask16 sdcli_f32_mask(ptrdiff_t count) {
     return count >= 16 ? (__mmask16)0xffff : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
 }
 
+/* dst[0:count] = the fp16 values src[0:count] as float32 (exact) */
+SDCLI_F32_TARGET static void sdcli_f32_widen(const uint16_t *src, float *dst, ptrdiff_t count) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= count; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    if (i < count) { /* the tail through a zeroed copy (a masked 16-bit load needs AVX512BW) */
+        uint16_t tail[16] = {0};
+        memcpy(tail, src + i, (size_t)(count - i) * sizeof(uint16_t));
+        const __m512 values = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tail));
+        _mm512_mask_storeu_ps(dst + i, sdcli_f32_mask(count - i), values);
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ the microkernel */
 
 /* C[0:mr, 0:nr] = init + A (MR rows KC apart, kc of k) @ B (kc rows of NR), mr <= MR, nr <= NR. init: C itself
@@ -197,32 +217,42 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
     }
 }
 
-/* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride floats apart; b:
+/* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride values apart,
+ * float32, or fp16 (uint16) when a_widened is not NULL: each panel's chunk is then widened into a_widened (MR x KC
+ * floats) before its strips pass; b:
  * the chunk of the first strip, strips b_stride floats apart. Column j of C is at c + (j / hw) * image_stride +
  * j % hw (conv2d: a block of whole images, hw a multiple of NR; otherwise hw >= n). The panels outermost: one
  * stays in L1 while the strips (in L2) pass. Along the way, the next panel and the pf_rows x pf_cols floats at
  * pf (rows pf_stride apart: what the caller reads next, linear's next piece of x) are prefetched into L2, a share
  * before each tile. */
-SDCLI_F32_TARGET static void sdcli_f32_block(const float *a, ptrdiff_t a_stride, ptrdiff_t m, const float *b,
-                                             ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c, ptrdiff_t ldc,
-                                             ptrdiff_t hw, ptrdiff_t image_stride, int accumulate,
+SDCLI_F32_TARGET static void sdcli_f32_block(const void *a, ptrdiff_t a_stride, float *a_widened, ptrdiff_t m,
+                                             const float *b, ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c,
+                                             ptrdiff_t ldc, ptrdiff_t hw, ptrdiff_t image_stride, int accumulate,
                                              const float *bias_row, const float *bias_col, const float *pf,
                                              ptrdiff_t pf_rows, ptrdiff_t pf_cols, ptrdiff_t pf_stride) {
-    const ptrdiff_t strips = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR, row_lines = (kc + 15) / 16;
+    const ptrdiff_t value_bytes = a_widened != NULL ? 2 : 4, row_bytes = SDCLI_F32_KC * value_bytes;
+    const ptrdiff_t strips = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR, row_lines = (kc * value_bytes + 63) / 64;
     const ptrdiff_t lines = SDCLI_F32_MR * row_lines; /* 64-byte lines of a panel's chunk */
     const ptrdiff_t tiles = (m + SDCLI_F32_MR - 1) / SDCLI_F32_MR * strips;
     const ptrdiff_t pf_row_lines = (pf_cols + 15) / 16, pf_lines = pf_rows * pf_row_lines;
     ptrdiff_t tile = 0, pf_line = 0, pf_row = 0, pf_column = 0; /* the next line of pf to prefetch */
     for (ptrdiff_t i = 0; i < m; i += SDCLI_F32_MR) {
-        const float *ai = a + i / SDCLI_F32_MR * a_stride, *next = i + SDCLI_F32_MR < m ? ai + a_stride : NULL;
+        const char *panel = (const char *)a + i / SDCLI_F32_MR * a_stride * value_bytes;
+        const char *next = i + SDCLI_F32_MR < m ? panel + a_stride * value_bytes : NULL;
         const int mr = (int)sdcli_f32_min(SDCLI_F32_MR, m - i);
-        ptrdiff_t line = 0, row = 0, column = 0; /* the next line of the next panel to prefetch: (row, column) */
+        const float *ai = (const float *)panel;
+        if (a_widened != NULL) { /* the rows of the chunk, KC apart in both layouts */
+            for (int r = 0; r < mr; r++)
+                sdcli_f32_widen((const uint16_t *)panel + r * SDCLI_F32_KC, a_widened + r * SDCLI_F32_KC, kc);
+            ai = a_widened;
+        }
+        ptrdiff_t line = 0, row = 0, column = 0; /* the next line of the next panel to prefetch: (row, byte) */
         for (ptrdiff_t j = 0; j < n; j += SDCLI_F32_NR) {
             /* the next panel into L2, a share with each strip: its rows are short streams that the hardware
                prefetchers barely catch (the weight of conv2d comes from memory) */
             for (const ptrdiff_t end = next != NULL ? (j / SDCLI_F32_NR + 1) * lines / strips : 0; line < end; line++) {
-                _mm_prefetch((const char *)(next + row * SDCLI_F32_KC + column), _MM_HINT_T1);
-                if ((column += 16) == 16 * row_lines) column = 0, row++;
+                _mm_prefetch(next + row * row_bytes + column, _MM_HINT_T1);
+                if ((column += 64) == 64 * row_lines) column = 0, row++;
             }
             for (const ptrdiff_t end = (tile + 1) * pf_lines / tiles; pf_line < end; pf_line++) { /* pf: a share */
                 _mm_prefetch((const char *)(pf + pf_row * pf_stride + pf_column), _MM_HINT_T1);
@@ -252,13 +282,14 @@ SDCLI_F32_TARGET static void sdcli_f32_pack_rows(const float *x, ptrdiff_t k, pt
     }
 }
 
-/* Task of linear: out[r0:r1, j0:j1] of out (m, n) = x (m, k) @ w.T + bias, w packed as strips (np/NR, k, NR);
+/* Task of linear: out[r0:r1, j0:j1] of out (m, n) = x (m, k) @ w.T + bias, w packed as strips (np/NR, k, NR) of
+ * float32, or of fp16 when w_half (each block of strips is then widened into s->panel before use);
  * r0 a multiple of MR, j0 of NR. The rows go in blocks of about equal size, at most SDCLI_F32_ROWS; per block, k
  * chunk by chunk: the chunk of x packed as A panels (in L2), times w in blocks of SDCLI_F32_COLS columns, while
  * the next chunk of x is prefetched. bias: (n) or NULL. */
-SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const float *w, const float *bias,
-                                                   float *out, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0,
-                                                   ptrdiff_t j1, sdcli_f32_scratch *s) {
+SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const void *w, int w_half,
+                                                   const float *bias, float *out, ptrdiff_t n, ptrdiff_t r0,
+                                                   ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1, sdcli_f32_scratch *s) {
     const ptrdiff_t chunks = (k + SDCLI_F32_KC - 1) / SDCLI_F32_KC;
     const ptrdiff_t blocks = (r1 - r0 + SDCLI_F32_ROWS - 1) / SDCLI_F32_ROWS;
     const ptrdiff_t block_rows = ((r1 - r0 + blocks - 1) / blocks + SDCLI_F32_MR - 1) / SDCLI_F32_MR * SDCLI_F32_MR;
@@ -277,8 +308,17 @@ SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, 
             for (ptrdiff_t jc = j0, call = 0; jc < j1; jc += SDCLI_F32_COLS, call++) {
                 const ptrdiff_t cols = sdcli_f32_min(SDCLI_F32_COLS, j1 - jc);
                 const ptrdiff_t p0 = call * pf_rows / calls, p1 = (call + 1) * pf_rows / calls; /* its share */
-                sdcli_f32_block(s->a, SDCLI_F32_MR * SDCLI_F32_KC, rows, w + jc * k + k0 * SDCLI_F32_NR,
-                                k * SDCLI_F32_NR, cols, kc, out + i0 * n + jc, n, cols, 0, ch > 0, NULL,
+                const float *b = (const float *)w + jc * k + k0 * SDCLI_F32_NR;
+                ptrdiff_t b_stride = k * SDCLI_F32_NR;
+                if (w_half) { /* the block's strips, rows k0 .. k0 + kc - 1, widened: (strips, KC, NR) */
+                    for (ptrdiff_t t = 0; t < (cols + SDCLI_F32_NR - 1) / SDCLI_F32_NR; t++)
+                        sdcli_f32_widen((const uint16_t *)w + (jc + t * SDCLI_F32_NR) * k + k0 * SDCLI_F32_NR,
+                                        s->panel + t * SDCLI_F32_KC * SDCLI_F32_NR, kc * SDCLI_F32_NR);
+                    b = s->panel;
+                    b_stride = SDCLI_F32_KC * SDCLI_F32_NR;
+                }
+                sdcli_f32_block(s->a, SDCLI_F32_MR * SDCLI_F32_KC, NULL, rows, b, b_stride, cols, kc,
+                                out + i0 * n + jc, n, cols, 0, ch > 0, NULL,
                                 bias != NULL ? bias + jc : NULL, pf + p0 * k, p1 - p0, pf_cols, k);
             }
         } while (++ch < chunks);
@@ -384,13 +424,15 @@ SDCLI_F32_TARGET static void sdcli_f32_im2col(const float *x, ptrdiff_t cin, ptr
 }
 
 /* Task `task` of conv2d on x (batch, cin, h, w) -> out (batch, cout, ho, wo): out[b][:, pixels] = weight (cout, K)
- * @ im2col(x[b]) (K, pixels) + bias. weight: A panels (cout_pad/MR, chunks, MR, KC). Tasks are (block of output
+ * @ im2col(x[b]) (K, pixels) + bias. weight: A panels (cout_pad/MR, chunks, MR, KC), float32 or, when
+ * weight_half, fp16 (widened a panel chunk at a time into s->a). Tasks are (block of output
  * pixels, slice of `cslice` output channels, a multiple of MR), the slices innermost. A block is either at most
  * `pixels` pixels of one image (`blocks` blocks per image, images = 1) or `images` whole images (blocks = 1;
  * ho wo a multiple of NR, so that no strip of NR columns straddles two images), for small images: then the
  * weight is read once for all of them. bias: (cout) or NULL. */
 SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h,
-                                                 ptrdiff_t w, const float *weight, ptrdiff_t cout, ptrdiff_t kh,
+                                                 ptrdiff_t w, const void *weight, int weight_half,
+                                                 ptrdiff_t cout, ptrdiff_t kh,
                                                  ptrdiff_t kw, ptrdiff_t stride, ptrdiff_t pad, const float *bias,
                                                  float *out, ptrdiff_t ho, ptrdiff_t wo, ptrdiff_t pixels,
                                                  ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice,
@@ -413,9 +455,12 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
         else
             sdcli_f32_im2col(x + image * cin * h * w, cin, h, w, kh, kw, stride, pad, s->segments, runs, n, k0, kc,
                              s->panel);
-        sdcli_f32_block(weight + c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC, a_stride, crows,
-                        s->panel, strip, n, kc, c, hw_out, count > 1 ? hw_out : n, cout * hw_out, ch > 0,
-                        bias != NULL ? bias + c0 : NULL, NULL, NULL, 0, 0, 0);
+        const ptrdiff_t first = c0 / SDCLI_F32_MR * a_stride + ch * SDCLI_F32_MR * SDCLI_F32_KC; /* values */
+        sdcli_f32_block(weight_half ? (const void *)((const uint16_t *)weight + first)
+                                    : (const void *)((const float *)weight + first),
+                        a_stride, weight_half ? s->a : NULL, crows, s->panel, strip, n, kc, c, hw_out,
+                        count > 1 ? hw_out : n, cout * hw_out, ch > 0, bias != NULL ? bias + c0 : NULL, NULL, NULL, 0,
+                        0, 0);
     } while (++ch < chunks);
 }
 
@@ -423,20 +468,21 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
 
 static int sdcli_f32_available(void) { return 0; }
 
-static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const float *w, const float *bias, float *out,
-                                  ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1,
+static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, const void *w, int w_half, const float *bias,
+                                  float *out, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1,
                                   sdcli_f32_scratch *s) {
-    (void)x, (void)k, (void)w, (void)bias, (void)out, (void)n, (void)r0, (void)r1, (void)j0, (void)j1, (void)s;
+    (void)x, (void)k, (void)w, (void)w_half, (void)bias, (void)out, (void)n, (void)r0, (void)r1, (void)j0, (void)j1,
+        (void)s;
 }
 
 static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
-                                const float *weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride,
-                                ptrdiff_t pad, const float *bias, float *out, ptrdiff_t ho, ptrdiff_t wo,
-                                ptrdiff_t pixels, ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice,
+                                const void *weight, int weight_half, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw,
+                                ptrdiff_t stride, ptrdiff_t pad, const float *bias, float *out, ptrdiff_t ho,
+                                ptrdiff_t wo, ptrdiff_t pixels, ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice,
                                 ptrdiff_t cslices, ptrdiff_t task, sdcli_f32_scratch *s) {
-    (void)x, (void)batch, (void)images, (void)cin, (void)h, (void)w, (void)weight, (void)cout, (void)kh, (void)kw,
-        (void)stride, (void)pad, (void)bias, (void)out, (void)ho, (void)wo, (void)pixels, (void)blocks, (void)cslice,
-        (void)cslices, (void)task, (void)s;
+    (void)x, (void)batch, (void)images, (void)cin, (void)h, (void)w, (void)weight, (void)weight_half, (void)cout,
+        (void)kh, (void)kw, (void)stride, (void)pad, (void)bias, (void)out, (void)ho, (void)wo, (void)pixels,
+        (void)blocks, (void)cslice, (void)cslices, (void)task, (void)s;
 }
 
 #endif /* SDCLI_F32_X86 */

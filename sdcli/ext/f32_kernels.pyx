@@ -14,6 +14,8 @@ padding):
     pack_conv_weight(w (Cout, Cin, kh, kw)) -> (Cp/14, chunks, 14, KC) float32: panels of 14 output channels,
                                                [p, c, r, kk] = w2[14p + r, KC c + kk], w2 = w.reshape(Cout, K),
                                                K = Cin kh kw, chunks = ceil(K / KC), Cp = Cout rounded up to 14
+The packed weights keep the dtype they were given, float32 or float16 (--precision fp16: half the memory); the
+kernels widen fp16 panels into their scratch just before use, so the arithmetic is float32 either way.
 The linear weight is the B operand of x @ w.T (strips the microkernel reads down k, two vectors per row); the
 convolution weight is the A operand of w2 @ im2col(x) (rows the microkernel broadcasts), whose im2col panels the
 kernel writes as B strips a block of pixels and a chunk of k at a time, so memory stays flat as images grow.
@@ -35,17 +37,19 @@ cdef extern from "f32_gemm.h" nogil:
         SDCLI_F32_NR
         SDCLI_F32_KC
         SDCLI_F32_ROWS
+        SDCLI_F32_COLS
         SDCLI_F32_PIXELS
     ctypedef struct sdcli_f32_scratch:
         pass
     int sdcli_f32_available()
     int sdcli_f32_max_threads()
     sdcli_f32_scratch* sdcli_f32_scratch_get(size_t a_floats, size_t panel_floats, size_t pixels)
-    void sdcli_f32_linear_task(const float* x, ptrdiff_t k, const float* w, const float* bias, float* out,
-                               ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1,
+    void sdcli_f32_linear_task(const float* x, ptrdiff_t k, const void* w, int w_half, const float* bias,
+                               float* out, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t j0, ptrdiff_t j1,
                                sdcli_f32_scratch* s)
     void sdcli_f32_conv_task(const float* x, ptrdiff_t batch, ptrdiff_t cin, ptrdiff_t h, ptrdiff_t w,
-                             const float* weight, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw, ptrdiff_t stride,
+                             const void* weight, int weight_half, ptrdiff_t cout, ptrdiff_t kh, ptrdiff_t kw,
+                             ptrdiff_t stride,
                              ptrdiff_t pad, const float* bias, float* out, ptrdiff_t ho, ptrdiff_t wo,
                              ptrdiff_t pixels, ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice, ptrdiff_t cslices,
                              ptrdiff_t task, sdcli_f32_scratch* s)
@@ -74,22 +78,47 @@ cdef _require(str op):
                            f"GCC or Clang build (f32_kernels.available() is False here)")
 
 
-def _check_float32(str op, str name, array, int ndim):
-    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim != ndim:
+def _check_weight(str op, str name, array, int ndim):
+    if not isinstance(array, np.ndarray) or array.dtype not in (np.float32, np.float16) or array.ndim != ndim:
         got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(f"{op}: {name} must be a {ndim}-d float32 array, got {got}")
+        raise ValueError(f"{op}: {name} must be a {ndim}-d float32 or float16 array, got {got}")
+
+
+cdef const void* _packed_data(str op, packed, tuple expected, str mismatch, int* half) except NULL:
+    """The address of a packed weight (float32 or float16, C-contiguous, of the shape ``expected``; otherwise
+    ValueError with ``mismatch``), and in ``half`` whether it is float16."""
+    cdef const float[:, :, ::1] float_view3
+    cdef const unsigned short[:, :, ::1] half_view3
+    cdef const float[:, :, :, ::1] float_view4
+    cdef const unsigned short[:, :, :, ::1] half_view4
+    if not isinstance(packed, np.ndarray) or packed.dtype not in (np.float32, np.float16):
+        raise ValueError(f"{op}: the packed weight must be a float32 or float16 array from pack_*_weight")
+    if packed.shape != expected:
+        raise ValueError(mismatch)
+    half[0] = packed.dtype == np.float16
+    if packed.ndim == 3:
+        if half[0]:
+            half_view3 = packed.view(np.uint16)
+            return &half_view3[0, 0, 0]
+        float_view3 = packed
+        return &float_view3[0, 0, 0]
+    if half[0]:
+        half_view4 = packed.view(np.uint16)
+        return &half_view4[0, 0, 0, 0]
+    float_view4 = packed
+    return &float_view4[0, 0, 0, 0]
 
 
 def pack_linear_weight(w):
     """The weight w (N, K) of a linear layer as the B operand of y = x @ w.T, in strips of 32 columns.
 
-    Returns a new float32 array (Np/32, K, 32) with [s, k, j] = w[32s + j, k]: Np = N rounded up to 32, zeros in
-    the padding. linear() takes it with the true N given by its ``out``.
+    Returns a new array of w's dtype (float32 or float16), (Np/32, K, 32) with [s, k, j] = w[32s + j, k]: Np = N
+    rounded up to 32, zeros in the padding. linear() takes it with the true N given by its ``out``.
     """
-    _check_float32("pack_linear_weight", "w", w, 2)
+    _check_weight("pack_linear_weight", "w", w, 2)
     n, k = w.shape
     np_ = _round_up(n, NR)
-    padded = np.zeros((np_, k), dtype=np.float32)
+    padded = np.zeros((np_, k), dtype=w.dtype)
     padded[:n] = w
     return np.ascontiguousarray(padded.reshape(np_ // NR, NR, k).transpose(0, 2, 1))  # (Np/32, K, 32)
 
@@ -97,30 +126,32 @@ def pack_linear_weight(w):
 def pack_conv_weight(w):
     """The weight w (Cout, Cin, kh, kw) of a convolution as the A operand of w2 @ im2col(x), w2 = w (Cout, K).
 
-    Returns a new float32 array (Cp/14, chunks, 14, KC) with [p, c, r, kk] = w2[14p + r, KC c + kk]: K = Cin kh kw
-    in PyTorch's order (ci, dy, dx), chunks = ceil(K / KC), Cp = Cout rounded up to 14, zeros in the padding.
+    Returns a new array of w's dtype (float32 or float16), (Cp/14, chunks, 14, KC) with [p, c, r, kk] =
+    w2[14p + r, KC c + kk]: K = Cin kh kw in PyTorch's order (ci, dy, dx), chunks = ceil(K / KC), Cp = Cout rounded
+    up to 14, zeros in the padding.
     """
-    _check_float32("pack_conv_weight", "w", w, 4)
+    _check_weight("pack_conv_weight", "w", w, 4)
     cout, cin, kh, kw = w.shape
     k = cin * kh * kw
     chunks, cp = max(1, (k + KC - 1) // KC), _round_up(cout, MR)
-    padded = np.zeros((cp, chunks * KC), dtype=np.float32)
+    padded = np.zeros((cp, chunks * KC), dtype=w.dtype)
     padded[:cout, :k] = w.reshape(cout, k)
     return np.ascontiguousarray(padded.reshape(cp // MR, MR, chunks, KC).transpose(0, 2, 1, 3))
 
 
-def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, ::1] out):
-    """out (M, N) = x (M, K) @ w.T + bias in float32; ``packed`` = pack_linear_weight(w).
+def linear(const float[:, ::1] x, packed, bias, float[:, ::1] out):
+    """out (M, N) = x (M, K) @ w.T + bias in float32; ``packed`` = pack_linear_weight(w) (float32 or float16).
 
     x: float32 (M, K). bias: float32 (N,) or None. out: float32 (M, N), overwritten.
     """
     _require("linear")
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = out.shape[1]
-    cdef Py_ssize_t np_ = packed.shape[0] * NR
-    got = (packed.shape[0], packed.shape[1], packed.shape[2])
-    if got != (_round_up(n, NR) // NR, k, NR):
-        raise ValueError(f"linear: packed weight {got} does not fit x (M, K) = ({m}, {k}) and out (M, N) = "
-                         f"({out.shape[0]}, {n}): expected {(_round_up(n, NR) // NR, k, NR)} from pack_linear_weight")
+    cdef Py_ssize_t np_ = _round_up(n, NR)
+    cdef int half = 0
+    expected = (np_ // NR, k, NR)
+    cdef const void* w = _packed_data(
+        "linear", packed, expected, f"linear: packed weight {getattr(packed, 'shape', None)} does not fit x (M, K) = "
+        f"({m}, {k}) and out (M, N) = ({out.shape[0]}, {n}): expected {expected} from pack_linear_weight", &half)
     if out.shape[0] != m:
         raise ValueError(f"linear: out has {out.shape[0]} rows, x has {m}")
     bias = _bias("linear", bias, n)
@@ -138,11 +169,11 @@ def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, 
     cdef Py_ssize_t col_parts = _clamp(threads // row_parts, 1, np_ // NR)
     cdef Py_ssize_t tasks = row_parts * col_parts, task, r0, r1, j0, j1
     cdef Py_ssize_t a_floats = _round_up(SDCLI_F32_ROWS, MR) * KC
-    cdef const float* w = &packed[0, 0, 0]
+    cdef Py_ssize_t b_floats = KC * _round_up(SDCLI_F32_COLS, NR) if half else 1
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_f32_scratch_get(a_floats, 1, 1)
+        scratch = sdcli_f32_scratch_get(a_floats, b_floats, 1)
         for task in prange(tasks, schedule="static", chunksize=1):
             r0 = _round_up(task // col_parts * m // row_parts, SDCLI_F32_MR)
             r1 = min(m, _round_up((task // col_parts + 1) * m // row_parts, SDCLI_F32_MR))
@@ -151,16 +182,16 @@ def linear(const float[:, ::1] x, const float[:, :, ::1] packed, bias, float[:, 
             if scratch == NULL:
                 failed += 1
             elif r0 < r1 and j0 < j1:
-                sdcli_f32_linear_task(&x[0, 0], k, w, bias_ptr, &out[0, 0], n, r0, r1, j0, j1, scratch)
+                sdcli_f32_linear_task(&x[0, 0], k, w, half, bias_ptr, &out[0, 0], n, r0, r1, j0, j1, scratch)
     if failed:
         raise MemoryError("linear: out of memory for the per-thread buffers")
 
 
-def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh, int kw, int stride, int padding,
-           bias, float[:, :, :, ::1] out):
+def conv2d(const float[:, :, :, ::1] x, weight, int kh, int kw, int stride, int padding, bias,
+           float[:, :, :, ::1] out):
     """out = conv2d(x, w) + bias with PyTorch Conv2d semantics (cross-correlation, zero padding, NCHW), float32.
 
-    x: float32 (B, Cin, H, W). weight: pack_conv_weight(w) of w (Cout, Cin, kh, kw). bias: float32 (Cout,) or None.
+    x: float32 (B, Cin, H, W). weight: pack_conv_weight(w) of w (Cout, Cin, kh, kw), float32 or float16. bias: float32 (Cout,) or None.
     out: float32 (B, Cout, Ho, Wo), Ho = (H + 2 padding - kh) // stride + 1 (Wo alike), overwritten. The im2col
     matrix is built in panels of at most SDCLI_F32_PIXELS output pixels by KC rows of k per thread. The packed
     shape fixes Cout (up to a panel) and the number of chunks of K only: the caller keeps w's shape for the rest.
@@ -172,10 +203,10 @@ def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh
     ho, wo = conv_output_size((batch, cin, h, w), kh, kw, stride, padding,
                               (out.shape[0], out.shape[1], out.shape[2], out.shape[3]), cout)
     expected = (_round_up(cout, MR) // MR, max(1, (k + KC - 1) // KC), MR, KC)
-    got = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
-    if got != expected:
-        raise ValueError(f"conv2d: packed weight {got} does not fit Cin {cin}, a {kh}x{kw} kernel and Cout {cout} "
-                         f"(of out): expected {expected} from pack_conv_weight")
+    cdef int half = 0
+    cdef const void* weight_data = _packed_data(
+        "conv2d", weight, expected, f"conv2d: packed weight {getattr(weight, 'shape', None)} does not fit Cin {cin}, "
+        f"a {kh}x{kw} kernel and Cout {cout} (of out): expected {expected} from pack_conv_weight", &half)
     bias = _bias("conv2d", bias, cout)
     if batch == 0 or cout == 0:
         return
@@ -202,15 +233,16 @@ def conv2d(const float[:, :, :, ::1] x, const float[:, :, :, ::1] weight, int kh
     cdef Py_ssize_t cslice = (panels + cslices - 1) // cslices * MR
     cslices = (_round_up(cout, MR) + cslice - 1) // cslice
     cdef Py_ssize_t tasks = block_count * cslices, task
+    cdef Py_ssize_t widened_floats = SDCLI_F32_MR * SDCLI_F32_KC if half else 1  # a weight panel's chunk
     cdef int failed = 0
     cdef sdcli_f32_scratch* scratch = NULL
     with nogil, parallel():
-        scratch = sdcli_f32_scratch_get(1, SDCLI_F32_KC * pixels, pixels)
+        scratch = sdcli_f32_scratch_get(widened_floats, SDCLI_F32_KC * pixels, pixels)
         for task in prange(tasks, schedule="dynamic"):
             if scratch == NULL:
                 failed += 1
             else:
-                sdcli_f32_conv_task(&x[0, 0, 0, 0], batch, cin, h, w, &weight[0, 0, 0, 0], cout, kh, kw, stride,
+                sdcli_f32_conv_task(&x[0, 0, 0, 0], batch, cin, h, w, weight_data, half, cout, kh, kw, stride,
                                     padding, bias_ptr, &out[0, 0, 0, 0], ho, wo, pixels, blocks, images, cslice,
                                     cslices, task, scratch)
     if failed:

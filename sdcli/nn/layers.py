@@ -2,8 +2,8 @@
 
 A :class:`Weight` holds one tensor as it is kept in memory: float32 (a zero-copy view of the memory-mapped file
 when the file stores F32), float16, or bfloat16 bits in a uint16 array (numpy has no bfloat16). fp32 and fp16 layers
-compute in float32, widening an fp16 weight at each call; bf16 Linear and Conv2d layers multiply in bf16 with
-float32 sums where the backend can (see :class:`Linear`), and norms widen their small weights.
+compute in float32 (the backend widens an fp16 weight as it multiplies); bf16 Linear and Conv2d layers multiply in
+bf16 with float32 sums where the backend can (see :class:`Linear`), and norms widen their small weights.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def load_weights(source: TensorSource, expected: dict[str, tuple[int, ...]], pre
 class Linear:
     """y = x W^T + b. weight (out, in), bias (out,).
 
-    On the first call an fp32 weight is prepared for the backend's float32 products (``ops.pack_linear``) and a
-    bf16 one for its bf16 products (``ops.pack_linear_bf16``); only the prepared form is kept after. fp16 weights
-    stay fp16 in memory and are widened to float32 at each call, and so are streamed fp32 ones (the file's pages
+    On the first call an fp32 or fp16 weight is prepared for the backend's float32 products (``ops.pack_linear``,
+    which keeps fp16 at half the size) and a bf16 one for its bf16 products (``ops.pack_linear_bf16``); only the
+    prepared form is kept after. Streamed weights are widened to float32 at each call instead (the file's pages
     then leave resident memory after each call; a prepared copy would stay).
     """
 
@@ -116,7 +116,7 @@ class Linear:
         bias = self.bias.float32() if self.bias is not None else None
         if self.weight.precision == "bf16":
             return self.ops.linear_bf16(x, self.prepare(self.ops.pack_linear_bf16), bias)
-        if self.weight.precision == "fp32" and not self.weight.stream:
+        if not self.weight.stream:  # fp32 or fp16
             return self.ops.linear(x, self.prepare(self.ops.pack_linear), bias)
         y = self.ops.linear(x, self.ops.weight_float32(self.weight.data, self.weight.precision), bias)
         if self.weight.stream:
@@ -156,7 +156,7 @@ class Conv2d:
         if self.weight.precision == "bf16":
             return self.ops.conv2d_bf16(x, self.prepare(self.ops.pack_conv_bf16), bias, stride=self.stride,
                                         padding=self.padding)
-        if self.weight.precision == "fp32" and not self.weight.stream:
+        if not self.weight.stream:  # fp32 or fp16
             return self.ops.conv2d(x, self.prepare(self.ops.pack_conv), bias, stride=self.stride,
                                    padding=self.padding)
         weight = self.ops.weight_float32(self.weight.data, self.weight.precision)

@@ -52,16 +52,16 @@ class Ops(Protocol):
 
     def upsample_nearest(self, x: np.ndarray, factor: int = 2) -> np.ndarray: ...
 
-    # Weights held at reduced precision. fp16 (and fp32) weights are widened per call and go through linear and
-    # conv2d; bf16 weights are prepared once by pack_* into whatever layout the backend multiplies fastest, and
+    # Weights held at reduced precision. fp16 (and fp32) weights go through linear and conv2d, packed once when the
+    # layer keeps them, widened per call when streamed; bf16 weights are prepared once by pack_* into whatever layout the backend multiplies fastest, and
     # linear_bf16 / conv2d_bf16 round the activations to bf16 and sum the products in float32 (a backend without
     # bf16 arithmetic may keep float32 activations instead).
     def weight_float32(self, data: np.ndarray, precision: str) -> np.ndarray: ...
 
     def weight_from_float32(self, values: np.ndarray, precision: str) -> np.ndarray: ...
 
-    # float32 weights a layer keeps (not streamed): prepared once, then passed to linear / conv2d in place of the
-    # array.
+    # float32 and float16 weights a layer keeps (not streamed): prepared once, then passed to linear / conv2d in
+    # place of the array; the products are float32 either way.
     def pack_linear(self, weight: np.ndarray): ...
 
     def pack_conv(self, weight: np.ndarray): ...

@@ -45,10 +45,25 @@ def _elementwise(kernel, x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PackedF32:
-    """A float32 weight in the layout of :mod:`sdcli.ext.f32_kernels` (``pack_linear`` / ``pack_conv``)."""
+    """A float32 or float16 weight in the layout of :mod:`sdcli.ext.f32_kernels` (``pack_linear`` / ``pack_conv``),
+    multiplied in float32 either way."""
 
-    data: np.ndarray
+    data: np.ndarray  # float32, or float16 (the kernels widen it a panel at a time)
     shape: tuple[int, ...]  # the weight's own: (out, in) or (Cout, Cin, kh, kw)
+
+
+def _kept_weight(weight: np.ndarray) -> np.ndarray:
+    """A weight to pack: C-contiguous float16 when it is float16 (kept at half the size), float32 otherwise."""
+    if np.asarray(weight).dtype == np.float16:
+        return np.ascontiguousarray(weight)
+    return _float32(weight)
+
+
+def _weight_values(weight: np.ndarray) -> np.ndarray:
+    """An unpacked weight's values as float32 for numpy's BLAS: float16 widened by the parallel kernel."""
+    if weight.dtype == np.float16:
+        return weight_float32(weight, "fp16")
+    return np.asarray(weight, dtype=np.float32)
 
 
 def _packed_linear(name: str, kernel, x: np.ndarray, packed, bias: np.ndarray | None) -> np.ndarray:
@@ -63,29 +78,29 @@ def _packed_linear(name: str, kernel, x: np.ndarray, packed, bias: np.ndarray | 
 
 
 def pack_linear(weight: np.ndarray):
-    """A float32 linear weight (out, in) prepared for ``linear``: the AVX-512 kernels' layout where the CPU has
-    them (a copy, made once per layer), the array itself otherwise."""
+    """A float32 or float16 linear weight (out, in) prepared for ``linear``: the AVX-512 kernels' layout where the
+    CPU has them (a copy of the same dtype, made once per layer), the array itself otherwise."""
     if not f32_kernels.available():
         return weight
-    weight = _float32(weight)
+    weight = _kept_weight(weight)
     return PackedF32(f32_kernels.pack_linear_weight(weight), weight.shape)
 
 
 def pack_conv(weight: np.ndarray):
-    """A float32 convolution weight (Cout, Cin, kh, kw) prepared for ``conv2d``, as ``pack_linear``."""
+    """A float32 or float16 convolution weight (Cout, Cin, kh, kw) prepared for ``conv2d``, as ``pack_linear``."""
     if not f32_kernels.available():
         return weight
-    weight = _float32(weight)
+    weight = _kept_weight(weight)
     return PackedF32(f32_kernels.pack_conv_weight(weight), weight.shape)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``x @ weight.T + bias``. x (..., in), weight (out, in) or ``pack_linear(weight)``, bias (out,) -> (..., out).
-    A packed weight runs the AVX-512 kernel; a plain one numpy's matmul."""
+    """``x @ weight.T + bias``. x (..., in), weight (out, in) (float32 or float16) or ``pack_linear(weight)``, bias
+    (out,) -> (..., out). A packed weight runs the AVX-512 kernel; a plain one numpy's matmul."""
     if isinstance(weight, PackedF32):
         return _packed_linear("linear", f32_kernels.linear, x, weight, bias)
     x = _float32(x)
-    weight = np.asarray(weight, dtype=np.float32)
+    weight = _weight_values(np.asarray(weight))
     y = np.matmul(_rows(x), weight.T)  # (rows, out): one GEMM over all leading axes; weight.T is a view
     if bias is not None:
         y += _float32(bias)
@@ -202,7 +217,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
            padding: int = 0) -> np.ndarray:
     """2-D cross-correlation with zero padding (PyTorch's Conv2d).
 
-    x (B, Cin, H, W), weight (Cout, Cin, kh, kw) or ``pack_conv(weight)``, bias (Cout,) -> (B, Cout, Ho, Wo) with
+    x (B, Cin, H, W), weight (Cout, Cin, kh, kw) (float32 or float16) or ``pack_conv(weight)``, bias (Cout,) -> (B, Cout, Ho, Wo) with
     ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W). A packed weight runs the AVX-512 kernel
     (im2col into bounded packed panels); a plain one blocked im2col and numpy's GEMM.
     """
@@ -217,7 +232,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
         f32_kernels.conv2d(x, weight.data, kh, kw, stride, padding, None if bias is None else _float32(bias), out)
         return out
     x = _float32(x)
-    weight = np.asarray(weight, dtype=np.float32)
+    weight = _weight_values(np.asarray(weight))
     batch, in_channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     out_h = (height + 2 * padding - kh) // stride + 1

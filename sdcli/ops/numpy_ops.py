@@ -164,12 +164,13 @@ def weight_from_float32(values: np.ndarray, precision: str) -> np.ndarray:
 
 
 def pack_linear(weight: np.ndarray):
-    """A float32 linear weight prepared for ``linear`` (a backend may reorder it once; here it is itself)."""
+    """A float32 or float16 linear weight prepared for ``linear`` (a backend may reorder it once, keeping its dtype;
+    here it is itself, and a float16 one is widened by numpy's type promotion at each product)."""
     return weight
 
 
 def pack_conv(weight: np.ndarray):
-    """A float32 convolution weight prepared for ``conv2d`` (here: itself)."""
+    """A float32 or float16 convolution weight prepared for ``conv2d`` (here: itself)."""
     return weight
 
 
