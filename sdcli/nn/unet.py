@@ -32,6 +32,7 @@ from .layers import Weight, conv2d_from, group_norm_from, layer_norm_from, linea
 TRANSFORMER_GROUP_NORM_EPS = 1e-6
 TRANSFORMER_LAYER_NORM_EPS = 1e-5
 FEED_FORWARD_MULT = 4  # GEGLU inner width = 4 x channels
+FEED_FORWARD_ROWS = 2048  # tokens per pass through the feed-forward (BasicTransformerBlock.feed_forward)
 MAX_PERIOD = 10000  # of the sinusoidal timestep embedding
 
 Shapes = dict[str, tuple[int, ...]]
@@ -211,8 +212,20 @@ class BasicTransformerBlock:
         self.ff_out = linear_from(ops, weights, prefix + "ff.net.2.")
 
     def feed_forward(self, x: np.ndarray) -> np.ndarray:
-        """GEGLU (Shazeer 2020): the projection's first half gated by GELU of its second half."""
-        return self.ff_out(self.ops.geglu(self.ff_proj(x)))  # (B, T, 2 inner) -> (B, T, inner) -> (B, T, C)
+        """GEGLU (Shazeer 2020): the projection's first half gated by GELU of its second half.
+
+        Tokens are independent here, so they go through in pieces of FEED_FORWARD_ROWS: the widest activation of
+        the UNet, the (tokens, 2 inner) projection (84 MB at 64x64 latents, batch 2), then stays a few MB, reused
+        from one piece to the next instead of freshly mapped memory. The results are the same to the bit.
+        """
+        rows = x.reshape(-1, x.shape[-1])  # (B*T, C)
+        if len(rows) <= FEED_FORWARD_ROWS:
+            return self.ff_out(self.ops.geglu(self.ff_proj(x)))  # (B, T, 2 inner) -> (B, T, inner) -> (B, T, C)
+        out = np.empty(rows.shape, dtype=np.float32)  # (B*T, C): the feed-forward maps C to C
+        for start in range(0, len(rows), FEED_FORWARD_ROWS):
+            piece = rows[start:start + FEED_FORWARD_ROWS]
+            out[start:start + len(piece)] = self.ff_out(self.ops.geglu(self.ff_proj(piece)))  # (n, C)
+        return out.reshape(x.shape)
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
         x = x + self.attn1(self.norm1(x))  # (B, T, C), a new array: the caller's x is left alone
