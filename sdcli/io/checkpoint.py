@@ -234,7 +234,7 @@ class Checkpoint:
     # -- tensors ---------------------------------------------------------------------------------------------
     def source(self, component: str) -> TensorSource:
         """The tensors of ``component`` ("text_encoder", "unet" or "vae") in canonical names. Opened once and
-        kept, so that every caller reads (and ``release``\ s) the same mapping."""
+        kept, so that every caller reads (and releases) the same mapping."""
         if component not in COMPONENT_WEIGHT_STEMS:
             raise CheckpointError(f"unknown component {component!r}")
         if component not in self._sources:
