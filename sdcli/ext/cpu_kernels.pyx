@@ -311,18 +311,19 @@ def widen(const uint16_t[::1] bits, bint bf16, float[::1] out):
 # Fused attention with a streaming softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for
 # softmax"; the FlashAttention recurrence, Dao et al. 2022), so no (Tq, Tk) score matrix exists.
 #
-# Tiling. The unit of work is a block of 16 queries of one head; blocks of all heads run in parallel. A block
-# keeps one 16-lane vector per quantity, one lane per query: its queries transposed, qt (d, 16); the running max
-# and sum (16); the output transposed, ot (dv, 16); and the scores of one block of 128 keys, p (128, 16). For each
+# Tiling. The unit of work is a block of 32 queries of one head; blocks of all heads run in parallel. A block
+# keeps two 16-lane vectors per quantity, one lane per query: its queries transposed, qt (d, 32); the running max
+# and sum (32); the output transposed, ot (dv, 32); and the scores of one block of 128 keys, p (128, 32). For each
 # key block:
-#   scores   p[j] = sum_c k[j, c] qt[c]: a register tile of 8 keys by the 16 queries, each k[j, c] broadcast
-#            against the vector qt[c], so K is read in place (no transpose)
+#   scores   p[j] = sum_c k[j, c] qt[c]: a register tile of 8 keys by the 32 queries, each k[j, c] broadcast
+#            against the two vectors of qt[c], so K is read in place (no transpose), each value loaded once for
+#            two FMAs (blocks of 16 queries, one FMA per load, measured 10-12% slower at 1024-4096 tokens)
 #   softmax  lane-wise: new max, exp(old max - new max) to rescale ot and the sum, p = exp(p - max), all with
 #            vertical vector ops and vec.h's vectorised exp (no horizontal reductions)
-#   values   ot[c] += sum_j v[j, c] p[j]: a register tile of 8 output columns by the 16 queries, v[j, c] broadcast
+#   values   ot[c] += sum_j v[j, c] p[j]: a register tile of 8 output columns by the 32 queries, v[j, c] broadcast
 # A key block's K and V rows (2 x 128 x d floats) stay in L1 or L2 across the steps, the whole head's K and V in
 # L2 across the query blocks that reuse them; 128 keys rather than 64 measured a few % faster at d = 40 and 80.
-# Scratch: (d + dv + 128) vectors per thread. The vector code uses
+# Scratch: 2 (d + dv + 128) vectors per thread. The vector code uses
 # GCC/Clang vector types of 16 floats, one AVX-512 register each, and is compiled for AVX-512 alone; CPUs without
 # it (and other compilers, other architectures) run _attention_head: per head, 8 query rows at a time against
 # 64-key blocks of a transposed K, with vec.h's 8 x 8 register tile.
@@ -330,7 +331,7 @@ def widen(const uint16_t[::1] bits, bint bf16, float[::1] out):
 
 cdef extern from * nogil:
     """
-    /* Fused attention, one block of 16 queries of one head at a time (the tiling is described above).
+    /* Fused attention, one block of 32 queries of one head at a time (the tiling is described above).
      * The block's state lives in vectors of 16 lanes, one lane per query, so the streaming softmax is lane-wise
      * (no horizontal reductions) and only the 16 x d query block is ever transposed. Written with GCC/Clang
      * vector types for AVX-512 (one register per vector), compiled for that target alone and used when the CPU
@@ -361,52 +362,69 @@ cdef extern from * nogil:
     #undef SDCLI_FN
     #undef SDCLI_TARGET
 
-    #define SDCLI_QUERY_BLOCK 16  /* queries per block: the lanes of sdcli_f16 */
+    #define SDCLI_QUERY_VECTORS 2 /* vectors of 16 queries per block */
+    #define SDCLI_QUERY_BLOCK 32  /* queries per block: SDCLI_QUERY_VECTORS x the 16 lanes of sdcli_f16 */
     #define SDCLI_KEY_BLOCK 128   /* keys per step of the streaming softmax */
-    #define SDCLI_TILE 8          /* keys, or output columns, per register tile: 8 of the 32 vector registers */
+    #define SDCLI_TILE 8          /* keys, or output columns, per register tile: 16 of the 32 vector registers */
     #define SDCLI_INLINE SDCLI_AVX512 static inline __attribute__((always_inline))
 
-    /* s[j] = k[j] . qt for j < keys (1 to SDCLI_TILE): scores of `keys` keys against the 16 queries of qt (d, 16),
-     * the keys' rows ldk floats apart. Always a whole tile, so that the accumulators stay in registers and a short
-     * tile costs no more than a whole one: rows past `keys` repeat the last key and s has room for SDCLI_TILE. */
+    /* s[j] = k[j] . qt for j < keys (1 to SDCLI_TILE): scores of `keys` keys against the 32 queries of qt (d, 2
+     * vectors), the keys' rows ldk floats apart; s[j] is two vectors. Always a whole tile, so that the
+     * accumulators stay in registers and a short tile costs no more than a whole one: rows past `keys` repeat the
+     * last key and s has room for SDCLI_TILE. Each k[j, c] loaded is used for both vectors of queries. */
     SDCLI_INLINE void sdcli_attention_scores(const sdcli_f16 *qt, const float *k, ptrdiff_t d, ptrdiff_t ldk,
                                              sdcli_f16 *s, int keys) {
         const float *row[SDCLI_TILE];
-        sdcli_f16 acc[SDCLI_TILE];
+        sdcli_f16 acc[SDCLI_TILE][SDCLI_QUERY_VECTORS];
         #pragma GCC unroll 8
         for (int j = 0; j < SDCLI_TILE; j++) {
             row[j] = k + (j < keys ? j : keys - 1) * ldk;
-            acc[j] = (sdcli_f16){0};
+            acc[j][0] = acc[j][1] = (sdcli_f16){0};
         }
         for (ptrdiff_t c = 0; c < d; c++) {
-            const sdcli_f16 query = qt[c];
+            const sdcli_f16 low = qt[2 * c], high = qt[2 * c + 1];
             #pragma GCC unroll 8
-            for (int j = 0; j < SDCLI_TILE; j++) acc[j] += row[j][c] * query;
+            for (int j = 0; j < SDCLI_TILE; j++) {
+                const float key = row[j][c];
+                acc[j][0] += key * low;
+                acc[j][1] += key * high;
+            }
         }
         #pragma GCC unroll 8
-        for (int j = 0; j < SDCLI_TILE; j++) s[j] = acc[j];
+        for (int j = 0; j < SDCLI_TILE; j++) {
+            s[2 * j] = acc[j][0];
+            s[2 * j + 1] = acc[j][1];
+        }
     }
 
     /* ot[c] += sum over j < keys of v[j, c] p[j] for c < columns (1 to SDCLI_TILE): `columns` columns of the
-     * output (transposed) of 16 queries, the value rows dv floats apart. Always a whole tile, as above: columns
-     * past `columns` repeat the last one and are not stored. */
+     * output (transposed, two vectors per column) of 32 queries, the value rows dv floats apart. Always a whole
+     * tile, as above: columns past `columns` repeat the last one and are not stored. */
     SDCLI_INLINE void sdcli_attention_values(const sdcli_f16 *p, const float *v, ptrdiff_t dv, ptrdiff_t keys,
                                              sdcli_f16 *ot, int columns) {
         ptrdiff_t column[SDCLI_TILE];
-        sdcli_f16 acc[SDCLI_TILE];
+        sdcli_f16 acc[SDCLI_TILE][SDCLI_QUERY_VECTORS];
         #pragma GCC unroll 8
         for (int c = 0; c < SDCLI_TILE; c++) {
             column[c] = c < columns ? c : columns - 1;
-            acc[c] = ot[column[c]];
+            acc[c][0] = ot[2 * column[c]];
+            acc[c][1] = ot[2 * column[c] + 1];
         }
         for (ptrdiff_t j = 0; j < keys; j++) {
-            const sdcli_f16 weight = p[j];
+            const sdcli_f16 low = p[2 * j], high = p[2 * j + 1];
             #pragma GCC unroll 8
-            for (int c = 0; c < SDCLI_TILE; c++) acc[c] += v[j * dv + column[c]] * weight;
+            for (int c = 0; c < SDCLI_TILE; c++) {
+                const float value = v[j * dv + column[c]];
+                acc[c][0] += value * low;
+                acc[c][1] += value * high;
+            }
         }
         #pragma GCC unroll 8
         for (int c = 0; c < SDCLI_TILE; c++)
-            if (c < columns) ot[c] = acc[c];
+            if (c < columns) {
+                ot[2 * c] = acc[c][0];
+                ot[2 * c + 1] = acc[c][1];
+            }
     }
 
     /* exp(x) for the shifted scores, x <= 0, -inf or nan: vec.h's exp (the same polynomial, the same results)
@@ -428,64 +446,77 @@ cdef extern from * nogil:
         return sdcli_select_w16(underflow, (sdcli_f16){0}, y);
     }
 
-    /* The queries i0 .. i0 + 15 (fewer at the end) of one head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv),
+    /* The queries i0 .. i0 + 31 (fewer at the end) of one head: q (Tq, d), k (Tk, d), v (Tk, dv) -> out (Tq, dv),
      * each a matrix whose rows are `strides` floats apart (q, k, v, out): heads may be interleaved, as a (B, T, nh,
-     * hs) projection holds them. scratch_bytes: sdcli_attention_scratch_bytes(d, dv) bytes, of this thread's own. */
+     * hs) projection holds them. Query r of the block is lane r % 16 of vector r / 16 of each quantity.
+     * scratch_bytes: sdcli_attention_scratch_bytes(d, dv) bytes, of this thread's own. */
     SDCLI_AVX512 static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out,
                                                    const ptrdiff_t *strides, ptrdiff_t tq, ptrdiff_t tk,
                                                    ptrdiff_t d, ptrdiff_t dv, int causal, float scale,
                                                    ptrdiff_t i0, void *scratch_bytes) {
+        enum { QV = SDCLI_QUERY_VECTORS };
         const ptrdiff_t ldq = strides[0], ldk = strides[1], ldv = strides[2], ldo = strides[3];
-        /* (d, 16) scaled queries, transposed; zero lanes pad a short block */
+        /* (d, 2 vectors) scaled queries, transposed; zero lanes pad a short block */
         sdcli_f16 *qt = (sdcli_f16 *)(((size_t)scratch_bytes + 63) & ~(size_t)63);
-        sdcli_f16 *ot = qt + d;             /* (dv, 16) running sum of exp(score - max) v, transposed */
-        sdcli_f16 *p = ot + dv;             /* (SDCLI_KEY_BLOCK, 16) scores of one key block, then their exp */
+        sdcli_f16 *ot = qt + QV * d;        /* (dv, 2) running sum of exp(score - max) v, transposed */
+        sdcli_f16 *p = ot + QV * dv;        /* (SDCLI_KEY_BLOCK, 2) scores of one key block, then their exp */
         const ptrdiff_t rows = tq - i0 < SDCLI_QUERY_BLOCK ? tq - i0 : SDCLI_QUERY_BLOCK;
         const ptrdiff_t key_end = causal ? (tk < i0 + rows ? tk : i0 + rows) : tk;
         const sdcli_f16 zero = {0}, lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-        sdcli_f16 row_max = zero - INFINITY;
-        sdcli_d16 row_sum = {0};
-        for (ptrdiff_t c = 0; c < d; c++) qt[c] = zero;
-        for (ptrdiff_t c = 0; c < dv; c++) ot[c] = zero;
+        sdcli_f16 row_max[QV];
+        sdcli_d16 row_sum[QV];
+        for (int h = 0; h < QV; h++) {
+            row_max[h] = zero - INFINITY;
+            row_sum[h] = (sdcli_d16){0};
+        }
+        for (ptrdiff_t c = 0; c < QV * d; c++) qt[c] = zero;
+        for (ptrdiff_t c = 0; c < QV * dv; c++) ot[c] = zero;
         for (ptrdiff_t r = 0; r < rows; r++)
-            for (ptrdiff_t c = 0; c < d; c++) qt[c][r] = q[(i0 + r) * ldq + c] * scale;
+            for (ptrdiff_t c = 0; c < d; c++) qt[QV * c + r / 16][r % 16] = q[(i0 + r) * ldq + c] * scale;
         for (ptrdiff_t j0 = 0; j0 < key_end; j0 += SDCLI_KEY_BLOCK) {
             const ptrdiff_t keys = key_end - j0 < SDCLI_KEY_BLOCK ? key_end - j0 : SDCLI_KEY_BLOCK;
             ptrdiff_t j;
             for (j = 0; j < keys; j += SDCLI_TILE)
-                sdcli_attention_scores(qt, k + (j0 + j) * ldk, d, ldk, p + j,
+                sdcli_attention_scores(qt, k + (j0 + j) * ldk, d, ldk, p + QV * j,
                                        keys - j < SDCLI_TILE ? keys - j : SDCLI_TILE);
-            /* causal: query i0 + r sees key j0 + j only when j0 + j <= i0 + r */
-            for (j = causal && i0 + 1 - j0 > 0 ? i0 + 1 - j0 : 0; causal && j < keys; j++)
-                p[j] = sdcli_select_w16(lane < (float)(j0 + j - i0), zero - INFINITY, p[j]);
-            /* the streaming softmax: a new running max, what rescales the sums so far, this block's exp */
-            sdcli_f16 block_max = row_max;
-            for (j = 0; j < keys; j++) block_max = sdcli_select_w16(p[j] > block_max, p[j], block_max);
-            /* shift by 0 while a query has seen nothing finite, so that exp(-inf - shift) gives 0, not nan */
-            const sdcli_f16 shift = sdcli_select_w16(block_max == -INFINITY, zero, block_max);
-            const sdcli_f16 correction = sdcli_exp_w16(row_max - shift);
-            sdcli_f16 block_sum = zero;
-            for (j = 0; j < keys; j++) {
-                p[j] = sdcli_attention_exp(p[j] - shift);
-                block_sum += p[j];
+            sdcli_f16 correction[QV];
+            for (int h = 0; h < QV; h++) {
+                /* causal: query i0 + 16 h + lane sees key j0 + j only when j0 + j <= i0 + 16 h + lane */
+                const ptrdiff_t first = i0 + 16 * h;
+                for (j = causal && first + 1 - j0 > 0 ? first + 1 - j0 : 0; causal && j < keys; j++)
+                    p[QV * j + h] = sdcli_select_w16(lane < (float)(j0 + j - first), zero - INFINITY, p[QV * j + h]);
+                /* the streaming softmax: a new running max, what rescales the sums so far, this block's exp */
+                sdcli_f16 block_max = row_max[h];
+                for (j = 0; j < keys; j++)
+                    block_max = sdcli_select_w16(p[QV * j + h] > block_max, p[QV * j + h], block_max);
+                /* shift by 0 while a query has seen nothing finite, so that exp(-inf - shift) gives 0, not nan */
+                const sdcli_f16 shift = sdcli_select_w16(block_max == -INFINITY, zero, block_max);
+                correction[h] = sdcli_exp_w16(row_max[h] - shift);
+                sdcli_f16 block_sum = zero;
+                for (j = 0; j < keys; j++) {
+                    p[QV * j + h] = sdcli_attention_exp(p[QV * j + h] - shift);
+                    block_sum += p[QV * j + h];
+                }
+                row_sum[h] = row_sum[h] * __builtin_convertvector(correction[h], sdcli_d16)
+                             + __builtin_convertvector(block_sum, sdcli_d16);
+                row_max[h] = block_max;
             }
-            row_sum = row_sum * __builtin_convertvector(correction, sdcli_d16)
-                      + __builtin_convertvector(block_sum, sdcli_d16);
-            row_max = block_max;
-            for (ptrdiff_t c = 0; c < dv; c++) ot[c] *= correction;
+            for (ptrdiff_t c = 0; c < dv; c++)
+                for (int h = 0; h < QV; h++) ot[QV * c + h] *= correction[h];
             for (ptrdiff_t c = 0; c < dv; c += SDCLI_TILE)
-                sdcli_attention_values(p, v + j0 * ldv + c, ldv, keys, ot + c,
+                sdcli_attention_values(p, v + j0 * ldv + c, ldv, keys, ot + QV * c,
                                        dv - c < SDCLI_TILE ? dv - c : SDCLI_TILE);
         }
         for (ptrdiff_t r = 0; r < rows; r++) {
-            const float total = (float)row_sum[r];
-            for (ptrdiff_t c = 0; c < dv; c++) out[(i0 + r) * ldo + c] = total > 0 ? ot[c][r] / total : 0;
+            const float total = (float)row_sum[r / 16][r % 16];
+            for (ptrdiff_t c = 0; c < dv; c++)
+                out[(i0 + r) * ldo + c] = total > 0 ? ot[QV * c + r / 16][r % 16] / total : 0;
         }
     }
 
     /* bytes of scratch for one block, with room to align it to 64 */
     static size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv) {
-        return (size_t)(d + dv + SDCLI_KEY_BLOCK + 1) * sizeof(sdcli_f16);
+        return (size_t)(SDCLI_QUERY_VECTORS * (d + dv + SDCLI_KEY_BLOCK) + 1) * sizeof(sdcli_f16);
     }
 
     #pragma GCC diagnostic pop
@@ -495,6 +526,7 @@ cdef extern from * nogil:
     }
 
     #else /* not GCC or Clang on x86-64 */
+    #define SDCLI_QUERY_BLOCK 32
     static int sdcli_attention_wide(void) { return 0; }
     static size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv) { return 1; }
     static void sdcli_attention_block(const float *q, const float *k, const float *v, float *out,
@@ -502,6 +534,8 @@ cdef extern from * nogil:
                                       ptrdiff_t dv, int causal, float scale, ptrdiff_t i0, void *scratch_bytes) {}
     #endif
     """
+    enum:
+        SDCLI_QUERY_BLOCK
     # whether this build and CPU have the AVX-512 kernel
     bint sdcli_attention_wide()
     size_t sdcli_attention_scratch_bytes(ptrdiff_t d, ptrdiff_t dv)
@@ -612,12 +646,12 @@ def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[
 
     Only the last axis need be contiguous: a (B, H, T, hs) view of a (B, T, H, hs) projection is read in place, and
     out may be such a view too. With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros.
-    Blocks of 16 queries of all heads run in parallel on CPUs with AVX-512, heads otherwise; ``wide=False`` takes
+    Blocks of 32 queries of all heads run in parallel on CPUs with AVX-512, heads otherwise; ``wide=False`` takes
     the second path anyway (for tests).
     """
     cdef Py_ssize_t batch = q.shape[0], nh = q.shape[1], tq = q.shape[2], d = q.shape[3]
     cdef Py_ssize_t tk = k.shape[2], dv = v.shape[3], heads = batch * nh, h, b
-    cdef Py_ssize_t blocks = (tq + 15) // 16, task
+    cdef Py_ssize_t blocks = (tq + SDCLI_QUERY_BLOCK - 1) // SDCLI_QUERY_BLOCK, task
     cdef ptrdiff_t strides[4]
     cdef int failed = 0
     cdef void* scratch = NULL
@@ -633,7 +667,7 @@ def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[
     else:
         with nogil, parallel():
             scratch = malloc(sdcli_attention_scratch_bytes(d, dv))  # one per thread
-            for task in prange(heads * blocks, schedule="dynamic"):  # (head, block of 16 queries)
+            for task in prange(heads * blocks, schedule="dynamic"):  # (head, block of queries)
                 h = task // blocks
                 b = h // nh
                 if scratch == NULL:
@@ -641,7 +675,7 @@ def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[
                 else:
                     sdcli_attention_block(&q[b, h % nh, 0, 0], &k[b, h % nh, 0, 0], &v[b, h % nh, 0, 0],
                                           &out[b, h % nh, 0, 0], strides, tq, tk, d, dv, causal, scale,
-                                          task % blocks * 16, scratch)
+                                          task % blocks * SDCLI_QUERY_BLOCK, scratch)
             free(scratch)
     if failed:
         raise MemoryError("attention: out of memory for the per-thread or per-head buffers")
