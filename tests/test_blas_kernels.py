@@ -3,7 +3,8 @@
 cpu_ops.conv2d runs blas_kernels for every weight not packed for the AVX-512 kernels; its numpy fallback (kept for
 builds without a BLAS) is tested here on the same cases. Shapes are awkward on purpose: stride 2 and 3, padding 0,
 1 and 2, 1x1 kernels (the direct GEMM and, strided or padded, through im2col), kernels wider than the image, a
-1-pixel image, a 1x3 kernel, batch 3, and blocks of columns cut small so that a block ends inside an output row.
+1-pixel image, a 1x3 kernel, batch 3, blocks of columns cut small so that a block ends inside an output row, and
+small images sharing one sgemm in groups (the last one partial).
 """
 
 from __future__ import annotations
@@ -108,6 +109,16 @@ def test_small_column_blocks(case, column_bytes):
     out = output(x, weight, stride, padding)
     blas_kernels.conv2d(x, weight, stride, padding, bias, out, column_bytes)
     assert_close(out, numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_small_images_share_an_sgemm(with_bias):
+    """Images of fewer than 1024 output pixels go through one sgemm a group at a time: batch 5 of 8x8 images with
+    room for 2 per group (K = 72, 2 * 64 * 72 <= 10000 floats of columns) leaves a last group of one."""
+    x, weight, bias = arrays((5, 8, 6, 8, 8, 3, 3), with_bias)
+    out = output(x, weight, 1, 1)
+    blas_kernels.conv2d(x, weight, 1, 1, bias, out, 4 * 10000)
+    assert_close(out, numpy_ops.conv2d(x, weight, bias, padding=1))
 
 
 def test_non_contiguous_inputs():
