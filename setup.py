@@ -70,9 +70,9 @@ def openmp_flags(compiler) -> tuple[list[str], list[str]] | None:
 def report_accelerator_sources() -> None:
     """Log what this build does with GPU / vendor-library sources. Today there are none, so it only says so.
 
-    CUDA sources (``sdcli/ext/*.cu``) will need nvcc and macOS Accelerate sources an SDK; when such sources are
-    added, their build goes here, guarded so that a missing nvcc or SDK skips them with one log line. A missing
-    tool must never fail the build of the CPU kernels.
+    CUDA sources (``sdcli/ext/*.cu``) will need nvcc; when such sources are added, their build goes here, guarded
+    so that a missing nvcc skips them with one log line. A missing tool must never fail the build of the CPU
+    kernels. (BLAS, Accelerate on macOS included, is configured by blas_options.)
     """
     cuda_sources = sorted(glob(os.path.join(EXT_DIR, "*.cu")))
     if not cuda_sources:
