@@ -1,4 +1,5 @@
-"""Compiled kernels. ``cpu_kernels`` (Cython, float32, OpenMP when the compiler has it) backs :mod:`sdcli.ops.cpu_ops`.
+"""Compiled kernels. ``cpu_kernels`` (Cython, float32, OpenMP when the compiler has it) backs :mod:`sdcli.ops.cpu_ops`,
+with ``f32_kernels`` and ``bf16_kernels`` (packed weights) and ``blas_kernels`` (convolutions through BLAS).
 
 Importing a kernel module raises ImportError when the extension was not built; see setup.py.
 
@@ -6,8 +7,20 @@ OpenMP threads that wait actively (busy-spinning after every parallel region, th
 from numpy's BLAS threads, which run the GEMMs between two kernels: a CLIP layer ran twice as slowly as with
 sleeping threads. So the wait policy defaults to passive here, before the OpenMP runtime loads with the first
 kernel module; a value already in the environment is kept.
+
+``blas_kernels`` is linked against the scipy-openblas32 wheel's libscipy_openblas.so by name, without a search
+path (see setup.py's blas_options): importing scipy_openblas32 here loads that library, and the loader then
+resolves the extension's dependency to it. Without the wheel (or on macOS, where the extension uses Accelerate)
+nothing is loaded here; blas_kernels then fails to import (or was never built) and cpu_ops keeps numpy's GEMM.
 """
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+if sys.platform != "darwin":
+    try:
+        import scipy_openblas32  # noqa: F401  (loads libscipy_openblas.so for blas_kernels)
+    except ImportError:
+        pass

@@ -1,8 +1,9 @@
 """The "cpu" backend: the functions and signatures of :mod:`sdcli.ops.numpy_ops` on the kernels of ``sdcli/ext``.
 
 ``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place; ``conv2d`` is
-im2col in blocks of bounded size, one GEMM per block with the weight in its stored layout; silu, relu and
-upsample_nearest are vectorised numpy. layer_norm, group_norm (with the SiLU after it fused in), gelu, geglu,
+im2col in blocks of bounded size, one GEMM per block with the weight in its stored layout, in C through
+:mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate) where that module is built, otherwise in numpy; silu, relu
+and upsample_nearest are vectorised numpy. layer_norm, group_norm (with the SiLU after it fused in), gelu, geglu,
 quick_gelu, softmax and attention run in :mod:`sdcli.ext.cpu_kernels`: float32, parallel over rows (group_norm:
 groups; attention: blocks of queries) when the extension was built with OpenMP; attention is fused, never forming
 the (Tq, Tk) score matrix.
@@ -13,6 +14,7 @@ Importing this module raises ImportError when the extension is not built; ``get_
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,6 +23,13 @@ import numpy as np
 from ..ext import bf16_kernels
 from ..ext import cpu_kernels as kernels
 from ..ext import f32_kernels
+
+try:
+    from ..ext import blas_kernels
+except ImportError as error:  # built without a BLAS (setup.py logged it): plain-weight convolutions keep numpy's GEMM
+    blas_kernels = None
+    logging.getLogger("sdcli").warning("sdcli.ext.blas_kernels is not available (%s): convolutions with unpacked "
+                                       "weights run im2col in numpy", error)
 
 name = "cpu"
 
@@ -60,10 +69,10 @@ def _kept_weight(weight: np.ndarray) -> np.ndarray:
 
 
 def _weight_values(weight: np.ndarray) -> np.ndarray:
-    """An unpacked weight's values as float32 for numpy's BLAS: float16 widened by the parallel kernel."""
+    """An unpacked weight's values as C-contiguous float32 for the BLAS: float16 widened by the parallel kernel."""
     if weight.dtype == np.float16:
         return weight_float32(weight, "fp16")
-    return np.asarray(weight, dtype=np.float32)
+    return _float32(weight)
 
 
 def _packed_linear(name: str, kernel, x: np.ndarray, packed, bias: np.ndarray | None) -> np.ndarray:
@@ -219,7 +228,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
 
     x (B, Cin, H, W), weight (Cout, Cin, kh, kw) (float32 or float16) or ``pack_conv(weight)``, bias (Cout,) -> (B, Cout, Ho, Wo) with
     ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W). A packed weight runs the AVX-512 kernel
-    (im2col into bounded packed panels); a plain one blocked im2col and numpy's GEMM.
+    (im2col into bounded packed panels); a plain one blocked im2col and one sgemm per block in
+    :mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate), or, where that module was not built, the same in numpy.
     """
     if isinstance(weight, PackedF32):
         x = _float32(x)
@@ -237,6 +247,11 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
     out_channels, _, kh, kw = weight.shape
     out_h = (height + 2 * padding - kh) // stride + 1
     out_w = (width + 2 * padding - kw) // stride + 1
+    if blas_kernels is not None:
+        # a kernel larger than the padded input gives out_h or out_w < 1: the kernel module names that error
+        out = np.empty((batch, out_channels, max(out_h, 0), max(out_w, 0)), dtype=np.float32)
+        blas_kernels.conv2d(x, weight, stride, padding, None if bias is None else _float32(bias), out)
+        return out
     if kh == kw == 1 and stride == 1 and padding == 0:
         y = np.matmul(weight.reshape(out_channels, in_channels), x.reshape(batch, in_channels, height * width))
     elif stride == 1:
