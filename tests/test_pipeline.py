@@ -16,6 +16,7 @@ import tiny_pipeline as tiny  # noqa: E402
 
 import sdcli  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
+from sdcli.nn.layers import matrix_layers  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 
 TOL = {
@@ -114,6 +115,18 @@ def test_every_sampler_is_deterministic_per_seed(model, sampler):
     alone = sdcli.generate_image(pipeline, params.with_(seed=42, batch_size=1))
     np.testing.assert_allclose(alone.images[0], first.images[1], rtol=0, atol=1e-5)  # batched GEMMs may round
     assert np.isfinite(first.images).all() and first.images.std() > 0.01
+
+
+def test_each_stage_lets_its_prepared_weights_go(model):
+    """After a run, no layer of the text encoder, the UNet or the VAE holds a weight it prepared (packed) from the
+    mapped files: each stage drops them when the next starts, and the next run makes them again, to the bit."""
+    pipeline = model["pipeline"]
+    params = sdcli.GenerateParams(prompt=PROMPT, steps=2, sampler="euler", width=64, height=64, seed=3)
+    first = sdcli.generate_image(pipeline, params)
+    for network in (pipeline.prompt_encoder.text_encoder, pipeline.unet, pipeline.decoder):
+        layers = list(matrix_layers(network))
+        assert layers and all(layer.prepared is None for layer in layers)
+    np.testing.assert_array_equal(sdcli.generate_image(pipeline, params).images, first.images)
 
 
 def test_steps_are_reported_in_order(model):

@@ -8,7 +8,7 @@ bf16 with float32 sums where the backend can (see :class:`Linear`), and norms wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -124,12 +124,23 @@ class Linear:
         return y
 
     def prepare(self, pack):
-        """``pack(weight)`` on the first call, kept; the held array is dropped (and its file pages released)."""
+        """``pack(weight)`` on the first call, kept. The held array's file pages are released; a view of the file
+        stays (it costs no resident memory), so that ``unload`` can drop the prepared form and a later call make
+        it again, while a converted copy is dropped for good."""
         if self.prepared is None:
             self.prepared = pack(self.weight.data)
             self.weight.release_pages()
-            self.weight = replace(self.weight, data=np.empty(0, self.weight.data.dtype))
+            if self.weight.release is None:
+                self.weight = replace(self.weight, data=np.empty(0, self.weight.data.dtype))
         return self.prepared
+
+    def unload(self) -> bool:
+        """Drop the prepared weight when the next call can make it again from the mapped file; True if dropped."""
+        if self.prepared is None or self.weight.release is None:
+            return False
+        self.prepared = None
+        self.weight.release_pages()
+        return True
 
 
 class LayerNorm:
@@ -150,6 +161,7 @@ class Conv2d:
         self.prepared = None  # the weight as the backend multiplies it, once made (see Linear.prepare)
 
     prepare = Linear.prepare
+    unload = Linear.unload
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias.float32() if self.bias is not None else None
@@ -187,6 +199,32 @@ class Embedding:
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         rows = np.take(self.weight.data, ids, axis=0)  # (..., C), gathered before conversion: only these rows
         return Weight(rows, self.weight.precision).float32()
+
+
+def matrix_layers(model) -> Iterator[Linear | Conv2d]:
+    """Every Linear and Conv2d of ``model``, once each: walks the attributes of sdcli.nn objects, lists, tuples
+    and dicts."""
+    seen, pending = set(), [model]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (Linear, Conv2d)):
+            yield item
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif type(item).__module__.startswith("sdcli.nn."):
+            pending.extend(vars(item).values())
+
+
+def unload_prepared(model) -> int:
+    """Drop the prepared weights of every Linear and Conv2d of ``model`` that can make them again from the mapped
+    file (``Linear.unload``): the network keeps working, and prepares each layer again on its next call. Returns
+    the number of layers unloaded."""
+    return sum(layer.unload() for layer in matrix_layers(model))
 
 
 def linear_from(ops: Ops, weights: dict[str, Weight], prefix: str, bias: bool = True) -> Linear:
