@@ -375,6 +375,11 @@ class FlopCounter:
     def upsample_nearest(self, x: np.ndarray, factor: int = 2) -> np.ndarray:
         return np.zeros((*x.shape[:-2], x.shape[-2] * factor, x.shape[-1] * factor), np.float32)
 
+    def split_heads(self, x: np.ndarray, heads: int, **_) -> np.ndarray:
+        from sdcli.ops import numpy_ops
+
+        return numpy_ops.split_heads(x, heads)  # a view: no arithmetic to count
+
     def __getattr__(self, name: str):
         from sdcli.ops import numpy_ops
 

@@ -269,6 +269,16 @@ def test_attention_rejects_mismatched_shapes(cpu):
         cpu.attention(q, random((1, 2, 5, 8)), random((1, 2, 6, 8)))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_split_heads(cpu, bf16):
+    """(B, T, heads * hs) -> (B, heads, T, hs), the same values as the reference's view; a contiguous copy for the
+    float32 attention kernel."""
+    x = random((2, 7, 12))
+    got = cpu.split_heads(x, 3, bf16=bf16)
+    np.testing.assert_array_equal(got, numpy_ops.split_heads(x, 3))
+    assert got.shape == (2, 3, 7, 4) and got.flags.c_contiguous != bf16
+
+
 # Convolutions as the networks use them: 3x3 "same", 3x3 stride 2 with padding 1 (UNet downsampler) and with
 # padding 0 (the VAE encoder pads asymmetrically first), 1x1, and odd sizes, width 1, batch 2.
 CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)

@@ -21,7 +21,7 @@ from sdcli.io import checkpoint as checkpoint_module  # noqa: E402
 from sdcli.io import names  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.nn import unet as unet_module  # noqa: E402
-from sdcli.nn.layers import Weight  # noqa: E402
+from sdcli.nn.layers import Weight, matrix_layers, unload_prepared  # noqa: E402
 from sdcli.nn.unet import UNet2DConditionModel, nearest_indices, unet_shapes  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
 from sdcli.pipeline import load_weights  # noqa: E402
@@ -206,13 +206,35 @@ def test_batch_entries_are_independent(tiny):
 
 
 def test_feed_forward_in_pieces_gives_the_same_bits(tiny, monkeypatch):
-    """The transformer blocks' feed-forward runs its tokens in pieces of FEED_FORWARD_ROWS (tokens are
-    independent): pieces that do not divide the tokens give the same bits as one piece."""
+    """The transformer blocks' feed-forward runs its tokens in pieces of at most FEED_FORWARD_VALUES values of
+    its projection (tokens are independent): pieces that do not divide the tokens give the same bits as one."""
     sample, context = inputs(tiny["data"], (9, 9))  # 2 x 81 tokens at the first level
     unet = build(tiny["config"], fp32_weights(tiny["state"]))
     whole = unet(sample, TIMESTEPS, context)
-    monkeypatch.setattr(unet_module, "FEED_FORWARD_ROWS", 7)
+    width = 2 * unet_module.FEED_FORWARD_MULT * tiny["config"].block_out_channels[0]  # of the first projection
+    monkeypatch.setattr(unet_module, "FEED_FORWARD_VALUES", 7 * width)  # 7 tokens a piece there
     np.testing.assert_array_equal(unet(sample, TIMESTEPS, context), whole)
+
+
+def test_unloaded_layers_prepare_again(tiny, tmp_path, shared_data):
+    """unload_prepared drops what the layers prepared from the mapped file (fp32 and fp16 stored as such), and
+    the next call prepares it again, to the bit; weights converted at load (fp32 file held as fp16) have no file
+    to prepare from and stay prepared."""
+    family_configs = shared_data / "configs" / ("sd21" if tiny["name"] == "sd2" else "sd15")
+    folder = ref.write_unet_folder(tmp_path / "folder", family_configs, tiny["data"], tiny["state"])
+    half = ref.write_unet_folder(tmp_path / "half", family_configs, tiny["data"], tiny["state"], dtype="F16",
+                                 variant="fp16")
+    sample, context = inputs(tiny["data"], (9, 9))
+    for checkpoint, precision, file_backed in ((open_checkpoint(folder), "fp32", True),
+                                               (open_checkpoint(half, variant="fp16"), "fp16", True),
+                                               (open_checkpoint(folder), "fp16", False)):
+        weights = load_weights(checkpoint.source("unet"), unet_shapes(tiny["config"]), precision)
+        unet = build(tiny["config"], weights)
+        first = unet(sample, TIMESTEPS, context)
+        layers = list(matrix_layers(unet))
+        assert unload_prepared(unet) == (len(layers) if file_backed else 0)
+        assert all((layer.prepared is None) == file_backed for layer in layers)
+        np.testing.assert_array_equal(unet(sample, TIMESTEPS, context), first)
 
 
 def single_file_state(tiny) -> dict[str, np.ndarray]:

@@ -55,12 +55,10 @@ class ClipAttention:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         batch, tokens, width = x.shape  # (B, T, C)
-
-        def split_heads(y: np.ndarray) -> np.ndarray:
-            return y.reshape(batch, tokens, self.heads, -1).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
-
-        q, k, v = (split_heads(projection(x)) for projection in (self.q_proj, self.k_proj, self.v_proj))
-        y = self.ops.attention(q, k, v, causal=True, bf16=self.q_proj.weight.precision == "bf16")  # (B, nh, T, hs)
+        bf16 = self.q_proj.weight.precision == "bf16"
+        q, k, v = (self.ops.split_heads(projection(x), self.heads, bf16=bf16)  # (B, nh, T, hs)
+                   for projection in (self.q_proj, self.k_proj, self.v_proj))
+        y = self.ops.attention(q, k, v, causal=True, bf16=bf16)  # (B, nh, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, width)  # (B, T, C)
         return self.out_proj(y)
 

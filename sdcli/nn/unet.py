@@ -25,14 +25,14 @@ import numpy as np
 from ..config import UNetConfig
 from ..errors import SdcliError
 from ..ops import Ops
-from .layers import Weight, conv2d_from, group_norm_from, layer_norm_from, linear_from
+from .layers import LayerNorm, Weight, conv2d_from, group_norm_from, layer_norm_from, linear_from
 
 # Fixed by diffusers' building blocks rather than by the config: Transformer2DModel's GroupNorm uses eps 1e-6 and
 # BasicTransformerBlock's LayerNorms 1e-5 (CrossAttnDownBlock2D & co. pass neither), as LDM's SpatialTransformer.
 TRANSFORMER_GROUP_NORM_EPS = 1e-6
 TRANSFORMER_LAYER_NORM_EPS = 1e-5
 FEED_FORWARD_MULT = 4  # GEGLU inner width = 4 x channels
-FEED_FORWARD_ROWS = 2048  # tokens per pass through the feed-forward (BasicTransformerBlock.feed_forward)
+FEED_FORWARD_VALUES = 2048 * 2560  # of the projection per pass through the feed-forward (see feed_forward)
 MAX_PERIOD = 10000  # of the sinusoidal timestep embedding
 
 Shapes = dict[str, tuple[int, ...]]
@@ -185,16 +185,21 @@ class Attention:
         self.to_v = linear_from(ops, weights, prefix + "to_v.", bias=False)
         self.to_out = linear_from(ops, weights, prefix + "to_out.0.")
 
-    def __call__(self, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
-        context = x if context is None else context
+    def __call__(self, x: np.ndarray, context: np.ndarray | None = None,
+                 norm: LayerNorm | None = None) -> np.ndarray:
+        """Attention of ``norm(x)`` (x itself without a norm) over ``context`` (or itself). The normalised x is
+        made here so that it goes once projected, before the attention allocates its output."""
+        if norm is not None:
+            x = norm(x)
         batch, tokens, width = x.shape
-
-        def split_heads(y: np.ndarray) -> np.ndarray:
-            return y.reshape(batch, y.shape[1], self.heads, -1).transpose(0, 2, 1, 3)  # (B, nh, T|S, hs)
-
-        q = split_heads(self.to_q(x))
-        k, v = split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        y = self.ops.attention(q, k, v, bf16=self.to_q.weight.precision == "bf16")  # (B, nh, T, hs), 1/sqrt(hs)
+        bf16 = self.to_q.weight.precision == "bf16"
+        q = self.ops.split_heads(self.to_q(x), self.heads, bf16=bf16)  # (B, nh, T, hs)
+        source = x if context is None else context
+        k = self.ops.split_heads(self.to_k(source), self.heads, bf16=bf16)  # (B, nh, S, hs)
+        v = self.ops.split_heads(self.to_v(source), self.heads, bf16=bf16)
+        del x, source
+        y = self.ops.attention(q, k, v, bf16=bf16)  # (B, nh, T, hs), scale 1/sqrt(hs)
+        del q, k, v  # before the output projection allocates: the peak of the UNet's memory is around here
         return self.to_out(y.transpose(0, 2, 1, 3).reshape(batch, tokens, width))  # (B, T, C)
 
 
@@ -214,22 +219,25 @@ class BasicTransformerBlock:
     def feed_forward(self, x: np.ndarray) -> np.ndarray:
         """GEGLU (Shazeer 2020): the projection's first half gated by GELU of its second half.
 
-        Tokens are independent here, so they go through in pieces of FEED_FORWARD_ROWS: the widest activation of
-        the UNet, the (tokens, 2 inner) projection (84 MB at 64x64 latents, batch 2), then stays a few MB, reused
-        from one piece to the next instead of freshly mapped memory. The results are the same to the bit.
+        Tokens are independent here, so they go through in pieces of at most FEED_FORWARD_VALUES values of the
+        projection: the widest activation of the UNet, the (tokens, 2 inner) projection (84 MB at 64x64 latents,
+        batch 2, and 42 MB at the next level), then stays at 21 MB, reused from one piece to the next instead of
+        freshly mapped memory. The results are the same to the bit.
         """
         rows = x.reshape(-1, x.shape[-1])  # (B*T, C)
-        if len(rows) <= FEED_FORWARD_ROWS:
+        piece_rows = max(1, FEED_FORWARD_VALUES // (2 * FEED_FORWARD_MULT * x.shape[-1]))
+        if len(rows) <= piece_rows:
             return self.ff_out(self.ops.geglu(self.ff_proj(x)))  # (B, T, 2 inner) -> (B, T, inner) -> (B, T, C)
         out = np.empty(rows.shape, dtype=np.float32)  # (B*T, C): the feed-forward maps C to C
-        for start in range(0, len(rows), FEED_FORWARD_ROWS):
-            piece = rows[start:start + FEED_FORWARD_ROWS]
+        for start in range(0, len(rows), piece_rows):
+            piece = rows[start:start + piece_rows]
             out[start:start + len(piece)] = self.ff_out(self.ops.geglu(self.ff_proj(piece)))  # (n, C)
         return out.reshape(x.shape)
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
-        x = x + self.attn1(self.norm1(x))  # (B, T, C), a new array: the caller's x is left alone
-        x += self.attn2(self.norm2(x), context)
+        """x (B, T, C), updated in place (the transformer's own array) and returned."""
+        x += self.attn1(x, norm=self.norm1)
+        x += self.attn2(x, context, norm=self.norm2)
         x += self.feed_forward(self.norm3(x))
         return x
 
@@ -256,8 +264,8 @@ class Transformer2DModel:
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)  # (B, C, H, W)
-        h = h.transpose(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C)
-        if self.linear:
+        h = h.transpose(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C), a copy: the blocks
+        if self.linear:  # update it in place
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
@@ -266,7 +274,8 @@ class Transformer2DModel:
         h = h.reshape(batch, height, width, channels).transpose(0, 3, 1, 2)  # (B, C, H, W)
         if not self.linear:
             h = self.proj_out(h)
-        return h + x
+        h += x  # h is a new array (the projection's), or a view of one
+        return h
 
 
 class Downsample2D:
@@ -417,7 +426,11 @@ class UNet2DConditionModel:
         for block in self.up_blocks:
             for j in range(len(block.resnets)):
                 x = np.concatenate([x, skips.pop()], axis=1)  # (B, C + C_skip, H, W)
-                x = block.layer(j, x, time_features, context)
+                # the two calls of block.layer, written out so that the concatenation (21 MB at 64x64 latents)
+                # goes before the transformer runs: an argument of block.layer would live through both
+                x = block.resnets[j](x, time_features)
+                if block.attentions:
+                    x = block.attentions[j](x, context)
             if block.upsampler is not None:
                 x = block.upsampler(x, skips[-1].shape[-2:])  # to the next skip's size
 

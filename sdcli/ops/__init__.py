@@ -40,6 +40,9 @@ class Ops(Protocol):
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
                   scale: float | None = None, bf16: bool = False) -> np.ndarray: ...
 
+    # (B, T, heads * hs) -> (B, heads, T, hs) in the layout ``attention`` reads best: a view, or a copy by heads
+    def split_heads(self, x: np.ndarray, heads: int, *, bf16: bool = False) -> np.ndarray: ...
+
     def silu(self, x: np.ndarray) -> np.ndarray: ...
 
     def relu(self, x: np.ndarray) -> np.ndarray: ...
@@ -53,7 +56,8 @@ class Ops(Protocol):
     def upsample_nearest(self, x: np.ndarray, factor: int = 2) -> np.ndarray: ...
 
     # Weights held at reduced precision. fp16 (and fp32) weights go through linear and conv2d, packed once when the
-    # layer keeps them, widened per call when streamed; bf16 weights are prepared once by pack_* into whatever layout the backend multiplies fastest, and
+    # layer keeps them, widened per call when streamed; bf16 weights are prepared once by pack_* into whatever
+    # layout the backend multiplies fastest, and
     # linear_bf16 / conv2d_bf16 round the activations to bf16 and sum the products in float32 (a backend without
     # bf16 arithmetic may keep float32 activations instead).
     def weight_float32(self, data: np.ndarray, precision: str) -> np.ndarray: ...

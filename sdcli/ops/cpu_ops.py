@@ -160,6 +160,16 @@ def _float32_rows(x: np.ndarray) -> np.ndarray:
     return _float32(x)
 
 
+def split_heads(x: np.ndarray, heads: int, *, bf16: bool = False) -> np.ndarray:
+    """(B, T, heads * hs) -> (B, heads, T, hs) as ``attention`` reads it best: for the float32 kernel a contiguous
+    copy by heads (it reads keys and values many times over, 15% faster at 4096 tokens than from interleaved
+    heads), made here so that the caller's projection can go before the attention allocates; for bf16 a view (the
+    bf16 kernel converts q, k and v into its own buffers, reading views in place)."""
+    batch, tokens, width = x.shape
+    view = _float32(x).reshape(batch, tokens, heads, width // heads).transpose(0, 2, 1, 3)
+    return view if bf16 else np.ascontiguousarray(view)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
               scale: float | None = None, bf16: bool = False) -> np.ndarray:
     """Scaled dot-product attention.
@@ -226,7 +236,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *,
            padding: int = 0) -> np.ndarray:
     """2-D cross-correlation with zero padding (PyTorch's Conv2d).
 
-    x (B, Cin, H, W), weight (Cout, Cin, kh, kw) (float32 or float16) or ``pack_conv(weight)``, bias (Cout,) -> (B, Cout, Ho, Wo) with
+    x (B, Cin, H, W), weight (Cout, Cin, kh, kw) (float32 or float16) or ``pack_conv(weight)``, bias (Cout,) ->
+    (B, Cout, Ho, Wo) with
     ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W). A packed weight runs the AVX-512 kernel
     (im2col into bounded packed panels); a plain one blocked im2col and one sgemm per block in
     :mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate), or, where that module was not built, the same in numpy.

@@ -67,6 +67,12 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / np.where(total > 0, total, np.float32(1))
 
 
+def split_heads(x: np.ndarray, heads: int, *, bf16: bool = False) -> np.ndarray:
+    """(B, T, heads * hs) -> (B, heads, T, hs), a view (``attention`` takes any layout here)."""
+    batch, tokens, width = x.shape
+    return x.reshape(batch, tokens, heads, width // heads).transpose(0, 2, 1, 3)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
               scale: float | None = None, bf16: bool = False) -> np.ndarray:
     """Scaled dot-product attention.
