@@ -264,8 +264,10 @@ class Transformer2DModel:
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)  # (B, C, H, W)
-        h = h.transpose(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C), a copy: the blocks
-        if self.linear:  # update it in place
+        # (B, H*W, C) made contiguous here, once: the transposed view would be copied by every op that reads it
+        # (the blocks' norms and projections) and added into with strides; the blocks update this copy in place
+        h = np.ascontiguousarray(h.transpose(0, 2, 3, 1)).reshape(batch, height * width, channels)
+        if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)

@@ -140,7 +140,8 @@ class MidBlockAttention:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         batch, channels, height, width = x.shape
-        tokens = self.group_norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # (B, T, C)
+        tokens = np.ascontiguousarray(self.group_norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1))
+        # (B, T, C), copied once rather than by each of the three projections
         # One head of width C: (B, 1, T, C). The backend's attention streams over keys (cpu) or forms the
         # (T, T) scores per image (numpy: 64 MB at T = 64*64).
         q, k, v = (projection(tokens)[:, None] for projection in (self.to_q, self.to_k, self.to_v))
