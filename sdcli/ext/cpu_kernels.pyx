@@ -339,28 +339,11 @@ cdef extern from * nogil:
     #ifdef SDCLI_X86_DISPATCH
     #define SDCLI_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
 
-    typedef float sdcli_f16 __attribute__((vector_size(64)));
-    typedef int sdcli_i16 __attribute__((vector_size(64)));
-    typedef double sdcli_d16 __attribute__((vector_size(128)));
-
-    /* vec.h's element-wise kernels (load, select, exp, ...) for 16 lanes of AVX-512 */
+    /* vec.h's 16-lane AVX-512 vector types and element-wise kernels (load, select, exp, ...) */
     #pragma GCC diagnostic push
     #ifndef __clang__
     #pragma GCC diagnostic ignored "-Wpsabi"  /* 64-byte vector arguments: static functions, no ABI to keep */
     #endif
-    #define SDCLI_W 16
-    #define SDCLI_F sdcli_f16
-    #define SDCLI_I sdcli_i16
-    #define SDCLI_D sdcli_d16
-    #define SDCLI_FN(name) sdcli_##name##_w16
-    #define SDCLI_TARGET SDCLI_AVX512 __attribute__((unused))
-    #include "vec_body.h"
-    #undef SDCLI_W
-    #undef SDCLI_F
-    #undef SDCLI_I
-    #undef SDCLI_D
-    #undef SDCLI_FN
-    #undef SDCLI_TARGET
 
     #define SDCLI_QUERY_VECTORS 2 /* vectors of 16 queries per block */
     #define SDCLI_QUERY_BLOCK 32  /* queries per block: SDCLI_QUERY_VECTORS x the 16 lanes of sdcli_f16 */

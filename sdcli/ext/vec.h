@@ -12,8 +12,9 @@
  *
  * All arrays are float32 and may be unaligned; a, b, c rows are lda, ldb, ldc floats apart; x and y may be the
  * same array. GCC and Clang build them with generic vector types: 4 lanes for the baseline (SSE2 on any x86-64,
- * NEON on arm64; no -march, no fast-math). On x86-64 each also has an 8-lane AVX2 + FMA version, compiled for that
- * target alone and chosen at run time when the CPU has it, so the module still runs on any x86-64. Defining
+ * NEON on arm64; no -march, no fast-math). On x86-64 each also has an 8-lane AVX2 + FMA version and a 16-lane
+ * AVX-512 one, each compiled for its target alone and chosen at run time when the CPU has it (AVX-512 for the
+ * element-wise and norm kernels), so the module still runs on any x86-64. Defining
  * SDCLI_BASELINE_ONLY (CFLAGS=-DSDCLI_BASELINE_ONLY) leaves the AVX2 versions out, to test the baseline on a
  * machine with AVX2. Other compilers get plain loops with the same results up to rounding.
  */
@@ -122,6 +123,34 @@ SDCLI_TARGET static void sdcli_tile_8x8_w8(const float *a, ptrdiff_t lda, const 
 #undef SDCLI_TARGET
 
 static inline int sdcli_has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+/* 16 lanes, one AVX-512 register each (also the vector types of cpu_kernels.pyx's attention kernel) */
+typedef float sdcli_f16 __attribute__((vector_size(64)));
+typedef int sdcli_i16 __attribute__((vector_size(64)));
+typedef double sdcli_d16 __attribute__((vector_size(128)));
+
+#pragma GCC diagnostic push
+#ifndef __clang__
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vector arguments: static functions, no ABI to keep */
+#endif
+#define SDCLI_W 16
+#define SDCLI_F sdcli_f16
+#define SDCLI_I sdcli_i16
+#define SDCLI_D sdcli_d16
+#define SDCLI_FN(name) sdcli_##name##_w16
+#define SDCLI_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma"))) __attribute__((unused))
+#include "vec_body.h"
+#undef SDCLI_W
+#undef SDCLI_F
+#undef SDCLI_I
+#undef SDCLI_D
+#undef SDCLI_FN
+#undef SDCLI_TARGET
+#pragma GCC diagnostic pop
+
+static inline int sdcli_has_avx512(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
 #endif
 
 static inline void sdcli_tile_8x8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,
@@ -162,6 +191,10 @@ static inline void sdcli_quick_gelu(const float *x, ptrdiff_t n, float *y) {
 
 static inline void sdcli_gelu(const float *x, ptrdiff_t n, float *y) {
 #ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) {
+        sdcli_gelu_w16(x, n, y);
+        return;
+    }
     if (sdcli_has_avx2()) {
         sdcli_gelu_w8(x, n, y);
         return;
@@ -172,6 +205,10 @@ static inline void sdcli_gelu(const float *x, ptrdiff_t n, float *y) {
 
 static inline void sdcli_geglu(const float *value, const float *gate, ptrdiff_t n, float *y) {
 #ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) {
+        sdcli_geglu_w16(value, gate, n, y);
+        return;
+    }
     if (sdcli_has_avx2()) {
         sdcli_geglu_w8(value, gate, n, y);
         return;
@@ -182,6 +219,7 @@ static inline void sdcli_geglu(const float *value, const float *gate, ptrdiff_t 
 
 static inline double sdcli_sum_shifted(const float *x, ptrdiff_t n, float shift, int square) {
 #ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) return sdcli_sum_shifted_w16(x, n, shift, square);
     if (sdcli_has_avx2()) return sdcli_sum_shifted_w8(x, n, shift, square);
 #endif
     return sdcli_sum_shifted_w4(x, n, shift, square);
@@ -189,6 +227,10 @@ static inline double sdcli_sum_shifted(const float *x, ptrdiff_t n, float shift,
 
 static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, float shift, int silu, float *y) {
 #ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) {
+        sdcli_scale_shift_w16(x, n, scale, shift, silu, y);
+        return;
+    }
     if (sdcli_has_avx2()) {
         sdcli_scale_shift_w8(x, n, scale, shift, silu, y);
         return;
@@ -200,6 +242,10 @@ static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, f
 static inline void sdcli_normalize_affine(const float *x, ptrdiff_t n, float mean, float inverse_std,
                                           const float *weight, const float *bias, float *y) {
 #ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) {
+        sdcli_normalize_affine_w16(x, n, mean, inverse_std, weight, bias, y);
+        return;
+    }
     if (sdcli_has_avx2()) {
         sdcli_normalize_affine_w8(x, n, mean, inverse_std, weight, bias, y);
         return;
