@@ -380,6 +380,12 @@ class FlopCounter:
 
         return numpy_ops.split_heads(x, heads)  # a view: no arithmetic to count
 
+    def channels_last(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros((x.shape[0], int(np.prod(x.shape[2:])), x.shape[1]), np.float32)  # a copy: no arithmetic
+
+    def channels_first(self, x: np.ndarray, height: int, width: int) -> np.ndarray:
+        return np.zeros((x.shape[0], x.shape[2], height, width), np.float32)
+
     def __getattr__(self, name: str):
         from sdcli.ops import numpy_ops
 

@@ -279,6 +279,21 @@ def test_split_heads(cpu, bf16):
     assert got.shape == (2, 3, 7, 4) and got.flags.c_contiguous != bf16
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 64, 33, 31), (3, 40, 1, 1), (0, 4, 2, 2)], ids=str)
+def test_channels_last_and_first(cpu, shape):
+    """Images to tokens and back: the same values as the reference's transposed copies, C-contiguous (blocks of
+    the kernel cut off at awkward sizes)."""
+    x = random(shape)
+    tokens = cpu.channels_last(x)
+    np.testing.assert_array_equal(tokens, numpy_ops.channels_last(x))
+    assert tokens.flags.c_contiguous and tokens.shape == (shape[0], shape[2] * shape[3], shape[1])
+    back = cpu.channels_first(tokens, *shape[2:])
+    np.testing.assert_array_equal(back, x)
+    np.testing.assert_array_equal(back, numpy_ops.channels_first(tokens, *shape[2:]))
+    with pytest.raises(ValueError, match="tokens"):
+        cpu.channels_first(tokens, shape[2] + 1, shape[3])
+
+
 # Convolutions as the networks use them: 3x3 "same", 3x3 stride 2 with padding 1 (UNet downsampler) and with
 # padding 0 (the VAE encoder pads asymmetrically first), 1x1, and odd sizes, width 1, batch 2.
 CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)

@@ -109,6 +109,30 @@ def geglu(const float[:, ::1] x, float[:, ::1] out):
             sdcli_geglu(&x[r, 0], &x[r, width], width, &out[r, 0])
 
 
+cdef enum:
+    TRANSPOSE_TILE = 32  # rows and columns of a block: 4 KB from each side, in L1
+
+
+def transpose(const float[:, :, ::1] x, float[:, :, ::1] out):
+    """out[b] = x[b].T for x (B, R, C) -> out (B, C, R): channels-first images to tokens and back. In blocks of
+    32 x 32 (both sides' lines stay in L1; numpy's strided copy of a transposed view runs at a fifth of this),
+    blocks of all batch entries in parallel."""
+    cdef Py_ssize_t batch = x.shape[0], rows = x.shape[1], cols = x.shape[2], task, b, r0, c0, r, c, r1, c1
+    cdef Py_ssize_t row_blocks = (rows + TRANSPOSE_TILE - 1) // TRANSPOSE_TILE
+    cdef Py_ssize_t col_blocks = (cols + TRANSPOSE_TILE - 1) // TRANSPOSE_TILE
+    _check_out("transpose", (out.shape[0], out.shape[1], out.shape[2]), (batch, cols, rows))
+    with nogil:
+        for task in prange(batch * row_blocks * col_blocks, schedule="static"):
+            b = task // (row_blocks * col_blocks)
+            r0 = task // col_blocks % row_blocks * TRANSPOSE_TILE
+            c0 = task % col_blocks * TRANSPOSE_TILE
+            r1 = min(rows, r0 + TRANSPOSE_TILE)
+            c1 = min(cols, c0 + TRANSPOSE_TILE)
+            for c in range(c0, c1):
+                for r in range(r0, r1):
+                    out[b, c, r] = x[b, r, c]
+
+
 def quick_gelu(const float[::1] x, float[::1] out):
     """x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)), element-wise."""
     cdef Py_ssize_t n = x.shape[0], chunk

@@ -250,7 +250,7 @@ class Transformer2DModel:
 
     def __init__(self, ops: Ops, config: UNetConfig, weights: dict[str, Weight], prefix: str, heads: int,
                  depth: int):
-        self.linear = config.use_linear_projection
+        self.ops, self.linear = ops, config.use_linear_projection
         self.norm = group_norm_from(ops, weights, prefix + "norm.", config.norm_num_groups,
                                     TRANSFORMER_GROUP_NORM_EPS)
         make = linear_from if self.linear else conv2d_from
@@ -260,23 +260,23 @@ class Transformer2DModel:
                                    for i in range(depth)]
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
-        batch, channels, height, width = x.shape
+        height, width = x.shape[2:]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)  # (B, C, H, W)
-        # (B, H*W, C) made contiguous here, once: the transposed view would be copied by every op that reads it
-        # (the blocks' norms and projections) and added into with strides; the blocks update this copy in place
-        h = np.ascontiguousarray(h.transpose(0, 2, 3, 1)).reshape(batch, height * width, channels)
+        # (B, H*W, C) as a contiguous copy (a transposed view would be copied again by every op that reads it and
+        # added into with strides); the blocks update it in place
+        h = self.ops.channels_last(h)
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(batch, height, width, channels).transpose(0, 3, 1, 2)  # (B, C, H, W)
+        h = self.ops.channels_first(h, height, width)  # (B, C, H, W)
         if not self.linear:
             h = self.proj_out(h)
-        h += x  # h is a new array (the projection's), or a view of one
+        h += x  # h is a new array (the projection's, or channels_first's)
         return h
 
 

@@ -139,15 +139,15 @@ class MidBlockAttention:
         self.to_out = linear_from(ops, weights, prefix + "to_out.0.")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        batch, channels, height, width = x.shape
-        tokens = np.ascontiguousarray(self.group_norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1))
-        # (B, T, C), copied once rather than by each of the three projections
+        height, width = x.shape[2:]
+        tokens = self.ops.channels_last(self.group_norm(x))  # (B, T, C)
         # One head of width C: (B, 1, T, C). The backend's attention streams over keys (cpu) or forms the
         # (T, T) scores per image (numpy: 64 MB at T = 64*64).
         q, k, v = (projection(tokens)[:, None] for projection in (self.to_q, self.to_k, self.to_v))
         y = self.ops.attention(q, k, v, bf16=self.to_q.weight.precision == "bf16")[:, 0]  # (B, T, C)
-        y = self.to_out(y).transpose(0, 2, 1).reshape(batch, channels, height, width)  # (B, C, H, W)
-        return x + y
+        y = self.ops.channels_first(self.to_out(y), height, width)  # (B, C, H, W)
+        y += x
+        return y
 
 
 class MidBlock:

@@ -7,6 +7,8 @@ Clarity beats speed here.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..io.safetensors import bf16_to_float32, float32_to_bf16
@@ -65,6 +67,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - row_max)
     total = e.sum(axis=-1, keepdims=True)
     return e / np.where(total > 0, total, np.float32(1))
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) -> (B, H*W, C), a new C-contiguous array (images to tokens)."""
+    batch, channels = x.shape[:2]
+    return np.ascontiguousarray(x.reshape(batch, channels, math.prod(x.shape[2:])).transpose(0, 2, 1))
+
+
+def channels_first(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, H*W, C) -> (B, C, H, W), a new C-contiguous array (tokens to images)."""
+    batch, _, channels = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(batch, channels, height, width)
 
 
 def split_heads(x: np.ndarray, heads: int, *, bf16: bool = False) -> np.ndarray:
