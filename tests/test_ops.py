@@ -345,10 +345,11 @@ def test_silu_and_relu(cpu, case):
     np.testing.assert_array_equal(cpu.relu(x), numpy_ops.relu(x))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 4, 8, 1)])
-def test_upsample_nearest(cpu, shape):
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 4, 8, 1), (0, 3, 2, 2), (3, 6, 6)])
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_upsample_nearest(cpu, shape, factor):
     x = random(shape)
-    np.testing.assert_array_equal(cpu.upsample_nearest(x), numpy_ops.upsample_nearest(x))
+    np.testing.assert_array_equal(cpu.upsample_nearest(x, factor), numpy_ops.upsample_nearest(x, factor))
 
 
 # ---------------------------------------------------------------------------------------------------------------

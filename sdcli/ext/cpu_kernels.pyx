@@ -12,7 +12,7 @@ from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport uint16_t
 from libc.math cimport INFINITY, expf, sqrt, sqrtf
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cdef extern from *:
     """
@@ -131,6 +131,30 @@ def transpose(const float[:, :, ::1] x, float[:, :, ::1] out):
             for c in range(c0, c1):
                 for r in range(r0, r1):
                     out[b, c, r] = x[b, r, c]
+
+
+def upsample_nearest(const float[:, :, ::1] x, Py_ssize_t factor, float[:, :, ::1] out):
+    """out[p, i, j] = x[p, i // factor, j // factor]: nearest-neighbour upsampling of planes (P, H, W) into out
+    (P, factor H, factor W). Input rows of all planes in parallel: each writes its first output row value by value,
+    then copies it factor - 1 times."""
+    cdef Py_ssize_t planes = x.shape[0], height = x.shape[1], width = x.shape[2], task, p, i, j, k, r
+    cdef float* row
+    if factor < 1:
+        raise ValueError(f"upsample_nearest: the factor must be at least 1, got {factor}")
+    _check_out("upsample_nearest", (out.shape[0], out.shape[1], out.shape[2]),
+               (planes, height * factor, width * factor))
+    if planes == 0 or height == 0 or width == 0:
+        return
+    with nogil:
+        for task in prange(planes * height, schedule="static"):
+            p = task // height
+            i = task % height
+            row = &out[p, i * factor, 0]
+            for j in range(width):
+                for k in range(factor):
+                    row[j * factor + k] = x[p, i, j]
+            for r in range(1, factor):
+                memcpy(&out[p, i * factor + r, 0], row, width * factor * sizeof(float))
 
 
 def quick_gelu(const float[::1] x, float[::1] out):

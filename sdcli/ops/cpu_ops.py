@@ -1,12 +1,13 @@
 """The "cpu" backend: the functions and signatures of :mod:`sdcli.ops.numpy_ops` on the kernels of ``sdcli/ext``.
 
-``linear`` is numpy's matmul (the BLAS numpy links: the CPU GEMM) with the bias added in place; ``conv2d`` is
-im2col in blocks of bounded size, one GEMM per block with the weight in its stored layout, in C through
-:mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate) where that module is built, otherwise in numpy; silu, relu
-and upsample_nearest are vectorised numpy. layer_norm, group_norm (with the SiLU after it fused in), gelu, geglu,
-quick_gelu, softmax and attention run in :mod:`sdcli.ext.cpu_kernels`: float32, parallel over rows (group_norm:
-groups; attention: blocks of queries) when the extension was built with OpenMP; attention is fused, never forming
-the (Tq, Tk) score matrix.
+Matrix products: ``linear`` and ``conv2d`` with a weight prepared by ``pack_linear`` / ``pack_conv`` (float32, or
+float16 widened a panel at a time) run the AVX-512 kernels of :mod:`sdcli.ext.f32_kernels`; with a plain weight,
+``linear`` is numpy's matmul and ``conv2d`` blocked im2col with one sgemm per block in C through
+:mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate), or in numpy where that module is not built. bf16 weights
+run :mod:`sdcli.ext.bf16_kernels` (AMX or AVX512_BF16). layer_norm, group_norm (with the SiLU after it fused in),
+gelu, geglu, quick_gelu, softmax, the fused attention (never forming the (Tq, Tk) score matrix), the
+channels-first/last transposes and nearest upsampling run in :mod:`sdcli.ext.cpu_kernels`, parallel when the
+extension was built with OpenMP; silu and relu are vectorised numpy.
 Inputs of other dtypes or layouts are converted to C-contiguous float32 first; results are new float32 arrays.
 
 Importing this module raises ImportError when the extension is not built; ``get_ops("cpu")`` reports that.
@@ -361,9 +362,11 @@ def upsample_nearest(x: np.ndarray, factor: int = 2) -> np.ndarray:
     """Nearest-neighbour upsampling of the last two axes by an integer ``factor``. (B, C, H, W) -> (B, C, fH, fW)."""
     x = _float32(x)
     *lead, height, width = x.shape
-    out = np.empty((*lead, height, factor, width, factor), dtype=np.float32)
-    out[...] = x[..., :, None, :, None]
-    return out.reshape(*lead, height * factor, width * factor)
+    planes = math.prod(lead)
+    out = np.empty((*lead, height * factor, width * factor), dtype=np.float32)
+    kernels.upsample_nearest(x.reshape(planes, height, width), factor,
+                             out.reshape(planes, height * factor, width * factor))
+    return out
 
 
 # -- weights held at reduced precision ----------------------------------------------------------------------------
