@@ -38,11 +38,6 @@ typedef double sdcli_d4 __attribute__((vector_size(32)));
 #define SDCLI_FN(name) sdcli_##name##_w4
 #define SDCLI_TARGET
 #include "vec_body.h"
-#undef SDCLI_W
-#undef SDCLI_F
-#undef SDCLI_I
-#undef SDCLI_D
-#undef SDCLI_FN
 #undef SDCLI_TARGET
 
 /* 4 x 8 in eight 4-wide registers */
@@ -88,11 +83,6 @@ typedef double sdcli_d8 __attribute__((vector_size(64)));
 #define SDCLI_FN(name) sdcli_##name##_w8
 #define SDCLI_TARGET __attribute__((target("avx2,fma")))
 #include "vec_body.h"
-#undef SDCLI_W
-#undef SDCLI_F
-#undef SDCLI_I
-#undef SDCLI_D
-#undef SDCLI_FN
 
 /* 8 x 8 in eight 8-wide registers; the compiler contracts c += a * b into one FMA */
 SDCLI_TARGET static void sdcli_tile_8x8_w8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb,
@@ -140,11 +130,6 @@ typedef double sdcli_d16 __attribute__((vector_size(128)));
 #define SDCLI_FN(name) sdcli_##name##_w16
 #define SDCLI_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma"))) __attribute__((unused))
 #include "vec_body.h"
-#undef SDCLI_W
-#undef SDCLI_F
-#undef SDCLI_I
-#undef SDCLI_D
-#undef SDCLI_FN
 #undef SDCLI_TARGET
 #pragma GCC diagnostic pop
 

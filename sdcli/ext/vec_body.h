@@ -2,7 +2,8 @@
  *
  * vec.h includes this file once per width, with these defined: SDCLI_W (lanes), SDCLI_F, SDCLI_I, SDCLI_D (vectors
  * of SDCLI_W floats, ints, doubles), SDCLI_FN(name) (the name with the width's suffix) and SDCLI_TARGET (the
- * function attribute of the width's instruction set, or nothing). No include guard, on purpose.
+ * function attribute of the width's instruction set, or nothing); it undefines all but SDCLI_TARGET at its end. No
+ * include guard, on purpose.
  */
 
 SDCLI_TARGET static inline SDCLI_F SDCLI_FN(load)(const float *p) {
@@ -172,3 +173,11 @@ SDCLI_TARGET static void SDCLI_FN(normalize_affine)(const float *x, ptrdiff_t n,
                                    + SDCLI_FN(load)(bias + j), SDCLI_W);
     for (; j < n; j++) y[j] = (x[j] - mean) * inverse_std * weight[j] + bias[j];
 }
+
+/* the parameters of this width, so that the next include can define its own (SDCLI_TARGET stays: the includer may
+ * compile more code for the same target) */
+#undef SDCLI_W
+#undef SDCLI_F
+#undef SDCLI_I
+#undef SDCLI_D
+#undef SDCLI_FN
