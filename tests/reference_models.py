@@ -1,5 +1,6 @@
 """Random-weight models of the real architectures, built with the reference libraries and written to disk in the
-layouts sdcli reads (diffusers folder, single-file LDM checkpoint). Test-only: imports torch and transformers.
+layouts sdcli reads (diffusers folder, single-file LDM checkpoint). Test-only. torch, transformers and diffusers
+are imported by the functions that use them, so writing folders of given tensors (F32, F16) needs none of them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.numpy import save_file
 
 from sdcli.nn.tokenizer import shipped_tokenizer_dir
@@ -17,13 +17,17 @@ from sdcli.nn.tokenizer import shipped_tokenizer_dir
 
 def bf16_bits(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16) by torch's rounding."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
-def randomise_norms(model, generator: torch.Generator, is_norm=lambda name: "norm" in name,
+def randomise_norms(model, generator: "torch.Generator", is_norm=lambda name: "norm" in name,
                     bias_scale: float | None = 0.02) -> None:
     """Norm scales near 1 and shifts near 0 (default inits leave them at exactly 1 and 0), and other biases of
     ``bias_scale`` (None: left as initialised), so that a norm or bias read from the wrong tensor shows."""
+    import torch
+
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if is_norm(name):
@@ -35,6 +39,7 @@ def randomise_norms(model, generator: torch.Generator, is_norm=lambda name: "nor
 
 def random_clip_text_model(config: dict, seed: int = 0):
     """transformers CLIPTextModel with random weights; layer norms randomised too so their bugs show."""
+    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -75,6 +80,7 @@ def rounded(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
 def save_tensors(path: Path, state: dict[str, np.ndarray], dtype: str) -> None:
     """Write with the reference library; BF16 through safetensors.torch."""
     if dtype == "BF16":
+        import torch
         from safetensors.torch import save_file as save_torch
 
         save_torch({name: torch.from_numpy(np.ascontiguousarray(value)).to(torch.bfloat16)
@@ -155,6 +161,7 @@ def openclip_single_file_state(state: dict[str, np.ndarray], layers: int, seed: 
 def random_unet(config: dict, seed: int = 0):
     """diffusers UNet2DConditionModel with random weights. Its default init leaves group/layer norms at 1 and 0;
     they are randomised here (scale around 1, shift around 0) so a norm read from the wrong tensor shows."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -171,6 +178,8 @@ def unet_state(model) -> dict[str, np.ndarray]:
 
 def load_rounded(model, state: dict[str, np.ndarray], dtype: str) -> None:
     """Overwrite the model's tensors with their values after being stored as ``dtype`` ("F16", "BF16")."""
+    import torch
+
     with torch.no_grad():
         model.load_state_dict({name: torch.from_numpy(value) for name, value in rounded(state, dtype).items()})
 
@@ -208,6 +217,7 @@ def write_unet_folder(folder: Path, family_configs: Path, unet_config: dict, sta
 def random_vae(config: dict, seed: int = 0):
     """diffusers AutoencoderKL with random weights; group norms (scale and shift) and biases randomised too so
     that a swapped or ignored one shows."""
+    import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)

@@ -412,8 +412,7 @@ def test_attention_no_keys_gives_zeros(level):
     assert not out.any()
 
 
-def test_attention_against_torch(level):
-    torch = pytest.importorskip("torch")
+def test_attention_against_torch(level, torch):
     rng = np.random.default_rng(11)
     q, k, v = random_attention(rng, 2, 2, 70, 77, 40, 40)
     out = np.empty((2, 2, 70, 40), np.float32)

@@ -12,6 +12,7 @@ from sdcli.errors import CheckpointError, ModelNotFoundError
 from sdcli.io.checkpoint import open_checkpoint
 from sdcli.io.safetensors import save_file
 from sdcli.pipeline import load_prompt_encoder
+from data_paths import CONFIGS
 
 TINY_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
@@ -28,16 +29,16 @@ def tiny_state():
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
-def folder_with(tmp_path, shared_data, state):
-    return ref.write_diffusers_folder(tmp_path / "model", shared_data / "configs" / "sd15", TINY_TEXT_CONFIG, state)
+def folder_with(tmp_path, state):
+    return ref.write_diffusers_folder(tmp_path / "model", CONFIGS / "sd15", TINY_TEXT_CONFIG, state)
 
 
-def test_strict_loading_names_every_problem(tmp_path, shared_data, tiny_state):
+def test_strict_loading_names_every_problem(tmp_path, tiny_state):
     state = dict(tiny_state)
     del state["text_model.encoder.layers.1.mlp.fc2.bias"]
     state["text_model.encoder.layers.0.extra.weight"] = np.zeros(3, np.float32)
     state["text_model.final_layer_norm.weight"] = np.zeros(31, np.float32)
-    folder = folder_with(tmp_path, shared_data, state)
+    folder = folder_with(tmp_path, state)
     with pytest.raises(CheckpointError) as error:
         load_prompt_encoder(folder, backend="numpy")
     message = str(error.value)
@@ -47,18 +48,18 @@ def test_strict_loading_names_every_problem(tmp_path, shared_data, tiny_state):
     assert "1 mis-shaped: text_model.final_layer_norm.weight (31,) (expected (32,))" in message
 
 
-def test_position_ids_are_ignored(tmp_path, shared_data, tiny_state):
+def test_position_ids_are_ignored(tmp_path, tiny_state):
     state = dict(tiny_state, **{"text_model.embeddings.position_ids": np.arange(77, dtype=np.int64)[None]})
-    encoder = load_prompt_encoder(folder_with(tmp_path, shared_data, state), backend="numpy")
+    encoder = load_prompt_encoder(folder_with(tmp_path, state), backend="numpy")
     assert encoder.encode(["a cat"]).shape == (1, 77, 32)
 
 
-def test_sources_are_opened_once_and_released_in_place(tmp_path, shared_data, tiny_state, monkeypatch):
+def test_sources_are_opened_once_and_released_in_place(tmp_path, tiny_state, monkeypatch):
     """checkpoint.source() returns one object per component, so the pipeline's release() drops the pages of the
     very mapping the weights were read from; encoding still works (and gives the same values) after it."""
     from sdcli.io.safetensors import SafetensorsFile
 
-    checkpoint = open_checkpoint(folder_with(tmp_path, shared_data, tiny_state))
+    checkpoint = open_checkpoint(folder_with(tmp_path, tiny_state))
     assert checkpoint.source("text_encoder") is checkpoint.source("text_encoder")
     released = []
     original = SafetensorsFile.release
@@ -140,15 +141,15 @@ def test_pickles_are_refused_with_a_way_out(tmp_path, suffix):
     assert "arbitrary code" in str(error.value) and "save_file" in str(error.value)
 
 
-def test_folder_with_only_pickled_weights(tmp_path, shared_data, tiny_state):
-    folder = folder_with(tmp_path, shared_data, tiny_state)
+def test_folder_with_only_pickled_weights(tmp_path, tiny_state):
+    folder = folder_with(tmp_path, tiny_state)
     (folder / "text_encoder" / "model.safetensors").rename(folder / "text_encoder" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle"):
         load_prompt_encoder(folder, backend="numpy")
 
 
-def test_component_folder_and_missing_paths(tmp_path, shared_data, tiny_state):
-    folder = folder_with(tmp_path, shared_data, tiny_state)
+def test_component_folder_and_missing_paths(tmp_path, tiny_state):
+    folder = folder_with(tmp_path, tiny_state)
     with pytest.raises(CheckpointError, match="folder above it"):
         open_checkpoint(folder / "text_encoder")
     with pytest.raises(ModelNotFoundError, match="no model at"):
@@ -157,8 +158,8 @@ def test_component_folder_and_missing_paths(tmp_path, shared_data, tiny_state):
         open_checkpoint(tmp_path)
 
 
-def test_fp16_variant_and_shards(tmp_path, shared_data, tiny_state):
-    configs = shared_data / "configs" / "sd15"
+def test_fp16_variant_and_shards(tmp_path, tiny_state):
+    configs = CONFIGS / "sd15"
     variant = ref.write_diffusers_folder(tmp_path / "v", configs, TINY_TEXT_CONFIG, tiny_state, dtype="F16",
                                          variant="fp16")
     reference = load_prompt_encoder(variant, precision="fp16", backend="numpy").encode(["a cat"])

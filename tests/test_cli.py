@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch", reason="torch/transformers/diffusers are th
 diffusers = pytest.importorskip("diffusers")
 
 import reference_models as ref  # noqa: E402
+from data_paths import CONFIGS  # noqa: E402
 
 TINY_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -24,9 +25,9 @@ TOL = {"fp32": 1e-4}  # float32 end to end on a tiny model
 
 
 @pytest.fixture(scope="module")
-def tiny_model(shared_data, tmp_path_factory):
+def tiny_model(tmp_path_factory):
     model = ref.random_clip_text_model(TINY_TEXT_CONFIG, seed=3)
-    folder = ref.write_diffusers_folder(tmp_path_factory.mktemp("tiny") / "tiny-sd1", shared_data / "configs" / "sd15",
+    folder = ref.write_diffusers_folder(tmp_path_factory.mktemp("tiny") / "tiny-sd1", CONFIGS / "sd15",
                                         TINY_TEXT_CONFIG, ref.canonical_state(model))
     return folder, model
 

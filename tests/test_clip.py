@@ -15,6 +15,7 @@ import reference_models as ref  # noqa: E402
 
 from sdcli import load_prompt_encoder, open_checkpoint  # noqa: E402
 from sdcli.nn.tokenizer import ClipTokenizer  # noqa: E402
+from data_paths import CONFIGS  # noqa: E402
 
 TOL = {
     # float32 arithmetic end to end; different summation orders in GEMM/softmax/layer norm across 12-23 layers.
@@ -50,10 +51,10 @@ def reference_outputs(model, ids: np.ndarray, state: dict[str, np.ndarray] | Non
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
-def family(request, shared_data, tmp_path_factory):
+def family(request, tmp_path_factory):
     """Random weights of the full text encoder, the reference outputs, and the model written in every layout."""
     name = request.param
-    configs = shared_data / "configs" / name
+    configs = CONFIGS / name
     text_config = json.loads((configs / "text_encoder" / "config.json").read_text())
     model = ref.random_clip_text_model(text_config, seed=1 if name == "sd15" else 2)
     state = ref.canonical_state(model)

@@ -220,13 +220,12 @@ def test_preset_download(in_tmp, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(hub, shared_data, tmp_path_factory):
+def tiny_repo(hub, tmp_path_factory, diffusers):
     """A real tiny SD1-structured diffusers model (random weights, built with diffusers), served as org/tiny-sd1
     with plain weights only: the fp16 preset falls back to them."""
-    pytest.importorskip("torch", reason="the tiny model is built with diffusers")
     import tiny_pipeline
 
-    _, folder = tiny_pipeline.make_tiny_model("sd1", shared_data, tmp_path_factory.mktemp("tiny") / "model")
+    _, folder = tiny_pipeline.make_tiny_model("sd1", tmp_path_factory.mktemp("tiny") / "model")
     files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     hub.add_repo("org/tiny-sd1", files, lfs=[path for path in files if path.endswith(".safetensors")])
     return files

@@ -203,8 +203,7 @@ def test_conv2d_float16_weight_is_the_widened_product(batch, cin, cout, h, w, k,
 
 
 @needs_avx512
-def test_against_torch():
-    torch = pytest.importorskip("torch")
+def test_against_torch(torch):
     rng = np.random.default_rng(11)
     x, w, bias = random_arrays(rng, (37, 300), (70, 300), True)
     expected = torch.nn.functional.linear(*map(torch.from_numpy, (x, w, bias))).numpy()

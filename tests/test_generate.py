@@ -27,8 +27,8 @@ FAST = ["--steps", "3", "--width", "64", "--height", "64"]
 
 
 @pytest.fixture(scope="module")
-def model(shared_data, tmp_path_factory):
-    _, folder = tiny.make_tiny_model("sd1", shared_data, tmp_path_factory.mktemp("cli") / "tiny-sd1")
+def model(tmp_path_factory):
+    _, folder = tiny.make_tiny_model("sd1", tmp_path_factory.mktemp("cli") / "tiny-sd1")
     return folder
 
 

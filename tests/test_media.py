@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from sdcli.errors import SdcliError
@@ -37,8 +35,10 @@ from sdcli.sampling.plans import SAMPLERS
 A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
-def diffusers_pixels(images: np.ndarray) -> np.ndarray:
+def diffusers_pixels(images: np.ndarray, torch) -> np.ndarray:
     """(B, 3, H, W) -> (B, H, W, 3) uint8 through diffusers' own postprocess to PIL images."""
+    from diffusers.image_processor import VaeImageProcessor
+
     pil_images = VaeImageProcessor().postprocess(torch.from_numpy(images), output_type="pil")
     return np.stack([np.asarray(image) for image in pil_images])
 
@@ -69,16 +69,16 @@ def parse_a1111(text: str) -> tuple[str, str, dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- pixels
 
-def test_uint8_matches_diffusers_on_random_values():
+def test_uint8_matches_diffusers_on_random_values(torch, diffusers):
     rng = np.random.default_rng(0)
     images = (rng.standard_normal((2, 3, 17, 23)) * 1.5).astype(np.float32)  # about a third outside [-1, 1]
     images[0, 0, 0, :4] = [-np.inf, np.inf, -1e30, 1e30]
     ours = images_to_uint8(images)
     assert ours.shape == (2, 17, 23, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
-    np.testing.assert_array_equal(ours, diffusers_pixels(images))
+    np.testing.assert_array_equal(ours, diffusers_pixels(images, torch))
 
 
-def test_uint8_matches_diffusers_on_rounding_ties():
+def test_uint8_matches_diffusers_on_rounding_ties(torch, diffusers):
     # Inputs near x = 2 (k + 0.5) / 255 - 1, whose pixel value lies on or next to k + 0.5: within 64 float32
     # steps of each, keep those where the float32 product is exactly k + 0.5 (round half to even decides), and
     # their neighbours one step either side.
@@ -96,7 +96,7 @@ def test_uint8_matches_diffusers_on_rounding_ties():
     tied_levels = np.floor((ties * np.float32(0.5) + np.float32(0.5)) * np.float32(255))
     assert len(np.unique(tied_levels % 2)) == 2  # ties below even and odd levels: half-up would differ
     images = np.resize(values, (3 * 32 * ((values.size + 95) // 96),)).reshape(1, 3, 32, -1).astype(np.float32)
-    np.testing.assert_array_equal(images_to_uint8(images), diffusers_pixels(images))
+    np.testing.assert_array_equal(images_to_uint8(images), diffusers_pixels(images, torch))
 
 
 def test_uint8_writes_nan_as_black_and_says_so(caplog):

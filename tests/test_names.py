@@ -30,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdcli.io import names  # noqa: E402
 from sdcli.io.names import SourceKey  # noqa: E402
+from data_paths import CONFIGS  # noqa: E402
 
 TEXT_MAPS = {"sd15": names.text_encoder_sd1_names, "sd21": names.text_encoder_openclip_names}
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -78,8 +79,8 @@ SMALL_CLIP = {
 
 # -- building models and layouts ---------------------------------------------------------------------------------
 
-def read_config(shared_data: Path, family: str, component: str) -> dict:
-    return json.loads((shared_data / "configs" / family / component / "config.json").read_text())
+def read_config(family: str, component: str) -> dict:
+    return json.loads((CONFIGS / family / component / "config.json").read_text())
 
 
 def build_model(component: str, config: dict):
@@ -212,8 +213,8 @@ def drop_ignored_resblock(converted: dict, layers: int) -> dict:
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_full_config_map_is_complete_bijection(shared_data, family, component):
-    config = read_config(shared_data, family, component)
+def test_full_config_map_is_complete_bijection(family, component):
+    config = read_config(family, component)
     mapping = name_map(family, component, config)
     shapes = {name: tuple(t.shape) for name, t in canonical_state(meta_model(component, config)).items()}
 
@@ -244,9 +245,9 @@ def test_full_config_map_is_complete_bijection(shared_data, family, component):
     ("sd15", "first_stage_model.decoder.up.3.block.0.conv1.weight", (512, 512, 3, 3)),
     ("sd15", "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight", (128, 256, 1, 1)),
 ])
-def test_stored_shapes_of_known_tensors(shared_data, family, stored, shape):
+def test_stored_shapes_of_known_tensors(family, stored, shape):
     component = {"cond_stage_model": "text_encoder", "first_stage_model": "vae"}.get(stored.split(".")[0], "unet")
-    config = read_config(shared_data, family, component)
+    config = read_config(family, component)
     mapping = name_map(family, component, config)
     shapes = {name: tuple(t.shape) for name, t in canonical_state(meta_model(component, config)).items()}
     entries = sources(mapping)[stored]
@@ -255,10 +256,10 @@ def test_stored_shapes_of_known_tensors(shared_data, family, stored, shape):
     assert (len(entries) * one[0], *one[1:]) == shape
 
 
-def test_block_arithmetic_spot_checks(shared_data):
-    unet = names.unet_names(read_config(shared_data, "sd15", "unet"))
-    vae = names.vae_names(read_config(shared_data, "sd15", "vae"))
-    clip = names.text_encoder_openclip_names(read_config(shared_data, "sd21", "text_encoder"))
+def test_block_arithmetic_spot_checks():
+    unet = names.unet_names(read_config("sd15", "unet"))
+    vae = names.vae_names(read_config("sd15", "vae"))
+    clip = names.text_encoder_openclip_names(read_config("sd21", "text_encoder"))
     prefix = names.UNET_PREFIX
     assert unet["down_blocks.1.attentions.1.proj_out.bias"].name == f"{prefix}input_blocks.5.1.proj_out.bias"
     assert unet["down_blocks.2.downsamplers.0.conv.weight"].name == f"{prefix}input_blocks.9.0.op.weight"
@@ -313,8 +314,8 @@ def check_small_component(component: str, family: str, config: dict, seed: int) 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_full_config_matches_diffusers_converter(shared_data, family, component):
-    config = read_config(shared_data, family, component)
+def test_full_config_matches_diffusers_converter(family, component):
+    config = read_config(family, component)
     model = meta_model(component, config)
     shapes = {name: tuple(t.shape) for name, t in canonical_state(model).items()}
     mapping = name_map(family, component, config)

@@ -12,8 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import sdcli.ext
 import sdcli.ops
@@ -362,26 +360,29 @@ def test_reference_erf_accuracy():
     assert np.abs(numpy_ops.erf(x) - expected).max() <= ERF_ATOL
 
 
-def test_reference_gelu_against_torch():
+def test_reference_gelu_against_torch(torch):
+    F = torch.nn.functional
     x = np.concatenate([np.linspace(-12.0, 12.0, 4001, dtype=np.float32), random((1000,), magnitude=4.0)])
     expected = F.gelu(torch.from_numpy(x)).numpy()  # approximate="none": x * Phi(x) with libm-class erf
     assert_close(numpy_ops.gelu(x), expected, "gelu")
 
 
-def test_reference_geglu_against_torch():
+def test_reference_geglu_against_torch(torch):
+    F = torch.nn.functional
     x = random((2, 7, 64), magnitude=3.0)
     value, gate = torch.from_numpy(x).chunk(2, dim=-1)  # diffusers' GEGLU: hidden, gate = proj(x).chunk(2)
     assert_close(numpy_ops.geglu(x), (value * F.gelu(gate)).numpy(), "gelu")
 
 
-def test_reference_quick_gelu_against_torch():
+def test_reference_quick_gelu_against_torch(torch):
     x = np.concatenate([np.linspace(-12.0, 12.0, 4001, dtype=np.float32), random((1000,), magnitude=4.0)])
     t = torch.from_numpy(x)
     assert_close(numpy_ops.quick_gelu(x), (t * torch.sigmoid(1.702 * t)).numpy(), "quick_gelu")
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 77, 768), (4, 1)])
-def test_reference_layer_norm_against_torch(shape):
+def test_reference_layer_norm_against_torch(shape, torch):
+    F = torch.nn.functional
     x, weight, bias = random(shape, magnitude=3.0), random(shape[-1:], seed=1), random(shape[-1:], seed=2)
     expected = F.layer_norm(torch.from_numpy(x), shape[-1:], torch.from_numpy(weight), torch.from_numpy(bias), 1e-5)
     assert_close(numpy_ops.layer_norm(x, weight, bias, 1e-5), expected.numpy(), "layer_norm")
@@ -389,7 +390,8 @@ def test_reference_layer_norm_against_torch(shape):
 
 @pytest.mark.parametrize("case", [(2, 12, 77, 77, 64, True), (2, 3, 5, 5, 7, True), (1, 2, 9, 130, 16, False)],
                          ids=str)
-def test_reference_attention_against_torch(case):
+def test_reference_attention_against_torch(case, torch):
+    F = torch.nn.functional
     batch, heads, tq, tk, d, causal = case
     q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, d), 3)
     expected = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), is_causal=causal).numpy()
@@ -397,14 +399,16 @@ def test_reference_attention_against_torch(case):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-def test_reference_conv2d_against_torch(case):
+def test_reference_conv2d_against_torch(case, torch):
+    F = torch.nn.functional
     batch, cin, cout, height, width, kernel, stride, padding = case
     x, weight, bias = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), 1), random((cout,), 2)
     expected = F.conv2d(*map(torch.from_numpy, (x, weight, bias)), stride=stride, padding=padding).numpy()
     assert_close(numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding), expected, "conv2d")
 
 
-def test_reference_group_norm_silu_upsample_against_torch():
+def test_reference_group_norm_silu_upsample_against_torch(torch):
+    F = torch.nn.functional
     x, weight, bias = random((2, 64, 5, 7), magnitude=3.0) + 1, random((64,), 1), random((64,), 2)
     expected = F.group_norm(*map(torch.from_numpy, (x,)), 32, torch.from_numpy(weight), torch.from_numpy(bias), 1e-6)
     assert_close(numpy_ops.group_norm(x, 32, weight, bias, 1e-6), expected.numpy(), "group_norm")
@@ -474,9 +478,10 @@ def test_conv2d_bf16(cpu, bf16_cpu, case):
     assert_close(got, expected, "conv2d")
 
 
-def test_reference_bf16_products_against_torch():
+def test_reference_bf16_products_against_torch(torch):
     """numpy_ops' bf16 contract is torch's bf16 linear and conv2d: operands rounded to bf16, float32 sums (torch
     rounds its bf16 output too, one more rounding: compared at bf16's own precision)."""
+    F = torch.nn.functional
     x, bits, bias = random((2, 7, 64)), bf16_bits((24, 64), 1), random((24,), 2)
     weight = torch.from_numpy(numpy_ops.weight_float32(bits, "bf16")).bfloat16()
     expected = F.linear(torch.from_numpy(x).bfloat16(), weight, torch.from_numpy(bias).bfloat16()).float().numpy()
@@ -508,7 +513,8 @@ def test_attention_bf16(cpu, bf16_cpu, case):
     np.testing.assert_allclose(got, expected, rtol=0, atol=BF16_ATTENTION_ULPS * float(np.abs(v).max()))
 
 
-def test_reference_bf16_attention_against_torch():
+def test_reference_bf16_attention_against_torch(torch):
+    F = torch.nn.functional
     q, k, v = random((2, 3, 50, 40), 1), random((2, 3, 77, 40), 2), random((2, 3, 77, 40), 3)
     expected = F.scaled_dot_product_attention(*(torch.from_numpy(a).bfloat16() for a in (q, k, v))).float().numpy()
     got = numpy_ops.attention(q, k, v, bf16=True)

@@ -18,6 +18,7 @@ import sdcli  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
 from sdcli.nn.layers import matrix_layers  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
+from data_paths import CONFIGS  # noqa: E402
 
 TOL = {
     # The bound for float32 parity on pixels in [0, 1]. The images are made from the same latents by the
@@ -32,10 +33,10 @@ DETERMINISTIC = [name for name, spec in SAMPLERS.items() if not spec.stochastic]
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
-def model(request, shared_data, tmp_path_factory):
+def model(request, tmp_path_factory):
     family = request.param
-    reference, folder = tiny.make_tiny_model(family, shared_data, tmp_path_factory.mktemp(family) / "model")
-    configs = shared_data / "configs" / tiny.SCHEDULER_CONFIGS[family]
+    reference, folder = tiny.make_tiny_model(family, tmp_path_factory.mktemp(family) / "model")
+    configs = CONFIGS / tiny.SCHEDULER_CONFIGS[family]
     return dict(family=family, reference=reference, folder=folder, configs=configs,
                 pipeline=sdcli.load_pipeline(str(folder)))
 

@@ -9,8 +9,8 @@ import pytest
 
 from sdcli.config import SchedulerConfig
 from sdcli.sampling.schedules import NoiseSchedule, inference_timesteps
+from data_paths import CONFIGS, TEST_DATA
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the scheduler reference")
 
 TOL = {
     # float32 tables: diffusers computes linspace/cumprod in torch float32, we in numpy float32; the order of
@@ -27,7 +27,7 @@ SCHEDULES = [
 
 
 @pytest.mark.parametrize("overrides", SCHEDULES)
-def test_tables_equal_diffusers(overrides):
+def test_tables_equal_diffusers(overrides, diffusers):
     reference = diffusers.DDIMScheduler(**{"set_alpha_to_one": False, **overrides})
     schedule = NoiseSchedule.from_config(SchedulerConfig(**overrides))
     np.testing.assert_allclose(schedule.betas, reference.betas.numpy(), rtol=0, atol=TOL["tables"])
@@ -37,7 +37,7 @@ def test_tables_equal_diffusers(overrides):
 
 
 @pytest.mark.parametrize("overrides", SCHEDULES[:2])
-def test_sigmas_equal_euler(overrides):
+def test_sigmas_equal_euler(overrides, diffusers):
     reference = diffusers.EulerDiscreteScheduler(
         **{k: v for k, v in overrides.items() if k != "set_alpha_to_one"})
     reference.set_timesteps(1000)  # every training timestep
@@ -49,7 +49,7 @@ def test_sigmas_equal_euler(overrides):
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 4, 20, 25, 50, 999, 1000])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_timesteps_equal_ddim(spacing, steps, offset):
+def test_timesteps_equal_ddim(spacing, steps, offset, diffusers):
     reference = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
     reference.set_timesteps(steps)
     config = SchedulerConfig(timestep_spacing=spacing, steps_offset=offset)
@@ -57,10 +57,10 @@ def test_timesteps_equal_ddim(spacing, steps, offset):
 
 
 @pytest.mark.parametrize("model", ["sd15", "sd21"])
-def test_stored_reference(shared_data, model):
-    reference = json.loads((shared_data / "schedulers" / "scheduler_reference.json").read_text())[model]
+def test_stored_reference(model):
+    reference = json.loads((TEST_DATA / "schedulers" / "scheduler_reference.json").read_text())[model]
     config = SchedulerConfig.from_diffusers(
-        json.loads((shared_data / "configs" / model / "scheduler" / "scheduler_config.json").read_text()))
+        json.loads((CONFIGS / model / "scheduler" / "scheduler_config.json").read_text()))
     schedule = NoiseSchedule.from_config(config)
     np.testing.assert_allclose(schedule.betas, reference["betas_float32"], rtol=0, atol=TOL["tables"])
     np.testing.assert_allclose(schedule.alphas_cumprod, reference["alphas_cumprod_float32"], rtol=0,

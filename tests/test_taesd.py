@@ -1,6 +1,6 @@
-"""TAESD with its real trained weights against the reference tensors of shared/data/taesd (computed with diffusers'
-AutoencoderTiny and checked against an independent implementation), from the shipped BF16 files and from the
-shared F32 upcast; strict loading and the VaeEncoder/VaeDecoder-style interface."""
+"""TAESD with its real trained weights against the reference tensors of tests/data/taesd (computed with diffusers'
+AutoencoderTiny and checked against an independent implementation), from the shipped BF16 files and from an F32
+upcast of them; strict loading and the VaeEncoder/VaeDecoder-style interface."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from data_paths import TEST_DATA
 from sdcli.errors import CheckpointError, ModelNotFoundError, SdcliError
 from sdcli.io.safetensors import SafetensorsFile, save_file
 from sdcli.nn.taesd import (SHIPPED_FILES, load_taesd, load_taesd_decoder, load_taesd_encoder, shipped_taesd_dir,
@@ -24,15 +25,39 @@ TOL = {
 ROUND_TRIP_PSNR = 21.87
 
 
+# sha256 of the BF16 files as published (sdcli/data/taesd/README.md)
+PUBLISHED_SHA256 = {
+    "taesd_encoder.bf16.safetensors": "a6b8c0fda4aad50784e543389e0239c72c5e31e9775c9e612ea8333bf3a77dcb",
+    "taesd_decoder.bf16.safetensors": "d903e7cc3ae58f21d985a3498a841fa8b230edccff7ac5d27607b0c557945c6f",
+}
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """The exact float32 of each bfloat16 bit pattern: its 16 bits become the high half of a float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def write_f32_upcast(folder):
+    """The shipped BF16 weights as F32 files (``taesd_{part}.safetensors``) in ``folder``, upcast by bit shifting
+    the raw BF16 payload, independently of the reader's own conversion."""
+    for part, name in SHIPPED_FILES.items():
+        with SafetensorsFile(shipped_taesd_dir() / name) as file:
+            tensors = {key: bf16_bits_to_float32(np.array(file.view(key))) for key in file.keys()}
+        save_file(folder / f"taesd_{part}.safetensors", tensors)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def reference(shared_data):
-    file = SafetensorsFile(shared_data / "taesd" / "taesd_reference_astronaut256.safetensors")
+def reference():
+    file = SafetensorsFile(TEST_DATA / "taesd" / "taesd_reference_astronaut256.safetensors")
     return {name: np.array(file.view(name)) for name in file.keys()}
 
 
-@pytest.fixture(scope="module", params=["shipped-bf16", "shared-f32"])
-def taesd(request, shared_data):
-    return load_taesd() if request.param == "shipped-bf16" else load_taesd(path=shared_data / "taesd")
+@pytest.fixture(scope="module", params=["shipped-bf16", "f32-upcast"])
+def taesd(request, tmp_path_factory):
+    if request.param == "shipped-bf16":
+        return load_taesd()
+    return load_taesd(path=write_f32_upcast(tmp_path_factory.mktemp("taesd-f32")))
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,18 +69,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
-def test_shipped_files_are_the_published_bf16_weights(shared_data):
-    """Byte-identical to the files as found, and the shared F32 files are their exact upcast (so shipping the
+def test_shipped_files_are_the_published_bf16_weights(tmp_path):
+    """Byte-identical to the files as published, and the reader's float32 is their exact upcast (so shipping the
     BF16 halves the size at no cost)."""
+    write_f32_upcast(tmp_path)
     for part, name in SHIPPED_FILES.items():
         shipped = shipped_taesd_dir() / name
-        assert hashlib.sha256(shipped.read_bytes()).digest() == \
-            hashlib.sha256((shared_data / "taesd" / "bf16_original" / name).read_bytes()).digest()
-        bf16, f32 = SafetensorsFile(shipped), SafetensorsFile(shared_data / "taesd" / f"taesd_{part}.safetensors")
-        assert bf16.keys() == f32.keys()
+        assert hashlib.sha256(shipped.read_bytes()).hexdigest() == PUBLISHED_SHA256[name]
+        bf16, f32 = SafetensorsFile(shipped), SafetensorsFile(tmp_path / f"taesd_{part}.safetensors")
+        assert bf16.keys() == f32.keys() and len(bf16.keys()) == 67
         for key in bf16.keys():
             assert bf16.info(key).dtype == "BF16" and f32.info(key).dtype == "F32"
-            np.testing.assert_array_equal(bf16.float32(key), f32.view(key))
+            np.testing.assert_array_equal(bf16.float32(key).view(np.uint32), f32.view(key).view(np.uint32))
     assert (shipped_taesd_dir() / "LICENSE").read_text().startswith("MIT License")
 
 

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from sdcli.nn.tokenizer import ClipTokenizer, shipped_tokenizer_dir
-
-transformers = pytest.importorskip("transformers", reason="transformers is the tokenizer reference")
+from data_paths import CONFIGS, TEST_DATA
 
 SUBJECTS = ["a cat", "An astronaut riding a horse", "the Eiffel tower at night", "portrait of a woman, 85mm",
             "a bowl of ramen", "cyberpunk city street", "a red fox in snow", "Mount Fuji", "an old library",
@@ -43,17 +42,17 @@ def corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(transformers):
     return transformers.CLIPTokenizer.from_pretrained(str(shipped_tokenizer_dir()))
 
 
 @pytest.fixture(scope="module")
-def reference_sd2(shared_data, tmp_path_factory):
+def reference_sd2(tmp_path_factory, transformers):
     folder = tmp_path_factory.mktemp("sd2_tokenizer")
     for name in ("vocab.json", "merges.txt"):
         (folder / name).write_bytes((shipped_tokenizer_dir() / name).read_bytes())
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).write_bytes((shared_data / "configs" / "sd21" / "tokenizer" / name).read_bytes())
+        (folder / name).write_bytes((CONFIGS / "sd21" / "tokenizer" / name).read_bytes())
     return folder, transformers.CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -83,10 +82,10 @@ def test_padded_ids_equal_transformers_sd2(reference_sd2):
         assert tokenizer.tokenize(text).ids.tolist() == expected, text
 
 
-def test_reference_tokenizations(shared_data):
-    data = json.loads((shared_data / "clip_tokenizer" / "reference_tokenizations.json").read_text())
+def test_reference_tokenizations():
+    data = json.loads((TEST_DATA / "clip_tokenizer" / "reference_tokenizations.json").read_text())
     sd1 = ClipTokenizer.from_folder()
-    sd2 = ClipTokenizer.from_folder(shared_data / "configs" / "sd21" / "tokenizer")
+    sd2 = ClipTokenizer.from_folder(CONFIGS / "sd21" / "tokenizer")
     assert (sd1.bos_id, sd1.eos_id) == (data["bos_id"], data["eos_id"])
     for case in data["cases"]:
         assert sd1.encode(case["text"]) == case["ids"], case["text"]
@@ -103,12 +102,12 @@ def test_truncation_keeps_eos_last_and_counts():
     assert short.length == 4 and short.truncated == 0
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=120))
-def test_random_text_equals_transformers(text):
-    tokenizer = _SHIPPED
-    assert tokenizer.encode(text) == _REFERENCE(text)["input_ids"]
+def test_random_text_equals_transformers(reference):
+    tokenizer = ClipTokenizer.from_folder()
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=120))
+    def check(text):
+        assert tokenizer.encode(text) == reference(text)["input_ids"]
 
-_SHIPPED = ClipTokenizer.from_folder()
-_REFERENCE = transformers.CLIPTokenizer.from_pretrained(str(shipped_tokenizer_dir()))
+    check()

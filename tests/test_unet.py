@@ -25,6 +25,7 @@ from sdcli.nn.layers import Weight, matrix_layers, unload_prepared  # noqa: E402
 from sdcli.nn.unet import UNet2DConditionModel, nearest_indices, unet_shapes  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
 from sdcli.pipeline import load_weights  # noqa: E402
+from data_paths import CONFIGS  # noqa: E402
 
 TOL = {
     # max |ours - diffusers| / max |diffusers|, float32 on both sides. What differs is summation order (GEMM
@@ -108,12 +109,12 @@ def fp32_weights(state: dict[str, np.ndarray]) -> dict[str, Weight]:
 
 @pytest.mark.parametrize("family, heads, context, linear", [
     ("sd15", (8, 8, 8, 8), 768, False), ("sd21", (5, 10, 20, 20), 1024, True)])
-def test_shipped_configs(shared_data, family, heads, context, linear):
+def test_shipped_configs(family, heads, context, linear):
     """The real config files; unet_shapes is exactly diffusers' state dict (meta device: no memory) and the
     single-file map's canonical names."""
     from diffusers import UNet2DConditionModel as Reference
 
-    data = json.loads((shared_data / "configs" / family / "unet" / "config.json").read_text())
+    data = json.loads((CONFIGS / family / "unet" / "config.json").read_text())
     config = UNetConfig.from_diffusers(data)
     assert (config.num_attention_heads, config.cross_attention_dim, config.use_linear_projection) == \
         (heads, context, linear)
@@ -216,11 +217,11 @@ def test_feed_forward_in_pieces_gives_the_same_bits(tiny, monkeypatch):
     np.testing.assert_array_equal(unet(sample, TIMESTEPS, context), whole)
 
 
-def test_unloaded_layers_prepare_again(tiny, tmp_path, shared_data):
+def test_unloaded_layers_prepare_again(tiny, tmp_path):
     """unload_prepared drops what the layers prepared from the mapped file (fp32 and fp16 stored as such), and
     the next call prepares it again, to the bit; weights converted at load (fp32 file held as fp16) have no file
     to prepare from and stay prepared."""
-    family_configs = shared_data / "configs" / ("sd21" if tiny["name"] == "sd2" else "sd15")
+    family_configs = CONFIGS / ("sd21" if tiny["name"] == "sd2" else "sd15")
     folder = ref.write_unet_folder(tmp_path / "folder", family_configs, tiny["data"], tiny["state"])
     half = ref.write_unet_folder(tmp_path / "half", family_configs, tiny["data"], tiny["state"], dtype="F16",
                                  variant="fp16")
@@ -265,9 +266,9 @@ def run_checkpoint(checkpoint, tiny, precision: str, size=(9, 9), stream: bool =
     return build(config, weights)(sample, TIMESTEPS, context)
 
 
-def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch, shared_data):
+def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch):
     """The same weights from a diffusers folder, a single-file checkpoint and memory give the same bits."""
-    family_configs = shared_data / "configs" / ("sd21" if tiny["name"] == "sd2" else "sd15")
+    family_configs = CONFIGS / ("sd21" if tiny["name"] == "sd2" else "sd15")
     folder = ref.write_unet_folder(tmp_path / "folder", family_configs, tiny["data"], tiny["state"])
     single = tmp_path / "single.safetensors"
     save_file(single_file_state(tiny), str(single))
@@ -279,7 +280,7 @@ def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch, shared_data):
     np.testing.assert_array_equal(from_single, in_memory)
 
 
-def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch, shared_data):
+def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch):
     """stream=True drops each layer's mapped pages after every use (without it, once the layer has its own copy);
     the outputs do not change beyond float32 summation order, from a folder or a single file."""
     from sdcli.io.safetensors import SafetensorsFile
@@ -288,7 +289,7 @@ def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch, shared
     original = SafetensorsFile.release
     monkeypatch.setattr(SafetensorsFile, "release", lambda self, name=None: (released.append(name),
                                                                              original(self, name)))
-    family_configs = shared_data / "configs" / ("sd21" if tiny["name"] == "sd2" else "sd15")
+    family_configs = CONFIGS / ("sd21" if tiny["name"] == "sd2" else "sd15")
     folder = ref.write_unet_folder(tmp_path / "folder", family_configs, tiny["data"], tiny["state"])
     single = tmp_path / "single.safetensors"
     save_file(single_file_state(tiny), str(single))
@@ -305,11 +306,11 @@ def test_streamed_weights_give_the_same_bits(tiny, tmp_path, monkeypatch, shared
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", "F16"), ("bf16", "BF16")])
-def test_reduced_precision(tiny, tmp_path, monkeypatch, shared_data, precision, dtype):
+def test_reduced_precision(tiny, tmp_path, monkeypatch, precision, dtype):
     """Weights held as fp16/bf16, from an fp32 folder (rounded at load) and from files stored that way (a
     diffusers fp16 variant, a bf16 single file): bit-identical to each other; fp16 (float32 compute) against
     diffusers running the same rounded weights in float32, bf16 (bf16 products) within bf16's error of that."""
-    family_configs = shared_data / "configs" / ("sd21" if tiny["name"] == "sd2" else "sd15")
+    family_configs = CONFIGS / ("sd21" if tiny["name"] == "sd2" else "sd15")
     fp32_folder = ref.write_unet_folder(tmp_path / "fp32", family_configs, tiny["data"], tiny["state"])
     rounded_at_load = run_checkpoint(open_checkpoint(fp32_folder), tiny, precision)
     if dtype == "F16":
@@ -337,11 +338,11 @@ def test_reduced_precision(tiny, tmp_path, monkeypatch, shared_data, precision, 
     assert relative_error(rounded_at_load, expected) <= relative_error(in_bf16.sample.float().numpy(), expected)
 
 
-def test_strict_loading_names_a_missing_tensor(tmp_path, shared_data):
+def test_strict_loading_names_a_missing_tensor(tmp_path):
     model = ref.random_unet(TINY_BASE, seed=1)
     state = dict(ref.unet_state(model))
     del state["up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight"]
-    folder = ref.write_unet_folder(tmp_path / "folder", shared_data / "configs" / "sd15", dict(model.config), state)
+    folder = ref.write_unet_folder(tmp_path / "folder", CONFIGS / "sd15", dict(model.config), state)
     checkpoint = open_checkpoint(folder)
     with pytest.raises(CheckpointError, match="1 missing: up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k"):
         load_weights(checkpoint.source("unet"), unet_shapes(checkpoint.unet_config()), "fp32")
@@ -368,11 +369,11 @@ def test_bad_inputs_are_named(sample_shape, timesteps, context_shape, message):
 # -- full configs --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
-def test_full_parity(shared_data, family):
+def test_full_parity(family):
     """The full UNet (860M / 865M parameters) with random weights at 16x16 latents, batch 2, one fractional and
     one integer timestep, against diffusers in float32. sdcli reads the torch tensors' memory through numpy
     views, so only one copy of the 3.4 GB of weights exists."""
-    data = json.loads((shared_data / "configs" / family / "unet" / "config.json").read_text())
+    data = json.loads((CONFIGS / family / "unet" / "config.json").read_text())
     model = ref.random_unet(data, seed=11)
     sample, context = inputs(data, (16, 16), seed=3)
     timesteps = np.array([999.0, 500.25])

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import sdcli
 from sdcli.errors import SdcliError
 from sdcli.sampling.denoisers import Denoiser, TimestepMap, training_sigmas
 from sdcli.sampling.plans import SAMPLERS
 from sdcli.sampling.unipc import sample_unipc
+from data_paths import CONFIGS
 
 torch = pytest.importorskip("torch", reason="diffusers' scheduler is the UniPC reference")
 diffusers = pytest.importorskip("diffusers", reason="diffusers' scheduler is the UniPC reference")
 
-CONFIGS = Path(sdcli.__file__).parent / "data" / "configs"
 
 TOL = {
     # Latents and denoised estimates after every step, as max |ours - diffusers| / max |diffusers|. diffusers

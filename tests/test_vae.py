@@ -21,6 +21,7 @@ from sdcli.nn.layers import Weight  # noqa: E402
 from sdcli.nn.vae import (VaeDecoder, VaeEncoder, load_vae, load_vae_decoder, load_vae_encoder,  # noqa: E402
                           vae_shapes)
 from sdcli.ops import get_ops  # noqa: E402
+from data_paths import CONFIGS  # noqa: E402
 
 # Errors are relative: max |ours - reference| / max |reference|. Random weights set the output scale (about 1 to
 # 3 here), so an absolute bound would mean something else for every config.
@@ -67,9 +68,9 @@ def reference_mean(model, images: np.ndarray, scaling_factor: float) -> np.ndarr
 
 # -- config --------------------------------------------------------------------------------------------------
 
-def test_config_from_the_shipped_files(shared_data):
+def test_config_from_the_shipped_files():
     for family in ("sd15", "sd21"):
-        data = json.loads((shared_data / "configs" / family / "vae" / "config.json").read_text())
+        data = json.loads((CONFIGS / family / "vae" / "config.json").read_text())
         config = VAEConfig.from_diffusers(data)
         assert config.block_out_channels == (128, 256, 512, 512)
         assert (config.layers_per_block, config.latent_channels, config.norm_num_groups) == (2, 4, 32)
@@ -96,10 +97,10 @@ def test_config_refusals(change, words):
 
 
 @pytest.mark.parametrize("name", [*TINY_CONFIGS, "sd15"])
-def test_shapes_are_diffusers_state_dict(name, shared_data):
+def test_shapes_are_diffusers_state_dict(name):
     from diffusers import AutoencoderKL
 
-    data = TINY_CONFIGS.get(name) or json.loads((shared_data / "configs" / name / "vae" / "config.json").read_text())
+    data = TINY_CONFIGS.get(name) or json.loads((CONFIGS / name / "vae" / "config.json").read_text())
     with torch.device("meta"):
         model = AutoencoderKL.from_config(data)
     expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
@@ -165,14 +166,14 @@ def test_posterior_sample_with_clamped_log_variance():
     ("extra", load_vae_encoder, r"1 unexpected: decoder\.mid_block\.attentions\.0\.to_k\.scale"),
     ("drop", load_vae, r"1 missing: encoder\.conv_in\.bias"),
 ])
-def test_strict_loading_covers_the_whole_vae(tmp_path, shared_data, tiny, change, loader, words):
+def test_strict_loading_covers_the_whole_vae(tmp_path, tiny, change, loader, words):
     """Loading one half still checks every tensor of the file, so a broken file never half-loads."""
     state = dict(tiny["state"])
     if change == "drop":
         del state["encoder.conv_in.bias"]
     else:
         state["decoder.mid_block.attentions.0.to_k.scale"] = np.ones(1, dtype=np.float32)
-    folder = ref.write_vae_folder(tmp_path / "model", shared_data / "configs" / "sd15",
+    folder = ref.write_vae_folder(tmp_path / "model", CONFIGS / "sd15",
                                   dict(tiny["model"].config), state)
     with pytest.raises(CheckpointError, match=words) as error:
         loader(folder)
@@ -180,10 +181,10 @@ def test_strict_loading_covers_the_whole_vae(tmp_path, shared_data, tiny, change
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", "F16"), ("bf16", "BF16")])
-def test_reduced_precision_is_the_rounded_weights(tmp_path, shared_data, tiny, precision, dtype):
+def test_reduced_precision_is_the_rounded_weights(tmp_path, tiny, precision, dtype):
     """An F32 folder held as fp16 / bf16 computes exactly what the same weights given as fp16 values / bf16 bits
     give (fp16: widened to float32 at each call; bf16: bf16 products)."""
-    folder = ref.write_vae_folder(tmp_path / "model", shared_data / "configs" / "sd15",
+    folder = ref.write_vae_folder(tmp_path / "model", CONFIGS / "sd15",
                                   dict(tiny["model"].config), tiny["state"])
     if precision == "fp16":
         rounded = {name: Weight(value.astype(np.float16), "fp16") for name, value in tiny["state"].items()}
@@ -199,10 +200,10 @@ def test_reduced_precision_is_the_rounded_weights(tmp_path, shared_data, tiny, p
 # -- the full SD VAE -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def full(shared_data):
+def full():
     """Random weights of the full SD1.5 VAE and diffusers' outputs: a 32x32 latent decoded, a 256x256 image
     encoded (batch 1: the cost is the arithmetic, and batches run image by image)."""
-    data = json.loads((shared_data / "configs" / "sd15" / "vae" / "config.json").read_text())
+    data = json.loads((CONFIGS / "sd15" / "vae" / "config.json").read_text())
     model = ref.random_vae(data, seed=11)
     config = VAEConfig.from_diffusers(data)
     rng = np.random.default_rng(12)
@@ -225,10 +226,10 @@ def test_full_encoder(full):
     assert relative_error(encoded, full["encoded"]) <= TOL["full"]
 
 
-def test_folder_and_single_file_are_bit_identical(full, shared_data, tmp_path):
+def test_folder_and_single_file_are_bit_identical(full, tmp_path):
     """The same weights as a diffusers folder and as an LDM single file (attention as 1x1 conv kernels, decoder
     levels in LDM's order); the single file takes the shipped SD1.5 VAE config."""
-    folder = ref.write_vae_folder(tmp_path / "folder", shared_data / "configs" / "sd15", full["data"],
+    folder = ref.write_vae_folder(tmp_path / "folder", CONFIGS / "sd15", full["data"],
                                   full["state"])
     single = tmp_path / "single.safetensors"
     ref.save_tensors(single, ref.vae_single_file_state(full["state"], full["data"]), "F32")

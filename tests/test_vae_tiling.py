@@ -99,8 +99,8 @@ def test_within_one_tile_decodes_whole(tiled):
 # -- the pipeline and the CLI on the tiny model ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model(shared_data, tmp_path_factory):
-    return tiny.make_tiny_model("sd1", shared_data, tmp_path_factory.mktemp("tiling") / "tiny-sd1")
+def model(tmp_path_factory):
+    return tiny.make_tiny_model("sd1", tmp_path_factory.mktemp("tiling") / "tiny-sd1")
 
 
 def test_low_memory_pipeline_same_images_without_text_encoder(model):

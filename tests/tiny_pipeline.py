@@ -19,6 +19,7 @@ import torch
 
 from reference_models import randomise_norms
 from sdcli.nn.tokenizer import shipped_tokenizer_dir
+from data_paths import CONFIGS
 
 PIXELS = 64  # image side: an 8x8 latent
 
@@ -87,9 +88,9 @@ def save_folder(pipeline, folder: Path, configs_dir: Path) -> Path:
     return folder
 
 
-def make_tiny_model(family: str, shared_data: Path, folder: Path, seed: int = 0):
+def make_tiny_model(family: str, folder: Path, seed: int = 0):
     """Build the tiny ``family`` model, save it to ``folder``, and return (reference pipeline, folder)."""
-    configs_dir = shared_data / "configs" / SCHEDULER_CONFIGS[family]
+    configs_dir = CONFIGS / SCHEDULER_CONFIGS[family]
     pipeline = build_reference(family, configs_dir, seed)
     save_folder(pipeline, folder, configs_dir)
     return pipeline, folder
