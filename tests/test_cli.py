@@ -21,7 +21,12 @@ from data_paths import CONFIGS  # noqa: E402
 TINY_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                         layer_norm_eps=1e-5, projection_dim=32)
-TOL = {"fp32": 1e-4}  # float32 end to end on a tiny model
+TOL = {
+    "fp32": 1e-4,  # float32 end to end on a tiny model
+    # noise-test's tables against diffusers': float64 sums and products rounded to float32 against torch's
+    # float32 cumprod, which is at most a few ulps of values <= 1 apart
+    "tables": 1e-6,
+}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +119,8 @@ def test_noise_test_json_equals_diffusers():
     reference = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                         steps_offset=1, set_alpha_to_one=False)
     reference.set_timesteps(20)
-    np.testing.assert_allclose(report["betas"], reference.betas.numpy(), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(report["alphas_cumprod"], reference.alphas_cumprod.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(report["betas"], reference.betas.numpy(), atol=TOL["tables"], rtol=0)
+    np.testing.assert_allclose(report["alphas_cumprod"], reference.alphas_cumprod.numpy(), atol=TOL["tables"], rtol=0)
     assert report["timesteps"] == reference.timesteps.tolist()
     assert len(report["sigmas"]) == 1000
 
@@ -128,7 +133,7 @@ def test_noise_test_options_and_model(tiny_model):
     reference = diffusers.DDIMScheduler(num_train_timesteps=500, beta_schedule="linear", beta_start=0.0001,
                                         beta_end=0.02, timestep_spacing="trailing")
     reference.set_timesteps(10)
-    np.testing.assert_allclose(report["alphas_cumprod"], reference.alphas_cumprod.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(report["alphas_cumprod"], reference.alphas_cumprod.numpy(), atol=TOL["tables"], rtol=0)
     assert report["timesteps"] == reference.timesteps.tolist()
     table = run(["noise-test", "--steps", "5"])
     assert table.exit_code == 0 and "alpha_bar" in table.output and "sigma" in table.output
