@@ -1,11 +1,12 @@
 # sdcli: build, install and test.
-#   make install   build the compiled kernels and install sdcli (editable)
-#   make test      install sdcli with the test references (torch CPU, diffusers, transformers) and run every test
+#   make install     build the compiled kernels and install sdcli (editable)
+#   make test        install sdcli with the test references (torch CPU, diffusers, transformers) and run every test
+#   make test-core   install sdcli with pytest only and run the tests that need no reference library (no torch)
 
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: install test clean
+.PHONY: install test test-core clean
 
 install:
 	$(PIP) install -e .
@@ -15,6 +16,10 @@ test:
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[test]"
 	$(PYTHON) -m pytest -q
+
+test-core:
+	$(PIP) install --quiet -e ".[test-core]"
+	$(PYTHON) -m pytest -q -m "not reference"
 
 clean:
 	rm -rf build dist *.egg-info sdcli/ext/*.so

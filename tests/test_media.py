@@ -3,7 +3,8 @@ writes and output path planning.
 
 Every comparison here is exact: the uint8 pixels are a fixed sequence of float32 operations that must land on
 the same integers as diffusers' (a one-level difference would be a bug in the rounding, not noise), and the rest
-is text and file names.
+is text and file names. This holds on any CPU: the operations (x / 2 + 0.5, clamping, * 255, rounding half to
+even) are IEEE 754 basic operations, correctly rounded whatever the instruction set.
 """
 
 from __future__ import annotations
