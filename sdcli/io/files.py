@@ -1,13 +1,15 @@
 """Writing output files safely: never over an existing file unless asked, never half-written.
 
 Every output is written to a temporary name in the destination folder and renamed into place when complete,
-so an interrupted run leaves either the finished file or nothing under the final name.
+so an interrupted run leaves either the finished file or nothing under the final name. The temporary file is
+created as a plain ``open()`` would create it (mode 0o666 less the umask), so the finished file has the
+permissions the user expects (0644 under a umask of 022), not ``tempfile.mkstemp``'s private 0600.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -33,19 +35,31 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def open_temporary_beside(path: Path) -> tuple[int, Path]:
+    """(descriptor, path) of a new, empty file beside ``path`` under a name no other file has, opened for writing
+    and created with the umask's permissions, as a plain open() creates files."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed."""
     path = check_output(path, overwrite)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    handle, temporary = open_temporary_beside(path)
     os.close(handle)
     try:
-        yield Path(temporary)
+        yield temporary
         if not overwrite and path.exists():
             raise OutputExistsError(f"{path} appeared while writing; pass --overwrite to replace it")
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import mmap
 import os
-import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import SafetensorsError
+from .files import open_temporary_beside
 
 # safetensors dtype code -> numpy storage dtype (little-endian). BF16 and the F8 types have no numpy dtype:
 # they are stored as their raw bits and converted by the functions below.
@@ -464,17 +464,6 @@ def _check_save_args(tensors: dict[str, ArrayOrCoded], metadata: dict[str, str] 
         raise ValueError("metadata must map str to str")
 
 
-def _open_temporary(path: Path) -> tuple[int, Path]:
-    """A new file beside ``path`` (created with the umask's permissions, like a plain open)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:
-            continue
-
-
 def save_file(
     path: str | os.PathLike,
     tensors: dict[str, ArrayOrCoded],
@@ -493,7 +482,7 @@ def save_file(
         entries[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     path = Path(path)
-    descriptor, temporary = _open_temporary(path)
+    descriptor, temporary = open_temporary_beside(path)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             header = _header_bytes(entries, metadata)
