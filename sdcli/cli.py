@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import sys
 import time
 
@@ -49,6 +50,16 @@ def reports_errors(command):
             fail("out of memory; try --precision fp16 or bf16, or a smaller batch", 1)
 
     return wrapper
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number (click's FloatRange lets nan and inf through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class OneLineErrors(click.Group):
@@ -214,8 +225,8 @@ def key_timesteps(train_steps: int) -> list[int]:
 @main.command("noise-test")
 @click.option("--model", "-m", help="Read the scheduler config of this model (options below override it).")
 @click.option("--schedule", type=click.Choice(BETA_SCHEDULES), help="Beta schedule [default: scaled_linear].")
-@click.option("--beta-start", type=click.FloatRange(min=0, min_open=True, max=1), help="[default: 0.00085]")
-@click.option("--beta-end", type=click.FloatRange(min=0, min_open=True, max=1), help="[default: 0.012]")
+@click.option("--beta-start", type=FiniteFloat(min=0, min_open=True, max=1), help="[default: 0.00085]")
+@click.option("--beta-end", type=FiniteFloat(min=0, min_open=True, max=1), help="[default: 0.012]")
 @click.option("--train-steps", type=click.IntRange(min=1, max=100_000), help="Training timesteps [default: 1000].")
 @click.option("--steps", type=click.IntRange(min=1), help="Show the timesteps of an N-step inference run.")
 @click.option("--spacing", type=click.Choice(TIMESTEP_SPACINGS), help="Inference timestep spacing [default: leading].")
@@ -407,13 +418,13 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line, optionally followed by --seed/--steps/--guidance/... overrides.")
 @click.option("--steps", "-s", type=click.IntRange(min=1), help="Denoising steps  [default: 50; lcm: 4]")
-@click.option("--guidance", "--cfg-scale", "-g", type=click.FloatRange(min=0), default=sdcli.DEFAULT_GUIDANCE,
+@click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0), default=sdcli.DEFAULT_GUIDANCE,
               show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
-@click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--guidance-rescale", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Rescale guided predictions toward the conditional one's spread (Lin et al. 2023).")
 @click.option("--scheduler", "--sampler", "sampler", type=click.Choice(SAMPLERS),
               help="Sampler  [default: the model's own scheduler, PNDM for SD 1.5, DDIM for SD 2.1]")
-@click.option("--eta", type=click.FloatRange(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
+@click.option("--eta", type=FiniteFloat(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
 @click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
 @click.option("--width", "-W", type=int, help="Image width, a multiple of 8  [default: the model's, 512 for SD 1.5]")
 @click.option("--height", "-H", type=int, help="Image height, a multiple of 8  [default: the model's]")
@@ -555,16 +566,23 @@ def plan_jobs(base, lines, first_seed: int, num_images: int, batch_size: int) ->
 def load_latents(path) -> np.ndarray:
     """A (N, 4, h, w) float32 array from a .npy file ((4, h, w) is taken as N = 1)."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise sdcli.SdcliError(f"cannot read latents from {path}: {error}") from None
+        with open(path, "rb") as stream:
+            if stream.read(6) != b"\x93NUMPY":
+                raise sdcli.SdcliError(f"--latents {path}: not a .npy file (numpy.save writes them)")
+            stream.seek(0)
+            array = np.load(stream, allow_pickle=False)
+    except OSError as error:
+        raise sdcli.SdcliError(f"--latents {path}: cannot read it: {error.strerror or error}") from None
+    except ValueError:  # an object array (which only pickle could read), or a damaged header or payload
+        raise sdcli.SdcliError(f"--latents {path}: not a .npy file of numbers (it is damaged, or holds Python "
+                               "objects)") from None
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[1] != 4 or not np.issubdtype(array.dtype, np.floating):
-        raise sdcli.SdcliError(f"{path}: expected float latents of shape (images, 4, height/8, width/8), "
-                               f"got {array.dtype} {array.shape}")
+        raise sdcli.SdcliError(f"--latents {path}: expected float latents of shape (images, 4, height/8, "
+                               f"width/8), got {array.dtype} {array.shape}")
     if not np.isfinite(array).all():
-        raise sdcli.SdcliError(f"{path}: the latents contain NaN or infinite values")
+        raise sdcli.SdcliError(f"--latents {path}: the latents contain NaN or infinite values")
     return array.astype(np.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -12,6 +13,9 @@ DEFAULT_GUIDANCE = 7.5
 DEFAULT_SAMPLER = "pndm"  # what SD1.5 ships with (PNDM/PLMS with skipped Runge-Kutta steps)
 MAX_SEED = 2**32 - 1
 SIZE_MULTIPLE = 8  # the VAE downsamples by 8
+# The largest image side accepted before anything is loaded: twice the largest native size of any family, and
+# well above what fits in memory at once (the memory check refuses most sizes far below it).
+MAX_IMAGE_SIDE = 16384
 VAE_CHOICES = ("full", "taesd")
 
 
@@ -37,12 +41,19 @@ class GenerateParams:
 
     def validate(self) -> "GenerateParams":
         """Raise a one-line SdcliError for a value no model can use; return self."""
+        for name, label in (("guidance_scale", "guidance scale"), ("guidance_rescale", "guidance rescale"),
+                            ("eta", "eta")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SdcliError(f"{label} must be a finite number, got {value}")
         if self.steps is not None and self.steps < 1:
             raise SdcliError(f"steps must be at least 1, got {self.steps}")
         if self.guidance_scale < 0:
             raise SdcliError(f"guidance scale must not be negative, got {self.guidance_scale}")
         if not 0 <= self.guidance_rescale <= 1:
             raise SdcliError(f"guidance rescale must lie in [0, 1], got {self.guidance_rescale}")
+        if self.eta < 0:
+            raise SdcliError(f"eta must not be negative, got {self.eta}")
         if self.clip_skip < 1:
             raise SdcliError(f"clip skip must be at least 1, got {self.clip_skip}")
         if self.batch_size < 1:
@@ -54,6 +65,8 @@ class GenerateParams:
             if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
                 raise SdcliError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value} "
                                  f"(try {max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)})")
+            if value is not None and value > MAX_IMAGE_SIDE:
+                raise SdcliError(f"{name} {value} is larger than sdcli's limit of {MAX_IMAGE_SIDE} pixels")
         return self
 
     def with_(self, **changes: Any) -> "GenerateParams":

@@ -26,12 +26,13 @@ from .nn.layers import load_weights, unload_prepared
 from .nn.taesd import load_taesd
 from .nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
 from .nn.unet import UNet2DConditionModel, unet_shapes
-from .nn.vae import load_vae_decoder
+from .nn.vae import VaeDecoder, load_vae_decoder
 from .ops import get_ops
-from .params import DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_CHOICES, GenerateParams
+from .params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_IMAGE_SIDE, VAE_CHOICES, GenerateParams
 from .rng import BatchNoise, image_seeds, random_seed
 from .sampling.denoisers import Denoiser, guided_network
 from .sampling.plans import SAMPLERS
+from .sizing import ImageDecoderShape, check_fits
 
 log = logging.getLogger("sdcli")
 
@@ -154,7 +155,15 @@ class TextToImage:
                               height=self.native_size if params.height is None else params.height,
                               seed=random_seed() if params.seed is None else params.seed).validate()
         SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # a step count the schedule cannot give
+        check_fits(self.unet.config, self.decoder_shape(), params.width, params.height, params.batch_size,
+                   guided=params.guidance_scale > 1, backend=self.backend, limit=MAX_IMAGE_SIDE)
         return params
+
+    def decoder_shape(self) -> ImageDecoderShape:
+        """What the memory estimate needs of the image decoder (TAESD or the model's VAE, tiled or not)."""
+        if isinstance(self.decoder, VaeDecoder):
+            return ImageDecoderShape.of_vae(self.decoder.config, self.decoder.tiling)
+        return ImageDecoderShape(None)
 
     def conditioning(self, text: str, clip_skip: int = 1) -> np.ndarray:
         """(1, 77, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""

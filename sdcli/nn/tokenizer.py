@@ -27,6 +27,21 @@ MAX_LENGTH = 77
 WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+# Prompts longer than this many characters are cut before tokenizing (ClipTokenizer.window); 77 tokens take
+# about 400 characters of English.
+WINDOW_CHARACTERS = 2048
+CUT_AFTER = frozenset(" \t\n\r\f\v0123456789")
+
+
+def _cut_point(text: str, length: int) -> int:
+    """The end of a prefix of ``text`` of at most ``length`` characters that ends just after an ASCII whitespace
+    or digit, searched in its second half; ``length`` where there is none."""
+    for index in range(length - 1, length // 2 - 1, -1):
+        if text[index] in CUT_AFTER:
+            return index + 1
+    return length
+
+
 def shipped_tokenizer_dir() -> Path:
     """The SD1.x CLIP tables that ship inside the package."""
     return Path(str(resources.files("sdcli") / "data" / "clip_tokenizer"))
@@ -87,14 +102,35 @@ class ClipTokenizer:
         pad_token = _pad_token_of(Path(folder) if folder is not None else tables) or default_pad_token
         return cls(tables / "vocab.json", tables / "merges.txt", pad_token=pad_token)
 
+    def window(self, text: str) -> str:
+        """A prefix of ``text`` that tokenizes to the same first tokens as ``text`` and to more than the encoder
+        reads, or ``text`` itself when it is short.
+
+        Prefixes of ``WINDOW_CHARACTERS``, four times that, ... characters are tried, each cut just after an
+        ASCII whitespace or digit: a word never spans either (CLIP's word pattern splits there, and the
+        normalisation folds whitespace and lower-cases letter by letter), so every word before the cut keeps its
+        tokens. Only a prefix without such a character in its second half is cut inside a word; that word alone
+        then has hundreds of tokens, far past the encoder's window.
+        """
+        length = WINDOW_CHARACTERS
+        while length < len(text):
+            prefix = text[:_cut_point(text, length)]
+            if len(self._tokenizer.encode(prefix, add_special_tokens=False).ids) > self.max_length:
+                return prefix
+            length *= 4
+        return text
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with BOS and EOS, not padded or truncated."""
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids, self.eos_id]
 
     def tokenize(self, text: str) -> Tokenized:
-        """Ids for the text encoder: truncated to ``max_length`` keeping EOS last, then padded with the pad id."""
-        ids = self.encode(text)
+        """Ids for the text encoder: truncated to ``max_length`` keeping EOS last, then padded with the pad id.
+
+        A long prompt is cut before it is tokenized (see ``window``), so its length costs nothing: ``truncated``
+        then counts the tokens dropped from the part that was tokenized, a lower bound."""
+        ids = self.encode(self.window(text))
         truncated = max(0, len(ids) - self.max_length)
         if truncated:
             ids = ids[: self.max_length - 1] + [self.eos_id]

@@ -1,0 +1,184 @@
+"""Bad numbers, absurd sizes and bad files: one-line errors in sdcli's own terms, exit code 2, before any work is
+done; and prompts of any length tokenized at the cost of a short one. No torch needed: the model is the golden
+test's tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import sdcli
+import sdcli.sizing
+from data_paths import TEST_DATA
+from sdcli.cli import main
+from sdcli.config import UNetConfig, VAEConfig
+from sdcli.errors import SdcliError
+from sdcli.nn.tokenizer import WINDOW_CHARACTERS, ClipTokenizer
+from sdcli.params import MAX_IMAGE_SIDE, GenerateParams
+
+MODEL = TEST_DATA / "golden" / "tiny-sd1"
+
+
+def generate(tmp_path, *args):
+    output = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "-m", str(MODEL), "-p", "a cat", "--steps", "2", "-o", str(output),
+                                       *map(str, args)])
+    return result, output
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.output and "allow_pickle" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--guidance", "--guidance-rescale", "--eta"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_options_must_be_finite(tmp_path, option, value):
+    result, output = generate(tmp_path, option, value)
+    assert_one_line_error(result, option)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("option", ["--beta-start", "--beta-end"])
+def test_noise_test_floats_must_be_finite(option):
+    result = CliRunner().invoke(main, ["noise-test", option, "nan"])
+    assert_one_line_error(result, option, "finite")
+
+
+def test_prompts_file_settings_must_be_finite(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --guidance nan\n")
+    result = CliRunner().invoke(main, ["generate", "-m", str(MODEL), "--prompts-file", str(prompts), "-o",
+                                       str(tmp_path / "x.png")])
+    assert_one_line_error(result, "prompts.txt:1", "--guidance", "finite")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("field, value", [("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
+                                          ("guidance_rescale", float("nan")), ("eta", float("nan")),
+                                          ("eta", -1.0)])
+def test_library_validation_refuses_what_the_cli_refuses(field, value):
+    with pytest.raises(SdcliError, match="finite|negative"):
+        GenerateParams(prompt="a cat", **{field: value}).validate()
+
+
+@pytest.mark.parametrize("option", ["--width", "--height"])
+def test_absurd_sizes_are_refused_at_once(tmp_path, option, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load for a size over the limit")
+
+    monkeypatch.setattr(sdcli, "load_pipeline", no_load)
+    result, _ = generate(tmp_path, option, 100000)
+    assert_one_line_error(result, f"{option.lstrip('-')} 100000", str(MAX_IMAGE_SIDE))
+
+
+def test_sizes_that_do_not_fit_memory_are_refused_with_the_largest_that_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(sdcli.sizing, "available_memory", lambda: 20_000_000)
+    result, output = generate(tmp_path, "-W", 2048, "-H", 2048, "--seed", 1)
+    assert_one_line_error(result, "2048x2048", "20 MB of memory is available", "largest square size that fits is",
+                          "--vae-tiling")
+    assert not output.exists()
+
+
+def test_the_estimate_scales_and_tiling_bounds_the_decoder():
+    unet = UNetConfig.from_diffusers(json.loads((MODEL / "unet" / "config.json").read_text()))
+    vae = VAEConfig.from_diffusers(json.loads((MODEL / "vae" / "config.json").read_text()))
+    whole = sdcli.sizing.ImageDecoderShape.of_vae(vae, tiling=False)
+    tiled = sdcli.sizing.ImageDecoderShape.of_vae(vae, tiling=True)
+    small = sdcli.sizing.estimate_activations(unet, whole, 512, 512, 1, True, "cpu")
+    large = sdcli.sizing.estimate_activations(unet, whole, 1024, 1024, 1, True, "cpu")
+    assert large.unet_bytes == 4 * small.unet_bytes and 3 * small.decoder_bytes < large.decoder_bytes
+    large_tiled = sdcli.sizing.estimate_activations(unet, tiled, 1024, 1024, 1, True, "cpu")
+    assert large_tiled.decoder_bytes < large.decoder_bytes / 4
+    numpy = sdcli.sizing.estimate_activations(unet, whole, 1024, 1024, 1, True, "numpy")
+    assert numpy.unet_bytes > 10 * large.unet_bytes  # the reference's attention holds every score
+    with pytest.raises(SdcliError, match="with --vae-tiling this size needs"):
+        sdcli.sizing.check_fits(unet, whole, 2048, 2048, 1, True, "cpu", MAX_IMAGE_SIDE,
+                                available=int(1.2 * large_tiled.peak_bytes * 4))
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"hello, not an array\n", "not a .npy file"),
+    ("object", "holds Python objects"),
+    ("damaged", "damaged"),
+    ("nan", "NaN or infinite"),
+    ("int", "expected float latents"),
+    ("shape", "expected float latents"),
+])
+def test_bad_latents_files(tmp_path, content, words):
+    path = tmp_path / "latents.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "object":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif content == "damaged":
+        np.save(path, np.zeros((1, 4, 8, 8), np.float32))
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == "nan":
+        np.save(path, np.full((1, 4, 8, 8), np.nan, np.float32))
+    elif content == "int":
+        np.save(path, np.zeros((1, 4, 8, 8), np.int32))
+    else:
+        np.save(path, np.zeros((1, 3, 8, 8), np.float32))
+    result, _ = generate(tmp_path, "--latents", path, "--seed", 1)
+    assert_one_line_error(result, "--latents", words)
+
+
+# -- long prompts ---------------------------------------------------------------------------------------------
+
+LONG_PROMPTS = {
+    "words": "a photograph of an astronaut riding a horse on the moon, " * 200,
+    "newlines and tabs": "castle\t\ton a hill\n\n\nat dusk   " * 300,
+    "digits only": "1234567890" * 800,
+    "one long word": "supercalifragilistic" * 400,
+    "symbols": "(((masterpiece))), [best quality]!!! " * 250,
+    "long spaces": ("word" + " " * 3000) * 10,
+    "special tokens": "a <|endoftext|> b <|startoftext|> c " * 300,
+    "accents and cjk": "café crème 東京の夜景 ñandú " * 300,
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_PROMPTS))
+def test_long_prompts_keep_the_tokens_of_the_whole_text(name):
+    tokenizer = ClipTokenizer.from_folder()
+    text = LONG_PROMPTS[name]
+    assert len(text) > WINDOW_CHARACTERS
+    whole = tokenizer.encode(text)
+    tokenized = tokenizer.tokenize(text)
+    if len(whole) <= tokenizer.max_length:  # long in characters, short in tokens: nothing may be cut
+        assert tokenized.ids[:len(whole)].tolist() == whole and tokenized.truncated == 0
+        return
+    assert tokenized.ids.tolist() == whole[:tokenizer.max_length - 1] + [tokenizer.eos_id]
+    assert tokenized.length == tokenizer.max_length and 0 < tokenized.truncated <= len(whole) - tokenizer.max_length
+
+
+def test_a_ten_megabyte_prompt_tokenizes_only_a_window(monkeypatch):
+    tokenizer = ClipTokenizer.from_folder()
+    seen = []
+    encode = tokenizer._tokenizer.encode
+
+    def recording(text, *args, **kwargs):
+        seen.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "_tokenizer", type("Recording", (), {"encode": staticmethod(recording)})())
+    text = "a red fox in the snow, photograph, " * 300_000  # 10.5 MB
+    tokenized = tokenizer.tokenize(text)
+    assert tokenized.length == 77 and tokenized.truncated > 0
+    assert max(seen) <= WINDOW_CHARACTERS
+
+
+def test_short_prompts_are_not_cut():
+    tokenizer = ClipTokenizer.from_folder()
+    assert tokenizer.window("a cat") == "a cat"
+    text = "a " * WINDOW_CHARACTERS  # longer than the window but only 2048 tokens: cut, yet past 77 tokens
+    assert tokenizer.window(text) == text[:WINDOW_CHARACTERS]
+    text = " " * (3 * WINDOW_CHARACTERS) + "a cat"  # long, yet only two tokens: never cut
+    assert tokenizer.window(text) == text
