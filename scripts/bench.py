@@ -89,7 +89,18 @@ def machine() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return {"cpu": model, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in CPU_FLAGS},
-            "python": platform.python_version(), "versions": versions}
+            "cpu_level": sdcli_cpu_level(), "python": platform.python_version(), "versions": versions}
+
+
+def sdcli_cpu_level() -> str:
+    """The CPU level sdcli's kernels run at (README, "CPU levels"), and the CPU's best where SDCLI_CPU_LEVEL caps
+    it; the children inherit the environment, so they run at the same level."""
+    try:
+        from sdcli.ext import cpu_level
+    except ImportError:
+        return "not built"
+    level, detected = cpu_level()
+    return level if level == detected else f"{level} (SDCLI_CPU_LEVEL; the CPU has {detected})"
 
 
 def reference_installed() -> bool:
@@ -729,7 +740,7 @@ def report_generate(row: dict) -> None:
 def report(results: dict) -> None:
     m = results["machine"]
     flags = ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in m["flags"].items())
-    print(f"{m['cpu']}, {m['cores']} cores; {flags}; {results['date']}")
+    print(f"{m['cpu']}, {m['cores']} cores; {flags}; sdcli CPU level {m.get('cpu_level', '?')}; {results['date']}")
     print("python " + m["python"] + ", " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     settings = results["settings"]
     runs = f"medians of {settings['repeats']} runs" if settings["repeats"] > 1 else "one run"

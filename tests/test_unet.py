@@ -17,6 +17,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from sdcli.config import UNetConfig  # noqa: E402
 from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
+from sdcli.ext import f32_kernels  # noqa: E402
 from sdcli.io import checkpoint as checkpoint_module  # noqa: E402
 from sdcli.io import names  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
@@ -208,13 +209,20 @@ def test_batch_entries_are_independent(tiny):
 
 def test_feed_forward_in_pieces_gives_the_same_bits(tiny, monkeypatch):
     """The transformer blocks' feed-forward runs its tokens in pieces of at most FEED_FORWARD_VALUES values of
-    its projection (tokens are independent): pieces that do not divide the tokens give the same bits as one."""
+    its projection (tokens are independent): pieces that do not divide the tokens give the same bits as one where
+    the linear layers run sdcli's float32 kernels (the CPU level avx512 and up). Below it they run numpy's matmul,
+    whose BLAS may sum a short piece in another order than the whole: float32 rounding, measured up to 1.2e-6 of
+    the output's scale at the baseline and avx2 levels."""
     sample, context = inputs(tiny["data"], (9, 9))  # 2 x 81 tokens at the first level
     unet = build(tiny["config"], fp32_weights(tiny["state"]))
     whole = unet(sample, TIMESTEPS, context)
     width = 2 * unet_module.FEED_FORWARD_MULT * tiny["config"].block_out_channels[0]  # of the first projection
     monkeypatch.setattr(unet_module, "FEED_FORWARD_VALUES", 7 * width)  # 7 tokens a piece there
-    np.testing.assert_array_equal(unet(sample, TIMESTEPS, context), whole)
+    pieces = unet(sample, TIMESTEPS, context)
+    if f32_kernels.available():
+        np.testing.assert_array_equal(pieces, whole)
+    else:
+        assert max_abs(pieces, whole) <= 1e-5 * float(np.abs(whole).max())
 
 
 def test_unloaded_layers_prepare_again(tiny, tmp_path):

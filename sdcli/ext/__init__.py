@@ -3,6 +3,10 @@ with ``f32_kernels`` and ``bf16_kernels`` (packed weights) and ``blas_kernels`` 
 
 Importing a kernel module raises ImportError when the extension was not built; see setup.py.
 
+Every kernel module dispatches on one CPU level (``levels``, cpu_level.h): the best this CPU has, capped by the
+environment variable SDCLI_CPU_LEVEL ("baseline", "avx2", "avx512", "avx512_bf16" or "amx"), read once per
+process; ``cpu_level()`` says which. An unknown value makes the import of the kernel modules raise BackendError.
+
 OpenMP threads that wait actively (busy-spinning after every parallel region, the default) take the cores away
 from numpy's BLAS threads, which run the GEMMs between two kernels: a CLIP layer ran twice as slowly as with
 sleeping threads. So the wait policy defaults to passive here, before the OpenMP runtime loads with the first
@@ -16,6 +20,7 @@ nothing is loaded here; blas_kernels then fails to import (or was never built) a
 
 import os
 import sys
+from typing import NamedTuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -24,3 +29,17 @@ if sys.platform != "darwin":
         import scipy_openblas32  # noqa: F401  (loads libscipy_openblas.so for blas_kernels)
     except ImportError:
         pass
+
+
+class CpuLevel(NamedTuple):
+    level: str  # the level the kernels run at: the detected one, capped by SDCLI_CPU_LEVEL
+    detected: str  # the best level this build, CPU and OS have
+
+
+def cpu_level() -> CpuLevel:
+    """The CPU level the compiled kernels run at and the best one this machine has, by name ("baseline", "avx2",
+    "avx512", "avx512_bf16", "amx"). Raises ImportError when the extension is not built, BackendError when
+    SDCLI_CPU_LEVEL names no level."""
+    from . import levels
+
+    return CpuLevel(levels.level(), levels.detected())

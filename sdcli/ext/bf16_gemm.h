@@ -53,9 +53,10 @@
  *           matrix is built as B strips, SDCLI_BF16_PANEL_K rows of k at a time, and C is the output itself.
  *
  * x86-64 with GCC or Clang gets all three levels (AMX on Linux only, where the kernel must grant the tile data
- * permission); anything else builds the portable level alone, as does SDCLI_BASELINE_ONLY (vec.h's switch, to test
- * that build on x86). No -march flags: the AVX-512 code is compiled for its target alone (function attributes),
- * AMX goes through inline assembly, and both are chosen at run time.
+ * permission); anything else builds the portable level alone, as does SDCLI_BASELINE_ONLY (cpu_level.h). No -march
+ * flags: the AVX-512 code is compiled for its target alone (function attributes), AMX goes through inline
+ * assembly, and both are chosen at run time from the CPU level of cpu_level.h (the CPU's best, capped by
+ * SDCLI_CPU_LEVEL): avx512_bf16 runs SDCLI_BF16_AVX512, amx SDCLI_BF16_AMX, anything lower the portable level.
  */
 #ifndef SDCLI_BF16_GEMM_H
 #define SDCLI_BF16_GEMM_H
@@ -68,6 +69,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "cpu_level.h"
 
 enum { SDCLI_BF16_PORTABLE = 0, SDCLI_BF16_AVX512 = 1, SDCLI_BF16_AMX = 2 };
 
@@ -99,62 +102,29 @@ enum { SDCLI_BF16_PORTABLE = 0, SDCLI_BF16_AVX512 = 1, SDCLI_BF16_AMX = 2 };
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SDCLI_BASELINE_ONLY)
 #define SDCLI_BF16_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 #define SDCLI_BF16_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #if defined(__linux__)
-#define SDCLI_BF16_AMX_BUILD 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#define SDCLI_BF16_AMX_BUILD 1 /* cpu_level.h detects AMX on Linux only */
 #endif
 #endif
 
 static inline ptrdiff_t sdcli_bf16_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
 static inline ptrdiff_t sdcli_bf16_round_up(ptrdiff_t a, ptrdiff_t to) { return (a + to - 1) / to * to; }
 
-/* ------------------------------------------------------------------------------------------ CPU detection */
+/* ------------------------------------------------------------------------------------------ CPU level */
 
-#ifdef SDCLI_BF16_X86
-static unsigned long long sdcli_bf16_xgetbv0(void) {
-    unsigned eax, edx;
-    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-    return ((unsigned long long)edx << 32) | eax;
-}
-#endif
-
-/* The highest level this build, CPU and OS support. On Linux with AMX it also asks the kernel for permission to
- * use the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; process-wide, harmless to repeat),
- * without which the first tile instruction faults. */
+/* The highest bf16 level this build has at the CPU level of cpu_level.h (the CPU's best, capped by
+ * SDCLI_CPU_LEVEL; detecting AMX also obtains the kernel's permission for the tile data state). */
 static int sdcli_bf16_cpu_level(void) {
 #ifdef SDCLI_BF16_X86
-    unsigned a, b, c, d, max_subleaf;
-    if (__get_cpuid_max(0, NULL) < 7) return SDCLI_BF16_PORTABLE;
-    __cpuid(1, a, b, c, d);
-    if (!(c & (1u << 27))) return SDCLI_BF16_PORTABLE; /* OSXSAVE: xgetbv usable */
-    const unsigned long long xcr0 = sdcli_bf16_xgetbv0();
-    __cpuid_count(7, 0, max_subleaf, b, c, d);
-    const int avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
-    const int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
-    int avx512_bf16 = 0;
-    if (max_subleaf >= 1) {
-        unsigned a1, b1, c1, d1;
-        __cpuid_count(7, 1, a1, b1, c1, d1);
-        avx512_bf16 = (a1 >> 5) & 1;
-    }
-    /* XCR0: SSE, AVX, opmask, ZMM upper halves, ZMM16-31 (bits 1, 2, 5, 6, 7) enabled by the OS */
-    if (!(avx512f && avx512bw && avx512_bf16 && (xcr0 & 0xe6) == 0xe6)) return SDCLI_BF16_PORTABLE;
+    const int level = sdcli_cpu_level();
 #ifdef SDCLI_BF16_AMX_BUILD
-    /* XCR0 bits 17, 18: tile configuration and tile data */
-    if (amx_tile && amx_bf16 && ((xcr0 >> 17) & 3) == 3 && syscall(SYS_arch_prctl, 0x1023, 18) == 0)
-        return SDCLI_BF16_AMX;
-#else
-    (void)amx_bf16;
-    (void)amx_tile;
+    if (level >= SDCLI_LEVEL_AMX) return SDCLI_BF16_AMX;
 #endif
-    return SDCLI_BF16_AVX512;
-#else
+    if (level >= SDCLI_LEVEL_AVX512_BF16) return SDCLI_BF16_AVX512;
+#endif
     return SDCLI_BF16_PORTABLE;
-#endif
 }
 
 static int sdcli_bf16_max_threads(void) {

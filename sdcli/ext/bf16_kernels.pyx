@@ -9,9 +9,11 @@ and runs the tasks in parallel (OpenMP, GIL released). attention() is fused atte
 float32 streaming softmax (bf16_attention.h).
 
 Levels, chosen at run time (``capability()``): "amx" (AMX tiles, TDPBF16PS), "avx512_bf16" (VDPBF16PS),
-"portable" (plain C loops, correctness only). The environment variable SDCLI_BF16_KERNEL (one of those names)
-caps the level, for tests and benchmarks; the ``level=`` argument of linear() and conv2d() picks one directly and
-raises ValueError when the CPU lacks it.
+"portable" (plain C loops, correctness only). The CPU level of all the kernels (sdcli.ext.cpu_level(), capped by
+SDCLI_CPU_LEVEL) bounds them: "amx" and "avx512_bf16" give the level of that name, anything lower the portable
+one. The environment variable SDCLI_BF16_KERNEL (one of the names here) caps the level further, for tests and
+benchmarks; the ``level=`` argument of linear() and conv2d() picks one directly and raises ValueError above the
+CPU level.
 
 Weight layouts, built once at load time (Kp = K rounded up to 32, zeros in all padding):
     pack_linear_weight(w (N, K))            -> (Np/32, Kp/2, 32, 2) uint16: VNNI pairs in strips of 32 columns,
@@ -31,10 +33,14 @@ import numpy as np
 
 from .arguments import attention_row_strides, conv_output_size
 from .arguments import checked_bias as _bias
+from .levels import number as _cpu_level_number  # BackendError for an unknown SDCLI_CPU_LEVEL
 
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport uint16_t, uint32_t
+
+cdef extern from "cpu_level.h":
+    void sdcli_cpu_level_set(int level)
 
 cdef extern from "bf16_gemm.h" nogil:
     enum:
@@ -75,6 +81,8 @@ cdef extern from "bf16_attention.h" nogil:
                                    bint causal, float scale, ptrdiff_t head, ptrdiff_t i0,
                                    sdcli_bf16_attn_scratch* s)
 
+sdcli_cpu_level_set(_cpu_level_number())  # this module's copy of the level, before anything asks for it
+
 LEVELS = ("portable", "avx512_bf16", "amx")  # index = the level number of bf16_gemm.h
 ENV_VAR = "SDCLI_BF16_KERNEL"
 
@@ -82,7 +90,7 @@ cdef int _cpu_level = sdcli_bf16_cpu_level()
 
 
 def levels():
-    """The levels this build and CPU can run, lowest first."""
+    """The levels this build can run at the CPU level in use, lowest first."""
     return LEVELS[:_cpu_level + 1]
 
 
@@ -96,7 +104,8 @@ cdef int _env_level() except -1:
 
 
 def capability():
-    """The level in use: "amx", "avx512_bf16" or "portable" (the CPU's best, capped by SDCLI_BF16_KERNEL)."""
+    """The level in use: "amx", "avx512_bf16" or "portable" (the best at the CPU level, capped by
+    SDCLI_BF16_KERNEL)."""
     return LEVELS[_env_level()]
 
 
@@ -106,7 +115,8 @@ cdef int _level(str op, object level) except -1:
     if level not in LEVELS:
         raise ValueError(f"{op}: level {level!r} is not one of {', '.join(LEVELS)}")
     if LEVELS.index(level) > _cpu_level:
-        raise ValueError(f"{op}: level {level!r} needs CPU support this machine lacks (best: {LEVELS[_cpu_level]})")
+        raise ValueError(f"{op}: level {level!r} needs CPU support this machine lacks or SDCLI_CPU_LEVEL caps "
+                         f"(best: {LEVELS[_cpu_level]})")
     return LEVELS.index(level)
 
 

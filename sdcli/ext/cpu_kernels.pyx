@@ -14,6 +14,9 @@ from libc.math cimport INFINITY, expf, sqrt, sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
+cdef extern from "cpu_level.h":
+    void sdcli_cpu_level_set(int level)
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -47,6 +50,9 @@ cdef extern from "vec.h" nogil:
                                 const float* bias, float* y)
 
 from .arguments import attention_row_strides
+from .levels import number as _cpu_level_number  # BackendError for an unknown SDCLI_CPU_LEVEL
+
+sdcli_cpu_level_set(_cpu_level_number())  # this module's copy of the level, before anything asks for it
 
 openmp = bool(SDCLI_OPENMP)  # True when this build runs rows in parallel
 
@@ -269,7 +275,8 @@ cdef extern from * nogil:
         for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
         sdcli_half_to_float_portable(x + i, n - i, y + i);
     }
-    static int sdcli_has_f16c(void) { return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c"); }
+    /* F16C is part of the avx2 level of cpu_level.h (every CPU with AVX2 has it) */
+    static int sdcli_has_f16c(void) { return sdcli_has_avx2(); }
     /* float -> half bits with F16C, rounding to nearest even (as numpy's astype(float16)) */
     __attribute__((target("avx,f16c"))) static void sdcli_float_to_half_f16c(const float *x, ptrdiff_t n,
                                                                               uint16_t *y) {
@@ -326,7 +333,7 @@ def narrow_to_bf16(const float[::1] x, uint16_t[::1] out):
 
 def narrow_to_half(const float[::1] x, uint16_t[::1] out):
     """IEEE half bits of float32 values, rounding to nearest even, into out; returns False (and writes nothing)
-    where the CPU lacks F16C, for the caller to convert another way."""
+    where the CPU level has no F16C (below "avx2"), for the caller to convert another way."""
     cdef Py_ssize_t n = x.shape[0], chunk, start
     _check_out("narrow_to_half", (out.shape[0],), (n,))
     if not sdcli_has_f16c():
@@ -340,7 +347,7 @@ def narrow_to_half(const float[::1] x, uint16_t[::1] out):
 
 def widen(const uint16_t[::1] bits, bint bf16, float[::1] out):
     """float32 values of 16-bit floats, exactly: IEEE half bits (``bf16`` false) or bfloat16 bits, into out.
-    Parallel over chunks; half uses the F16C instructions where the CPU has them."""
+    Parallel over chunks; half uses the F16C instructions from the CPU level "avx2" up."""
     cdef Py_ssize_t n = bits.shape[0], chunk, start
     cdef bint f16c = sdcli_has_f16c()
     _check_out("widen", (out.shape[0],), (n,))
@@ -382,8 +389,8 @@ cdef extern from * nogil:
     /* Fused attention, one block of 32 queries of one head at a time (the tiling is described above).
      * The block's state lives in vectors of 16 lanes, one lane per query, so the streaming softmax is lane-wise
      * (no horizontal reductions) and only the 16 x d query block is ever transposed. Written with GCC/Clang
-     * vector types for AVX-512 (one register per vector), compiled for that target alone and used when the CPU
-     * has it; elsewhere attention() runs _attention_head. */
+     * vector types for AVX-512 (one register per vector), compiled for that target alone and used from the CPU
+     * level avx512 up (cpu_level.h); elsewhere attention() runs _attention_head. */
     #ifdef SDCLI_X86_DISPATCH
     #define SDCLI_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
 
@@ -552,9 +559,7 @@ cdef extern from * nogil:
 
     #pragma GCC diagnostic pop
 
-    static int sdcli_attention_wide(void) {
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-    }
+    static int sdcli_attention_wide(void) { return sdcli_has_avx512(); }
 
     #else /* not GCC or Clang on x86-64 */
     #define SDCLI_QUERY_BLOCK 32
@@ -677,8 +682,8 @@ def attention(const float[:, :, :, :] q, const float[:, :, :, :] k, const float[
 
     Only the last axis need be contiguous: a (B, H, T, hs) view of a (B, T, H, hs) projection is read in place, and
     out may be such a view too. With ``causal``, query i sees keys 0..i. Rows that see no finite score give zeros.
-    Blocks of 32 queries of all heads run in parallel on CPUs with AVX-512, heads otherwise; ``wide=False`` takes
-    the second path anyway (for tests).
+    Blocks of 32 queries of all heads run in parallel from the CPU level "avx512" up, heads otherwise;
+    ``wide=False`` takes the second path anyway (for tests).
     """
     cdef Py_ssize_t batch = q.shape[0], nh = q.shape[1], tq = q.shape[2], d = q.shape[3]
     cdef Py_ssize_t tk = k.shape[2], dv = v.shape[3], heads = batch * nh, h, b

@@ -1,8 +1,9 @@
 /* float32 matrix products with AVX-512 FMA, for f32_kernels.pyx: linear layers and convolutions (im2col).
  *
  * One level only: AVX-512F FMA, compiled per function (target attributes, no -march) and chosen at run time by
- * sdcli_f32_available(). Where the CPU, the OS or the build lacks it, f32_kernels.pyx raises RuntimeError and the
- * op layer keeps its OpenBLAS path; the task functions here are then empty stubs that are never called.
+ * sdcli_f32_available() (the CPU level of cpu_level.h is avx512 or above). Where the CPU, the OS or the build lacks
+ * it, or SDCLI_CPU_LEVEL caps it, f32_kernels.pyx raises RuntimeError and the op layer keeps its OpenBLAS path; in
+ * a build without it the task functions here are empty stubs that are never called.
  *
  * The product is C (m, n) = init + A (m, k) @ B (k, n), C row-major, in the classic blocked form:
  *   A  micro-panels of MR rows, k cut into chunks of KC: panel p, chunk c is (MR, KC) row-major (rows KC floats
@@ -46,6 +47,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "cpu_level.h"
 
 /* tile and block sizes (each may be set with -D when measuring others) */
 #ifndef SDCLI_F32_MR
@@ -123,7 +126,6 @@ static sdcli_f32_scratch *sdcli_f32_scratch_get(size_t a_floats, size_t panel_fl
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SDCLI_BASELINE_ONLY)
 #define SDCLI_F32_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 #define SDCLI_F32_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma")))
 #define SDCLI_F32_INLINE static inline __attribute__((always_inline))
@@ -131,23 +133,8 @@ static sdcli_f32_scratch *sdcli_f32_scratch_get(size_t a_floats, size_t panel_fl
 
 #ifdef SDCLI_F32_X86
 
-static unsigned long long sdcli_f32_xgetbv0(void) {
-    unsigned eax, edx;
-    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-    return ((unsigned long long)edx << 32) | eax;
-}
-
-/* 1 when the CPU has AVX-512F and AVX-512DQ and the OS saves the zmm state, else 0 */
-static int sdcli_f32_available(void) {
-    unsigned a, b, c, d;
-    if (__get_cpuid_max(0, NULL) < 7) return 0;
-    __cpuid(1, a, b, c, d);
-    if (!(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv usable */
-    /* XCR0: SSE, AVX, opmask, ZMM upper halves, ZMM16-31 (bits 1, 2, 5, 6, 7) enabled by the OS */
-    if ((sdcli_f32_xgetbv0() & 0xe6) != 0xe6) return 0;
-    __cpuid_count(7, 0, a, b, c, d);
-    return (b >> 16) & 1 && (b >> 17) & 1; /* AVX512F, AVX512DQ */
-}
+/* 1 when the CPU level (the CPU's best, capped by SDCLI_CPU_LEVEL) has AVX-512F and AVX-512DQ, else 0 */
+static int sdcli_f32_available(void) { return sdcli_cpu_level() >= SDCLI_LEVEL_AVX512; }
 
 static inline __mmask16 sdcli_f32_mask(ptrdiff_t count) {
     return count >= 16 ? (__mmask16)0xffff : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);

@@ -3,9 +3,10 @@
 
 The kernels are in f32_gemm.h (a register-blocked 14 x 32 microkernel over weights packed once at load time and
 activations packed per block, k in chunks of KC); this module checks shapes, packs the weights and runs the tasks
-in parallel (OpenMP, GIL released). ``available()`` says whether the CPU (AVX-512F and AVX-512DQ, with the zmm
-state enabled by the OS) and the build (x86-64, GCC or Clang) have the kernels; where they do not, linear() and
-conv2d() raise RuntimeError and the op layer keeps numpy's BLAS.
+in parallel (OpenMP, GIL released). ``available()`` says whether the CPU level (sdcli.ext.cpu_level(): AVX-512F and
+AVX-512DQ with the zmm state enabled by the OS, not capped below "avx512" by SDCLI_CPU_LEVEL) and the build
+(x86-64, GCC or Clang) have the kernels; where they do not, linear() and conv2d() raise RuntimeError and the op
+layer keeps numpy's BLAS.
 
 Weight layouts, built once at load time (MR = 14 rows, NR = 32 columns, KC = 256 of k per chunk; zeros in all
 padding):
@@ -27,9 +28,13 @@ import numpy as np
 
 from .arguments import conv_output_size
 from .arguments import checked_bias as _bias
+from .levels import number as _cpu_level_number  # BackendError for an unknown SDCLI_CPU_LEVEL
 
 from cython.parallel cimport parallel, prange
 from libc.stddef cimport ptrdiff_t
+
+cdef extern from "cpu_level.h":
+    void sdcli_cpu_level_set(int level)
 
 cdef extern from "f32_gemm.h" nogil:
     enum:
@@ -54,13 +59,16 @@ cdef extern from "f32_gemm.h" nogil:
                              ptrdiff_t pixels, ptrdiff_t blocks, ptrdiff_t images, ptrdiff_t cslice, ptrdiff_t cslices,
                              ptrdiff_t task, sdcli_f32_scratch* s)
 
+sdcli_cpu_level_set(_cpu_level_number())  # this module's copy of the level, before anything asks for it
+
 MR, NR, KC = SDCLI_F32_MR, SDCLI_F32_NR, SDCLI_F32_KC
 
 cdef bint _available = sdcli_f32_available()
 
 
 def available():
-    """True when this CPU and build run the AVX-512 kernels; otherwise linear() and conv2d() raise RuntimeError."""
+    """True when this build runs the AVX-512 kernels at the CPU level in use; otherwise linear() and conv2d() raise
+    RuntimeError."""
     return bool(_available)
 
 

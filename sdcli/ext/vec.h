@@ -13,10 +13,10 @@
  * All arrays are float32 and may be unaligned; a, b, c rows are lda, ldb, ldc floats apart; x and y may be the
  * same array. GCC and Clang build them with generic vector types: 4 lanes for the baseline (SSE2 on any x86-64,
  * NEON on arm64; no -march, no fast-math). On x86-64 each also has an 8-lane AVX2 + FMA version and a 16-lane
- * AVX-512 one, each compiled for its target alone and chosen at run time when the CPU has it (AVX-512 for the
- * element-wise and norm kernels), so the module still runs on any x86-64. Defining
- * SDCLI_BASELINE_ONLY (CFLAGS=-DSDCLI_BASELINE_ONLY) leaves the AVX2 versions out, to test the baseline on a
- * machine with AVX2. Other compilers get plain loops with the same results up to rounding.
+ * AVX-512 one, each compiled for its target alone and chosen at run time when the CPU level allows it (cpu_level.h:
+ * the CPU's best, capped by SDCLI_CPU_LEVEL; AVX-512 for the element-wise and norm kernels), so the module still
+ * runs on any x86-64. SDCLI_BASELINE_ONLY (cpu_level.h) leaves the wider versions out of the build. Other
+ * compilers get plain loops with the same results up to rounding.
  */
 #ifndef SDCLI_VEC_H
 #define SDCLI_VEC_H
@@ -24,6 +24,8 @@
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
+
+#include "cpu_level.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 
@@ -112,7 +114,7 @@ SDCLI_TARGET static void sdcli_tile_8x8_w8(const float *a, ptrdiff_t lda, const 
 }
 #undef SDCLI_TARGET
 
-static inline int sdcli_has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static inline int sdcli_has_avx2(void) { return sdcli_cpu_level() >= SDCLI_LEVEL_AVX2; }
 
 /* 16 lanes, one AVX-512 register each (also the vector types of cpu_kernels.pyx's attention kernel) */
 typedef float sdcli_f16 __attribute__((vector_size(64)));
@@ -133,9 +135,7 @@ typedef double sdcli_d16 __attribute__((vector_size(128)));
 #undef SDCLI_TARGET
 #pragma GCC diagnostic pop
 
-static inline int sdcli_has_avx512(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-}
+static inline int sdcli_has_avx512(void) { return sdcli_cpu_level() >= SDCLI_LEVEL_AVX512; }
 #endif
 
 static inline void sdcli_tile_8x8(const float *a, ptrdiff_t lda, const float *b, ptrdiff_t ldb, ptrdiff_t n,

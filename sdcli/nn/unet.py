@@ -222,7 +222,10 @@ class BasicTransformerBlock:
         Tokens are independent here, so they go through in pieces of at most FEED_FORWARD_VALUES values of the
         projection: the widest activation of the UNet, the (tokens, 2 inner) projection (84 MB at 64x64 latents,
         batch 2, and 42 MB at the next level), then stays at 21 MB, reused from one piece to the next instead of
-        freshly mapped memory. The results are the same to the bit.
+        freshly mapped memory. The results are the same to the bit where the linear layers run sdcli's float32
+        kernels (packed weights, from the avx512 CPU level up), which compute each row alike whatever the rows
+        around it; numpy's matmul (below that level) may sum a piece in another order than the whole: float32
+        rounding.
         """
         rows = x.reshape(-1, x.shape[-1])  # (B*T, C)
         piece_rows = max(1, FEED_FORWARD_VALUES // (2 * FEED_FORWARD_MULT * x.shape[-1]))

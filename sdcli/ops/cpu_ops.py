@@ -8,6 +8,10 @@ run :mod:`sdcli.ext.bf16_kernels` (AMX or AVX512_BF16). layer_norm, group_norm (
 gelu, geglu, quick_gelu, softmax, the fused attention (never forming the (Tq, Tk) score matrix), the
 channels-first/last transposes and nearest upsampling run in :mod:`sdcli.ext.cpu_kernels`, parallel when the
 extension was built with OpenMP; silu and relu are vectorised numpy.
+What runs where follows the CPU level (``sdcli.ext.cpu_level()``: the CPU's best, capped by SDCLI_CPU_LEVEL): below
+"avx512" the float32 weights stay unpacked (numpy's matmul, blas_kernels' convolutions) and attention runs the
+per-head kernel; below "avx512_bf16" bf16 weights take the float32 fallback; the element-wise and norm kernels run
+their 16-, 8- or 4-lane versions.
 Inputs of other dtypes or layouts are converted to C-contiguous float32 first; results are new float32 arrays.
 
 Importing this module raises ImportError when the extension is not built; ``get_ops("cpu")`` reports that.
@@ -89,7 +93,7 @@ def _packed_linear(name: str, kernel, x: np.ndarray, packed, bias: np.ndarray | 
 
 def pack_linear(weight: np.ndarray):
     """A float32 or float16 linear weight (out, in) prepared for ``linear``: the AVX-512 kernels' layout where the
-    CPU has them (a copy of the same dtype, made once per layer), the array itself otherwise."""
+    CPU level has them (a copy of the same dtype, made once per layer), the array itself otherwise."""
     if not f32_kernels.available():
         return weight
     weight = _kept_weight(weight)
@@ -199,7 +203,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> (B, H, Tq, dv). ``scale`` defaults to ``1/sqrt(d)``.
     With ``causal``, query i sees keys 0..i (aligned at the start, as in a text encoder; needs Tq == Tk).
     With ``bf16``, the products run in bf16 (AMX or AVX512_BF16, :mod:`sdcli.ext.bf16_kernels`) where the CPU
-    has them, as numpy_ops states; in float32 elsewhere.
+    level has them, as numpy_ops states; in float32 elsewhere.
     The result is a (B, H, Tq, dv) view of a (B, Tq, H, dv) array, so that merging the heads back is a free
     reshape.
     """
@@ -414,7 +418,8 @@ class Bf16Weight:
 
 
 def bf16_level() -> str:
-    """How this CPU multiplies bf16: "amx", "avx512_bf16", or "portable" (then the float32 fallback runs)."""
+    """How bf16 is multiplied at the CPU level in use: "amx", "avx512_bf16", or "portable" (then the float32
+    fallback runs)."""
     return bf16_kernels.capability()
 
 
