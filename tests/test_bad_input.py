@@ -180,5 +180,55 @@ def test_short_prompts_are_not_cut():
     assert tokenizer.window("a cat") == "a cat"
     text = "a " * WINDOW_CHARACTERS  # longer than the window but only 2048 tokens: cut, yet past 77 tokens
     assert tokenizer.window(text) == text[:WINDOW_CHARACTERS]
-    text = " " * (3 * WINDOW_CHARACTERS) + "a cat"  # long, yet only two tokens: never cut
-    assert tokenizer.window(text) == text
+    text = " " * (3 * WINDOW_CHARACTERS) + "a cat"  # long, yet only two tokens: never cut, its whitespace folded
+    assert tokenizer.window(text) == " a cat"
+    assert tokenizer.tokenize(text).ids.tolist() == tokenizer.tokenize("a cat").ids.tolist()
+
+
+@pytest.mark.parametrize("text, same_as", [
+    (" " * 10_000_000 + "a cat", "a cat"),
+    ("\u3000" * 3_000_000 + "a cat", "a cat"),
+    (("cat" + "\n" * 100_000) * 100, "cat " * 100),
+    (("a red fox" + " \t" * 50_000) * 60, "a red fox " * 60),
+], ids=["ten megabytes of spaces", "ideographic spaces", "long newline runs", "long mixed runs"])
+def test_prompts_of_mostly_whitespace_tokenize_only_their_words(monkeypatch, text, same_as):
+    """Prefixes of a mostly-whitespace prompt stay short of 77 tokens until the whole text is taken; folded, it
+    is tokenized at the cost of its words."""
+    tokenizer = ClipTokenizer.from_folder()
+    expected = tokenizer.tokenize(same_as)
+    seen = []
+    encode = tokenizer._tokenizer.encode
+
+    def recording(text, *args, **kwargs):
+        seen.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "_tokenizer", type("Recording", (), {"encode": staticmethod(recording)})())
+    tokenized = tokenizer.tokenize(text)
+    assert tokenized.ids.tolist() == expected.ids.tolist() and tokenized.length == expected.length
+    assert max(seen) <= 2 * WINDOW_CHARACTERS
+
+
+PIECES = ["a", "cat", "ÉCOLE", "straße", "İstanbul", "東京の夜景", "'s", "'ll", "don't", "!!!", "(((", "1", "9", " ", "\t",
+          "\n", "\r\n", "\u3000", "\u00a0", "\u2000", "\u0301", "e\u0301", "1\u0301", " \u0301", "\x1c", "\u200b",
+          "<|endoftext|>", "<|startoftext|>", "🙂", "👍🏽", "١٢٣", "½", "\x00", "'", "x" * 60, "ab" * 40, "-" * 30,
+          " " * 700, "\n" * 300, "supercalifragilistic"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_long_prompts_keep_the_tokens_of_the_whole_text(seed):
+    """Prompts of random pieces (whitespace of every kind and length, digits with combining marks, separators,
+    special tokens, long words, scripts without spaces), each longer than the window, tokenize as the whole text
+    does up to the encoder's 77 tokens."""
+    tokenizer = ClipTokenizer.from_folder()
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        pieces = PIECES if rng.random() < 0.7 else ["東京の夜景", "ab" * 40, "!!!", "\u3000", "-" * 30, "x" * 60]
+        text = ""
+        while len(text) <= WINDOW_CHARACTERS * rng.integers(1, 6):
+            text += pieces[rng.integers(len(pieces))]
+        whole = tokenizer.encode(text)
+        expected = whole if len(whole) <= tokenizer.max_length else whole[:tokenizer.max_length - 1] + [
+            tokenizer.eos_id]
+        tokenized = tokenizer.tokenize(text)
+        assert tokenized.ids[:tokenized.length].tolist() == expected, repr(text[:300])

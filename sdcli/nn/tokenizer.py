@@ -10,6 +10,7 @@ and ``<|endoftext|>`` recognised as special tokens even inside the text. SD1.5's
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,10 @@ WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p
 # about 400 characters of English.
 WINDOW_CHARACTERS = 2048
 CUT_AFTER = frozenset(" \t\n\r\f\v0123456789")
+# Two or more of the characters the normaliser folds into one space: Unicode White_Space, which is Python's
+# str.isspace() less the separators U+001C..U+001F (CLIP keeps those as symbols). Folding them ahead changes no
+# token (NFC composes none of them with a neighbour), and keeps a prompt of mostly whitespace cheap to window.
+WHITESPACE_RUN = re.compile("[ \t\n\v\f\r\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]{2,}")
 
 
 def _cut_point(text: str, length: int) -> int:
@@ -104,21 +109,25 @@ class ClipTokenizer:
 
     def window(self, text: str) -> str:
         """A prefix of ``text`` that tokenizes to the same first tokens as ``text`` and to more than the encoder
-        reads, or ``text`` itself when it is short.
+        reads, or ``text`` itself when it is short (its whitespace runs folded when it is long).
 
         Prefixes of ``WINDOW_CHARACTERS``, four times that, ... characters are tried, each cut just after an
         ASCII whitespace or digit: a word never spans either (CLIP's word pattern splits there, and the
         normalisation folds whitespace and lower-cases letter by letter), so every word before the cut keeps its
         tokens. Only a prefix without such a character in its second half is cut inside a word; that word alone
-        then has hundreds of tokens, far past the encoder's window.
+        then has hundreds of tokens, far past the encoder's window. Each prefix has its whitespace runs folded
+        before it is tokenized (``WHITESPACE_RUN``), so a prompt that is mostly whitespace, whose prefixes stay
+        short of the window until the whole text is taken, is tokenized at the cost of its words alone.
         """
+        if len(text) <= WINDOW_CHARACTERS:
+            return text
         length = WINDOW_CHARACTERS
         while length < len(text):
-            prefix = text[:_cut_point(text, length)]
+            prefix = WHITESPACE_RUN.sub(" ", text[:_cut_point(text, length)])
             if len(self._tokenizer.encode(prefix, add_special_tokens=False).ids) > self.max_length:
                 return prefix
             length *= 4
-        return text
+        return WHITESPACE_RUN.sub(" ", text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with BOS and EOS, not padded or truncated."""
