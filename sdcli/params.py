@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -44,7 +45,7 @@ class GenerateParams:
         for name, label in (("guidance_scale", "guidance scale"), ("guidance_rescale", "guidance rescale"),
                             ("eta", "eta")):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):  # numpy's floats too
                 raise SdcliError(f"{label} must be a finite number, got {value}")
         if self.steps is not None and self.steps < 1:
             raise SdcliError(f"steps must be at least 1, got {self.steps}")

@@ -69,6 +69,14 @@ def test_library_validation_refuses_what_the_cli_refuses(field, value):
         GenerateParams(prompt="a cat", **{field: value}).validate()
 
 
+def test_numpy_numbers_are_numbers():
+    params = GenerateParams(prompt="a cat", guidance_scale=np.float32(7.5), guidance_rescale=np.float64(0.5),
+                            eta=np.float32(0)).validate()
+    assert params.guidance_scale == 7.5
+    with pytest.raises(SdcliError, match="guidance scale must be a finite number, got nan"):
+        GenerateParams(prompt="a cat", guidance_scale=np.float32("nan")).validate()
+
+
 @pytest.mark.parametrize("option", ["--width", "--height"])
 def test_absurd_sizes_are_refused_at_once(tmp_path, option, monkeypatch):
     def no_load(*args, **kwargs):
