@@ -22,7 +22,7 @@ from .errors import SdcliError
 from .io.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from .nn.clip import ClipTextEncoder, clip_text_shapes
 from .memory import return_freed_memory
-from .nn.layers import load_weights, unload_prepared
+from .nn.layers import load_weights, unload_prepared, unprepared_bytes
 from .nn.taesd import load_taesd
 from .nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
 from .nn.unet import UNet2DConditionModel, unet_shapes
@@ -156,7 +156,8 @@ class TextToImage:
                               seed=random_seed() if params.seed is None else params.seed).validate()
         SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # a step count the schedule cannot give
         check_fits(self.unet.config, self.decoder_shape(), params.width, params.height, params.batch_size,
-                   guided=params.guidance_scale > 1, backend=self.backend, limit=MAX_IMAGE_SIDE)
+                   guided=params.guidance_scale > 1, backend=self.backend, limit=MAX_IMAGE_SIDE,
+                   weights=(unprepared_bytes(self.unet), unprepared_bytes(self.decoder)))
         return params
 
     def decoder_shape(self) -> ImageDecoderShape:

@@ -5,6 +5,7 @@ test's tiny checkpoint."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from data_paths import TEST_DATA
 from sdcli.cli import main
 from sdcli.config import UNetConfig, VAEConfig
 from sdcli.errors import SdcliError
+from sdcli.nn.layers import Conv2d, matrix_layers, unprepared_bytes
 from sdcli.nn.tokenizer import WINDOW_CHARACTERS, ClipTokenizer
 from sdcli.params import MAX_IMAGE_SIDE, GenerateParams
 
@@ -110,6 +112,52 @@ def test_the_estimate_scales_and_tiling_bounds_the_decoder():
     with pytest.raises(SdcliError, match="with --vae-tiling this size needs"):
         sdcli.sizing.check_fits(unet, whole, 2048, 2048, 1, True, "cpu", MAX_IMAGE_SIDE,
                                 available=int(1.2 * large_tiled.peak_bytes * 4))
+
+
+def sd15_configs():
+    configs = Path(sdcli.__file__).parent / "data" / "configs" / "sd15"
+    return (UNetConfig.from_diffusers(json.loads((configs / "unet" / "config.json").read_text())),
+            VAEConfig.from_diffusers(json.loads((configs / "vae" / "config.json").read_text())))
+
+
+def test_the_weights_count_toward_the_peak():
+    """SD 1.5 in fp32: 3.4 GB of UNet weights and 0.2 GB of decoder weights to prepare."""
+    unet, vae = sd15_configs()
+    whole = sdcli.sizing.ImageDecoderShape.of_vae(vae, tiling=False)
+    weights = (3_438_000_000, 198_000_000)
+    estimate = sdcli.sizing.estimate_activations(unet, whole, 1024, 1024, 1, True, "cpu", weights)
+    assert estimate.unet_peak_bytes == weights[0] + estimate.unet_bytes
+    assert estimate.peak_bytes == max(weights[0] + estimate.unet_bytes, weights[1] + estimate.decoder_bytes)
+    with pytest.raises(SdcliError, match=r"for the UNet \(3\.4 GB weights, 480 MB activations\), and 4\.0 GB of "
+                                         r"memory is available; the largest square size that fits is 576x576"):
+        sdcli.sizing.check_fits(unet, whole, 1024, 1024, 1, True, "cpu", MAX_IMAGE_SIDE, available=4_000_000_000,
+                                weights=weights)
+    with pytest.raises(SdcliError, match=r"no size fits \(--precision fp16 or bf16 halves the weights, --low-memory "
+                                         r"streams them\)"):
+        sdcli.sizing.check_fits(unet, whole, 512, 512, 1, True, "cpu", MAX_IMAGE_SIDE, available=3_500_000_000,
+                                weights=weights)
+    assert sdcli.sizing.check_fits(unet, whole, 512, 512, 1, True, "cpu", MAX_IMAGE_SIDE, available=4_500_000_000,
+                                   weights=weights).peak_bytes < 4_000_000_000
+
+
+def test_unprepared_bytes_follow_what_the_layers_hold():
+    """fp16 weights of an F16 file are views of the mapped file: preparing adds them to resident memory, once, and
+    again after the stage lets them go. Converted at load (fp32 from F16) they are resident already: nothing to
+    add. Streamed (--low-memory): one layer widened to float32 at a time."""
+    views = sdcli.load_pipeline(str(MODEL), precision="fp16")
+    layers = list(matrix_layers(views.unet))
+    before = unprepared_bytes(views.unet)
+    assert before == sum(layer.weight.nbytes for layer in layers) > 0
+    sdcli.generate_image(views, GenerateParams(prompt="a cat", steps=1, seed=1))
+    assert unprepared_bytes(views.unet) == before  # unloaded when the decoder started, to be prepared again
+    convolutions = [layer for layer in layers if isinstance(layer, Conv2d)]
+    for convolution in convolutions:  # prepared by a call
+        convolution(np.zeros((1, convolution.weight.shape[1], 4, 4), np.float32))
+    assert unprepared_bytes(views.unet) == before - sum(convolution.weight.nbytes for convolution in convolutions)
+    converted = sdcli.load_pipeline(str(MODEL), precision="fp32")
+    assert unprepared_bytes(converted.unet) == 0
+    streamed = sdcli.load_pipeline(str(MODEL), precision="fp16", low_memory=True)
+    assert unprepared_bytes(streamed.unet) == max(layer.weight.data.size for layer in layers) * 4
 
 
 @pytest.mark.parametrize("content, words", [

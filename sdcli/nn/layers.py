@@ -227,6 +227,20 @@ def unload_prepared(model) -> int:
     return sum(layer.unload() for layer in matrix_layers(model))
 
 
+def unprepared_bytes(model) -> int:
+    """The resident memory the next call of ``model`` adds for its weights: the prepared copy of every Linear and
+    Conv2d held as a view of the mapped file and not prepared yet (a converted copy is resident already, and its
+    prepared form replaces it), and for streamed weights the largest one widened to float32 (one at a time)."""
+    total, widest = 0, 0
+    for layer in matrix_layers(model):
+        weight = layer.weight
+        if weight.stream:
+            widest = max(widest, weight.data.size * 4)
+        elif layer.prepared is None and weight.release is not None:
+            total += weight.nbytes
+    return total + widest
+
+
 def linear_from(ops: Ops, weights: dict[str, Weight], prefix: str, bias: bool = True) -> Linear:
     """The Linear layer whose tensors are ``{prefix}weight`` and ``{prefix}bias``."""
     return Linear(ops, weights[prefix + "weight"], weights[prefix + "bias"] if bias else None)

@@ -272,13 +272,13 @@ class VaeDecoder:
     """UNet-space latents (B, 4, h, w) -> images (B, 3, 8h, 8w), float32 in about [-1, 1] (not clamped).
 
     Divides by ``scaling_factor``, applies post_quant_conv and the decoder. Images are decoded one at a time
-    (the results do not depend on it; a 512x512 decode peaks near 1.5 GB of activations whatever the batch).
+    (the results do not depend on it; a 512x512 decode peaks near 0.7 GB of activations whatever the batch).
 
     ``tiling=True`` is diffusers' ``AutoencoderKL.enable_tiling()`` (the reference behaviour is its
     ``tiled_decode``): a latent wider or taller than ``tile_latent_size`` (the config's ``sample_size`` in latents,
     64 for SD1.5) is decoded in overlapping square tiles, ``tile_stride`` latents apart, and each tile's first
     ``blend_pixels`` rows and columns fade in from its neighbours above and to the left to hide the seams. The
-    activations are then those of one tile (about 1.5 GB for SD1.5's 512-pixel tile) whatever the image size; the
+    activations are then those of one tile (about 0.7 GB for SD1.5's 512-pixel tile) whatever the image size; the
     price is an image that differs slightly from the untiled decode (every tile normalises and attends over its
     own pixels only), and the same amount of work plus the overlaps. A latent within one tile decodes whole,
     exactly as without tiling.
