@@ -231,6 +231,16 @@ def test_a_ten_megabyte_prompt_tokenizes_only_a_window(monkeypatch):
     assert max(seen) <= WINDOW_CHARACTERS
 
 
+def test_a_ten_megabyte_prompt_on_the_command_line():
+    """clip-test (the same prompt encoder generate uses) with a 10 MB prompt: 77 tokens, those of its beginning."""
+    text = "a red fox in the snow, photograph, " * 300_000
+    result = CliRunner().invoke(main, ["clip-test", "-m", str(MODEL), "-p", text, "--json"])
+    assert result.exit_code == 0, result.output[-500:]
+    prompt = json.loads(result.output)["prompts"][0]
+    assert prompt["token_count"] == 77 and prompt["truncated_tokens"] > 0
+    assert prompt["ids"] == ClipTokenizer.from_folder().tokenize(text[:1000]).ids.tolist()
+
+
 def test_short_prompts_are_not_cut():
     tokenizer = ClipTokenizer.from_folder()
     assert tokenizer.window("a cat") == "a cat"
