@@ -215,8 +215,8 @@ def test_long_prompts_keep_the_tokens_of_the_whole_text(name):
     assert tokenized.length == tokenizer.max_length and 0 < tokenized.truncated <= len(whole) - tokenizer.max_length
 
 
-def test_a_ten_megabyte_prompt_tokenizes_only_a_window(monkeypatch):
-    tokenizer = ClipTokenizer.from_folder()
+def record_tokenized_lengths(tokenizer, monkeypatch) -> list[int]:
+    """The lengths of the texts ``tokenizer`` hands its tokenizers-library tokenizer, as they come."""
     seen = []
     encode = tokenizer._tokenizer.encode
 
@@ -225,6 +225,12 @@ def test_a_ten_megabyte_prompt_tokenizes_only_a_window(monkeypatch):
         return encode(text, *args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "_tokenizer", type("Recording", (), {"encode": staticmethod(recording)})())
+    return seen
+
+
+def test_a_ten_megabyte_prompt_tokenizes_only_a_window(monkeypatch):
+    tokenizer = ClipTokenizer.from_folder()
+    seen = record_tokenized_lengths(tokenizer, monkeypatch)
     text = "a red fox in the snow, photograph, " * 300_000  # 10.5 MB
     tokenized = tokenizer.tokenize(text)
     assert tokenized.length == 77 and tokenized.truncated > 0
@@ -262,14 +268,7 @@ def test_prompts_of_mostly_whitespace_tokenize_only_their_words(monkeypatch, tex
     is tokenized at the cost of its words."""
     tokenizer = ClipTokenizer.from_folder()
     expected = tokenizer.tokenize(same_as)
-    seen = []
-    encode = tokenizer._tokenizer.encode
-
-    def recording(text, *args, **kwargs):
-        seen.append(len(text))
-        return encode(text, *args, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "_tokenizer", type("Recording", (), {"encode": staticmethod(recording)})())
+    seen = record_tokenized_lengths(tokenizer, monkeypatch)
     tokenized = tokenizer.tokenize(text)
     assert tokenized.ids.tolist() == expected.ids.tolist() and tokenized.length == expected.length
     assert max(seen) <= 2 * WINDOW_CHARACTERS
