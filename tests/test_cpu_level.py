@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+import sdcli
 from sdcli.ext import cpu_level
 from sdcli.ext.levels import ENV_VAR, LEVELS
 
-ROOT = Path(__file__).resolve().parents[1]
+SDCLI_PARENT = str(Path(sdcli.__file__).resolve().parents[1])  # the subprocesses import the sdcli this one does
 
 # What each level runs: the float32 AVX-512 kernels (packed weights), the bf16 kernels' level, F16C conversions.
 PATHS = {
@@ -82,8 +83,8 @@ print(json.dumps({"level": list(cpu_level()), "paths": paths, "errors": errors})
 
 
 def run(level: str | None, script: str) -> subprocess.CompletedProcess:
-    """``python -c script`` with SDCLI_CPU_LEVEL set to ``level`` (unset for None), this checkout's sdcli first."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    """``python -c script`` with SDCLI_CPU_LEVEL set to ``level`` (unset for None), on the sdcli of this process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SDCLI_PARENT, os.environ.get("PYTHONPATH")]))}
     env.pop(ENV_VAR, None)
     if level is not None:
         env[ENV_VAR] = level
