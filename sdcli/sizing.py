@@ -78,10 +78,10 @@ class MemoryEstimate:
         return max(self.unet_peak_bytes, self.decoder_peak_bytes)
 
 
-def estimate_activations(unet: UNetConfig, decoder: ImageDecoderShape, width: int, height: int, batch: int,
+def estimate_memory(unet: UNetConfig, decoder: ImageDecoderShape, width: int, height: int, batch: int,
                          guided: bool, backend: str, weights: tuple[int, int] = (0, 0)) -> MemoryEstimate:
-    """The activation memory of one batch of ``batch`` images of ``width`` x ``height`` pixels; ``weights`` are
-    the bytes the UNet's and the decoder's weights add (see the module docstring), carried into the estimate."""
+    """The memory of one batch of ``batch`` images of ``width`` x ``height`` pixels: each stage's activations,
+    and the bytes its weights add (``weights``: the UNet's and the decoder's, see the module docstring)."""
     h, w = height // NATIVE_LATENT_SCALE, width // NATIVE_LATENT_SCALE
     images = batch * (2 if guided else 1)
     channels = unet.block_out_channels
@@ -139,7 +139,7 @@ def check_fits(unet: UNetConfig, decoder: ImageDecoderShape, width: int, height:
     """The estimate for this size, after checking it fits the memory available; else a one-line SdcliError
     that gives the estimate, the largest square size that fits, and what --vae-tiling would make of it.
     ``weights``: the bytes the UNet's and the decoder's weights will add (``nn.layers.unprepared_bytes``)."""
-    estimate = estimate_activations(unet, decoder, width, height, batch, guided, backend, weights)
+    estimate = estimate_memory(unet, decoder, width, height, batch, guided, backend, weights)
     available = available_memory() if available is None else available
     if available is None:
         return estimate
@@ -148,7 +148,7 @@ def check_fits(unet: UNetConfig, decoder: ImageDecoderShape, width: int, height:
         return estimate
 
     def fits(side: int, shape: ImageDecoderShape = decoder) -> bool:
-        return estimate_activations(unet, shape, side, side, batch, guided, backend, weights).peak_bytes <= budget
+        return estimate_memory(unet, shape, side, side, batch, guided, backend, weights).peak_bytes <= budget
 
     if estimate.unet_peak_bytes >= estimate.decoder_peak_bytes:
         stage, stage_weights, activations = "the UNet", estimate.unet_weight_bytes, estimate.unet_bytes
@@ -166,7 +166,7 @@ def check_fits(unet: UNetConfig, decoder: ImageDecoderShape, width: int, height:
                                        if max(weights) >= 0.1 * budget else "")
     if decoder.block_out_channels is not None and not decoder.tiling:
         tiled = ImageDecoderShape(decoder.block_out_channels, decoder.tile_pixels, tiling=True)
-        tiled_estimate = estimate_activations(unet, tiled, width, height, batch, guided, backend, weights)
+        tiled_estimate = estimate_memory(unet, tiled, width, height, batch, guided, backend, weights)
         if tiled_estimate.peak_bytes <= budget:
             message += f" (with --vae-tiling this size needs {gigabytes(tiled_estimate.peak_bytes)} and fits)"
         else:

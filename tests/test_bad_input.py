@@ -102,12 +102,12 @@ def test_the_estimate_scales_and_tiling_bounds_the_decoder():
     vae = VAEConfig.from_diffusers(json.loads((MODEL / "vae" / "config.json").read_text()))
     whole = sdcli.sizing.ImageDecoderShape.of_vae(vae, tiling=False)
     tiled = sdcli.sizing.ImageDecoderShape.of_vae(vae, tiling=True)
-    small = sdcli.sizing.estimate_activations(unet, whole, 512, 512, 1, True, "cpu")
-    large = sdcli.sizing.estimate_activations(unet, whole, 1024, 1024, 1, True, "cpu")
+    small = sdcli.sizing.estimate_memory(unet, whole, 512, 512, 1, True, "cpu")
+    large = sdcli.sizing.estimate_memory(unet, whole, 1024, 1024, 1, True, "cpu")
     assert large.unet_bytes == 4 * small.unet_bytes and 3 * small.decoder_bytes < large.decoder_bytes
-    large_tiled = sdcli.sizing.estimate_activations(unet, tiled, 1024, 1024, 1, True, "cpu")
+    large_tiled = sdcli.sizing.estimate_memory(unet, tiled, 1024, 1024, 1, True, "cpu")
     assert large_tiled.decoder_bytes < large.decoder_bytes / 4
-    numpy = sdcli.sizing.estimate_activations(unet, whole, 1024, 1024, 1, True, "numpy")
+    numpy = sdcli.sizing.estimate_memory(unet, whole, 1024, 1024, 1, True, "numpy")
     assert numpy.unet_bytes > 10 * large.unet_bytes  # the reference's attention holds every score
     with pytest.raises(SdcliError, match="with --vae-tiling this size needs"):
         sdcli.sizing.check_fits(unet, whole, 2048, 2048, 1, True, "cpu", MAX_IMAGE_SIDE,
@@ -125,7 +125,7 @@ def test_the_weights_count_toward_the_peak():
     unet, vae = sd15_configs()
     whole = sdcli.sizing.ImageDecoderShape.of_vae(vae, tiling=False)
     weights = (3_438_000_000, 198_000_000)
-    estimate = sdcli.sizing.estimate_activations(unet, whole, 1024, 1024, 1, True, "cpu", weights)
+    estimate = sdcli.sizing.estimate_memory(unet, whole, 1024, 1024, 1, True, "cpu", weights)
     assert estimate.unet_peak_bytes == weights[0] + estimate.unet_bytes
     assert estimate.peak_bytes == max(weights[0] + estimate.unet_bytes, weights[1] + estimate.decoder_bytes)
     with pytest.raises(SdcliError, match=r"for the UNet \(3\.4 GB weights, 480 MB activations\), and 4\.0 GB of "
