@@ -139,20 +139,13 @@ def timed(run):
 
 if side == "sdcli":
     import sdcli
-    from sdcli.nn.layers import load_weights
-    from sdcli.nn.unet import UNet2DConditionModel, unet_shapes
-    from sdcli.nn.vae import load_vae_decoder
-    from sdcli.ops import get_ops
+    from sdcli.families.sd_networks import load_unet, load_vae_decoder
     start = time.perf_counter()
     if network == "text_encoder":
         encoder = sdcli.load_prompt_encoder(folder, precision=precision)
         run = lambda: encoder.text_encoder(inputs["ids"])
     elif network == "unet":
-        checkpoint = sdcli.open_checkpoint(folder)
-        config = checkpoint.unet_config()
-        ops = get_ops("cpu")  # conversions at load on the backend's kernels, as load_pipeline does
-        unet = UNet2DConditionModel(ops, config, load_weights(checkpoint.source("unet"), unet_shapes(config),
-                                                              precision, ops=ops))
+        unet = load_unet(folder, precision)  # conversions at load on the backend's kernels, as load_pipeline does
         run = lambda: unet(inputs["sample"], inputs["timesteps"], inputs["context"])
     else:
         decoder = load_vae_decoder(folder, precision=precision)
@@ -362,11 +355,6 @@ class FlopCounter:
         self.flops["conv2d"] += 2 * batch * out_h * out_w * out_channels * in_channels * kh * kw
         return np.zeros((batch, out_channels, out_h, out_w), np.float32)  # (B, Cout, Ho, Wo)
 
-    def pack_linear(self, weight: np.ndarray) -> np.ndarray:
-        return weight  # kept as it is, so linear sees its shape
-
-    pack_conv = pack_linear
-
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
                   scale: float | None = None, **_) -> np.ndarray:
         heads = int(np.prod(q.shape[:-2]))  # B * H
@@ -435,13 +423,13 @@ class ZeroSource:
 def unet_flops(latent: int, batch: int = 2) -> dict:
     """FLOPs of one SD1.5 UNet forward at ``latent`` x ``latent``, by running sdcli's UNet on the counter."""
     from sdcli.config import UNetConfig, read_json
-    from sdcli.nn.layers import load_weights
-    from sdcli.nn.unet import UNet2DConditionModel, unet_shapes
+    from sdcli.io.weights import load_network, tensor_shapes
+    from sdcli.nn.unet import UNet2DConditionModel
 
     config = UNetConfig.from_diffusers(read_json(CONFIGS / "sd15" / "unet" / "config.json"))
     counter = FlopCounter()
-    shapes = unet_shapes(config)
-    unet = UNet2DConditionModel(counter, config, load_weights(ZeroSource(shapes), shapes, "fp32"))
+    build = lambda params: UNet2DConditionModel(params, config)  # noqa: E731
+    unet = load_network(build, ZeroSource(tensor_shapes(build)), counter)
     unet(np.zeros((batch, config.in_channels, latent, latent), np.float32), np.full(batch, 500.0),
          np.zeros((batch, 77, config.cross_attention_dim), np.float32))
     return {**counter.flops, "total": sum(counter.flops.values()), "uncounted_ops": sorted(counter.uncounted)}
@@ -450,13 +438,13 @@ def unet_flops(latent: int, batch: int = 2) -> dict:
 def vae_decode_flops(latent: int = 64) -> dict:
     """FLOPs of one SD1.5 VAE decode of a ``latent`` x ``latent`` latent (8x the pixels)."""
     from sdcli.config import VAEConfig, read_json
-    from sdcli.nn.layers import load_weights
-    from sdcli.nn.vae import VaeDecoder, vae_decoder_shapes
+    from sdcli.io.weights import load_network, tensor_shapes
+    from sdcli.nn.vae import VaeDecoder
 
     config = VAEConfig.from_diffusers(read_json(CONFIGS / "sd15" / "vae" / "config.json"))
     counter = FlopCounter()
-    shapes = vae_decoder_shapes(config)
-    VaeDecoder(counter, config, load_weights(ZeroSource(shapes), shapes, "fp32"))(
+    build = lambda params: VaeDecoder(params, config)  # noqa: E731
+    load_network(build, ZeroSource(tensor_shapes(build)), counter)(
         np.zeros((1, config.latent_channels, latent, latent), np.float32))
     return {**counter.flops, "total": sum(counter.flops.values()), "uncounted_ops": sorted(counter.uncounted)}
 

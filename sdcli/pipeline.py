@@ -20,14 +20,13 @@ import numpy as np
 from .config import ClipConfig
 from .errors import SdcliError
 from .io.checkpoint import Checkpoint, TensorSource, open_checkpoint
-from .nn.clip import ClipTextEncoder, clip_text_shapes
+from .families.sd_networks import load_taesd, load_text_encoder, load_unet, load_vae_decoder
+from .nn.clip import ClipTextEncoder
 from .memory import return_freed_memory
-from .nn.layers import load_weights, unload_prepared, unprepared_bytes
-from .nn.taesd import load_taesd
 from .nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
-from .nn.unet import UNet2DConditionModel, unet_shapes
-from .nn.vae import VaeDecoder, load_vae_decoder
-from .ops import get_ops
+from .nn.unet import UNet2DConditionModel
+from .nn.vae import VaeDecoder
+from .ops.parameter import unload_prepared, unprepared_bytes
 from .params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_IMAGE_SIDE, VAE_CHOICES, GenerateParams
 from .rng import BatchNoise, image_seeds, random_seed
 from .sampling.denoisers import Denoiser, guided_network
@@ -60,7 +59,7 @@ class PromptEncoder:
         """(B, 77, D) float32 hidden states for ``prompts``."""
         ids = np.stack([t.ids for t in self.tokenize(prompts)])  # (B, 77)
         start = time.perf_counter()
-        embeddings = self.text_encoder(ids, clip_skip=clip_skip)  # (B, 77, D)
+        embeddings = self.text_encoder.ops.to_host(self.text_encoder(ids, clip_skip=clip_skip))  # (B, 77, D)
         self.timings["encode_s"] = time.perf_counter() - start
         return embeddings
 
@@ -69,17 +68,28 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
     """Open ``model`` (a path or an opened checkpoint) and load its tokenizer and text encoder."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    ops = get_ops(backend)
     config = checkpoint.text_encoder_config()
     source = checkpoint.source("text_encoder")
-    weights = load_weights(source, clip_text_shapes(config), precision, ops=ops)
+    text_encoder = load_text_encoder(checkpoint, precision, backend)
     tokenizer = ClipTokenizer.from_folder(checkpoint.tokenizer_dir(),
                                           default_pad_token="!" if checkpoint.family == "sd2" else EOS_TOKEN)
-    encoder = PromptEncoder(tokenizer, ClipTextEncoder(ops, config, weights), config, precision, source)
+    encoder = PromptEncoder(tokenizer, text_encoder, config, precision, source)
     encoder.timings["load_s"] = time.perf_counter() - start
     log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
              encoder.timings["load_s"])
     return encoder
+
+
+def on_host(network, arrays: tuple[int, ...] = (0,)):
+    """``network`` as a function of host arrays: the positional arguments at ``arrays`` go to its backend
+    (``ops.from_host``) and its result comes back (``ops.to_host``): the host boundary of every network call.
+    Other arguments (timesteps) pass as they are."""
+    ops = network.ops
+
+    def call(*args):
+        return ops.to_host(network(*(ops.from_host(arg) if i in arrays else arg for i, arg in enumerate(args))))
+
+    return call
 
 
 # -- text to image -----------------------------------------------------------------------------------------------
@@ -243,7 +253,8 @@ class TextToImage:
 
         spec = SAMPLERS[params.sampler]
         plan = spec.plan(self.scheduler_config, params.steps)
-        network = guided_network(self.unet, context, uncond_context, params.guidance_scale, params.guidance_rescale)
+        network = guided_network(on_host(self.unet, (0, 2)), context, uncond_context, params.guidance_scale,
+                                 params.guidance_rescale)
         denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
         if spec.wraps_denoiser is not None:
             denoiser = spec.wraps_denoiser(denoiser, plan)
@@ -258,7 +269,7 @@ class TextToImage:
             x = step.x
             preview = None
             if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
-                preview = self.preview_decoder()(step.denoised)
+                preview = on_host(self.preview_decoder())(step.denoised)
             yield StepRecord(step.index, total, float(step.sigma), x, preview, time.perf_counter() - start)
         timings["denoising_s"] = time.perf_counter() - start
         timings["steps"] = total
@@ -267,7 +278,7 @@ class TextToImage:
         latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, h, w) what diffusers decodes
         self.leave_stage("unet", self.unet)
         start = time.perf_counter()
-        images = self.decoder(latents)  # (B, 3, H, W)
+        images = on_host(self.decoder)(latents)  # (B, 3, H, W)
         timings["decode_s"] = time.perf_counter() - start
         self.leave_stage("vae", self.decoder)
         yield GeneratedBatch(images, latents, seeds, params, timings)
@@ -288,11 +299,8 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
         raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    ops = get_ops(backend)
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
-    unet_config = checkpoint.unet_config()
-    unet = UNet2DConditionModel(ops, unet_config, load_weights(checkpoint.source("unet"), unet_shapes(unet_config),
-                                                              precision, stream=low_memory, ops=ops))
+    unet = load_unet(checkpoint, precision, backend, stream=low_memory)
     if vae == "taesd":
         decoder = load_taesd(backend=backend)[1]
     else:

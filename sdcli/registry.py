@@ -2,7 +2,7 @@
 
 from .config import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS
 from .models import MODEL_PRESETS
-from .nn.layers import PRECISIONS
+from .ops.parameter import PRECISIONS
 from .ops import BACKENDS
 from .params import VAE_CHOICES
 from .sampling.plans import SAMPLERS as SAMPLER_SPECS

@@ -17,7 +17,8 @@ from data_paths import TEST_DATA
 from sdcli.cli import main
 from sdcli.config import UNetConfig, VAEConfig
 from sdcli.errors import SdcliError
-from sdcli.nn.layers import Conv2d, matrix_layers, unprepared_bytes
+from sdcli.nn.layers import Conv2d
+from sdcli.ops.parameter import parameters, unprepared_bytes
 from sdcli.nn.tokenizer import WINDOW_CHARACTERS, ClipTokenizer
 from sdcli.params import MAX_IMAGE_SIDE, GenerateParams
 
@@ -145,19 +146,33 @@ def test_unprepared_bytes_follow_what_the_layers_hold():
     again after the stage lets them go. Converted at load (fp32 from F16) they are resident already: nothing to
     add. Streamed (--low-memory): one layer widened to float32 at a time."""
     views = sdcli.load_pipeline(str(MODEL), precision="fp16")
-    layers = list(matrix_layers(views.unet))
+    matrices = [parameter for parameter in parameters(views.unet) if parameter.data.ndim >= 2]
     before = unprepared_bytes(views.unet)
-    assert before == sum(layer.weight.nbytes for layer in layers) > 0
+    assert before == sum(matrix.weight.nbytes for matrix in matrices) > 0
     sdcli.generate_image(views, GenerateParams(prompt="a cat", steps=1, seed=1))
     assert unprepared_bytes(views.unet) == before  # unloaded when the decoder started, to be prepared again
-    convolutions = [layer for layer in layers if isinstance(layer, Conv2d)]
+    convolutions = [layer for layer in layers_of(views.unet) if isinstance(layer, Conv2d)]
+    sizes = sum(convolution.weight.weight.nbytes for convolution in convolutions)
     for convolution in convolutions:  # prepared by a call
         convolution(np.zeros((1, convolution.weight.shape[1], 4, 4), np.float32))
-    assert unprepared_bytes(views.unet) == before - sum(convolution.weight.nbytes for convolution in convolutions)
+    assert unprepared_bytes(views.unet) == before - sizes
     converted = sdcli.load_pipeline(str(MODEL), precision="fp32")
     assert unprepared_bytes(converted.unet) == 0
     streamed = sdcli.load_pipeline(str(MODEL), precision="fp16", low_memory=True)
-    assert unprepared_bytes(streamed.unet) == max(layer.weight.data.size for layer in layers) * 4
+    assert unprepared_bytes(streamed.unet) == max(matrix.data.size for matrix in matrices) * 4
+
+
+def layers_of(network) -> list:
+    """Every layer object of ``network`` (the sdcli.nn objects it holds, walked through lists)."""
+    found, pending = [], [network]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        elif type(item).__module__.startswith("sdcli.nn."):
+            found.append(item)
+            pending.extend(vars(item).values())
+    return found
 
 
 @pytest.mark.parametrize("content, words", [

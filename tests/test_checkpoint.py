@@ -23,9 +23,11 @@ SENTINEL = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.
 def tiny_state():
     rng = np.random.default_rng(0)
     from sdcli.config import ClipConfig
-    from sdcli.nn.clip import clip_text_shapes
+    from sdcli.io.weights import tensor_shapes
+    from sdcli.nn.clip import ClipTextEncoder
 
-    shapes = clip_text_shapes(ClipConfig.from_diffusers(TINY_TEXT_CONFIG))
+    config = ClipConfig.from_diffusers(TINY_TEXT_CONFIG)
+    shapes = tensor_shapes(lambda params: ClipTextEncoder(params, config))
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from sdcli.ext import cpu_level, cpu_kernels
 from sdcli.io.safetensors import float32_to_bf16
 from sdcli.ops import cpu_ops, get_ops, numpy_ops
+from sdcli.ops.parameter import Parameter, Weight
 
 cpu = get_ops("cpu")
 rng = np.random.default_rng(0)
@@ -66,18 +67,20 @@ errors = {
     "layer_norm": error(cpu.layer_norm(x, g, h, 1e-5), numpy_ops.layer_norm(x, g, h, 1e-5)),
     "group_norm": error(cpu.group_norm(image, 3, gw, gb, 1e-6, silu=True),
                         numpy_ops.group_norm(image, 3, gw, gb, 1e-6, silu=True)),
-    "linear": error(cpu.linear(x, cpu.pack_linear(w), b), numpy_ops.linear(x, w, b)),
-    "conv2d": error(cpu.conv2d(image, cpu.pack_conv(kernel), kb, padding=1),
+    "linear": error(cpu.linear(x, w, b), numpy_ops.linear(x, w, b)),  # a plain weight is prepared as a layer's
+    "conv2d": error(cpu.conv2d(image, kernel, kb, padding=1),
                     numpy_ops.conv2d(image, kernel, kb, padding=1)),
     "attention": error(cpu.attention(q, k, v), numpy_ops.attention(q, k, v)),
 }
 half = np.empty(8, np.uint16)
 paths = {"f32_kernels": isinstance(cpu.pack_linear(w), cpu_ops.PackedF32), "bf16": cpu_ops.bf16_level(),
          "f16c": bool(cpu_kernels.narrow_to_half(np.zeros(8, np.float32), half))}
-# bf16 products round the activations to bf16 as numpy_ops.linear_bf16 does; the float32 fallback does not
+# bf16 products round the activations to bf16 as numpy_ops.linear does for a bf16 weight; the float32 fallback
+# does not
+bf16_weight = lambda: Parameter(Weight(bits, "bf16"))  # noqa: E731
 bf16_reference = (numpy_ops.linear(x, numpy_ops.weight_float32(bits, "bf16"), b) if paths["bf16"] == "portable"
-                  else numpy_ops.linear_bf16(x, numpy_ops.pack_linear_bf16(bits), b))
-errors["linear_bf16"] = error(cpu.linear_bf16(x, cpu.pack_linear_bf16(bits), b), bf16_reference)
+                  else numpy_ops.linear(x, bf16_weight(), b))
+errors["linear_bf16"] = error(cpu.linear(x, bf16_weight(), b), bf16_reference)
 print(json.dumps({"level": list(cpu_level()), "paths": paths, "errors": errors}))
 """
 

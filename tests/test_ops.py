@@ -17,6 +17,7 @@ import sdcli.ext
 import sdcli.ops
 from sdcli.errors import BackendError
 from sdcli.ops import Ops, get_ops, numpy_ops
+from sdcli.ops.parameter import Parameter, Weight
 
 EPS = float(np.finfo(np.float32).eps)  # 1.19e-7, one float32 ulp at 1
 
@@ -66,6 +67,13 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, op: str) -> None:
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, err_msg=op)
 
 
+def held(array: np.ndarray, precision: str | None = None, stream: bool = False) -> Parameter:
+    """A weight as a layer holds it: prepared (packed) on its first use, or with ``stream`` widened at every call
+    (the path of streamed weights and of CPUs below the avx512 level)."""
+    weight = Weight.of(array, precision)
+    return Parameter(Weight(weight.data, weight.precision, stream=stream))
+
+
 def random(shape: tuple[int, ...], seed: int = 0, magnitude: float = 1.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * magnitude).astype(np.float32)
 
@@ -97,13 +105,13 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("packed", [False, True])  # the weight as given, or prepared once by pack_linear
+@pytest.mark.parametrize("packed", [False, True])  # widened at each call (streamed), or prepared once
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])  # fp16 weights are multiplied in float32 too
 def test_linear(cpu, shape, with_bias, packed, dtype):
     x = random(shape)
     weight = random((5, shape[-1]), seed=1).astype(dtype)
     bias = random((5,), seed=2) if with_bias else None
-    given = cpu.pack_linear(weight) if packed else weight
+    given = held(weight, stream=not packed)
     expected = numpy_ops.linear(x, weight.astype(np.float32), bias)
     assert_close(cpu.linear(x, given, bias), expected, "linear")
 
@@ -275,7 +283,7 @@ def test_split_heads(cpu, bf16):
     """(B, T, heads * hs) -> (B, heads, T, hs), the same values as the reference's view; a contiguous copy for the
     float32 attention kernel."""
     x = random((2, 7, 12))
-    got = cpu.split_heads(x, 3, bf16=bf16)
+    got = cpu.split_heads(x, 3, precision="bf16" if bf16 else "fp32")
     np.testing.assert_array_equal(got, numpy_ops.split_heads(x, 3))
     assert got.shape == (2, 3, 7, 4) and got.flags.c_contiguous != bf16
 
@@ -305,14 +313,14 @@ CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("packed", [False, True])  # the weight as given, or prepared once by pack_conv
+@pytest.mark.parametrize("packed", [False, True])  # widened at each call (streamed), or prepared once
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_conv2d(cpu, case, with_bias, packed, dtype):
     batch, cin, cout, height, width, kernel, stride, padding = case
     x, weight = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), seed=1).astype(dtype)
     bias = random((cout,), seed=2) if with_bias else None
     expected = numpy_ops.conv2d(x, weight.astype(np.float32), bias, stride=stride, padding=padding)
-    given = cpu.pack_conv(weight) if packed else weight
+    given = held(weight, stream=not packed)
     assert_close(cpu.conv2d(x, given, bias, stride=stride, padding=padding), expected, "conv2d")
 
 
@@ -461,9 +469,9 @@ def bf16_cpu(request, cpu, monkeypatch):
 def test_linear_bf16(cpu, bf16_cpu, shape, with_bias):
     x, bits = random(shape), bf16_bits((37, shape[-1]), 1)
     bias = random((37,), seed=2) if with_bias else None
-    got = cpu.linear_bf16(x, cpu.pack_linear_bf16(bits), bias)
+    got = cpu.linear(x, held(bits, "bf16"), bias)
     if bf16_cpu == "native":  # the same rounded operands, summed in another order
-        expected = numpy_ops.linear_bf16(x, numpy_ops.pack_linear_bf16(bits), bias)
+        expected = numpy_ops.linear(x, held(bits, "bf16"), bias)
     else:  # float32 activations times the widened weight
         expected = numpy_ops.linear(x, numpy_ops.weight_float32(bits, "bf16"), bias)
     assert_close(got, expected, "linear")
@@ -473,9 +481,9 @@ def test_linear_bf16(cpu, bf16_cpu, shape, with_bias):
 def test_conv2d_bf16(cpu, bf16_cpu, case):
     batch, cin, cout, height, width, kernel, stride, padding = case
     x, bits, bias = random((batch, cin, height, width)), bf16_bits((cout, cin, kernel, kernel), 1), random((cout,), 2)
-    got = cpu.conv2d_bf16(x, cpu.pack_conv_bf16(bits), bias, stride=stride, padding=padding)
+    got = cpu.conv2d(x, held(bits, "bf16"), bias, stride=stride, padding=padding)
     if bf16_cpu == "native":
-        expected = numpy_ops.conv2d_bf16(x, numpy_ops.pack_conv_bf16(bits), bias, stride=stride, padding=padding)
+        expected = numpy_ops.conv2d(x, held(bits, "bf16"), bias, stride=stride, padding=padding)
     else:
         expected = numpy_ops.conv2d(x, numpy_ops.weight_float32(bits, "bf16"), bias, stride=stride, padding=padding)
     assert_close(got, expected, "conv2d")
@@ -488,12 +496,12 @@ def test_reference_bf16_products_against_torch(torch):
     x, bits, bias = random((2, 7, 64)), bf16_bits((24, 64), 1), random((24,), 2)
     weight = torch.from_numpy(numpy_ops.weight_float32(bits, "bf16")).bfloat16()
     expected = F.linear(torch.from_numpy(x).bfloat16(), weight, torch.from_numpy(bias).bfloat16()).float().numpy()
-    got = numpy_ops.linear_bf16(x, numpy_ops.pack_linear_bf16(bits), numpy_ops.round_to_bf16(bias))
+    got = numpy_ops.linear(x, held(bits, "bf16"), numpy_ops.round_to_bf16(bias))
     assert_close(got, expected, "bf16_products")
     x, bits = random((2, 5, 9, 9)), bf16_bits((6, 5, 3, 3), 1)
     weight = torch.from_numpy(numpy_ops.weight_float32(bits, "bf16")).bfloat16()
     expected = F.conv2d(torch.from_numpy(x).bfloat16(), weight, padding=1).float().numpy()
-    got = numpy_ops.conv2d_bf16(x, numpy_ops.pack_conv_bf16(bits), padding=1)
+    got = numpy_ops.conv2d(x, held(bits, "bf16"), padding=1)
     assert_close(got, expected, "bf16_products")
 
 
@@ -507,11 +515,11 @@ BF16_ATTENTION_ULPS = 2**-8
 def test_attention_bf16(cpu, bf16_cpu, case):
     batch, heads, tq, tk, d, dv, causal = case
     q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
-    got = cpu.attention(q, k, v, causal=causal, bf16=True)
+    got = cpu.attention(q, k, v, causal=causal, precision="bf16")
     if bf16_cpu == "fallback":  # float32 attention
         assert_attention_close(got, numpy_ops.attention(q, k, v, causal=causal), q, k, v)
         return
-    expected = numpy_ops.attention(q, k, v, causal=causal, bf16=True)
+    expected = numpy_ops.attention(q, k, v, causal=causal, precision="bf16")
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=BF16_ATTENTION_ULPS * float(np.abs(v).max()))
 
@@ -520,5 +528,5 @@ def test_reference_bf16_attention_against_torch(torch):
     F = torch.nn.functional
     q, k, v = random((2, 3, 50, 40), 1), random((2, 3, 77, 40), 2), random((2, 3, 77, 40), 3)
     expected = F.scaled_dot_product_attention(*(torch.from_numpy(a).bfloat16() for a in (q, k, v))).float().numpy()
-    got = numpy_ops.attention(q, k, v, bf16=True)
+    got = numpy_ops.attention(q, k, v, precision="bf16")
     np.testing.assert_allclose(got, expected, rtol=0, atol=2 * BF16_ATTENTION_ULPS * float(np.abs(v).max()))

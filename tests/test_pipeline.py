@@ -16,7 +16,7 @@ import tiny_pipeline as tiny  # noqa: E402
 
 import sdcli  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
-from sdcli.nn.layers import matrix_layers  # noqa: E402
+from sdcli.ops.parameter import parameters  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
@@ -130,8 +130,8 @@ def test_each_stage_lets_its_prepared_weights_go(model):
     params = sdcli.GenerateParams(prompt=PROMPT, steps=2, sampler="euler", width=64, height=64, seed=3)
     first = sdcli.generate_image(pipeline, params)
     for network in (pipeline.prompt_encoder.text_encoder, pipeline.unet, pipeline.decoder):
-        layers = list(matrix_layers(network))
-        assert layers and all(layer.prepared is None for layer in layers)
+        matrices = [parameter for parameter in parameters(network) if parameter.data.ndim >= 2]
+        assert matrices and not any(matrix.is_prepared for matrix in matrices)
     np.testing.assert_array_equal(sdcli.generate_image(pipeline, params).images, first.images)
 
 

@@ -17,10 +17,11 @@ from safetensors.numpy import save_file
 import sdcli
 from sdcli.config import ClipConfig, UNetConfig, VAEConfig, preset_config_dir
 from sdcli.io import names
-from sdcli.nn.clip import clip_text_shapes
+from sdcli.io.weights import tensor_shapes
+from sdcli.nn.clip import ClipTextEncoder
 from sdcli.nn.tokenizer import shipped_tokenizer_dir
-from sdcli.nn.unet import unet_shapes
-from sdcli.nn.vae import vae_shapes
+from sdcli.nn.unet import UNet2DConditionModel
+from sdcli.nn.vae import Autoencoder
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHT_FILES = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
@@ -44,9 +45,10 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -
 def layouts(tmp_path_factory):
     configs = preset_config_dir("sd15")
     read = lambda component: json.loads((configs / component / "config.json").read_text())  # noqa: E731
-    shapes = {"text_encoder": clip_text_shapes(ClipConfig.from_diffusers(read("text_encoder"))),
-              "unet": unet_shapes(UNetConfig.from_diffusers(read("unet"))),
-              "vae": vae_shapes(VAEConfig.from_diffusers(read("vae")))}
+    networks = {"text_encoder": (ClipTextEncoder, ClipConfig), "unet": (UNet2DConditionModel, UNetConfig),
+                "vae": (Autoencoder, VAEConfig)}
+    shapes = {component: tensor_shapes(lambda params: network(params, config.from_diffusers(read(component))))
+              for component, (network, config) in networks.items()}
     maps = {"text_encoder": names.text_encoder_sd1_names(read("text_encoder")), "unet": names.unet_names(read("unet")),
             "vae": names.vae_names(read("vae"))}
     rng = np.random.default_rng(0)

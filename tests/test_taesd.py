@@ -12,8 +12,9 @@ import pytest
 from data_paths import TEST_DATA
 from sdcli.errors import CheckpointError, ModelNotFoundError, SdcliError
 from sdcli.io.safetensors import SafetensorsFile, save_file
-from sdcli.nn.taesd import (SHIPPED_FILES, load_taesd, load_taesd_decoder, load_taesd_encoder, shipped_taesd_dir,
-                            taesd_decoder_shapes, taesd_encoder_shapes)
+from sdcli.families.sd_networks import load_taesd, load_taesd_decoder, load_taesd_encoder
+from sdcli.io.weights import tensor_shapes
+from sdcli.nn.taesd import SHIPPED_FILES, TaesdDecoder, TaesdEncoder, shipped_taesd_dir
 
 TOL = {
     # float32 arithmetic on the same weights; the reference's README suggests 1e-4 (its two implementations
@@ -82,6 +83,14 @@ def test_shipped_files_are_the_published_bf16_weights(tmp_path):
             assert bf16.info(key).dtype == "BF16" and f32.info(key).dtype == "F32"
             np.testing.assert_array_equal(bf16.float32(key).view(np.uint32), f32.view(key).view(np.uint32))
     assert (shipped_taesd_dir() / "LICENSE").read_text().startswith("MIT License")
+
+
+def taesd_encoder_shapes() -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(TaesdEncoder)
+
+
+def taesd_decoder_shapes() -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(TaesdDecoder)
 
 
 def test_shapes_are_the_files_keys():

@@ -22,10 +22,11 @@ from sdcli.io import checkpoint as checkpoint_module  # noqa: E402
 from sdcli.io import names  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.nn import unet as unet_module  # noqa: E402
-from sdcli.nn.layers import Weight, matrix_layers, unload_prepared  # noqa: E402
-from sdcli.nn.unet import UNet2DConditionModel, nearest_indices, unet_shapes  # noqa: E402
+from sdcli.io.weights import ArraySource, load_network, tensor_shapes  # noqa: E402
+from sdcli.ops.parameter import parameters, unload_prepared  # noqa: E402
+from sdcli.nn.unet import UNet2DConditionModel  # noqa: E402
+from sdcli.ops.numpy_ops import nearest_indices  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
-from sdcli.pipeline import load_weights  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
 TOL = {
@@ -98,12 +99,22 @@ def reference_output(model, sample, timesteps, context) -> np.ndarray:
                      torch.from_numpy(context)).sample.numpy()
 
 
-def build(config: UNetConfig, weights: dict[str, Weight], backend: str = "cpu") -> UNet2DConditionModel:
-    return UNet2DConditionModel(get_ops(backend), config, weights)
+def build(config: UNetConfig, state: dict[str, np.ndarray], backend: str = "cpu") -> UNet2DConditionModel:
+    """The UNet over arrays in memory (float32 held as fp32)."""
+    return load_network(lambda params: UNet2DConditionModel(params, config), ArraySource(state), get_ops(backend))
 
 
-def fp32_weights(state: dict[str, np.ndarray]) -> dict[str, Weight]:
-    return {name: Weight(value, "fp32") for name, value in state.items()}
+def load_unet(source, config: UNetConfig, precision: str, stream: bool = False) -> UNet2DConditionModel:
+    return load_network(lambda params: UNet2DConditionModel(params, config), source, get_ops("cpu"), precision,
+                        stream=stream)
+
+
+def unet_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(lambda params: UNet2DConditionModel(params, config))
+
+
+def matrices(network) -> list:
+    return [parameter for parameter in parameters(network) if parameter.data.ndim >= 2]
 
 
 # -- config --------------------------------------------------------------------------------------------------------
@@ -184,7 +195,7 @@ def tiny(request):
 def test_tiny_parity(tiny, size):
     sample, context = inputs(tiny["data"], size)
     expected = reference_output(tiny["model"], sample, TIMESTEPS, context)
-    ours = build(tiny["config"], fp32_weights(tiny["state"]))(sample, TIMESTEPS, context)
+    ours = build(tiny["config"], tiny["state"])(sample, TIMESTEPS, context)
     assert relative_error(ours, expected) <= TOL["tiny"]
 
 
@@ -192,7 +203,7 @@ def test_numpy_backend_parity(tiny):
     sample, context = inputs(tiny["data"], (9, 9))
     timesteps = INTEGER_TIMESTEPS
     expected = reference_output(tiny["model"], sample, timesteps, context)
-    ours = build(tiny["config"], fp32_weights(tiny["state"]), backend="numpy")(sample, timesteps, context)
+    ours = build(tiny["config"], tiny["state"], backend="numpy")(sample, timesteps, context)
     assert relative_error(ours, expected) <= TOL["tiny"]
 
 
@@ -200,7 +211,7 @@ def test_batch_entries_are_independent(tiny):
     """CFG runs [uncond, cond] as one batch: each entry must equal its own batch-of-one run; a scalar timestep
     applies to every entry."""
     sample, context = inputs(tiny["data"], (8, 8))
-    unet = build(tiny["config"], fp32_weights(tiny["state"]))
+    unet = build(tiny["config"], tiny["state"])
     both = unet(sample, 500.0, context)
     for i in range(2):
         alone = unet(sample[i:i + 1], np.array([500.0]), context[i:i + 1])
@@ -214,7 +225,7 @@ def test_feed_forward_in_pieces_gives_the_same_bits(tiny, monkeypatch):
     whose BLAS may sum a short piece in another order than the whole: float32 rounding, measured up to 1.2e-6 of
     the output's scale at the baseline and avx2 levels."""
     sample, context = inputs(tiny["data"], (9, 9))  # 2 x 81 tokens at the first level
-    unet = build(tiny["config"], fp32_weights(tiny["state"]))
+    unet = build(tiny["config"], tiny["state"])
     whole = unet(sample, TIMESTEPS, context)
     width = 2 * unet_module.FEED_FORWARD_MULT * tiny["config"].block_out_channels[0]  # of the first projection
     monkeypatch.setattr(unet_module, "FEED_FORWARD_VALUES", 7 * width)  # 7 tokens a piece there
@@ -237,12 +248,11 @@ def test_unloaded_layers_prepare_again(tiny, tmp_path):
     for checkpoint, precision, file_backed in ((open_checkpoint(folder), "fp32", True),
                                                (open_checkpoint(half, variant="fp16"), "fp16", True),
                                                (open_checkpoint(folder), "fp16", False)):
-        weights = load_weights(checkpoint.source("unet"), unet_shapes(tiny["config"]), precision)
-        unet = build(tiny["config"], weights)
+        unet = load_unet(checkpoint.source("unet"), tiny["config"], precision)
         first = unet(sample, TIMESTEPS, context)
-        layers = list(matrix_layers(unet))
+        layers = matrices(unet)
         assert unload_prepared(unet) == (len(layers) if file_backed else 0)
-        assert all((layer.prepared is None) == file_backed for layer in layers)
+        assert all(layer.is_prepared != file_backed for layer in layers)
         np.testing.assert_array_equal(unet(sample, TIMESTEPS, context), first)
 
 
@@ -269,9 +279,8 @@ def open_single_file(path, tiny, tmp_path, monkeypatch):
 def run_checkpoint(checkpoint, tiny, precision: str, size=(9, 9), stream: bool = False) -> np.ndarray:
     config = checkpoint.unet_config()
     assert config == tiny["config"]
-    weights = load_weights(checkpoint.source("unet"), unet_shapes(config), precision, stream=stream)
     sample, context = inputs(tiny["data"], size)
-    return build(config, weights)(sample, TIMESTEPS, context)
+    return load_unet(checkpoint.source("unet"), config, precision, stream)(sample, TIMESTEPS, context)
 
 
 def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch):
@@ -283,7 +292,7 @@ def test_layouts_are_bit_identical(tiny, tmp_path, monkeypatch):
     from_folder = run_checkpoint(open_checkpoint(folder), tiny, "fp32")
     from_single = run_checkpoint(open_single_file(single, tiny, tmp_path, monkeypatch), tiny, "fp32")
     sample, context = inputs(tiny["data"], (9, 9))
-    in_memory = build(tiny["config"], fp32_weights(tiny["state"]))(sample, TIMESTEPS, context)
+    in_memory = build(tiny["config"], tiny["state"])(sample, TIMESTEPS, context)
     np.testing.assert_array_equal(from_folder, in_memory)
     np.testing.assert_array_equal(from_single, in_memory)
 
@@ -353,7 +362,7 @@ def test_strict_loading_names_a_missing_tensor(tmp_path):
     folder = ref.write_unet_folder(tmp_path / "folder", CONFIGS / "sd15", dict(model.config), state)
     checkpoint = open_checkpoint(folder)
     with pytest.raises(CheckpointError, match="1 missing: up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k"):
-        load_weights(checkpoint.source("unet"), unet_shapes(checkpoint.unet_config()), "fp32")
+        load_unet(checkpoint.source("unet"), checkpoint.unet_config(), "fp32")
 
 
 @pytest.mark.parametrize("sample_shape, timesteps, context_shape, message", [
@@ -367,8 +376,7 @@ def test_strict_loading_names_a_missing_tensor(tmp_path):
 ])
 def test_bad_inputs_are_named(sample_shape, timesteps, context_shape, message):
     config = UNetConfig.from_diffusers(TINY_BASE)
-    unet = build(config, {name: Weight(np.zeros(shape, np.float32), "fp32")
-                          for name, shape in unet_shapes(config).items()})
+    unet = build(config, {name: np.zeros(shape, np.float32) for name, shape in unet_shapes(config).items()})
     with pytest.raises(SdcliError, match=message) as error:
         unet(np.zeros(sample_shape, np.float32), np.array(timesteps), np.zeros(context_shape, np.float32))
     assert "\n" not in str(error.value)
@@ -386,5 +394,5 @@ def test_full_parity(family):
     sample, context = inputs(data, (16, 16), seed=3)
     timesteps = np.array([999.0, 500.25])
     expected = reference_output(model, sample, timesteps, context)
-    ours = build(UNetConfig.from_diffusers(data), fp32_weights(ref.unet_state(model)))(sample, timesteps, context)
+    ours = build(UNetConfig.from_diffusers(data), ref.unet_state(model))(sample, timesteps, context)
     assert relative_error(ours, expected) <= TOL["full"]

@@ -17,9 +17,9 @@ from sdcli.config import VAEConfig  # noqa: E402
 from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.io.safetensors import float32_to_bf16  # noqa: E402
-from sdcli.nn.layers import Weight  # noqa: E402
-from sdcli.nn.vae import (VaeDecoder, VaeEncoder, load_vae, load_vae_decoder, load_vae_encoder,  # noqa: E402
-                          vae_shapes)
+from sdcli.families.sd_networks import load_vae, load_vae_decoder, load_vae_encoder  # noqa: E402
+from sdcli.io.weights import ArraySource, load_network, tensor_shapes  # noqa: E402
+from sdcli.nn.vae import Autoencoder  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
@@ -52,8 +52,13 @@ def relative_error(ours: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(ours - expected)) / np.max(np.abs(expected)))
 
 
-def held(state: dict[str, np.ndarray]) -> dict[str, Weight]:
-    return {name: Weight(value, "fp32") for name, value in state.items()}
+def autoencoder(ops, config: VAEConfig, state: dict[str, np.ndarray], precision: str = "fp32") -> Autoencoder:
+    """Both halves over arrays in memory, held at ``precision``."""
+    return load_network(lambda params: Autoencoder(params, config), ArraySource(state), ops, precision)
+
+
+def vae_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(lambda params: Autoencoder(params, config))
 
 
 def reference_decode(model, latents: np.ndarray, scaling_factor: float) -> np.ndarray:
@@ -125,9 +130,9 @@ def tiny(request):
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 def test_tiny_decode_and_encode(tiny, backend):
-    ops, weights = get_ops(backend), held(tiny["state"])
-    decoded = VaeDecoder(ops, tiny["config"], weights)(tiny["latents"])
-    encoded = VaeEncoder(ops, tiny["config"], weights)(tiny["images"])
+    ops, weights = get_ops(backend), tiny["state"]
+    decoded = autoencoder(ops, tiny["config"], weights).decoder(tiny["latents"])
+    encoded = autoencoder(ops, tiny["config"], weights).encoder(tiny["images"])
     assert decoded.dtype == encoded.dtype == np.float32
     assert relative_error(decoded, tiny["decoded"]) <= TOL["tiny"]
     assert relative_error(encoded, tiny["encoded"]) <= TOL["tiny"]
@@ -152,7 +157,7 @@ def test_posterior_sample_with_clamped_log_variance():
     by_reference = (posterior.mean + posterior.std * torch.from_numpy(noise)).numpy() * np.float32(
         config.scaling_factor)
 
-    encoder = VaeEncoder(get_ops("cpu"), config, held(ref.vae_state(model)))
+    encoder = autoencoder(get_ops("cpu"), config, ref.vae_state(model)).encoder
     ours = encoder(images, rng=np.random.default_rng(7))
     for channel in range(4):  # per channel: their scales differ by e^25
         assert relative_error(ours[:, channel], by_formula[:, channel]) <= TOL["sample"], channel
@@ -187,14 +192,14 @@ def test_reduced_precision_is_the_rounded_weights(tmp_path, tiny, precision, dty
     folder = ref.write_vae_folder(tmp_path / "model", CONFIGS / "sd15",
                                   dict(tiny["model"].config), tiny["state"])
     if precision == "fp16":
-        rounded = {name: Weight(value.astype(np.float16), "fp16") for name, value in tiny["state"].items()}
+        rounded = {name: value.astype(np.float16) for name, value in tiny["state"].items()}
     else:
-        rounded = {name: Weight(float32_to_bf16(value), "bf16") for name, value in tiny["state"].items()}
+        rounded = {name: float32_to_bf16(value) for name, value in tiny["state"].items()}
     ops = get_ops("cpu")
     np.testing.assert_array_equal(load_vae_decoder(folder, precision=precision)(tiny["latents"]),
-                                  VaeDecoder(ops, tiny["config"], rounded)(tiny["latents"]))
+                                  autoencoder(ops, tiny["config"], rounded, precision).decoder(tiny["latents"]))
     np.testing.assert_array_equal(load_vae_encoder(folder, precision=precision)(tiny["images"]),
-                                  VaeEncoder(ops, tiny["config"], rounded)(tiny["images"]))
+                                  autoencoder(ops, tiny["config"], rounded, precision).encoder(tiny["images"]))
 
 
 # -- the full SD VAE -----------------------------------------------------------------------------------------
@@ -215,13 +220,13 @@ def full():
 
 
 def test_full_decoder(full):
-    decoded = VaeDecoder(get_ops("cpu"), full["config"], held(full["state"]))(full["latents"])
+    decoded = autoencoder(get_ops("cpu"), full["config"], full["state"]).decoder(full["latents"])
     assert decoded.shape == (1, 3, 256, 256)
     assert relative_error(decoded, full["decoded"]) <= TOL["full"]
 
 
 def test_full_encoder(full):
-    encoded = VaeEncoder(get_ops("cpu"), full["config"], held(full["state"]))(full["images"])
+    encoded = autoencoder(get_ops("cpu"), full["config"], full["state"]).encoder(full["images"])
     assert encoded.shape == (1, 4, 32, 32)
     assert relative_error(encoded, full["encoded"]) <= TOL["full"]
 
@@ -255,9 +260,9 @@ def test_folder_and_single_file_are_bit_identical(full, tmp_path):
     ("decoder", (1, 4, 0, 8), "at least 1, got 0x8"),
 ])
 def test_bad_sizes_are_clear_errors(full, which, shape, words):
-    ops, weights = get_ops("cpu"), held(full["state"])
-    network = VaeEncoder(ops, full["config"], weights) if which == "encoder" else \
-        VaeDecoder(ops, full["config"], weights)
+    ops, weights = get_ops("cpu"), full["state"]
+    network = autoencoder(ops, full["config"], weights).encoder if which == "encoder" else \
+        autoencoder(ops, full["config"], weights).decoder
     with pytest.raises(SdcliError, match=words) as error:
         network(np.zeros(shape, dtype=np.float32))
     assert "\n" not in str(error.value)

@@ -18,8 +18,8 @@ import sdcli  # noqa: E402
 from sdcli.cli import main  # noqa: E402
 from sdcli.config import VAEConfig  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
-from sdcli.nn.layers import Weight  # noqa: E402
-from sdcli.nn.vae import VaeDecoder  # noqa: E402
+from sdcli.io.weights import ArraySource, load_network  # noqa: E402
+from sdcli.nn.vae import VaeDecoder, VaeEncoder  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
 
 # Errors are relative: max |ours - reference| / max |reference| (random weights set the output scale, 1 to 3 here).
@@ -64,8 +64,13 @@ def reference_decode(model, latents: np.ndarray, scaling_factor: float, tiling: 
 def tiled(request):
     model = ref.random_vae(TILED_CONFIGS[request.param], seed=5)
     config = VAEConfig.from_diffusers(dict(model.config))
-    weights = {name: Weight(value, "fp32") for name, value in ref.vae_state(model).items()}
-    return dict(model=model, config=config, weights=weights)
+    return dict(model=model, config=config, weights=ref.vae_state(model))
+
+
+def decoder_of(ops, config: VAEConfig, state: dict[str, np.ndarray], tiling: bool = False) -> VaeDecoder:
+    """The decoder over arrays in memory (the encoder's tensors checked, not read)."""
+    return load_network(lambda params: VaeDecoder(params, config, tiling=tiling), ArraySource(state), ops,
+                        also_checks=lambda params: VaeEncoder(params, config))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
@@ -73,14 +78,14 @@ def test_tiled_decode_equals_diffusers_tiled_decode(tiled, backend):
     config = tiled["config"]
     latents = np.random.default_rng(6).standard_normal(LATENT_SHAPE, dtype=np.float32)
     expected = reference_decode(tiled["model"], latents, config.scaling_factor, tiling=True)
-    decoder = VaeDecoder(get_ops(backend), config, tiled["weights"], tiling=True)
+    decoder = decoder_of(get_ops(backend), config, tiled["weights"], tiling=True)
     assert max(LATENT_SHAPE[2:]) > decoder.tile_latent_size  # diffusers really tiles
     decoded = decoder(latents)
     assert decoded.shape == (2, 3, 13 * config.downscale, 10 * config.downscale)
     assert relative_error(decoded, expected) <= TOL["tiled"]
     # The tiles are not the whole image: the untiled decode differs far beyond the tolerance, so the
     # comparison above could not pass by decoding whole.
-    whole = VaeDecoder(get_ops(backend), config, tiled["weights"])(latents)
+    whole = decoder_of(get_ops(backend), config, tiled["weights"])(latents)
     assert relative_error(whole, expected) > 100 * TOL["tiled"]
 
 
@@ -88,10 +93,10 @@ def test_within_one_tile_decodes_whole(tiled):
     """A latent no larger than a tile is decoded exactly as without tiling (diffusers' condition: tile only when
     a side exceeds tile_latent_min_size)."""
     config, ops = tiled["config"], get_ops("cpu")
-    side = VaeDecoder(ops, config, tiled["weights"]).tile_latent_size
+    side = decoder_of(ops, config, tiled["weights"]).tile_latent_size
     latents = np.random.default_rng(7).standard_normal((1, 4, side, side - 1), dtype=np.float32)
-    tiled_result = VaeDecoder(ops, config, tiled["weights"], tiling=True)(latents)
-    np.testing.assert_array_equal(tiled_result, VaeDecoder(ops, config, tiled["weights"])(latents))
+    tiled_result = decoder_of(ops, config, tiled["weights"], tiling=True)(latents)
+    np.testing.assert_array_equal(tiled_result, decoder_of(ops, config, tiled["weights"])(latents))
     expected = reference_decode(tiled["model"], latents, config.scaling_factor, tiling=True)
     assert relative_error(tiled_result, expected) <= TOL["tiled"]
 

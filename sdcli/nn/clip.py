@@ -12,87 +12,62 @@ import numpy as np
 
 from ..config import ClipConfig
 from ..errors import SdcliError
-from ..ops import Ops
-from .layers import Embedding, Weight, layer_norm_from, linear_from
+from .layers import Embedding, LayerNorm, Linear, ParameterSource
 
-PREFIX = "text_model."
-
-
-def clip_text_shapes(config: ClipConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the encoder reads, by canonical name, with its shape."""
-    width, inner = config.hidden_size, config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
-        f"{PREFIX}embeddings.token_embedding.weight": (config.vocab_size, width),
-        f"{PREFIX}embeddings.position_embedding.weight": (config.max_position_embeddings, width),
-        f"{PREFIX}final_layer_norm.weight": (width,),
-        f"{PREFIX}final_layer_norm.bias": (width,),
-    }
-    for i in range(config.num_hidden_layers):
-        layer = f"{PREFIX}encoder.layers.{i}."
-        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{layer}self_attn.{projection}.weight"] = (width, width)
-            shapes[f"{layer}self_attn.{projection}.bias"] = (width,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{layer}{norm}.weight"] = (width,)
-            shapes[f"{layer}{norm}.bias"] = (width,)
-        shapes[f"{layer}mlp.fc1.weight"] = (inner, width)
-        shapes[f"{layer}mlp.fc1.bias"] = (inner,)
-        shapes[f"{layer}mlp.fc2.weight"] = (width, inner)
-        shapes[f"{layer}mlp.fc2.bias"] = (width,)
-    return shapes
+PREFIX = "text_model"
 
 
 class ClipAttention:
     """Causal multi-head self-attention."""
 
-    def __init__(self, ops: Ops, config: ClipConfig, weights: dict[str, Weight], prefix: str):
-        self.ops = ops
-        self.heads = config.num_attention_heads
-        self.q_proj = linear_from(ops, weights, prefix + "q_proj.")
-        self.k_proj = linear_from(ops, weights, prefix + "k_proj.")
-        self.v_proj = linear_from(ops, weights, prefix + "v_proj.")
-        self.out_proj = linear_from(ops, weights, prefix + "out_proj.")
+    def __init__(self, params: ParameterSource, config: ClipConfig):
+        self.ops, self.heads = params.ops, config.num_attention_heads
+        width = config.hidden_size
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            Linear(params.scope(name), width, width) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        batch, tokens, width = x.shape  # (B, T, C)
-        bf16 = self.q_proj.weight.precision == "bf16"
-        q, k, v = (self.ops.split_heads(projection(x), self.heads, bf16=bf16)  # (B, nh, T, hs)
+    def __call__(self, x):
+        ops, precision = self.ops, self.q_proj.weight.precision  # (B, T, C)
+        q, k, v = (ops.split_heads(projection(x), self.heads, precision=precision)  # (B, nh, T, hs)
                    for projection in (self.q_proj, self.k_proj, self.v_proj))
-        y = self.ops.attention(q, k, v, causal=True, bf16=bf16)  # (B, nh, T, hs)
-        y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, width)  # (B, T, C)
-        return self.out_proj(y)
+        y = ops.attention(q, k, v, causal=True, precision=precision)  # (B, nh, T, hs)
+        return self.out_proj(ops.merge_heads(y))  # (B, T, C)
 
 
 class ClipEncoderLayer:
     """x + attn(ln1(x)), then + mlp(ln2(x)); the MLP is fc1 -> (quick-)GELU -> fc2."""
 
-    def __init__(self, ops: Ops, config: ClipConfig, weights: dict[str, Weight], prefix: str):
-        eps = config.layer_norm_eps
-        self.layer_norm1 = layer_norm_from(ops, weights, prefix + "layer_norm1.", eps)
-        self.self_attn = ClipAttention(ops, config, weights, prefix + "self_attn.")
-        self.layer_norm2 = layer_norm_from(ops, weights, prefix + "layer_norm2.", eps)
-        self.fc1 = linear_from(ops, weights, prefix + "mlp.fc1.")
-        self.fc2 = linear_from(ops, weights, prefix + "mlp.fc2.")
-        self.activation = ops.quick_gelu if config.hidden_act == "quick_gelu" else ops.gelu
+    def __init__(self, params: ParameterSource, config: ClipConfig):
+        self.ops = params.ops
+        width, inner, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
+        self.layer_norm1 = LayerNorm(params.scope("layer_norm1"), width, eps)
+        self.self_attn = ClipAttention(params.scope("self_attn"), config)
+        self.layer_norm2 = LayerNorm(params.scope("layer_norm2"), width, eps)
+        self.fc1 = Linear(params.scope("mlp", "fc1"), width, inner)
+        self.fc2 = Linear(params.scope("mlp", "fc2"), inner, width)
+        self.activation = self.ops.quick_gelu if config.hidden_act == "quick_gelu" else self.ops.gelu
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = x + self.self_attn(self.layer_norm1(x))  # (B, T, C)
-        return x + self.fc2(self.activation(self.fc1(self.layer_norm2(x))))  # (B, T, C)
+    def __call__(self, x):
+        x = self.ops.add(x, self.self_attn(self.layer_norm1(x)))  # (B, T, C)
+        return self.ops.add(x, self.fc2(self.activation(self.fc1(self.layer_norm2(x)))))  # (B, T, C)
 
 
 class ClipTextEncoder:
     """Token ids (B, 77) -> hidden states (B, 77, C) after the final layer norm."""
 
-    def __init__(self, ops: Ops, config: ClipConfig, weights: dict[str, Weight]):
-        self.config = config
-        self.token_embedding = Embedding(weights[f"{PREFIX}embeddings.token_embedding.weight"])
-        self.position_embedding = Embedding(weights[f"{PREFIX}embeddings.position_embedding.weight"])
-        self.layers = [ClipEncoderLayer(ops, config, weights, f"{PREFIX}encoder.layers.{i}.")
+    def __init__(self, params: ParameterSource, config: ClipConfig):
+        self.ops, self.config = params.ops, config
+        width = config.hidden_size
+        text = params.scope(PREFIX)
+        self.token_embedding = Embedding(text.scope("embeddings", "token_embedding"), config.vocab_size, width)
+        self.position_embedding = Embedding(text.scope("embeddings", "position_embedding"),
+                                            config.max_position_embeddings, width)
+        self.layers = [ClipEncoderLayer(text.scope("encoder", "layers", i), config)
                        for i in range(config.num_hidden_layers)]
-        self.final_layer_norm = layer_norm_from(ops, weights, f"{PREFIX}final_layer_norm.", config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(text.scope("final_layer_norm"), width, config.layer_norm_eps)
 
-    def __call__(self, ids: np.ndarray, clip_skip: int = 1) -> np.ndarray:
-        """Encode ``ids`` (B, T) with T <= 77.
+    def __call__(self, ids: np.ndarray, clip_skip: int = 1):
+        """Encode host token ``ids`` (B, T) with T <= 77.
 
         ``clip_skip`` counts as in AUTOMATIC1111 and stable-diffusion.cpp: 1 uses every layer, 2 stops after the
         penultimate one (diffusers' ``clip_skip=1``), and so on; the final layer norm is applied either way.
@@ -106,7 +81,7 @@ class ClipTextEncoder:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise SdcliError(f"token ids must lie in 0 .. {self.config.vocab_size - 1}")
         positions = np.arange(ids.shape[1])
-        x = self.token_embedding(ids) + self.position_embedding(positions)[None]  # (B, T, C)
+        x = self.ops.add(self.token_embedding(ids), self.position_embedding(positions))  # (B, T, C) + (T, C)
         for layer in self.layers[:layers_used]:
             x = layer(x)
         return self.final_layer_norm(x)  # (B, T, C)

@@ -18,14 +18,11 @@ Tensor names are the diffusers state-dict names; the module attributes follow th
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..config import UNetConfig
 from ..errors import SdcliError
-from ..ops import Ops
-from .layers import LayerNorm, Weight, conv2d_from, group_norm_from, layer_norm_from, linear_from
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, ParameterSource
 
 # Fixed by diffusers' building blocks rather than by the config: Transformer2DModel's GroupNorm uses eps 1e-6 and
 # BasicTransformerBlock's LayerNorms 1e-5 (CrossAttnDownBlock2D & co. pass neither), as LDM's SpatialTransformer.
@@ -33,84 +30,9 @@ TRANSFORMER_GROUP_NORM_EPS = 1e-6
 TRANSFORMER_LAYER_NORM_EPS = 1e-5
 FEED_FORWARD_MULT = 4  # GEGLU inner width = 4 x channels
 FEED_FORWARD_VALUES = 2048 * 2560  # of the projection per pass through the feed-forward (see feed_forward)
-MAX_PERIOD = 10000  # of the sinusoidal timestep embedding
-
-Shapes = dict[str, tuple[int, ...]]
 
 
-# -- shapes --------------------------------------------------------------------------------------------------------
-
-def _module(shapes: Shapes, prefix: str, weight: tuple[int, ...], bias: bool = True) -> None:
-    shapes[prefix + "weight"] = weight
-    if bias:
-        shapes[prefix + "bias"] = (weight[0],)
-
-
-def _resnet_shapes(shapes: Shapes, prefix: str, in_channels: int, out_channels: int, temb: int) -> None:
-    _module(shapes, prefix + "norm1.", (in_channels,))
-    _module(shapes, prefix + "conv1.", (out_channels, in_channels, 3, 3))
-    _module(shapes, prefix + "time_emb_proj.", (out_channels, temb))
-    _module(shapes, prefix + "norm2.", (out_channels,))
-    _module(shapes, prefix + "conv2.", (out_channels, out_channels, 3, 3))
-    if in_channels != out_channels:
-        _module(shapes, prefix + "conv_shortcut.", (out_channels, in_channels, 1, 1))
-
-
-def _transformer_shapes(shapes: Shapes, prefix: str, channels: int, depth: int, config: UNetConfig) -> None:
-    projection = (channels, channels) if config.use_linear_projection else (channels, channels, 1, 1)
-    _module(shapes, prefix + "norm.", (channels,))
-    _module(shapes, prefix + "proj_in.", projection)
-    _module(shapes, prefix + "proj_out.", projection)
-    inner = FEED_FORWARD_MULT * channels
-    for layer in range(depth):
-        block = f"{prefix}transformer_blocks.{layer}."
-        for norm in ("norm1", "norm2", "norm3"):
-            _module(shapes, f"{block}{norm}.", (channels,))
-        for attention, context in (("attn1", channels), ("attn2", config.cross_attention_dim)):
-            _module(shapes, f"{block}{attention}.to_q.", (channels, channels), bias=False)
-            _module(shapes, f"{block}{attention}.to_k.", (channels, context), bias=False)
-            _module(shapes, f"{block}{attention}.to_v.", (channels, context), bias=False)
-            _module(shapes, f"{block}{attention}.to_out.0.", (channels, channels))
-        _module(shapes, block + "ff.net.0.proj.", (2 * inner, channels))
-        _module(shapes, block + "ff.net.2.", (channels, inner))
-
-
-def unet_shapes(config: UNetConfig) -> Shapes:
-    """Every tensor the UNet reads, by canonical (diffusers) name, with its shape."""
-    channels, levels, layers = config.block_out_channels, config.levels, config.layers_per_block
-    temb = config.time_embed_dim
-    shapes: Shapes = {}
-    _module(shapes, "conv_in.", (channels[0], config.in_channels, 3, 3))
-    _module(shapes, "time_embedding.linear_1.", (temb, channels[0]))
-    _module(shapes, "time_embedding.linear_2.", (temb, temb))
-    for level in range(levels):
-        for j in range(layers):
-            in_channels = channels[max(level - 1, 0)] if j == 0 else channels[level]
-            _resnet_shapes(shapes, f"down_blocks.{level}.resnets.{j}.", in_channels, channels[level], temb)
-            if config.down_has_attention(level):
-                _transformer_shapes(shapes, f"down_blocks.{level}.attentions.{j}.", channels[level],
-                                    config.transformer_layers_per_block[level], config)
-        if level < levels - 1:
-            _module(shapes, f"down_blocks.{level}.downsamplers.0.conv.", (channels[level], channels[level], 3, 3))
-    _resnet_shapes(shapes, "mid_block.resnets.0.", channels[-1], channels[-1], temb)
-    _transformer_shapes(shapes, "mid_block.attentions.0.", channels[-1], config.transformer_layers_per_block[-1],
-                        config)
-    _resnet_shapes(shapes, "mid_block.resnets.1.", channels[-1], channels[-1], temb)
-    for level, (in_channels, skips) in enumerate(_up_channels(config)):
-        out_channels = config.block_out_channels[levels - 1 - level]
-        for j, skip in enumerate(skips):
-            _resnet_shapes(shapes, f"up_blocks.{level}.resnets.{j}.", in_channels[j] + skip, out_channels, temb)
-            if config.up_has_attention(level):
-                _transformer_shapes(shapes, f"up_blocks.{level}.attentions.{j}.", out_channels,
-                                    config.transformer_layers_per_block[levels - 1 - level], config)
-        if level < levels - 1:
-            _module(shapes, f"up_blocks.{level}.upsamplers.0.conv.", (out_channels, out_channels, 3, 3))
-    _module(shapes, "conv_norm_out.", (channels[0],))
-    _module(shapes, "conv_out.", (config.out_channels, channels[0], 3, 3))
-    return shapes
-
-
-def _up_channels(config: UNetConfig) -> list[tuple[list[int], list[int]]]:
+def up_channels(config: UNetConfig) -> list[tuple[list[int], list[int]]]:
     """Per up level (deepest first): the channels each resnet receives from below, and of the skip it concatenates.
 
     Resnet 0 takes the previous up level's output, the others their own level's; the skips are consumed last
@@ -131,92 +53,76 @@ def _up_channels(config: UNetConfig) -> list[tuple[list[int], list[int]]]:
 
 # -- building blocks -------------------------------------------------------------------------------------------
 
-def timestep_embedding(timesteps: np.ndarray, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> np.ndarray:
-    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim), in float32 as diffusers.
-
-    Frequencies ``exp(-ln(10000) k / (dim/2 - freq_shift))`` for k < dim/2 (Vaswani et al. 2017, as DDPM uses it);
-    ``[sin, cos]`` of ``t * frequency``, swapped to ``[cos, sin]`` with ``flip_sin_to_cos`` (SD's setting).
-    """
-    half = dim // 2
-    exponent = np.float32(-math.log(MAX_PERIOD)) * np.arange(half, dtype=np.float32)
-    exponent = exponent / np.float32(half - freq_shift)
-    frequencies = np.exp(exponent)  # (dim/2,)
-    angles = timesteps.astype(np.float32)[:, None] * frequencies[None, :]  # (B, dim/2)
-    parts = [np.cos(angles), np.sin(angles)] if flip_sin_to_cos else [np.sin(angles), np.cos(angles)]
-    if dim % 2:
-        parts.append(np.zeros((len(timesteps), 1), dtype=np.float32))
-    return np.concatenate(parts, axis=1)  # (B, dim)
-
-
 class ResnetBlock2D:
     """GroupNorm-SiLU-conv, plus the projected timestep embedding, GroupNorm-SiLU-conv, plus the (1x1-conv'd when
     the width changes) input; divided by ``output_scale_factor`` (1 except in the mid block's config)."""
 
-    def __init__(self, ops: Ops, config: UNetConfig, weights: dict[str, Weight], prefix: str,
+    def __init__(self, params: ParameterSource, config: UNetConfig, in_channels: int, out_channels: int,
                  output_scale_factor: float = 1.0):
         groups, eps = config.norm_num_groups, config.norm_eps
-        self.ops, self.output_scale_factor = ops, output_scale_factor
-        self.norm1 = group_norm_from(ops, weights, prefix + "norm1.", groups, eps)
-        self.conv1 = conv2d_from(ops, weights, prefix + "conv1.")
-        self.time_emb_proj = linear_from(ops, weights, prefix + "time_emb_proj.")
-        self.norm2 = group_norm_from(ops, weights, prefix + "norm2.", groups, eps)
-        self.conv2 = conv2d_from(ops, weights, prefix + "conv2.")
-        self.conv_shortcut = (conv2d_from(ops, weights, prefix + "conv_shortcut.")
-                              if prefix + "conv_shortcut.weight" in weights else None)
+        self.ops, self.output_scale_factor = params.ops, output_scale_factor
+        self.norm1 = GroupNorm(params.scope("norm1"), in_channels, groups, eps)
+        self.conv1 = Conv2d(params.scope("conv1"), in_channels, out_channels, 3)
+        self.time_emb_proj = Linear(params.scope("time_emb_proj"), config.time_embed_dim, out_channels)
+        self.norm2 = GroupNorm(params.scope("norm2"), out_channels, groups, eps)
+        self.conv2 = Conv2d(params.scope("conv2"), out_channels, out_channels, 3)
+        self.conv_shortcut = (Conv2d(params.scope("conv_shortcut"), in_channels, out_channels, 1)
+                              if in_channels != out_channels else None)
 
-    def __call__(self, x: np.ndarray, time_features: np.ndarray) -> np.ndarray:
+    def __call__(self, x, time_features):
         """x (B, Cin, H, W); ``time_features`` = SiLU(timestep embedding) (B, T) -> (B, Cout, H, W)."""
+        ops = self.ops
         h = self.conv1(self.norm1(x, silu=True))  # (B, Cout, H, W)
-        h += self.time_emb_proj(time_features)[:, :, None, None]  # (B, Cout, 1, 1) broadcast over positions
+        time = self.time_emb_proj(time_features)  # (B, Cout)
+        h = ops.add_(h, ops.reshape(time, (*time.shape, 1, 1)))  # (B, Cout, 1, 1) broadcast over positions
         h = self.conv2(self.norm2(h, silu=True))
-        h += self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        h = ops.add_(h, self.conv_shortcut(x) if self.conv_shortcut is not None else x)
         if self.output_scale_factor != 1:
-            h /= np.float32(self.output_scale_factor)
+            h = ops.div(h, self.output_scale_factor)
         return h
 
 
 class Attention:
     """Multi-head attention of x (B, T, C) over a context (B, S, Cc): itself (self-attention) or the text."""
 
-    def __init__(self, ops: Ops, weights: dict[str, Weight], prefix: str, heads: int):
-        self.ops, self.heads = ops, heads
-        self.to_q = linear_from(ops, weights, prefix + "to_q.", bias=False)
-        self.to_k = linear_from(ops, weights, prefix + "to_k.", bias=False)
-        self.to_v = linear_from(ops, weights, prefix + "to_v.", bias=False)
-        self.to_out = linear_from(ops, weights, prefix + "to_out.0.")
+    def __init__(self, params: ParameterSource, channels: int, context_channels: int, heads: int):
+        self.ops, self.heads = params.ops, heads
+        self.to_q = Linear(params.scope("to_q"), channels, channels, bias=False)
+        self.to_k = Linear(params.scope("to_k"), context_channels, channels, bias=False)
+        self.to_v = Linear(params.scope("to_v"), context_channels, channels, bias=False)
+        self.to_out = Linear(params.scope("to_out", 0), channels, channels)
 
-    def __call__(self, x: np.ndarray, context: np.ndarray | None = None,
-                 norm: LayerNorm | None = None) -> np.ndarray:
+    def __call__(self, x, context=None, norm: LayerNorm | None = None):
         """Attention of ``norm(x)`` (x itself without a norm) over ``context`` (or itself). The normalised x is
         made here so that it goes once projected, before the attention allocates its output."""
+        ops, precision = self.ops, self.to_q.weight.precision
         if norm is not None:
             x = norm(x)
-        batch, tokens, width = x.shape
-        bf16 = self.to_q.weight.precision == "bf16"
-        q = self.ops.split_heads(self.to_q(x), self.heads, bf16=bf16)  # (B, nh, T, hs)
+        q = ops.split_heads(self.to_q(x), self.heads, precision=precision)  # (B, nh, T, hs)
         source = x if context is None else context
-        k = self.ops.split_heads(self.to_k(source), self.heads, bf16=bf16)  # (B, nh, S, hs)
-        v = self.ops.split_heads(self.to_v(source), self.heads, bf16=bf16)
+        k = ops.split_heads(self.to_k(source), self.heads, precision=precision)  # (B, nh, S, hs)
+        v = ops.split_heads(self.to_v(source), self.heads, precision=precision)
         del x, source
-        y = self.ops.attention(q, k, v, bf16=bf16)  # (B, nh, T, hs), scale 1/sqrt(hs)
+        y = ops.attention(q, k, v, precision=precision)  # (B, nh, T, hs), scale 1/sqrt(hs)
         del q, k, v  # before the output projection allocates: the peak of the UNet's memory is around here
-        return self.to_out(y.transpose(0, 2, 1, 3).reshape(batch, tokens, width))  # (B, T, C)
+        return self.to_out(ops.merge_heads(y))  # (B, T, C)
 
 
 class BasicTransformerBlock:
     """Pre-norm: x + attn1(norm1 x); x + attn2(norm2 x, text); x + GEGLU feed-forward(norm3 x)."""
 
-    def __init__(self, ops: Ops, weights: dict[str, Weight], prefix: str, heads: int):
-        self.ops = ops
-        self.norm1 = layer_norm_from(ops, weights, prefix + "norm1.", TRANSFORMER_LAYER_NORM_EPS)
-        self.attn1 = Attention(ops, weights, prefix + "attn1.", heads)
-        self.norm2 = layer_norm_from(ops, weights, prefix + "norm2.", TRANSFORMER_LAYER_NORM_EPS)
-        self.attn2 = Attention(ops, weights, prefix + "attn2.", heads)
-        self.norm3 = layer_norm_from(ops, weights, prefix + "norm3.", TRANSFORMER_LAYER_NORM_EPS)
-        self.ff_proj = linear_from(ops, weights, prefix + "ff.net.0.proj.")
-        self.ff_out = linear_from(ops, weights, prefix + "ff.net.2.")
+    def __init__(self, params: ParameterSource, channels: int, context_channels: int, heads: int):
+        self.ops = params.ops
+        inner = FEED_FORWARD_MULT * channels
+        self.norm1 = LayerNorm(params.scope("norm1"), channels, TRANSFORMER_LAYER_NORM_EPS)
+        self.attn1 = Attention(params.scope("attn1"), channels, channels, heads)
+        self.norm2 = LayerNorm(params.scope("norm2"), channels, TRANSFORMER_LAYER_NORM_EPS)
+        self.attn2 = Attention(params.scope("attn2"), channels, context_channels, heads)
+        self.norm3 = LayerNorm(params.scope("norm3"), channels, TRANSFORMER_LAYER_NORM_EPS)
+        self.ff_proj = Linear(params.scope("ff", "net", 0, "proj"), channels, 2 * inner)
+        self.ff_out = Linear(params.scope("ff", "net", 2), inner, channels)
 
-    def feed_forward(self, x: np.ndarray) -> np.ndarray:
+    def feed_forward(self, x):
         """GEGLU (Shazeer 2020): the projection's first half gated by GELU of its second half.
 
         Tokens are independent here, so they go through in pieces of at most FEED_FORWARD_VALUES values of the
@@ -227,22 +133,16 @@ class BasicTransformerBlock:
         around it; numpy's matmul (below that level) may sum a piece in another order than the whole: float32
         rounding.
         """
-        rows = x.reshape(-1, x.shape[-1])  # (B*T, C)
         piece_rows = max(1, FEED_FORWARD_VALUES // (2 * FEED_FORWARD_MULT * x.shape[-1]))
-        if len(rows) <= piece_rows:
-            return self.ff_out(self.ops.geglu(self.ff_proj(x)))  # (B, T, 2 inner) -> (B, T, inner) -> (B, T, C)
-        out = np.empty(rows.shape, dtype=np.float32)  # (B*T, C): the feed-forward maps C to C
-        for start in range(0, len(rows), piece_rows):
-            piece = rows[start:start + piece_rows]
-            out[start:start + len(piece)] = self.ff_out(self.ops.geglu(self.ff_proj(piece)))  # (n, C)
-        return out.reshape(x.shape)
+        return self.ops.map_rows(lambda rows: self.ff_out(self.ops.geglu(self.ff_proj(rows))), x,
+                                 piece_rows)  # (n, C) -> (n, 2 inner) -> (n, inner) -> (n, C)
 
-    def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def __call__(self, x, context):
         """x (B, T, C), updated in place (the transformer's own array) and returned."""
-        x += self.attn1(x, norm=self.norm1)
-        x += self.attn2(x, context, norm=self.norm2)
-        x += self.feed_forward(self.norm3(x))
-        return x
+        ops = self.ops
+        x = ops.add_(x, self.attn1(x, norm=self.norm1))
+        x = ops.add_(x, self.attn2(x, context, norm=self.norm2))
+        return ops.add_(x, self.feed_forward(self.norm3(x)))
 
 
 class Transformer2DModel:
@@ -251,73 +151,67 @@ class Transformer2DModel:
     proj_in/proj_out are 1x1 convs (SD1) or Linear layers on the token axis (SD2's ``use_linear_projection``).
     """
 
-    def __init__(self, ops: Ops, config: UNetConfig, weights: dict[str, Weight], prefix: str, heads: int,
-                 depth: int):
-        self.ops, self.linear = ops, config.use_linear_projection
-        self.norm = group_norm_from(ops, weights, prefix + "norm.", config.norm_num_groups,
-                                    TRANSFORMER_GROUP_NORM_EPS)
-        make = linear_from if self.linear else conv2d_from
-        self.proj_in = make(ops, weights, prefix + "proj_in.")
-        self.proj_out = make(ops, weights, prefix + "proj_out.")
-        self.transformer_blocks = [BasicTransformerBlock(ops, weights, f"{prefix}transformer_blocks.{i}.", heads)
-                                   for i in range(depth)]
+    def __init__(self, params: ParameterSource, config: UNetConfig, channels: int, heads: int, depth: int):
+        self.ops, self.linear = params.ops, config.use_linear_projection
+        self.norm = GroupNorm(params.scope("norm"), channels, config.norm_num_groups, TRANSFORMER_GROUP_NORM_EPS)
+        if self.linear:
+            self.proj_in = Linear(params.scope("proj_in"), channels, channels)
+            self.proj_out = Linear(params.scope("proj_out"), channels, channels)
+        else:
+            self.proj_in = Conv2d(params.scope("proj_in"), channels, channels, 1)
+            self.proj_out = Conv2d(params.scope("proj_out"), channels, channels, 1)
+        self.transformer_blocks = [
+            BasicTransformerBlock(params.scope("transformer_blocks", i), channels, config.cross_attention_dim, heads)
+            for i in range(depth)]
 
-    def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def __call__(self, x, context):
+        ops = self.ops
         height, width = x.shape[2:]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)  # (B, C, H, W)
         # (B, H*W, C) as a contiguous copy (a transposed view would be copied again by every op that reads it and
         # added into with strides); the blocks update it in place
-        h = self.ops.channels_last(h)
+        h = ops.channels_last(h)
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = self.ops.channels_first(h, height, width)  # (B, C, H, W)
+        h = ops.channels_first(h, height, width)  # (B, C, H, W)
         if not self.linear:
             h = self.proj_out(h)
-        h += x  # h is a new array (the projection's, or channels_first's)
-        return h
+        return ops.add_(h, x)  # h is a new array (the projection's, or channels_first's)
 
 
 class Downsample2D:
     """3x3 conv with stride 2. ``downsample_padding`` 0 pads only bottom and right by one (diffusers, LDM)."""
 
-    def __init__(self, ops: Ops, weights: dict[str, Weight], prefix: str, padding: int):
-        self.asymmetric = padding == 0
-        self.conv = conv2d_from(ops, weights, prefix + "conv.", stride=2, padding=padding)
+    def __init__(self, params: ParameterSource, channels: int, padding: int):
+        self.ops, self.asymmetric = params.ops, padding == 0
+        self.conv = Conv2d(params.scope("conv"), channels, channels, 3, stride=2, padding=padding)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x):
         if self.asymmetric:
-            x = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))  # (B, C, H + 1, W + 1)
+            x = self.ops.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))  # (B, C, H + 1, W + 1)
         return self.conv(x)  # (B, C, ceil(H / 2), ceil(W / 2)) with padding 1
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source rows of a nearest-neighbour resize, as PyTorch's ``interpolate(size=...)`` picks them:
-    ``floor(i * in/out)`` in float32 (so 2 -> 3 rows reads 0, 0, 1)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    indices = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(indices, in_size - 1)
 
 
 class Upsample2D:
     """Nearest-neighbour upsampling to the skip connection's size (x2 unless the down path rounded an odd size
     up; diffusers then passes ``upsample_size``), then a 3x3 conv."""
 
-    def __init__(self, ops: Ops, weights: dict[str, Weight], prefix: str):
-        self.ops = ops
-        self.conv = conv2d_from(ops, weights, prefix + "conv.")
+    def __init__(self, params: ParameterSource, channels: int):
+        self.ops = params.ops
+        self.conv = Conv2d(params.scope("conv"), channels, channels, 3)
 
-    def __call__(self, x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    def __call__(self, x, size: tuple[int, int]):
         height, width = x.shape[-2:]
-        if size == (2 * height, 2 * width):
+        if tuple(size) == (2 * height, 2 * width):
             x = self.ops.upsample_nearest(x, 2)  # (B, C, 2H, 2W)
         else:
-            x = x[:, :, nearest_indices(height, size[0])][:, :, :, nearest_indices(width, size[1])]  # (B, C, *size)
+            x = self.ops.resize_nearest(x, tuple(size))  # (B, C, *size)
         return self.conv(x)
 
 
@@ -327,16 +221,17 @@ class UNetLevel:
     """One down or up block: resnets, each followed by a transformer where the block type has them, then the
     resampler (None at the deepest down / last up level)."""
 
-    def __init__(self, ops: Ops, config: UNetConfig, weights: dict[str, Weight], prefix: str, count: int,
+    def __init__(self, params: ParameterSource, config: UNetConfig, in_channels: list[int], out_channels: int,
                  attention: bool, heads: int, depth: int, resample: str | None):
-        self.resnets = [ResnetBlock2D(ops, config, weights, f"{prefix}resnets.{j}.") for j in range(count)]
-        self.attentions = [Transformer2DModel(ops, config, weights, f"{prefix}attentions.{j}.", heads, depth)
-                           for j in range(count)] if attention else []
-        self.downsampler = (Downsample2D(ops, weights, prefix + "downsamplers.0.", config.downsample_padding)
+        self.resnets = [ResnetBlock2D(params.scope("resnets", j), config, channels, out_channels)
+                        for j, channels in enumerate(in_channels)]
+        self.attentions = [Transformer2DModel(params.scope("attentions", j), config, out_channels, heads, depth)
+                           for j in range(len(in_channels))] if attention else []
+        self.downsampler = (Downsample2D(params.scope("downsamplers", 0), out_channels, config.downsample_padding)
                             if resample == "down" else None)
-        self.upsampler = Upsample2D(ops, weights, prefix + "upsamplers.0.") if resample == "up" else None
+        self.upsampler = Upsample2D(params.scope("upsamplers", 0), out_channels) if resample == "up" else None
 
-    def layer(self, j: int, x: np.ndarray, time_features: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def layer(self, j: int, x, time_features, context):
         x = self.resnets[j](x, time_features)
         return self.attentions[j](x, context) if self.attentions else x
 
@@ -344,13 +239,14 @@ class UNetLevel:
 class UNetMidBlock2DCrossAttn:
     """Resnet, transformer, resnet at the deepest level."""
 
-    def __init__(self, ops: Ops, config: UNetConfig, weights: dict[str, Weight]):
-        scale = config.mid_block_scale_factor
-        self.resnets = [ResnetBlock2D(ops, config, weights, f"mid_block.resnets.{j}.", scale) for j in range(2)]
-        self.attention = Transformer2DModel(ops, config, weights, "mid_block.attentions.0.",
+    def __init__(self, params: ParameterSource, config: UNetConfig):
+        channels, scale = config.block_out_channels[-1], config.mid_block_scale_factor
+        self.resnets = [ResnetBlock2D(params.scope("resnets", j), config, channels, channels, scale)
+                        for j in range(2)]
+        self.attention = Transformer2DModel(params.scope("attentions", 0), config, channels,
                                             config.num_attention_heads[-1], config.transformer_layers_per_block[-1])
 
-    def __call__(self, x: np.ndarray, time_features: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def __call__(self, x, time_features, context):
         x = self.resnets[0](x, time_features)
         return self.resnets[1](self.attention(x, context), time_features)
 
@@ -359,37 +255,40 @@ class UNet2DConditionModel:
     """(noisy latents, timesteps, text hidden states) -> the network's prediction (noise for epsilon models,
     velocity for v-prediction ones), shaped like the latents."""
 
-    def __init__(self, ops: Ops, config: UNetConfig, weights: dict[str, Weight]):
-        self.ops, self.config = ops, config
-        levels, layers = config.levels, config.layers_per_block
-        self.conv_in = conv2d_from(ops, weights, "conv_in.")
-        self.time_linear_1 = linear_from(ops, weights, "time_embedding.linear_1.")
-        self.time_linear_2 = linear_from(ops, weights, "time_embedding.linear_2.")
+    def __init__(self, params: ParameterSource, config: UNetConfig):
+        self.ops, self.config = params.ops, config
+        channels, levels, layers = config.block_out_channels, config.levels, config.layers_per_block
+        self.conv_in = Conv2d(params.scope("conv_in"), config.in_channels, channels[0], 3)
+        self.time_linear_1 = Linear(params.scope("time_embedding", "linear_1"), channels[0], config.time_embed_dim)
+        self.time_linear_2 = Linear(params.scope("time_embedding", "linear_2"), config.time_embed_dim,
+                                    config.time_embed_dim)
         self.down_blocks = [
-            UNetLevel(ops, config, weights, f"down_blocks.{i}.", layers, config.down_has_attention(i),
-                      config.num_attention_heads[i], config.transformer_layers_per_block[i],
-                      "down" if i < levels - 1 else None)
+            UNetLevel(params.scope("down_blocks", i), config,
+                      [channels[max(i - 1, 0)]] + [channels[i]] * (layers - 1), channels[i],
+                      config.down_has_attention(i), config.num_attention_heads[i],
+                      config.transformer_layers_per_block[i], "down" if i < levels - 1 else None)
             for i in range(levels)]
-        self.mid_block = UNetMidBlock2DCrossAttn(ops, config, weights)
+        self.mid_block = UNetMidBlock2DCrossAttn(params.scope("mid_block"), config)
         self.up_blocks = [
-            UNetLevel(ops, config, weights, f"up_blocks.{i}.", layers + 1, config.up_has_attention(i),
-                      config.num_attention_heads[levels - 1 - i], config.transformer_layers_per_block[levels - 1 - i],
-                      "up" if i < levels - 1 else None)
+            UNetLevel(params.scope("up_blocks", i), config, [c + skip for c, skip in zip(*up_channels(config)[i])],
+                      channels[levels - 1 - i], config.up_has_attention(i), config.num_attention_heads[levels - 1 - i],
+                      config.transformer_layers_per_block[levels - 1 - i], "up" if i < levels - 1 else None)
             for i in range(levels)]
-        self.conv_norm_out = group_norm_from(ops, weights, "conv_norm_out.", config.norm_num_groups, config.norm_eps)
-        self.conv_out = conv2d_from(ops, weights, "conv_out.")
+        self.conv_norm_out = GroupNorm(params.scope("conv_norm_out"), channels[0], config.norm_num_groups,
+                                       config.norm_eps)
+        self.conv_out = Conv2d(params.scope("conv_out"), channels[0], config.out_channels, 3)
 
-    def check_inputs(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def check_inputs(self, sample, timesteps: np.ndarray, context) -> np.ndarray:
         """Shape checks with readable errors; returns the timesteps as one per batch entry (B,)."""
         config = self.config
-        if sample.ndim != 4 or sample.shape[1] != config.in_channels or min(sample.shape) < 1:
+        if len(sample.shape) != 4 or sample.shape[1] != config.in_channels or min(sample.shape) < 1:
             raise SdcliError(f"UNet sample must be (batch, {config.in_channels}, height, width) latents, "
-                             f"got shape {sample.shape}")
+                             f"got shape {tuple(sample.shape)}")
         batch = sample.shape[0]
-        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != config.cross_attention_dim:
+        if len(context.shape) != 3 or context.shape[0] != batch or context.shape[2] != config.cross_attention_dim:
             raise SdcliError(f"UNet encoder_hidden_states must be ({batch}, tokens, {config.cross_attention_dim}) "
-                             f"for latents of batch {batch}, got shape {context.shape}; does the text encoder "
-                             "belong to this model?")
+                             f"for latents of batch {batch}, got shape {tuple(context.shape)}; does the text "
+                             "encoder belong to this model?")
         if timesteps.ndim == 0:
             timesteps = np.full(batch, timesteps)
         if timesteps.shape != (batch,):
@@ -399,22 +298,21 @@ class UNet2DConditionModel:
             raise SdcliError("UNet timesteps must be finite")
         return timesteps
 
-    def __call__(self, sample: np.ndarray, timesteps: np.ndarray | float,
-                 encoder_hidden_states: np.ndarray) -> np.ndarray:
-        """sample (B, in_channels, h, w), timesteps (B,) or a scalar, encoder_hidden_states (B, S, D)
-        -> (B, out_channels, h, w) float32. CFG batches [uncond, cond] as one batch of 2B."""
-        sample = np.asarray(sample, dtype=np.float32)
-        context = np.asarray(encoder_hidden_states, dtype=np.float32)
+    def __call__(self, sample, timesteps: np.ndarray | float, encoder_hidden_states):
+        """sample (B, in_channels, h, w), host timesteps (B,) or a scalar, encoder_hidden_states (B, S, D)
+        -> (B, out_channels, h, w). CFG batches [uncond, cond] as one batch of 2B."""
+        ops, config = self.ops, self.config
+        context = encoder_hidden_states
         timesteps = self.check_inputs(sample, np.asarray(timesteps, dtype=np.float64), context)
-        config = self.config
         if config.center_input_sample:
-            sample = 2 * sample - np.float32(1)
+            sample = ops.add(ops.mul(sample, 2), -1)
 
-        embedding = timestep_embedding(timesteps, config.block_out_channels[0], config.flip_sin_to_cos,
-                                       config.freq_shift)  # (B, C0)
-        embedding = self.time_linear_2(self.ops.silu(self.time_linear_1(embedding)))  # (B, 4 C0)
+        embedding = ops.timestep_embedding(timesteps, config.block_out_channels[0],
+                                           flip_sin_to_cos=config.flip_sin_to_cos,
+                                           freq_shift=config.freq_shift)  # (B, C0)
+        embedding = self.time_linear_2(ops.silu(self.time_linear_1(embedding)))  # (B, 4 C0)
         # Every resnet applies SiLU to the embedding before its own projection: done once here.
-        time_features = self.ops.silu(embedding)  # (B, 4 C0)
+        time_features = ops.silu(embedding)  # (B, 4 C0)
 
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
@@ -430,7 +328,7 @@ class UNet2DConditionModel:
 
         for block in self.up_blocks:
             for j in range(len(block.resnets)):
-                x = np.concatenate([x, skips.pop()], axis=1)  # (B, C + C_skip, H, W)
+                x = ops.concat([x, skips.pop()], axis=1)  # (B, C + C_skip, H, W)
                 # the two calls of block.layer, written out so that the concatenation (21 MB at 64x64 latents)
                 # goes before the transformer runs: an argument of block.layer would live through both
                 x = block.resnets[j](x, time_features)

@@ -28,6 +28,10 @@ import numpy as np
 from ..ext import bf16_kernels
 from ..ext import cpu_kernels as kernels
 from ..ext import f32_kernels
+from .numpy_ops import (add, add_, blend_, clip, concat, conv1d, conv3d, embedding, exp, map_rows,  # noqa: F401
+                        merge_heads, modulate, mul, div, narrow, pad, permute, reshape, resize_nearest, rms_norm,
+                        rope, tanh, timestep_embedding)
+from .parameter import Parameter, Weight, as_parameter, run_matrix
 
 try:
     from ..ext import blas_kernels
@@ -37,6 +41,28 @@ except ImportError as error:  # built without a BLAS (setup.py logged it): plain
                                        "weights run im2col in numpy", error)
 
 name = "cpu"
+
+
+def from_host(x: np.ndarray) -> np.ndarray:
+    """A host array as this backend's array: float32 numpy (without a copy when it is one)."""
+    return np.asarray(x, dtype=np.float32)
+
+
+def to_host(x: np.ndarray) -> np.ndarray:
+    """This backend's array as a host numpy array (itself)."""
+    return np.asarray(x)
+
+
+def prepare(weight: Weight) -> Parameter:
+    """A weight as the layers hold it: packed for the kernels on its first use (see :class:`Parameter`)."""
+    return Parameter(weight)
+
+
+def _vector(value) -> np.ndarray | None:
+    """A norm scale or bias (Parameter or array) as C-contiguous float32; None stays None."""
+    if value is None:
+        return None
+    return _float32(value.float32() if isinstance(value, Parameter) else value)
 
 
 def _float32(x: np.ndarray) -> np.ndarray:
@@ -108,9 +134,17 @@ def pack_conv(weight: np.ndarray):
     return PackedF32(f32_kernels.pack_conv_weight(weight), weight.shape)
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``x @ weight.T + bias``. x (..., in), weight (out, in) (float32 or float16) or ``pack_linear(weight)``, bias
-    (out,) -> (..., out). A packed weight runs the AVX-512 kernel; a plain one numpy's matmul."""
+def linear(x: np.ndarray, weight, bias=None) -> np.ndarray:
+    """``x @ weight.T + bias``. x (..., in), weight (out, in) as a Parameter (or a plain array), bias (out,) ->
+    (..., out). fp32 and fp16 weights: packed, the AVX-512 kernel; unpacked (below the avx512 level, or streamed),
+    numpy's matmul. bf16 weights: bf16 products summed in float32 (AMX or AVX512_BF16), the float32 fallback
+    where the CPU has neither."""
+    bias = _vector(bias)
+    return run_matrix(as_parameter(weight), lambda w: _linear(x, w, bias), lambda w: _linear_bf16(x, w, bias),
+                      pack_linear, pack_linear_bf16, weight_float32)
+
+
+def _linear(x: np.ndarray, weight, bias: np.ndarray | None) -> np.ndarray:
     if isinstance(weight, PackedF32):
         return _packed_linear("linear", f32_kernels.linear, x, weight, bias)
     x = _float32(x)
@@ -121,11 +155,16 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """Normalise over the last axis (biased variance), then scale and shift. x (..., C), weight/bias (C,)."""
+def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
+    """Normalise over the last axis (biased variance), then scale and shift. x (..., C), weight/bias (C,) or
+    None (no affine part: the numpy reference's arithmetic)."""
+    if weight is None or bias is None:
+        from .numpy_ops import layer_norm as reference
+
+        return reference(_float32(x), weight, bias, eps)
     x = _float32(x)
     out = np.empty_like(x)
-    kernels.layer_norm(_rows(x), _float32(weight), _float32(bias), eps, _rows(out))
+    kernels.layer_norm(_rows(x), _vector(weight), _vector(bias), eps, _rows(out))
     return out
 
 
@@ -186,27 +225,35 @@ def channels_first(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def split_heads(x: np.ndarray, heads: int, *, bf16: bool = False) -> np.ndarray:
+def split_heads(x: np.ndarray, heads: int, *, precision: str = "fp32") -> np.ndarray:
     """(B, T, heads * hs) -> (B, heads, T, hs) as ``attention`` reads it best: for the float32 kernel a contiguous
     copy by heads (it reads keys and values many times over, 15% faster at 4096 tokens than from interleaved
     heads), made here so that the caller's projection can go before the attention allocates; for bf16 a view (the
     bf16 kernel converts q, k and v into its own buffers, reading views in place)."""
     batch, tokens, width = x.shape
     view = _float32(x).reshape(batch, tokens, heads, width // heads).transpose(0, 2, 1, 3)
-    return view if bf16 else np.ascontiguousarray(view)
+    return view if precision == "bf16" else np.ascontiguousarray(view)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
-              scale: float | None = None, bf16: bool = False) -> np.ndarray:
+              scale: float | None = None, mask: np.ndarray | None = None, precision: str = "fp32") -> np.ndarray:
     """Scaled dot-product attention.
 
     q (B, H, Tq, d), k (B, H, Tk, d), v (B, H, Tk, dv) -> (B, H, Tq, dv). ``scale`` defaults to ``1/sqrt(d)``.
     With ``causal``, query i sees keys 0..i (aligned at the start, as in a text encoder; needs Tq == Tk).
-    With ``bf16``, the products run in bf16 (AMX or AVX512_BF16, :mod:`sdcli.ext.bf16_kernels`) where the CPU
-    level has them, as numpy_ops states; in float32 elsewhere.
+    ``mask`` (an additive bias, broadcast to (B, H, Tq, Tk)) runs the numpy reference for now: the fused kernels
+    take none yet.
+    With ``precision`` "bf16", the products run in bf16 (AMX or AVX512_BF16, :mod:`sdcli.ext.bf16_kernels`) where
+    the CPU level has them, as numpy_ops states; in float32 elsewhere.
     The result is a (B, H, Tq, dv) view of a (B, Tq, H, dv) array, so that merging the heads back is a free
     reshape.
     """
+    if mask is not None:
+        from .numpy_ops import attention as reference
+
+        return reference(_float32(q), _float32(k), _float32(v), causal=causal, scale=scale, mask=_float32(mask),
+                         precision=precision)
+    bf16 = precision == "bf16"
     # The bf16 kernel converts q, k and v into its own buffers and reads views in place; the float32 kernel reads
     # keys and values many times over, faster from contiguous heads (15% at 4096 tokens) than from interleaved ones.
     rows = _float32_rows if bf16 else _float32
@@ -243,8 +290,7 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(_float32(x), np.float32(0))
 
 
-def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndarray, eps: float, *,
-               silu: bool = False) -> np.ndarray:
+def group_norm(x: np.ndarray, num_groups: int, weight, bias, eps: float, *, silu: bool = False) -> np.ndarray:
     """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
     variance), then scale and shift per channel; then SiLU when ``silu``, in the same pass.
     x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
@@ -253,21 +299,27 @@ def group_norm(x: np.ndarray, num_groups: int, weight: np.ndarray, bias: np.ndar
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(f"group_norm: {channels} channels do not split into {num_groups} groups")
     out = np.empty_like(x)
-    kernels.group_norm(x.reshape(batch, channels, -1), num_groups, _float32(weight), _float32(bias), eps, silu,
+    kernels.group_norm(x.reshape(batch, channels, -1), num_groups, _vector(weight), _vector(bias), eps, silu,
                        out.reshape(batch, channels, -1))  # (B, C, positions)
     return out
 
 
-def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *, stride: int = 1,
-           padding: int = 0) -> np.ndarray:
+def conv2d(x: np.ndarray, weight, bias=None, *, stride: int = 1, padding: int = 0) -> np.ndarray:
     """2-D cross-correlation with zero padding (PyTorch's Conv2d).
 
-    x (B, Cin, H, W), weight (Cout, Cin, kh, kw) (float32 or float16) or ``pack_conv(weight)``, bias (Cout,) ->
-    (B, Cout, Ho, Wo) with
-    ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W). A packed weight runs the AVX-512 kernel
-    (im2col into bounded packed panels); a plain one blocked im2col and one sgemm per block in
-    :mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate), or, where that module was not built, the same in numpy.
+    x (B, Cin, H, W), weight (Cout, Cin, kh, kw) as a Parameter (or a plain array), bias (Cout,) ->
+    (B, Cout, Ho, Wo) with ``Ho = (H + 2 padding - kh) // stride + 1`` (and the same for W). A packed fp32/fp16
+    weight runs the AVX-512 kernel (im2col into bounded packed panels); an unpacked one blocked im2col and one
+    sgemm per block in :mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate), or, where that module was not
+    built, the same in numpy. A bf16 weight: bf16 products summed in float32, im2col panels built in bf16 by the
+    kernel; the float32 fallback where the CPU has no bf16 instructions.
     """
+    bias = _vector(bias)
+    return run_matrix(as_parameter(weight), lambda w: _conv2d(x, w, bias, stride, padding),
+                      lambda w: _conv2d_bf16(x, w, bias, stride, padding), pack_conv, pack_conv_bf16, weight_float32)
+
+
+def _conv2d(x: np.ndarray, weight, bias: np.ndarray | None, stride: int, padding: int) -> np.ndarray:
     if isinstance(weight, PackedF32):
         x = _float32(x)
         out_channels, in_channels, kh, kw = weight.shape
@@ -433,29 +485,29 @@ def _pack_bf16(bits: np.ndarray, ndim: int, pack) -> Bf16Weight:
 
 
 def pack_linear_bf16(bits: np.ndarray):  # -> Bf16Weight
-    """A linear weight (out, in) of bf16 bits prepared for ``linear_bf16``."""
+    """A linear weight (out, in) of bf16 bits prepared for the bf16 product of ``linear``."""
     return _pack_bf16(bits, 2, bf16_kernels.pack_linear_weight)
 
 
-def linear_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None) -> np.ndarray:
+def _linear_bf16(x: np.ndarray, packed: Bf16Weight, bias: np.ndarray | None) -> np.ndarray:
     """``x @ weight.T + bias`` with bf16 products summed in float32 (AMX or AVX512_BF16); the float32 fallback
     where the CPU has neither. x (..., in), bias (out,) -> (..., out)."""
     if not packed.packed:
-        return linear(x, weight_float32(packed.data, "bf16"), bias)
+        return _linear(x, weight_float32(packed.data, "bf16"), bias)
     return _packed_linear("linear_bf16", bf16_kernels.linear, x, packed, bias)
 
 
 def pack_conv_bf16(bits: np.ndarray):  # -> Bf16Weight
-    """A convolution weight (Cout, Cin, kh, kw) of bf16 bits prepared for ``conv2d_bf16``."""
+    """A convolution weight (Cout, Cin, kh, kw) of bf16 bits prepared for the bf16 product of ``conv2d``."""
     return _pack_bf16(bits, 4, bf16_kernels.pack_conv_weight)
 
 
-def conv2d_bf16(x: np.ndarray, packed, bias: np.ndarray | None = None, *, stride: int = 1,
-                padding: int = 0) -> np.ndarray:
+def _conv2d_bf16(x: np.ndarray, packed: Bf16Weight, bias: np.ndarray | None, stride: int,
+                 padding: int) -> np.ndarray:
     """``conv2d`` with bf16 products summed in float32, im2col panels built in bf16 by the kernel; the float32
     fallback where the CPU has no bf16 instructions. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
     if not packed.packed:
-        return conv2d(x, weight_float32(packed.data, "bf16"), bias, stride=stride, padding=padding)
+        return _conv2d(x, weight_float32(packed.data, "bf16"), bias, stride, padding)
     x = _float32(x)
     out_channels, in_channels, kh, kw = packed.shape
     batch, channels, height, width = x.shape

@@ -1,0 +1,121 @@
+"""The networks of the SD 1.x/2.x family, loaded from a checkpoint: CLIP, the UNet, the KL autoencoder and the
+shipped TAESD.
+
+Each loader opens the component's tensor source, builds the network over it with the scoped parameter builder
+(:func:`sdcli.io.weights.load_network`: strict, each tensor read once and handed to the backend's ``prepare``) and
+returns it; the network classes in :mod:`sdcli.nn` never see a file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import ModelNotFoundError
+from ..io.checkpoint import Checkpoint, FolderSource, open_checkpoint
+from ..io.safetensors import SafetensorsFile
+from ..io.weights import load_network
+from ..nn.clip import ClipTextEncoder
+from ..nn.taesd import SHIPPED_FILES, TaesdDecoder, TaesdEncoder, shipped_taesd_dir
+from ..nn.unet import UNet2DConditionModel
+from ..nn.vae import Autoencoder, VaeDecoder, VaeEncoder
+from ..ops import get_ops
+
+log = logging.getLogger("sdcli")
+
+
+def _opened(checkpoint: str | Path | Checkpoint) -> Checkpoint:
+    return checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+
+
+def load_text_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
+                      backend: str = "cpu") -> ClipTextEncoder:
+    """The CLIP text encoder of ``checkpoint`` (a path or an opened checkpoint)."""
+    checkpoint = _opened(checkpoint)
+    config = checkpoint.text_encoder_config()
+    return load_network(lambda params: ClipTextEncoder(params, config), checkpoint.source("text_encoder"),
+                        get_ops(backend), precision)
+
+
+def load_unet(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+              stream: bool = False) -> UNet2DConditionModel:
+    """The UNet of ``checkpoint``; ``stream``: see :func:`~sdcli.io.weights.load_network`."""
+    checkpoint = _opened(checkpoint)
+    config = checkpoint.unet_config()
+    return load_network(lambda params: UNet2DConditionModel(params, config), checkpoint.source("unet"),
+                        get_ops(backend), precision, stream=stream)
+
+
+def load_vae_decoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+                     tiling: bool = False, stream: bool = False) -> VaeDecoder:
+    """The decoder of ``checkpoint``; ``tiling``: see :class:`~sdcli.nn.vae.VaeDecoder`.
+
+    The check is strict over the whole autoencoder (every tensor present with its shape, nothing unknown) while
+    only the decoder is read: an fp32 file held as fp16 does not pay for the encoder.
+    """
+    checkpoint = _opened(checkpoint)
+    config = checkpoint.vae_config()
+    decoder = load_network(lambda params: VaeDecoder(params, config, tiling=tiling), checkpoint.source("vae"),
+                           get_ops(backend), precision, stream=stream,
+                           also_checks=lambda params: VaeEncoder(params, config))
+    log.info("loaded the VAE decoder from %s", checkpoint.path)
+    return decoder
+
+
+def load_vae_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
+                     backend: str = "cpu") -> VaeEncoder:
+    """The encoder of ``checkpoint`` (the decoder's tensors checked, not read)."""
+    checkpoint = _opened(checkpoint)
+    config = checkpoint.vae_config()
+    return load_network(lambda params: VaeEncoder(params, config), checkpoint.source("vae"), get_ops(backend),
+                        precision, also_checks=lambda params: VaeDecoder(params, config))
+
+
+def load_vae(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
+             backend: str = "cpu") -> tuple[VaeEncoder, VaeDecoder]:
+    """The encoder and decoder of ``checkpoint``."""
+    checkpoint = _opened(checkpoint)
+    config = checkpoint.vae_config()
+    both = load_network(lambda params: Autoencoder(params, config), checkpoint.source("vae"), get_ops(backend),
+                        precision)
+    return both.encoder, both.decoder
+
+
+def _taesd_source(path: str | Path) -> FolderSource:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"no TAESD weights at {path}")
+    return FolderSource([SafetensorsFile(path)], str(path))
+
+
+def load_taesd_encoder(path: str | Path | None = None, backend: str = "cpu",
+                       precision: str = "fp32") -> TaesdEncoder:
+    """The TAESD encoder from one safetensors file (default: the shipped one)."""
+    path = path if path is not None else shipped_taesd_dir() / SHIPPED_FILES["encoder"]
+    return load_network(TaesdEncoder, _taesd_source(path), get_ops(backend), precision)
+
+
+def load_taesd_decoder(path: str | Path | None = None, backend: str = "cpu",
+                       precision: str = "fp32") -> TaesdDecoder:
+    """The TAESD decoder from one safetensors file (default: the shipped one)."""
+    path = path if path is not None else shipped_taesd_dir() / SHIPPED_FILES["decoder"]
+    return load_network(TaesdDecoder, _taesd_source(path), get_ops(backend), precision)
+
+
+def _find_taesd(folder: Path, part: str) -> Path:
+    """``taesd_{part}.safetensors`` in ``folder``, else its ``.bf16`` twin."""
+    for name in (f"taesd_{part}.safetensors", f"taesd_{part}.bf16.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelNotFoundError(f"{folder}: no taesd_{part}.safetensors (nor taesd_{part}.bf16.safetensors)")
+
+
+def load_taesd(backend: str = "cpu", path: str | Path | None = None,
+               precision: str = "fp32") -> tuple[TaesdEncoder, TaesdDecoder]:
+    """Encoder and decoder from the folder ``path`` holding ``taesd_{encoder,decoder}[.bf16].safetensors``
+    (default: the shipped weights). The weights are held as float32 by default: 5 MB each, converted once."""
+    folder = Path(path) if path is not None else shipped_taesd_dir()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"no TAESD folder at {folder}")
+    return (load_taesd_encoder(_find_taesd(folder, "encoder"), backend, precision),
+            load_taesd_decoder(_find_taesd(folder, "decoder"), backend, precision))

@@ -1,0 +1,149 @@
+"""The scoped parameter builder: networks take their weights from a checkpoint by building themselves.
+
+A network's constructor takes a :class:`~sdcli.nn.layers.ParameterSource` and spells each tensor's name once,
+where the layer is made (``params.scope("down_blocks", 0, "resnets", 1).take("weight", shape)``, through the
+layers of :mod:`sdcli.nn.layers`). The builder here is that source, in two modes:
+
+- **shape-only** (:func:`tensor_shapes`): every tensor the network takes, with its shape, and nothing read. It
+  replaces hand-written shape tables: the strict check, the single-file name maps and the tests' random weights
+  all start from it.
+- **loading** (:func:`load_network`): first the shape-only pass and the strict check of the source against it
+  (every missing, unexpected and mis-shaped tensor named in one error, before anything is read); then the build,
+  in which each tensor is read once from the mapped file, held at the precision asked for (converted by the
+  backend's parallel kernels where the stored type differs) and handed once to the backend's ``prepare``.
+
+Precision is the prepared parameter's: the same network class runs fp32, fp16 and bf16 weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import TypeVar
+
+import numpy as np
+
+from ..ops import Ops
+from ..ops import numpy_ops
+from ..ops.parameter import Parameter, Weight
+from .checkpoint import TensorSource, check_tensors
+
+Network = TypeVar("Network")
+Shapes = dict[str, tuple[int, ...]]
+
+
+class _Taken:
+    """What a build has taken so far, shared by every scope of one builder."""
+
+    def __init__(self, source: TensorSource | None, ops: Ops, precision: str, stream: bool):
+        self.source, self.ops, self.precision, self.stream = source, ops, precision, stream
+        self.shapes: Shapes = {}
+
+
+class WeightBuilder:
+    """A :class:`~sdcli.nn.layers.ParameterSource` over a tensor source (loading) or none (shape-only)."""
+
+    def __init__(self, source: TensorSource | None, ops: Ops, precision: str = "fp32", *, stream: bool = False,
+                 _taken: _Taken | None = None, _prefix: str = "", _load: bool = True):
+        self._taken = _taken if _taken is not None else _Taken(source, ops, precision, stream)
+        self._prefix, self._load = _prefix, _load and self._taken.source is not None
+        self.ops = ops
+
+    def scope(self, *names: str | int) -> "WeightBuilder":
+        prefix = self._prefix + "".join(f"{name}." for name in names)
+        return WeightBuilder(None, self.ops, _taken=self._taken, _prefix=prefix, _load=self._load)
+
+    def shapes_only(self) -> "WeightBuilder":
+        """This scope without reading: the tensors taken through it are recorded (and checked), not loaded."""
+        return WeightBuilder(None, self.ops, _taken=self._taken, _prefix=self._prefix, _load=False)
+
+    @property
+    def shapes(self) -> Shapes:
+        """Every tensor taken so far, by full name, with its shape."""
+        return dict(self._taken.shapes)
+
+    def take(self, name: str, shape: tuple[int, ...]) -> Parameter:
+        taken = self._taken
+        full = self._prefix + name
+        shape = tuple(int(size) for size in shape)
+        if full in taken.shapes:
+            raise ValueError(f"tensor {full!r} is taken twice while building the network")
+        taken.shapes[full] = shape
+        if not self._load:
+            return Parameter(Weight(np.broadcast_to(np.float32(0), shape), "fp32"))  # a shape, no memory
+        source = taken.source
+        stored = source.read(full)
+        weight = Weight.from_stored(stored, source.dtype(full), taken.precision, taken.ops)
+        if weight.data is not stored:
+            source.release(full)  # only the converted copy stays resident
+        else:
+            weight = replace(weight, release=partial(source.release, full), stream=taken.stream)
+        return taken.ops.prepare(weight)
+
+
+def tensor_shapes(build: Callable[[WeightBuilder], object], ops: Ops = numpy_ops) -> Shapes:
+    """Every tensor ``build(params)`` takes, by full name, with its shape (nothing is read).
+    ``build`` is e.g. ``lambda params: UNet2DConditionModel(params, config)``."""
+    builder = WeightBuilder(None, ops)
+    build(builder)
+    return builder.shapes
+
+
+def load_network(build: Callable[[WeightBuilder], Network], source: TensorSource, ops: Ops,
+                 precision: str = "fp32", *, stream: bool = False,
+                 also_checks: Callable[[WeightBuilder], object] | None = None) -> Network:
+    """``build(params)`` over the tensors of ``source``, held at ``precision`` and prepared by ``ops``.
+
+    Strict: the source must hold every tensor the network takes, with its shape, and nothing else; one error
+    names each missing, unexpected and mis-shaped tensor, before anything is read. ``also_checks`` builds, shape
+    only, the rest of a component whose one part is loaded (an autoencoder's encoder when only its decoder is
+    wanted): its tensors are checked too, and never read or converted.
+
+    A tensor converted to another type leaves the file's pages at once. A tensor held as a view of the file
+    stays mapped; with ``stream`` its pages are dropped again after each use, so that resident memory holds
+    about one layer's weights instead of the model's, for the cost of mapping them again from the page cache.
+    """
+    expected = tensor_shapes(build, ops)
+    if also_checks is not None:
+        expected.update(tensor_shapes(also_checks, ops))
+    check_tensors(source, expected)
+    builder = WeightBuilder(source, ops, precision, stream=stream)
+    network = build(builder)
+    if builder.shapes.keys() - expected.keys():
+        raise ValueError("the network took other tensors when loading than when its shapes were listed")
+    return network
+
+
+ARRAY_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16",
+                np.dtype(np.float64): "F64"}
+
+
+class ArraySource:
+    """A tensor source over arrays in memory (a state dict): float32, float16, float64, or bf16 bits in uint16.
+    For networks built from tensors that no file holds (tests, conversions)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], description: str = "arrays in memory"):
+        self.description = description
+        self._arrays = {name: np.asarray(array) for name, array in arrays.items()}
+        for name, array in self._arrays.items():
+            if array.dtype not in ARRAY_DTYPES:
+                raise ValueError(f"{name}: arrays of {array.dtype} cannot be held as weights")
+
+    def keys(self) -> list[str]:
+        return list(self._arrays)
+
+    def dtype(self, name: str) -> str:
+        return ARRAY_DTYPES[self._arrays[name].dtype]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._arrays[name].shape
+
+    def read(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def release(self, name: str | None = None) -> None:
+        pass
+
+    def unexpected(self) -> list[str]:
+        return []
