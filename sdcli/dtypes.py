@@ -90,3 +90,22 @@ def stored_float32(stored: np.ndarray, code: str) -> np.ndarray:
         return _TO_FLOAT32[code](stored)
     with np.errstate(over="ignore"):  # F64 beyond the float32 range becomes inf, as a cast should
         return stored.astype(np.float32)
+
+
+def held_float32(data: np.ndarray, precision: str) -> np.ndarray:
+    """The values of a weight held as ``precision`` ("fp32", "fp16", or "bf16" bits in uint16) as float32."""
+    if precision == "bf16":
+        return bf16_to_float32(data)
+    return np.asarray(data, dtype=np.float32)
+
+
+def held_from_float32(values: np.ndarray, precision: str) -> np.ndarray:
+    """float32 values as a weight is held at ``precision``: themselves (fp32), float16, or bf16 bits in uint16,
+    rounding to nearest even."""
+    values = np.asarray(values, dtype=np.float32)
+    if precision == "bf16":
+        return float32_to_bf16(values)
+    if precision == "fp16":
+        with np.errstate(over="ignore"):  # beyond fp16's range: inf, as a cast should
+            return values.astype(np.float16)
+    return values

@@ -13,14 +13,10 @@ autoencoder's latents times ``scaling_factor``.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from ..config import VAEConfig
 from .layers import Conv2d, GroupNorm, Linear, ParameterSource, check_images
-
-log = logging.getLogger("sdcli")
 
 NORM_EPS = 1e-6  # every group norm of the autoencoder, resnets and attention alike
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this

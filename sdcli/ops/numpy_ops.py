@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..dtypes import bf16_to_float32, float32_to_bf16
+from ..dtypes import bf16_to_float32, float32_to_bf16, held_float32, held_from_float32
 from .parameter import Parameter, Weight, as_parameter, run_matrix
 
 name = "numpy"
@@ -453,21 +453,13 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def weight_float32(data: np.ndarray, precision: str) -> np.ndarray:
     """The values of a weight held as ``precision`` ("fp32", "fp16", or "bf16" bits in uint16) as float32."""
-    if precision == "bf16":
-        return bf16_to_float32(data)
-    return np.asarray(data, dtype=np.float32)
+    return held_float32(data, precision)
 
 
 def weight_from_float32(values: np.ndarray, precision: str) -> np.ndarray:
     """float32 values as a weight is held at ``precision``: themselves (fp32), float16, or bf16 bits in uint16,
     rounding to nearest even."""
-    values = np.asarray(values, dtype=np.float32)
-    if precision == "bf16":
-        return float32_to_bf16(values)
-    if precision == "fp16":
-        with np.errstate(over="ignore"):  # beyond fp16's range: inf, as a cast should
-            return values.astype(np.float16)
-    return values
+    return held_from_float32(values, precision)
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:

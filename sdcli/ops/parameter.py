@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..dtypes import bf16_to_float32, stored_float32
+from ..dtypes import bf16_to_float32, held_float32, held_from_float32, stored_float32
 from ..errors import SdcliError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -78,13 +78,13 @@ class Weight:
             raise SdcliError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if (dtype, precision) in (("F32", "fp32"), ("F16", "fp16"), ("BF16", "bf16")):
             return cls(data, precision)
-        if convert is None:
-            from . import numpy_ops as convert
+        widen = convert.weight_float32 if convert is not None else held_float32
+        narrow = convert.weight_from_float32 if convert is not None else held_from_float32
         if dtype in ("BF16", "F16"):
-            values = convert.weight_float32(data, "bf16" if dtype == "BF16" else "fp16")
+            values = widen(data, "bf16" if dtype == "BF16" else "fp16")
         else:
             values = stored_float32(data, dtype)
-        return cls(convert.weight_from_float32(values, precision), precision)
+        return cls(narrow(values, precision), precision)
 
 
 class Parameter:
