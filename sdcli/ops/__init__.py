@@ -7,6 +7,19 @@
 
 Selecting a backend is explicit. Asking for one whose extension is not built raises :class:`BackendError`;
 nothing falls back silently.
+
+A network holds its weights as the backend's prepared parameters (``prepare``, :mod:`sdcli.ops.parameter`) and
+calls nothing but ops on the backend's arrays; host numpy arrays cross at the pipeline boundary only
+(``from_host`` / ``to_host``). The precision of a product is its prepared weight's, so there is one ``linear``,
+not one per precision.
+
+Adding an op: its reference in ``numpy_ops`` (the contract in the docstring), its signature in :class:`Ops`, the
+same signature in every backend of :data:`BACKENDS` (a backend may reuse the numpy function until it has a kernel),
+and tests over every backend against the reference (``tests/test_ops.py``, ``tests/test_glue_ops.py``).
+
+Adding a backend: a module with every function of :class:`Ops`, its name in :data:`BACKENDS` and in ``get_ops``;
+the op tests then run on it, and ``tests/opaque_backend.py`` shows what a backend whose arrays never become numpy
+needs of the networks.
 """
 
 from __future__ import annotations
