@@ -1,14 +1,16 @@
 """The single-file (LDM) -> canonical (diffusers) name maps.
 
-Three checks, each against something the maps do not share code with:
+The maps take their canonical names from sdcli's own networks (built shape only) and translate them by rules;
+three checks, each against something the maps do not share code with:
 
 - completeness on the FULL SD1.5 / SD2.1 configs: the map's canonical names are exactly the state-dict names of
   the diffusers / transformers model built on the meta device (no memory), each stored tensor feeds one entry,
   and the shapes the map implies agree with the model's;
 - diffusers' own single-file converters as the reference: an LDM-layout state dict made by inverting the map is
   converted by diffusers and must come back as exactly the canonical names with bit-identical values. Small
-  configs of the same structure carry random values; the full configs carry per-tensor ids in zero-memory
-  expanded tensors (the converters only move and slice tensors, so ids show every placement);
+  configs of the same structure (these, and the tiny ones the UNet and VAE tests load through the single-file
+  layout) carry random values; the full configs carry per-tensor ids in zero-memory expanded tensors (the
+  converters only move and slice tensors, so ids show every placement);
 - the ignore list of known extras.
 """
 
@@ -31,6 +33,8 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from sdcli.io import names  # noqa: E402
 from sdcli.io.names import SourceKey  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
+from test_unet import TINY as UNET_TEST_CONFIGS  # noqa: E402
+from test_vae import TINY_CONFIGS as VAE_TEST_CONFIGS  # noqa: E402
 
 TEXT_MAPS = {"sd15": names.text_encoder_sd1_names, "sd21": names.text_encoder_openclip_names}
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -75,6 +79,11 @@ SMALL_CLIP = {
     "projection_dim": 16,
     "hidden_act": "gelu",
 }
+
+# The tiny configs of the UNet and VAE tests, which load their weights through the single-file maps too: other
+# layers_per_block, downsample padding and channel counts; a VAE without mid attention and quant convs.
+SMALL_UNETS.update({f"test_unet-{name}": config for name, config in UNET_TEST_CONFIGS.items()})
+SMALL_VAES = {"small": SMALL_VAE, **{f"test_vae-{name}": config for name, config in VAE_TEST_CONFIGS.items()}}
 
 
 # -- building models and layouts ---------------------------------------------------------------------------------
@@ -285,8 +294,9 @@ def test_small_unet_matches_diffusers_converter(variant):
     check_small_component("unet", "sd15", config, seed=1)
 
 
-def test_small_vae_matches_diffusers_converter():
-    config = dict(AutoencoderKL.from_config(SMALL_VAE).config)
+@pytest.mark.parametrize("variant", list(SMALL_VAES))
+def test_small_vae_matches_diffusers_converter(variant):
+    config = dict(AutoencoderKL.from_config(SMALL_VAES[variant]).config)
     check_small_component("vae", "sd15", config, seed=2)
 
 

@@ -11,17 +11,31 @@ same tensors in the layout of the original latent-diffusion code (CompVis ``ldm`
 - ``cond_stage_model.transformer.*``: SD1's CLIP ViT-L/14 text model, in transformers names already;
 - ``cond_stage_model.model.*``: SD2's OpenCLIP ViT-H/14 text tower, with fused q/k/v ``in_proj`` tensors.
 
-Every map is generated in loops from the component's diffusers config and spells out each entry: there is no
-substring renaming, and each map holds exactly one entry per canonical tensor (``check_bijection`` asserts that
-no stored tensor, or part of one, feeds two entries). The layout was read from the CompVis/LDM model code and
-cross-checked against diffusers' ``loaders/single_file_utils.py`` converters, which the tests run as the
-independent reference.
+The canonical names are spelled once, by the networks (:mod:`sdcli.nn`) where they build their layers; the maps
+do not spell them again. Each map builds its network from the component's diffusers config, shape only
+(:func:`sdcli.io.weights.tensor_shapes`: nothing is read), and translates every name the network takes by a
+short list of rules. A rule is one anchored pattern over a whole canonical name that parses it into its parts
+(``down_blocks.{level}.resnets.{j}.{module}.{param}``), and the function that names the stored tensor from them:
+the LDM block index by the same arithmetic as the LDM code (``input_blocks.{3*level + j + 1}`` for two layers per
+level), module names through small tables (``norm1`` -> ``in_layers.0``). There is no substring renaming: a name
+that no rule matches, or that more than one matches, is an error naming it, so a network change the maps do not
+know fails here instead of loading wrong. Each map holds exactly one entry per tensor the network takes, and
+``check_bijection`` asserts that no stored tensor, or part of one, feeds two entries. The layout was read from the
+CompVis/LDM model code and cross-checked against diffusers' ``loaders/single_file_utils.py`` converters, which the
+tests run as the independent reference.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from ..config import ClipConfig, UNetConfig, VAEConfig
+from ..nn.clip import ClipTextEncoder
+from ..nn.unet import UNet2DConditionModel
+from ..nn.vae import Autoencoder
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,7 @@ class SourceKey:
 
 
 NameMap = dict[str, SourceKey]
+Shapes = dict[str, tuple[int, ...]]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -46,23 +61,84 @@ CANONICAL_TEXT_PREFIX = "text_model."
 WEIGHT_BIAS = ("weight", "bias")
 
 
-def _put(mapping: NameMap, canonical: str, source: SourceKey) -> None:
-    """Add one entry; a canonical name generated twice is a bug in the loops."""
-    if canonical in mapping:
-        raise ValueError(f"canonical tensor {canonical!r} generated twice ({mapping[canonical]} and {source})")
-    mapping[canonical] = source
+# ---------------------------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------------------------
+
+def _one_of(names: Iterable[str], group: str | None = None) -> str:
+    """A pattern matching exactly one of ``names`` (whole module paths, dots literal), captured as ``group``."""
+    choice = "|".join(re.escape(name) for name in names)
+    return f"(?P<{group}>{choice})" if group else f"(?:{choice})"
 
 
-def _put_module(mapping: NameMap, canonical: str, source: str, params: tuple[str, ...] = WEIGHT_BIAS) -> None:
-    """Map the ``params`` of one module (``canonical.weight`` <- ``source.weight``, ...), no transform."""
-    for param in params:
-        _put(mapping, f"{canonical}.{param}", SourceKey(f"{source}.{param}"))
+PARAM = _one_of(WEIGHT_BIAS, "param")  # the last part of every name: a module's weight or bias
+INDEX = r"\d+"  # a block, layer or level number
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Canonical names that ``pattern`` matches whole, and the stored tensor each comes from.
+
+    ``source`` names the stored tensor from the match, without the component's prefix: a name, or a SourceKey
+    for a part of a fused tensor. It raises ``NoPlace`` for a parsed index the layout has no place for. With
+    ``as_canonical_shape`` the stored tensor is read in the canonical tensor's shape (a 1x1 conv kernel as the
+    Linear weight it is).
+    """
+
+    pattern: str
+    source: Callable[[re.Match], str | SourceKey]
+    as_canonical_shape: bool = False
+
+
+class NoPlace(ValueError):
+    """A canonical name that a rule parses but whose index the single-file layout has no place for."""
+
+
+def _below(match: re.Match, group: str, count: int) -> int:
+    """The index captured as ``group``, which must be below ``count`` (the layout has no place for others)."""
+    index = int(match[group])
+    if index >= count:
+        raise NoPlace(f"{group} {index} is not below {count}")
+    return index
+
+
+def _translate(shapes: Shapes, rules: Iterable[Rule], prefix: str, what: str) -> NameMap:
+    """The map of every canonical tensor in ``shapes`` (the network's, in build order) through ``rules``."""
+    compiled = [(re.compile(rule.pattern), rule) for rule in rules]
+    mapping: NameMap = {}
+    for canonical, shape in shapes.items():
+        matches = [(match, rule) for pattern, rule in compiled if (match := pattern.fullmatch(canonical))]
+        if len(matches) != 1:
+            found = "no rule" if not matches else f"{len(matches)} rules ({', '.join(r.pattern for _, r in matches)})"
+            raise ValueError(f"{what} tensor {canonical!r} matches {found} of the single-file map")
+        match, rule = matches[0]
+        try:
+            source = rule.source(match)
+        except NoPlace as error:
+            raise ValueError(f"{what} tensor {canonical!r} has no place in the single-file layout: {error}") \
+                from None
+        key = SourceKey(source) if isinstance(source, str) else source
+        mapping[canonical] = replace(key, name=prefix + key.name,
+                                     shape=tuple(shape) if rule.as_canonical_shape else key.shape)
+    check_bijection(mapping)
+    return mapping
+
+
+def _network_shapes(build: Callable) -> Shapes:
+    """Every tensor the network ``build(params)`` takes, with its shape; nothing is read."""
+    # Imported here: sdcli.io.weights imports sdcli.io.checkpoint, which imports this module.
+    from .weights import tensor_shapes
+
+    return tensor_shapes(build)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text encoders
 # ---------------------------------------------------------------------------------------------------------------
 
+CLIP_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                      "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2")
+CLIP_EMBEDDINGS = ("embeddings.token_embedding", "embeddings.position_embedding")
 # transformers CLIPEncoderLayer module -> OpenCLIP ResidualAttentionBlock module (weight and bias each).
 OPENCLIP_LAYER_MODULES = (
     ("layer_norm1", "ln_1"),
@@ -73,8 +149,17 @@ OPENCLIP_LAYER_MODULES = (
 )
 # q, k, v are rows [0, D), [D, 2D), [2D, 3D) of OpenCLIP's fused in_proj_weight (3D, D) and in_proj_bias (3D,).
 OPENCLIP_QKV = ("q_proj", "k_proj", "v_proj")
-CLIP_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                      "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2")
+# transformers embedding -> OpenCLIP tensor. OpenCLIP keeps the position table as a bare (77, D) parameter, the
+# same tensor as nn.Embedding's weight.
+OPENCLIP_EMBEDDINGS = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+}
+
+
+def _text_encoder_shapes(config: dict) -> Shapes:
+    clip_config = ClipConfig.from_diffusers(config)
+    return _network_shapes(lambda params: ClipTextEncoder(params, clip_config))
 
 
 def text_encoder_sd1_names(config: dict) -> NameMap:
@@ -82,17 +167,14 @@ def text_encoder_sd1_names(config: dict) -> NameMap:
 
     ``config`` is the transformers ``CLIPTextConfig`` dict (``text_encoder/config.json``).
     """
-    mapping: NameMap = {}
-    for module in ("embeddings.token_embedding", "embeddings.position_embedding"):
-        _put_module(mapping, f"{CANONICAL_TEXT_PREFIX}{module}", f"{CLIP_PREFIX}{CANONICAL_TEXT_PREFIX}{module}",
-                    ("weight",))
-    for layer in range(int(config["num_hidden_layers"])):
-        for module in CLIP_LAYER_MODULES:
-            name = f"{CANONICAL_TEXT_PREFIX}encoder.layers.{layer}.{module}"
-            _put_module(mapping, name, f"{CLIP_PREFIX}{name}")
-    name = f"{CANONICAL_TEXT_PREFIX}final_layer_norm"
-    _put_module(mapping, name, f"{CLIP_PREFIX}{name}")
-    return mapping
+    text = re.escape(CANONICAL_TEXT_PREFIX)
+    stored_as_is = lambda match: match[0]  # noqa: E731
+    rules = (
+        Rule(rf"{text}{_one_of(CLIP_EMBEDDINGS)}\.weight", stored_as_is),
+        Rule(rf"{text}encoder\.layers\.{INDEX}\.{_one_of(CLIP_LAYER_MODULES)}\.{PARAM}", stored_as_is),
+        Rule(rf"{text}final_layer_norm\.{PARAM}", stored_as_is),
+    )
+    return _translate(_text_encoder_shapes(config), rules, CLIP_PREFIX, "text encoder")
 
 
 def text_encoder_openclip_names(config: dict) -> NameMap:
@@ -102,46 +184,52 @@ def text_encoder_openclip_names(config: dict) -> NameMap:
     encoder has 23, because SD2 conditions on the penultimate layer; the last resblock, ``text_projection`` and
     ``logit_scale`` are known extras (see ``is_known_extra``).
     """
-    mapping: NameMap = {}
-    text = CANONICAL_TEXT_PREFIX
-    _put(mapping, f"{text}embeddings.token_embedding.weight", SourceKey(f"{OPENCLIP_PREFIX}token_embedding.weight"))
-    # OpenCLIP keeps the position table as a bare (77, D) parameter, the same tensor as nn.Embedding's weight.
-    _put(mapping, f"{text}embeddings.position_embedding.weight", SourceKey(f"{OPENCLIP_PREFIX}positional_embedding"))
-    for layer in range(int(config["num_hidden_layers"])):
-        canonical = f"{text}encoder.layers.{layer}"
-        source = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}"
-        for index, projection in enumerate(OPENCLIP_QKV):
-            for param in WEIGHT_BIAS:
-                fused = f"{source}.attn.in_proj_{param}"  # (3D, D) weight, (3D,) bias
-                _put(mapping, f"{canonical}.self_attn.{projection}.{param}",
-                     SourceKey(fused, part=(index, len(OPENCLIP_QKV))))
-        for canonical_module, source_module in OPENCLIP_LAYER_MODULES:
-            _put_module(mapping, f"{canonical}.{canonical_module}", f"{source}.{source_module}")
-    _put_module(mapping, f"{text}final_layer_norm", f"{OPENCLIP_PREFIX}ln_final")
-    return mapping
+    text = re.escape(CANONICAL_TEXT_PREFIX)
+    layer = rf"{text}encoder\.layers\.(?P<layer>{INDEX})"
+    modules = dict(OPENCLIP_LAYER_MODULES)
+    rules = (
+        Rule(rf"{text}{_one_of(OPENCLIP_EMBEDDINGS, 'tensor')}", lambda m: OPENCLIP_EMBEDDINGS[m["tensor"]]),
+        Rule(rf"{layer}\.self_attn\.{_one_of(OPENCLIP_QKV, 'projection')}\.{PARAM}",
+             lambda m: SourceKey(f"transformer.resblocks.{m['layer']}.attn.in_proj_{m['param']}",  # (3D, D), (3D,)
+                                 part=(OPENCLIP_QKV.index(m["projection"]), len(OPENCLIP_QKV)))),
+        Rule(rf"{layer}\.{_one_of(modules, 'module')}\.{PARAM}",
+             lambda m: f"transformer.resblocks.{m['layer']}.{modules[m['module']]}.{m['param']}"),
+        Rule(rf"{text}final_layer_norm\.{PARAM}", lambda m: f"ln_final.{m['param']}"),
+    )
+    return _translate(_text_encoder_shapes(config), rules, OPENCLIP_PREFIX, "text encoder")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # UNet
 # ---------------------------------------------------------------------------------------------------------------
 
+# diffusers top-level module -> LDM module: time_embed is (Linear, SiLU, Linear), out is (GroupNorm, SiLU, Conv).
+UNET_TOP_MODULES = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 # diffusers ResnetBlock2D module -> LDM ResBlock module. LDM's in_layers are (GroupNorm, SiLU, Conv),
-# emb_layers (SiLU, Linear), out_layers (GroupNorm, SiLU, Dropout, Conv).
+# emb_layers (SiLU, Linear), out_layers (GroupNorm, SiLU, Dropout, Conv). The 1x1 shortcut conv exists where the
+# block changes the channel count (the network decides where).
 UNET_RESNET_MODULES = (
     ("norm1", "in_layers.0"),
     ("conv1", "in_layers.2"),
     ("time_emb_proj", "emb_layers.1"),
     ("norm2", "out_layers.0"),
     ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
 )
-# BasicTransformerBlock tensors; LDM's SpatialTransformer uses the same names. q/k/v carry no bias.
-TRANSFORMER_BLOCK_TENSORS = (
-    "norm1.weight", "norm1.bias",
-    "attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight", "attn1.to_out.0.bias",
-    "norm2.weight", "norm2.bias",
-    "attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias",
-    "norm3.weight", "norm3.bias",
-    "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight", "ff.net.2.bias",
+# Transformer2DModel (LDM SpatialTransformer) modules and BasicTransformerBlock modules: same names on both sides.
+# proj_in / proj_out are 1x1 convs (C, C, 1, 1) without use_linear_projection and Linear (C, C) with it (SD2); the
+# LDM checkpoint stores them in the same form as diffusers, so no reshape.
+TRANSFORMER_MODULES = ("norm", "proj_in", "proj_out")
+TRANSFORMER_BLOCK_MODULES = (
+    "norm1", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "norm2", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "norm3", "ff.net.0.proj", "ff.net.2",
 )
 # Config options whose other values change the set of tensors; the maps refuse them rather than guess.
 UNET_REQUIRED_OPTIONS = {
@@ -175,36 +263,6 @@ def _check_unet_config(config: dict) -> None:
                 raise ValueError(f"UNet {option} entry {block_type!r} is not supported by the single-file map")
 
 
-def _per_block(value: int | list[int], blocks: int, option: str) -> list[int]:
-    """An int-or-list config option as one value per block."""
-    values = [int(value)] * blocks if isinstance(value, int) else [int(v) for v in value]
-    if len(values) != blocks:
-        raise ValueError(f"UNet {option} has {len(values)} entries for {blocks} blocks")
-    return values
-
-
-def _put_unet_resnet(mapping: NameMap, canonical: str, source: str, in_channels: int, out_channels: int) -> None:
-    """One ResnetBlock2D; the 1x1 shortcut conv exists only where the channel count changes."""
-    for canonical_module, source_module in UNET_RESNET_MODULES:
-        _put_module(mapping, f"{canonical}.{canonical_module}", f"{source}.{source_module}")
-    if in_channels != out_channels:
-        _put_module(mapping, f"{canonical}.conv_shortcut", f"{source}.skip_connection")
-
-
-def _put_unet_transformer(mapping: NameMap, canonical: str, source: str, layers: int) -> None:
-    """One Transformer2DModel (LDM SpatialTransformer): same names on both sides.
-
-    proj_in / proj_out are 1x1 convs (C, C, 1, 1) without use_linear_projection and Linear (C, C) with it
-    (SD2); the LDM checkpoint stores them in the same form as diffusers, so no reshape.
-    """
-    for module in ("norm", "proj_in", "proj_out"):
-        _put_module(mapping, f"{canonical}.{module}", f"{source}.{module}")
-    for layer in range(layers):
-        for tensor in TRANSFORMER_BLOCK_TENSORS:
-            name = f"transformer_blocks.{layer}.{tensor}"
-            _put(mapping, f"{canonical}.{name}", SourceKey(f"{source}.{name}"))
-
-
 def unet_names(config: dict) -> NameMap:
     """UNet2DConditionModel <- ``model.diffusion_model.*``; ``config`` is the diffusers ``unet/config.json`` dict.
 
@@ -219,99 +277,81 @@ def unet_names(config: dict) -> NameMap:
       level's last entry (``.1.conv`` or ``.2.conv``).
     """
     _check_unet_config(config)
-    channels = [int(c) for c in config["block_out_channels"]]
-    layers = int(config["layers_per_block"])
+    unet = UNetConfig.from_diffusers(config)
+    layers, levels = unet.layers_per_block, unet.levels
     per_level = layers + 1
-    levels = len(channels)
-    down_attention = [UNET_DOWN_BLOCKS[t] for t in config["down_block_types"]]
-    up_attention = [UNET_UP_BLOCKS[t] for t in config["up_block_types"]]
-    if len(down_attention) != levels or len(up_attention) != levels:
-        raise ValueError("UNet block type lists and block_out_channels differ in length")
-    down_depth = _per_block(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
-    up_depth = config.get("reverse_transformer_layers_per_block") or list(reversed(down_depth))
-    up_depth = _per_block(up_depth, levels, "reverse_transformer_layers_per_block")
+    resnet_modules = dict(UNET_RESNET_MODULES)
+    resnet = rf"resnets\.(?P<j>{INDEX})\.{_one_of(resnet_modules, 'module')}\.{PARAM}"
+    transformer = (rf"attentions\.(?P<j>{INDEX})\.(?P<tail>{_one_of(TRANSFORMER_MODULES)}"
+                   rf"|transformer_blocks\.{INDEX}\.{_one_of(TRANSFORMER_BLOCK_MODULES)})\.{PARAM}")
+    level = rf"(?P<level>{INDEX})"
 
-    mapping: NameMap = {}
-    _put_module(mapping, "conv_in", f"{UNET_PREFIX}input_blocks.0.0")
-    _put_module(mapping, "time_embedding.linear_1", f"{UNET_PREFIX}time_embed.0")
-    _put_module(mapping, "time_embedding.linear_2", f"{UNET_PREFIX}time_embed.2")
+    def resnet_tail(m: re.Match) -> str:
+        return f"0.{resnet_modules[m['module']]}.{m['param']}"
 
-    # Down levels: resnet j takes the previous level's channels (j = 0) or its own.
-    for level in range(levels):
-        previous = channels[max(level - 1, 0)]
-        for j in range(layers):
-            source = f"{UNET_PREFIX}input_blocks.{per_level * level + j + 1}"
-            canonical = f"down_blocks.{level}"
-            in_channels = previous if j == 0 else channels[level]
-            _put_unet_resnet(mapping, f"{canonical}.resnets.{j}", f"{source}.0", in_channels, channels[level])
-            if down_attention[level]:
-                _put_unet_transformer(mapping, f"{canonical}.attentions.{j}", f"{source}.1", down_depth[level])
-        if level < levels - 1:
-            source = f"{UNET_PREFIX}input_blocks.{per_level * level + layers + 1}.0.op"
-            _put_module(mapping, f"down_blocks.{level}.downsamplers.0.conv", source)
+    def transformer_tail(m: re.Match) -> str:
+        return f"1.{m['tail']}.{m['param']}"
 
-    middle = f"{UNET_PREFIX}middle_block"
-    _put_unet_resnet(mapping, "mid_block.resnets.0", f"{middle}.0", channels[-1], channels[-1])
-    _put_unet_transformer(mapping, "mid_block.attentions.0", f"{middle}.1", down_depth[-1])
-    _put_unet_resnet(mapping, "mid_block.resnets.1", f"{middle}.2", channels[-1], channels[-1])
+    def input_block(m: re.Match) -> int:
+        return per_level * _below(m, "level", levels) + _below(m, "j", layers) + 1
 
-    # Up levels, deepest first. Resnet j concatenates a skip connection: from the level below for the last
-    # layer, from the same level otherwise; its input is the previous up level's output (j = 0) or its own.
-    reversed_channels = list(reversed(channels))
-    for level in range(levels):
-        out_channels = reversed_channels[level]
-        previous_out = reversed_channels[max(level - 1, 0)]
-        skip_last = reversed_channels[min(level + 1, levels - 1)]
-        for j in range(per_level):
-            source = f"{UNET_PREFIX}output_blocks.{per_level * level + j}"
-            canonical = f"up_blocks.{level}"
-            skip = skip_last if j == per_level - 1 else out_channels
-            in_channels = (previous_out if j == 0 else out_channels) + skip
-            _put_unet_resnet(mapping, f"{canonical}.resnets.{j}", f"{source}.0", in_channels, out_channels)
-            if up_attention[level]:
-                _put_unet_transformer(mapping, f"{canonical}.attentions.{j}", f"{source}.1", up_depth[level])
-        if level < levels - 1:
-            last = f"{UNET_PREFIX}output_blocks.{per_level * level + layers}"
-            upsampler = f"{last}.2.conv" if up_attention[level] else f"{last}.1.conv"
-            _put_module(mapping, f"up_blocks.{level}.upsamplers.0.conv", upsampler)
+    def output_block(m: re.Match) -> int:
+        return per_level * _below(m, "level", levels) + _below(m, "j", per_level)
 
-    _put_module(mapping, "conv_norm_out", f"{UNET_PREFIX}out.0")
-    _put_module(mapping, "conv_out", f"{UNET_PREFIX}out.2")
-    return mapping
+    def middle_resnet(m: re.Match) -> str:  # middle_block.0 and .2; the transformer is .1
+        return f"middle_block.{2 * _below(m, 'j', 2)}.{resnet_modules[m['module']]}.{m['param']}"
+
+    def middle_transformer(m: re.Match) -> str:  # the one transformer, between the resnets
+        _below(m, "j", 1)
+        return f"middle_block.1.{m['tail']}.{m['param']}"
+
+    def downsampler(m: re.Match) -> str:
+        index = per_level * _below(m, "level", levels - 1) + layers + 1
+        return f"input_blocks.{index}.0.op.{m['param']}"
+
+    def upsampler(m: re.Match) -> str:
+        up_level = _below(m, "level", levels - 1)
+        position = 2 if unet.up_has_attention(up_level) else 1  # after the resnet and the transformer, if any
+        return f"output_blocks.{per_level * up_level + layers}.{position}.conv.{m['param']}"
+
+    rules = (
+        Rule(rf"{_one_of(UNET_TOP_MODULES, 'module')}\.{PARAM}",
+             lambda m: f"{UNET_TOP_MODULES[m['module']]}.{m['param']}"),
+        Rule(rf"down_blocks\.{level}\.{resnet}", lambda m: f"input_blocks.{input_block(m)}.{resnet_tail(m)}"),
+        Rule(rf"down_blocks\.{level}\.{transformer}",
+             lambda m: f"input_blocks.{input_block(m)}.{transformer_tail(m)}"),
+        Rule(rf"down_blocks\.{level}\.downsamplers\.0\.conv\.{PARAM}", downsampler),
+        Rule(rf"mid_block\.{resnet}", middle_resnet),
+        Rule(rf"mid_block\.{transformer}", middle_transformer),
+        Rule(rf"up_blocks\.{level}\.{resnet}", lambda m: f"output_blocks.{output_block(m)}.{resnet_tail(m)}"),
+        Rule(rf"up_blocks\.{level}\.{transformer}",
+             lambda m: f"output_blocks.{output_block(m)}.{transformer_tail(m)}"),
+        Rule(rf"up_blocks\.{level}\.upsamplers\.0\.conv\.{PARAM}", upsampler),
+    )
+    shapes = _network_shapes(lambda params: UNet2DConditionModel(params, unet))
+    return _translate(shapes, rules, UNET_PREFIX, "UNet")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------------------------
 
-VAE_RESNET_MODULES = ("norm1", "conv1", "norm2", "conv2")  # same names on both sides
+# diffusers module of each half (encoder, decoder) -> LDM module of the same half.
+VAE_HALF_MODULES = {"conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
+VAE_QUANT_CONVS = ("quant_conv", "post_quant_conv")  # same names on both sides
+# diffusers ResnetBlock2D module -> LDM ResnetBlock module; the shortcut exists where the channel count changes.
+VAE_RESNET_MODULES = (
+    ("norm1", "norm1"),
+    ("conv1", "conv1"),
+    ("norm2", "norm2"),
+    ("conv2", "conv2"),
+    ("conv_shortcut", "nin_shortcut"),
+)
 # diffusers Attention (Linear q/k/v/out) -> LDM AttnBlock (1x1 Conv2d q/k/v/proj_out, GroupNorm norm).
 VAE_ATTENTION_LINEARS = (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+VAE_ATTENTION_NORM = ("group_norm", "norm")
 VAE_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 VAE_UP_BLOCKS = ("UpDecoderBlock2D",)
-
-
-def _put_vae_resnet(mapping: NameMap, canonical: str, source: str, in_channels: int, out_channels: int) -> None:
-    for module in VAE_RESNET_MODULES:
-        _put_module(mapping, f"{canonical}.{module}", f"{source}.{module}")
-    if in_channels != out_channels:
-        _put_module(mapping, f"{canonical}.conv_shortcut", f"{source}.nin_shortcut")
-
-
-def _put_vae_attention(mapping: NameMap, canonical: str, source: str, channels: int) -> None:
-    """The single-head mid-block attention: LDM's (C, C, 1, 1) conv kernels become (C, C) linear weights."""
-    _put_module(mapping, f"{canonical}.group_norm", f"{source}.norm")
-    for canonical_module, source_module in VAE_ATTENTION_LINEARS:
-        _put(mapping, f"{canonical}.{canonical_module}.weight",
-             SourceKey(f"{source}.{source_module}.weight", shape=(channels, channels)))
-        _put(mapping, f"{canonical}.{canonical_module}.bias", SourceKey(f"{source}.{source_module}.bias"))
-
-
-def _put_vae_mid(mapping: NameMap, canonical: str, source: str, channels: int, attention: bool) -> None:
-    _put_vae_resnet(mapping, f"{canonical}.resnets.0", f"{source}.block_1", channels, channels)
-    if attention:
-        _put_vae_attention(mapping, f"{canonical}.attentions.0", f"{source}.attn_1", channels)
-    _put_vae_resnet(mapping, f"{canonical}.resnets.1", f"{source}.block_2", channels, channels)
 
 
 def vae_names(config: dict) -> NameMap:
@@ -319,54 +359,49 @@ def vae_names(config: dict) -> NameMap:
 
     Encoder level ``i`` is ``encoder.down.{i}`` (``block.{j}`` resnets, ``downsample.conv``). The decoder stores
     its levels by resolution, shallowest first, so diffusers' ``decoder.up_blocks.{i}`` (deepest first) is LDM's
-    ``decoder.up.{n - 1 - i}``, each with ``layers_per_block + 1`` resnets and an ``upsample.conv``.
+    ``decoder.up.{n - 1 - i}``, each with ``layers_per_block + 1`` resnets and an ``upsample.conv``. The mid
+    blocks' resnets are ``mid.block_1`` and ``mid.block_2``, their single-head attention ``mid.attn_1``, whose
+    (C, C, 1, 1) conv kernels are read as the (C, C) Linear weights diffusers has.
     """
     for option, known in (("down_block_types", VAE_DOWN_BLOCKS), ("up_block_types", VAE_UP_BLOCKS)):
         for block_type in config[option]:
             if block_type not in known:
                 raise ValueError(f"VAE {option} entry {block_type!r} is not supported by the single-file map")
-    channels = [int(c) for c in config["block_out_channels"]]
-    layers = int(config["layers_per_block"])
-    levels = len(channels)
-    mid_attention = bool(config.get("mid_block_add_attention", True))
-    encoder, decoder = f"{VAE_PREFIX}encoder", f"{VAE_PREFIX}decoder"
+    vae = VAEConfig.from_diffusers(config)
+    levels = len(vae.block_out_channels)
+    resnet_modules, linears = dict(VAE_RESNET_MODULES), dict(VAE_ATTENTION_LINEARS)
+    resnet = rf"resnets\.(?P<j>{INDEX})\.{_one_of(resnet_modules, 'module')}\.{PARAM}"
+    half = "(?P<half>encoder|decoder)"
+    attention = rf"{half}\.mid_block\.attentions\.0"
 
-    mapping: NameMap = {}
-    _put_module(mapping, "encoder.conv_in", f"{encoder}.conv_in")
-    for level in range(levels):
-        previous = channels[max(level - 1, 0)]
-        for j in range(layers):
-            in_channels = previous if j == 0 else channels[level]
-            _put_vae_resnet(mapping, f"encoder.down_blocks.{level}.resnets.{j}", f"{encoder}.down.{level}.block.{j}",
-                            in_channels, channels[level])
-        if level < levels - 1:
-            _put_module(mapping, f"encoder.down_blocks.{level}.downsamplers.0.conv",
-                        f"{encoder}.down.{level}.downsample.conv")
-    _put_vae_mid(mapping, "encoder.mid_block", f"{encoder}.mid", channels[-1], mid_attention)
-    _put_module(mapping, "encoder.conv_norm_out", f"{encoder}.norm_out")
-    _put_module(mapping, "encoder.conv_out", f"{encoder}.conv_out")
+    def resnet_tail(m: re.Match) -> str:
+        return f"{resnet_modules[m['module']]}.{m['param']}"
 
-    _put_module(mapping, "decoder.conv_in", f"{decoder}.conv_in")
-    _put_vae_mid(mapping, "decoder.mid_block", f"{decoder}.mid", channels[-1], mid_attention)
-    reversed_channels = list(reversed(channels))
-    for level in range(levels):
-        ldm_level = levels - 1 - level
-        previous = reversed_channels[max(level - 1, 0)]
-        for j in range(layers + 1):
-            in_channels = previous if j == 0 else reversed_channels[level]
-            _put_vae_resnet(mapping, f"decoder.up_blocks.{level}.resnets.{j}",
-                            f"{decoder}.up.{ldm_level}.block.{j}", in_channels, reversed_channels[level])
-        if level < levels - 1:
-            _put_module(mapping, f"decoder.up_blocks.{level}.upsamplers.0.conv",
-                        f"{decoder}.up.{ldm_level}.upsample.conv")
-    _put_module(mapping, "decoder.conv_norm_out", f"{decoder}.norm_out")
-    _put_module(mapping, "decoder.conv_out", f"{decoder}.conv_out")
+    def decoder_level(m: re.Match) -> int:  # LDM's decoder.up is stored shallowest level first
+        return levels - 1 - _below(m, "level", levels)
 
-    if config.get("use_quant_conv", True):
-        _put_module(mapping, "quant_conv", f"{VAE_PREFIX}quant_conv")
-    if config.get("use_post_quant_conv", True):
-        _put_module(mapping, "post_quant_conv", f"{VAE_PREFIX}post_quant_conv")
-    return mapping
+    rules = (
+        Rule(rf"{half}\.{_one_of(VAE_HALF_MODULES, 'module')}\.{PARAM}",
+             lambda m: f"{m['half']}.{VAE_HALF_MODULES[m['module']]}.{m['param']}"),
+        Rule(rf"{_one_of(VAE_QUANT_CONVS, 'module')}\.{PARAM}", lambda m: f"{m['module']}.{m['param']}"),
+        Rule(rf"encoder\.down_blocks\.(?P<level>{INDEX})\.{resnet}",
+             lambda m: f"encoder.down.{_below(m, 'level', levels)}.block.{m['j']}.{resnet_tail(m)}"),
+        Rule(rf"encoder\.down_blocks\.(?P<level>{INDEX})\.downsamplers\.0\.conv\.{PARAM}",
+             lambda m: f"encoder.down.{_below(m, 'level', levels - 1)}.downsample.conv.{m['param']}"),
+        Rule(rf"{half}\.mid_block\.{resnet}",
+             lambda m: f"{m['half']}.mid.block_{_below(m, 'j', 2) + 1}.{resnet_tail(m)}"),
+        Rule(rf"{attention}\.{re.escape(VAE_ATTENTION_NORM[0])}\.{PARAM}",
+             lambda m: f"{m['half']}.mid.attn_1.{VAE_ATTENTION_NORM[1]}.{m['param']}"),
+        Rule(rf"{attention}\.{_one_of(linears, 'module')}\.weight",  # stored (C, C, 1, 1), read as (C, C)
+             lambda m: f"{m['half']}.mid.attn_1.{linears[m['module']]}.weight", as_canonical_shape=True),
+        Rule(rf"{attention}\.{_one_of(linears, 'module')}\.bias",
+             lambda m: f"{m['half']}.mid.attn_1.{linears[m['module']]}.bias"),
+        Rule(rf"decoder\.up_blocks\.(?P<level>{INDEX})\.{resnet}",
+             lambda m: f"decoder.up.{decoder_level(m)}.block.{m['j']}.{resnet_tail(m)}"),
+        Rule(rf"decoder\.up_blocks\.(?P<level>{INDEX})\.upsamplers\.0\.conv\.{PARAM}",
+             lambda m: f"decoder.up.{levels - 1 - _below(m, 'level', levels - 1)}.upsample.conv.{m['param']}"),
+    )
+    return _translate(_network_shapes(lambda params: Autoencoder(params, vae)), rules, VAE_PREFIX, "VAE")
 
 
 # ---------------------------------------------------------------------------------------------------------------
