@@ -1,7 +1,11 @@
 """The op backends against the numpy reference, and the reference against PyTorch and math.erf.
 
-Every "cpu" op is compared with numpy_ops on awkward shapes (odd sizes, batch 2, a single row, width 1), large
-magnitudes and -inf entries; numpy_ops itself is compared with torch (test-only) and the standard library.
+Every op of every backend in ``sdcli.ops.BACKENDS`` (the ``backend`` fixture: a backend added to the list is
+tested as it is listed; numpy against itself is exact) is compared with numpy_ops on awkward shapes (odd sizes,
+batch 2, a single row, width 1), large magnitudes and -inf entries; numpy_ops itself is compared with torch
+(test-only) and the standard library. The cpu backend's own kernels and conversions (``sdcli.ext.cpu_kernels``
+called directly, its bf16 fallback, float64 and strided inputs) are tested on the ``cpu`` fixture alone.
+The ops without a test here (element-wise, layout, embeddings, conv1d/conv3d, ...) are in test_glue_ops.py.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pytest
 import sdcli.ext
 import sdcli.ops
 from sdcli.errors import BackendError
-from sdcli.ops import Ops, get_ops, numpy_ops
+from sdcli.ops import BACKENDS, Ops, get_ops, numpy_ops
 from sdcli.ops.parameter import Parameter, Weight
 
 EPS = float(np.finfo(np.float32).eps)  # 1.19e-7, one float32 ulp at 1
@@ -54,8 +58,15 @@ ATTENTION_ULPS = 4
 ERF_ATOL = 1.2e-7
 
 
+@pytest.fixture(scope="module", params=BACKENDS, ids=str)
+def backend(request) -> Ops:
+    """Each backend of ``sdcli.ops.BACKENDS`` in turn."""
+    return get_ops(request.param)
+
+
 @pytest.fixture(scope="module")
 def cpu() -> Ops:
+    """The cpu backend alone: for the tests of its own kernels and conversions, which other backends do not have."""
     return get_ops("cpu")
 
 
@@ -67,11 +78,11 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, op: str) -> None:
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, err_msg=op)
 
 
-def held(array: np.ndarray, precision: str | None = None, stream: bool = False) -> Parameter:
-    """A weight as a layer holds it: prepared (packed) on its first use, or with ``stream`` widened at every call
-    (the path of streamed weights and of CPUs below the avx512 level)."""
+def held(array: np.ndarray, precision: str | None = None, stream: bool = False, ops: Ops = numpy_ops) -> Parameter:
+    """A weight as a layer holds it, made by ``ops.prepare``: prepared (packed) on its first use, or with ``stream``
+    widened at every call (the path of streamed weights and of CPUs below the avx512 level)."""
     weight = Weight.of(array, precision)
-    return Parameter(Weight(weight.data, weight.precision, stream=stream))
+    return ops.prepare(Weight(weight.data, weight.precision, stream=stream))
 
 
 def random(shape: tuple[int, ...], seed: int = 0, magnitude: float = 1.0) -> np.ndarray:
@@ -81,12 +92,27 @@ def random(shape: tuple[int, ...], seed: int = 0, magnitude: float = 1.0) -> np.
 SHAPES = [(3, 5, 7), (2, 77, 33), (1, 7), (4, 1), (2, 3, 1, 64)]  # odd sizes, batch 2, one row, width 1
 
 
-def test_cpu_backend_has_the_reference_signatures(cpu):
-    assert cpu.name == "cpu"
-    protocol = [name for name, _ in inspect.getmembers(Ops, inspect.isfunction) if not name.startswith("_")]
-    assert "attention" in protocol
+def protocol_names() -> list[str]:
+    return [name for name, _ in inspect.getmembers(Ops, inspect.isfunction) if not name.startswith("_")]
+
+
+def test_every_backend_has_the_reference_signatures(backend):
+    """Every function of the Ops protocol exists in each backend with numpy_ops' signature."""
+    assert backend.name in BACKENDS and get_ops(backend.name) is backend
+    protocol = protocol_names()
+    assert "attention" in protocol and "timestep_embedding" in protocol
     for name in protocol:
-        assert inspect.signature(getattr(cpu, name)) == inspect.signature(getattr(numpy_ops, name)), name
+        assert inspect.signature(getattr(backend, name)) == inspect.signature(getattr(numpy_ops, name)), name
+
+
+def test_reference_signatures_are_the_protocol():
+    """numpy_ops takes the parameters of the Ops protocol: the same names, kinds and defaults (annotations aside)."""
+    def parameters(function, skip=0):
+        listed = list(inspect.signature(function).parameters.values())[skip:]
+        return [(parameter.name, parameter.kind, parameter.default) for parameter in listed]
+
+    for name in protocol_names():
+        assert parameters(getattr(numpy_ops, name)) == parameters(getattr(Ops, name), skip=1), name  # less self
 
 
 def test_missing_extension_is_a_clear_error(monkeypatch):
@@ -100,35 +126,35 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# cpu against numpy_ops
+# every backend against numpy_ops
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("packed", [False, True])  # widened at each call (streamed), or prepared once
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])  # fp16 weights are multiplied in float32 too
-def test_linear(cpu, shape, with_bias, packed, dtype):
+def test_linear(backend, shape, with_bias, packed, dtype):
     x = random(shape)
     weight = random((5, shape[-1]), seed=1).astype(dtype)
     bias = random((5,), seed=2) if with_bias else None
-    given = held(weight, stream=not packed)
+    given = held(weight, stream=not packed, ops=backend)
     expected = numpy_ops.linear(x, weight.astype(np.float32), bias)
-    assert_close(cpu.linear(x, given, bias), expected, "linear")
+    assert_close(backend.linear(x, given, bias), expected, "linear")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("magnitude", [1.0, 1e4, 1e-3])  # 1e-3: variance 1e-6, so eps (1e-5) dominates
-def test_layer_norm(cpu, shape, magnitude):
+def test_layer_norm(backend, shape, magnitude):
     x = random(shape, magnitude=magnitude)
     weight, bias = random(shape[-1:], seed=1), random(shape[-1:], seed=2)
-    assert_close(cpu.layer_norm(x, weight, bias, 1e-5), numpy_ops.layer_norm(x, weight, bias, 1e-5), "layer_norm")
+    assert_close(backend.layer_norm(x, weight, bias, 1e-5), numpy_ops.layer_norm(x, weight, bias, 1e-5), "layer_norm")
 
 
-def test_layer_norm_constant_rows_give_the_bias(cpu):
+def test_layer_norm_constant_rows_give_the_bias(backend):
     x = np.full((2, 3, 9), 7.5, dtype=np.float32)
     weight, bias = random((9,), seed=1), random((9,), seed=2)
-    np.testing.assert_array_equal(cpu.layer_norm(x, weight, bias, 1e-5), np.broadcast_to(bias, x.shape))
-    assert_close(cpu.layer_norm(x, weight, bias, 1e-5), numpy_ops.layer_norm(x, weight, bias, 1e-5), "layer_norm")
+    np.testing.assert_array_equal(backend.layer_norm(x, weight, bias, 1e-5), np.broadcast_to(bias, x.shape))
+    assert_close(backend.layer_norm(x, weight, bias, 1e-5), numpy_ops.layer_norm(x, weight, bias, 1e-5), "layer_norm")
 
 
 ACTIVATION_INPUTS = [
@@ -141,37 +167,36 @@ ACTIVATION_INPUTS = [
 
 @pytest.mark.parametrize("op", ["gelu", "quick_gelu"])
 @pytest.mark.parametrize("case", range(len(ACTIVATION_INPUTS)))
-def test_activations(cpu, op, case):
+def test_activations(backend, op, case):
     x = ACTIVATION_INPUTS[case]
-    with np.errstate(over="ignore"):
-        expected = getattr(numpy_ops, op)(x)
-    assert_close(getattr(cpu, op)(x), expected, op)
+    with np.errstate(over="ignore"):  # exp(-1.702 x) overflows to inf in quick_gelu's tail: the result is 0
+        expected, got = getattr(numpy_ops, op)(x), getattr(backend, op)(x)
+    assert_close(got, expected, op)
 
 
 @pytest.mark.parametrize("op", ["gelu", "quick_gelu"])
-def test_activations_special_values(cpu, op):
+def test_activations_special_values(backend, op):
     """Element by element (no shared scale): zeros, tiny and huge values, infinities and nan as in numpy_ops."""
     x = np.array([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38, np.inf, -np.inf, np.nan], dtype=np.float32)
     with np.errstate(all="ignore"):
-        expected = getattr(numpy_ops, op)(x)
-    got = getattr(cpu, op)(x)
+        expected, got = getattr(numpy_ops, op)(x), getattr(backend, op)(x)
     np.testing.assert_allclose(got, expected, rtol=TOL[op][0], atol=0, equal_nan=True, err_msg=op)
     assert got[8] == np.inf and np.isnan(got[10])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("magnitude", [1.0, 1e3, 1e30])
-def test_softmax(cpu, shape, magnitude):
+def test_softmax(backend, shape, magnitude):
     x = random(shape, magnitude=magnitude)
-    assert_close(cpu.softmax(x), numpy_ops.softmax(x), "softmax")
+    assert_close(backend.softmax(x), numpy_ops.softmax(x), "softmax")
 
 
-def test_softmax_minus_infinity(cpu):
+def test_softmax_minus_infinity(backend):
     x = random((4, 6), magnitude=5.0)
     x[0, :3] = -np.inf  # some entries masked
     x[1, :] = -np.inf  # a fully masked row: zeros, not nan
     x[2, 1:] = -np.inf  # one entry left: weight 1
-    got = cpu.softmax(x)
+    got = backend.softmax(x)
     assert_close(got, numpy_ops.softmax(x), "softmax")
     np.testing.assert_array_equal(got[1], 0.0)
     np.testing.assert_array_equal(got[2], [1, 0, 0, 0, 0, 0])
@@ -206,16 +231,17 @@ ATTENTION_CASES = [
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
-def test_attention(cpu, case):
+def test_attention(backend, case):
     batch, heads, tq, tk, d, dv, causal = case
     q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
     expected = numpy_ops.attention(q, k, v, causal=causal)
-    assert_attention_close(cpu.attention(q, k, v, causal=causal), expected, q, k, v)
+    assert_attention_close(backend.attention(q, k, v, causal=causal), expected, q, k, v)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_attention_kernel_without_avx512(cpu, case):
-    """The per-head kernel that CPUs without AVX-512 run (wide=False forces it where the CPU has AVX-512)."""
+    """The per-head kernel that CPUs without AVX-512 run (wide=False forces it where the CPU has AVX-512); cpu
+    only: it calls sdcli.ext.cpu_kernels directly."""
     from sdcli.ext import cpu_kernels
 
     batch, heads, tq, tk, d, dv, causal = case
@@ -229,7 +255,7 @@ def test_attention_kernel_without_avx512(cpu, case):
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_reads_and_writes_interleaved_heads(cpu, wide, causal):
     """Heads split off (B, T, nh, hs) projections are read in place, and the output may be such a view too: the
-    results equal those of contiguous copies."""
+    results equal those of contiguous copies (cpu only: it calls sdcli.ext.cpu_kernels directly)."""
     from sdcli.ext import cpu_kernels
 
     q, k, v = (random((2, 37, 3, 24), seed).transpose(0, 2, 1, 3) for seed in (1, 2, 3))  # (B, nh, T, hs) views
@@ -244,15 +270,18 @@ def test_attention_reads_and_writes_interleaved_heads(cpu, wide, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_large_scores_and_explicit_scale(cpu, causal):
+def test_attention_large_scores_and_explicit_scale(backend, causal):
+    """Scores of 50 and more (exp's range) and a scale other than 1/sqrt(d) as in the reference."""
     q, k, v = random((2, 2, 100, 16), 1, 4.0), random((2, 2, 100, 16), 2, 4.0), random((2, 2, 100, 16), 3)
     for scale in (None, 0.7):
         expected = numpy_ops.attention(q, k, v, causal=causal, scale=scale)
-        assert_attention_close(cpu.attention(q, k, v, causal=causal, scale=scale), expected, q, k, v, scale)
+        assert_attention_close(backend.attention(q, k, v, causal=causal, scale=scale), expected, q, k, v, scale)
 
 
 def test_inputs_of_any_layout_and_dtype(cpu):
-    """Non-contiguous and float64 inputs give what their contiguous float32 copies give, and are not modified."""
+    """Non-contiguous and float64 inputs give what their contiguous float32 copies give, and are not modified
+    (cpu only: the conversion to C-contiguous float32 is the cpu kernels' input contract; numpy_ops computes in
+    the dtype it is given)."""
     base = random((2, 9, 3, 16), seed=4)
     x = base.transpose(0, 2, 1, 3).astype(np.float64)[..., ::2]  # (2, 3, 9, 8), strided, float64
     x_copy = x.copy()
@@ -270,35 +299,50 @@ def test_inputs_of_any_layout_and_dtype(cpu):
     assert cpu.gelu(np.float32(1.0)).shape == ()
 
 
-def test_attention_rejects_mismatched_shapes(cpu):
+def test_attention_rejects_mismatched_shapes(backend):
+    """q, k and v whose d or Tk disagree raise ValueError, not a result of the wrong shape."""
     q = random((1, 2, 5, 8))
     with pytest.raises(ValueError):
-        cpu.attention(q, random((1, 2, 5, 4)), random((1, 2, 5, 8)))
+        backend.attention(q, random((1, 2, 5, 4)), random((1, 2, 5, 8)))
     with pytest.raises(ValueError):
-        cpu.attention(q, random((1, 2, 5, 8)), random((1, 2, 6, 8)))
+        backend.attention(q, random((1, 2, 5, 8)), random((1, 2, 6, 8)))
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_split_heads(cpu, bf16):
-    """(B, T, heads * hs) -> (B, heads, T, hs), the same values as the reference's view; a contiguous copy for the
-    float32 attention kernel."""
+def test_split_heads(backend, bf16):
+    """(B, T, heads * hs) -> (B, heads, T, hs), the same values as the reference's view, at either precision."""
     x = random((2, 7, 12))
-    got = cpu.split_heads(x, 3, precision="bf16" if bf16 else "fp32")
+    got = backend.split_heads(x, 3, precision="bf16" if bf16 else "fp32")
     np.testing.assert_array_equal(got, numpy_ops.split_heads(x, 3))
-    assert got.shape == (2, 3, 7, 4) and got.flags.c_contiguous != bf16
+    assert got.shape == (2, 3, 7, 4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_split_heads_layout(cpu, bf16):
+    """The cpu backend lays the heads out for its attention kernels: a contiguous copy for the float32 kernel, a
+    view for the bf16 one (cpu only: the layout is its kernels', the values are every backend's)."""
+    got = cpu.split_heads(random((2, 7, 12)), 3, precision="bf16" if bf16 else "fp32")
+    assert got.flags.c_contiguous != bf16
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 64, 33, 31), (3, 40, 1, 1), (0, 4, 2, 2)], ids=str)
-def test_channels_last_and_first(cpu, shape):
+def test_channels_last_and_first(backend, shape):
     """Images to tokens and back: the same values as the reference's transposed copies, C-contiguous (blocks of
     the kernel cut off at awkward sizes)."""
     x = random(shape)
-    tokens = cpu.channels_last(x)
+    tokens = backend.channels_last(x)
     np.testing.assert_array_equal(tokens, numpy_ops.channels_last(x))
     assert tokens.flags.c_contiguous and tokens.shape == (shape[0], shape[2] * shape[3], shape[1])
-    back = cpu.channels_first(tokens, *shape[2:])
+    back = backend.channels_first(tokens, *shape[2:])
     np.testing.assert_array_equal(back, x)
     np.testing.assert_array_equal(back, numpy_ops.channels_first(tokens, *shape[2:]))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (0, 4, 2, 2)], ids=str)
+def test_channels_first_rejects_a_wrong_image_size(cpu, shape):
+    """Tokens that are not height x width raise, in an empty batch too (cpu only: its own check; numpy_ops'
+    reshape raises only where the sizes do not multiply out, which in an empty batch they always do)."""
+    tokens = cpu.channels_last(random(shape))
     with pytest.raises(ValueError, match="tokens"):
         cpu.channels_first(tokens, shape[2] + 1, shape[3])
 
@@ -315,50 +359,52 @@ CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("packed", [False, True])  # widened at each call (streamed), or prepared once
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_conv2d(cpu, case, with_bias, packed, dtype):
+def test_conv2d(backend, case, with_bias, packed, dtype):
     batch, cin, cout, height, width, kernel, stride, padding = case
     x, weight = random((batch, cin, height, width)), random((cout, cin, kernel, kernel), seed=1).astype(dtype)
     bias = random((cout,), seed=2) if with_bias else None
     expected = numpy_ops.conv2d(x, weight.astype(np.float32), bias, stride=stride, padding=padding)
-    given = held(weight, stream=not packed)
-    assert_close(cpu.conv2d(x, given, bias, stride=stride, padding=padding), expected, "conv2d")
+    given = held(weight, stream=not packed, ops=backend)
+    assert_close(backend.conv2d(x, given, bias, stride=stride, padding=padding), expected, "conv2d")
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 32), ((1, 6, 1, 1), 3), ((2, 32, 16, 16), 32),
                                           ((2, 8, 33), 2)], ids=str)
 @pytest.mark.parametrize("magnitude", [1.0, 1e3])
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm(cpu, shape, groups, magnitude, silu):
+def test_group_norm(backend, shape, groups, magnitude, silu):
     x = random(shape, magnitude=magnitude) + np.float32(magnitude)  # an offset mean, as activations have
     weight, bias = random(shape[1:2], seed=1), random(shape[1:2], seed=2)
-    assert_close(cpu.group_norm(x, groups, weight, bias, 1e-6, silu=silu),
+    assert_close(backend.group_norm(x, groups, weight, bias, 1e-6, silu=silu),
                  numpy_ops.group_norm(x, groups, weight, bias, 1e-6, silu=silu), "group_norm")
 
 
 def test_group_norm_rejects_groups_that_do_not_divide_the_channels(cpu):
+    """The cpu backend checks that the groups divide the channels (cpu only: numpy_ops states it as a precondition
+    and does not check it)."""
     with pytest.raises(ValueError, match="do not split"):
         cpu.group_norm(random((1, 6, 2, 2)), 4, np.ones(6, np.float32), np.zeros(6, np.float32), 1e-6)
 
 
 @pytest.mark.parametrize("shape", [(2, 77, 66), (3, 2), (1, 5, 2 * 1280), (4, 0)])
-def test_geglu(cpu, shape):
+def test_geglu(backend, shape):
     x = random(shape, magnitude=3.0)
-    assert_close(cpu.geglu(x), numpy_ops.geglu(x), "gelu")
+    assert_close(backend.geglu(x), numpy_ops.geglu(x), "gelu")
 
 
 @pytest.mark.parametrize("case", range(len(ACTIVATION_INPUTS)))
-def test_silu_and_relu(cpu, case):
+def test_silu_and_relu(backend, case):
     x = ACTIVATION_INPUTS[case]
     with np.errstate(over="ignore"):
-        assert_close(cpu.silu(x), numpy_ops.silu(x), "silu")
-    np.testing.assert_array_equal(cpu.relu(x), numpy_ops.relu(x))
+        assert_close(backend.silu(x), numpy_ops.silu(x), "silu")
+    np.testing.assert_array_equal(backend.relu(x), numpy_ops.relu(x))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 4, 8, 1), (0, 3, 2, 2), (3, 6, 6)])
 @pytest.mark.parametrize("factor", [1, 2, 3])
-def test_upsample_nearest(cpu, shape, factor):
+def test_upsample_nearest(backend, shape, factor):
     x = random(shape)
-    np.testing.assert_array_equal(cpu.upsample_nearest(x, factor), numpy_ops.upsample_nearest(x, factor))
+    np.testing.assert_array_equal(backend.upsample_nearest(x, factor), numpy_ops.upsample_nearest(x, factor))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,15 +480,15 @@ def test_reference_group_norm_silu_upsample_against_torch(torch):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_weight_float32_is_exact(cpu, precision):
+def test_weight_float32_is_exact(backend, precision):
     """Every 16-bit pattern widens to the float32 numpy_ops gives (nan payloads aside: any nan stays nan)."""
     bits = np.arange(65536, dtype=np.uint16).reshape(256, 256)
     data = bits.view(np.float16) if precision == "fp16" else bits
-    got, expected = cpu.weight_float32(data, precision), numpy_ops.weight_float32(data, precision)
+    got, expected = backend.weight_float32(data, precision), numpy_ops.weight_float32(data, precision)
     nan = np.isnan(expected)
     assert got.shape == (256, 256) and got.dtype == np.float32 and np.array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
-    assert cpu.weight_float32(random((3, 4)), "fp32").dtype == np.float32
+    assert backend.weight_float32(random((3, 4)), "fp32").dtype == np.float32
 
 
 def bf16_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -451,41 +497,62 @@ def bf16_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return float32_to_bf16(random(shape, seed))
 
 
-@pytest.fixture(params=["native", "fallback"])
-def bf16_cpu(request, cpu, monkeypatch):
-    """The cpu backend with its bf16 kernels (skipped where the CPU has no bf16 instructions), or forced to the
-    float32 fallback that such CPUs run."""
+@pytest.fixture
+def bf16_backend(backend) -> Ops:
+    """Each backend, where it runs bf16 products as numpy_ops states them: the cpu backend is skipped where the CPU
+    has no bf16 instructions (it then runs the float32 fallback, tested by the *_bf16_fallback tests everywhere)."""
+    if backend.name == "cpu" and backend.bf16_level() == "portable":
+        pytest.skip("this CPU has no bf16 instructions")
+    return backend
+
+
+@pytest.fixture
+def fallback_cpu(cpu, monkeypatch) -> Ops:
+    """The cpu backend forced to the float32 fallback that CPUs without bf16 instructions run (cpu only: it patches
+    cpu_ops.bf16_level)."""
     from sdcli.ops import cpu_ops
 
-    if request.param == "fallback":
-        monkeypatch.setattr(cpu_ops, "bf16_level", lambda: "portable")
-    elif cpu_ops.bf16_level() == "portable":
-        pytest.skip("this CPU has no bf16 instructions")  # the fallback case runs everywhere
-    return request.param
+    monkeypatch.setattr(cpu_ops, "bf16_level", lambda: "portable")
+    return cpu
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_bf16(cpu, bf16_cpu, shape, with_bias):
+def test_linear_bf16(bf16_backend, shape, with_bias):
+    """bf16 weights: x rounded to bf16 times the weight, float32 sums, as numpy_ops (summed in another order)."""
     x, bits = random(shape), bf16_bits((37, shape[-1]), 1)
     bias = random((37,), seed=2) if with_bias else None
-    got = cpu.linear(x, held(bits, "bf16"), bias)
-    if bf16_cpu == "native":  # the same rounded operands, summed in another order
-        expected = numpy_ops.linear(x, held(bits, "bf16"), bias)
-    else:  # float32 activations times the widened weight
-        expected = numpy_ops.linear(x, numpy_ops.weight_float32(bits, "bf16"), bias)
-    assert_close(got, expected, "linear")
+    expected = numpy_ops.linear(x, held(bits, "bf16"), bias)
+    assert_close(bf16_backend.linear(x, held(bits, "bf16", ops=bf16_backend), bias), expected, "linear")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_bf16_fallback(fallback_cpu, shape, with_bias):
+    """Without bf16 instructions: float32 activations times the widened weight (cpu only, see fallback_cpu)."""
+    x, bits = random(shape), bf16_bits((37, shape[-1]), 1)
+    bias = random((37,), seed=2) if with_bias else None
+    expected = numpy_ops.linear(x, numpy_ops.weight_float32(bits, "bf16"), bias)
+    assert_close(fallback_cpu.linear(x, held(bits, "bf16", ops=fallback_cpu), bias), expected, "linear")
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-def test_conv2d_bf16(cpu, bf16_cpu, case):
+def test_conv2d_bf16(bf16_backend, case):
+    """bf16 convolution weights: x rounded to bf16, float32 sums, as numpy_ops (summed in another order)."""
     batch, cin, cout, height, width, kernel, stride, padding = case
     x, bits, bias = random((batch, cin, height, width)), bf16_bits((cout, cin, kernel, kernel), 1), random((cout,), 2)
-    got = cpu.conv2d(x, held(bits, "bf16"), bias, stride=stride, padding=padding)
-    if bf16_cpu == "native":
-        expected = numpy_ops.conv2d(x, held(bits, "bf16"), bias, stride=stride, padding=padding)
-    else:
-        expected = numpy_ops.conv2d(x, numpy_ops.weight_float32(bits, "bf16"), bias, stride=stride, padding=padding)
+    got = bf16_backend.conv2d(x, held(bits, "bf16", ops=bf16_backend), bias, stride=stride, padding=padding)
+    expected = numpy_ops.conv2d(x, held(bits, "bf16"), bias, stride=stride, padding=padding)
+    assert_close(got, expected, "conv2d")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_bf16_fallback(fallback_cpu, case):
+    """Without bf16 instructions: the float32 convolution with the widened weight (cpu only, see fallback_cpu)."""
+    batch, cin, cout, height, width, kernel, stride, padding = case
+    x, bits, bias = random((batch, cin, height, width)), bf16_bits((cout, cin, kernel, kernel), 1), random((cout,), 2)
+    got = fallback_cpu.conv2d(x, held(bits, "bf16", ops=fallback_cpu), bias, stride=stride, padding=padding)
+    expected = numpy_ops.conv2d(x, numpy_ops.weight_float32(bits, "bf16"), bias, stride=stride, padding=padding)
     assert_close(got, expected, "conv2d")
 
 
@@ -512,16 +579,23 @@ BF16_ATTENTION_ULPS = 2**-8
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
-def test_attention_bf16(cpu, bf16_cpu, case):
+def test_attention_bf16(bf16_backend, case):
+    """bf16 attention: q, k, v and the probabilities rounded to bf16, float32 scores and sums, as numpy_ops."""
     batch, heads, tq, tk, d, dv, causal = case
     q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
-    got = cpu.attention(q, k, v, causal=causal, precision="bf16")
-    if bf16_cpu == "fallback":  # float32 attention
-        assert_attention_close(got, numpy_ops.attention(q, k, v, causal=causal), q, k, v)
-        return
+    got = bf16_backend.attention(q, k, v, causal=causal, precision="bf16")
     expected = numpy_ops.attention(q, k, v, causal=causal, precision="bf16")
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=BF16_ATTENTION_ULPS * float(np.abs(v).max()))
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention_bf16_fallback(fallback_cpu, case):
+    """Without bf16 instructions: float32 attention (cpu only, see fallback_cpu)."""
+    batch, heads, tq, tk, d, dv, causal = case
+    q, k, v = random((batch, heads, tq, d), 1), random((batch, heads, tk, d), 2), random((batch, heads, tk, dv), 3)
+    got = fallback_cpu.attention(q, k, v, causal=causal, precision="bf16")
+    assert_attention_close(got, numpy_ops.attention(q, k, v, causal=causal), q, k, v)
 
 
 def test_reference_bf16_attention_against_torch(torch):
