@@ -14,14 +14,15 @@ The public API, usable from Python without the CLI::
 
 from .config import ClipConfig, SchedulerConfig
 from .errors import SdcliError
-from .io.checkpoint import Checkpoint, describe, find_model, open_checkpoint
+from .families.sd import PromptEncoder
+from .io.checkpoint import Checkpoint, describe
 from .io.files import check_output, save_array
 from .io.media import a1111_parameters, images_to_uint8, plan_output_paths, read_png_text, save_png
 from .io.prompts_file import PromptLine, read_prompts_file
-from .models import PRESETS, download_model, resolve_model
+from .models import PRESETS, download_model, find_model, open_checkpoint, resolve_model
 from .params import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
-from .pipeline import (GeneratedBatch, PromptEncoder, StepRecord, TextToImage, default_steps, generate_image,
-                       load_pipeline, load_prompt_encoder)
+from .pipelines.image import (GeneratedBatch, StepRecord, TextToImage, default_steps, generate_image, load_pipeline,
+                              load_prompt_encoder)
 from .rng import BatchNoise, image_seeds, random_seed
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 

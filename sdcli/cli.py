@@ -235,7 +235,7 @@ def key_timesteps(train_steps: int) -> list[int]:
 @reports_errors
 def noise_test(model, schedule, beta_start, beta_end, train_steps, steps, spacing, steps_offset, as_json):
     """Show a noise schedule: betas, alphas, alpha_bar, sigmas, and inference timesteps."""
-    base = sdcli.open_checkpoint(model).scheduler_config() if model else sdcli.SchedulerConfig(steps_offset=1)
+    base = sdcli.open_checkpoint(model).config("scheduler") if model else sdcli.SchedulerConfig(steps_offset=1)
     overrides = {"beta_schedule": schedule, "beta_start": beta_start, "beta_end": beta_end,
                  "num_train_timesteps": train_steps, "timestep_spacing": spacing, "steps_offset": steps_offset}
     config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -145,19 +145,19 @@ def test_unprepared_bytes_follow_what_the_layers_hold():
     again after the stage lets them go. Converted at load (fp32 from F16) they are resident already: nothing to
     add. Streamed (--low-memory): one layer widened to float32 at a time."""
     views = sdcli.load_pipeline(str(MODEL), precision="fp16")
-    layers = list(matrix_layers(views.unet))
-    before = unprepared_bytes(views.unet)
+    layers = list(matrix_layers(views.network))
+    before = unprepared_bytes(views.network)
     assert before == sum(layer.weight.nbytes for layer in layers) > 0
     sdcli.generate_image(views, GenerateParams(prompt="a cat", steps=1, seed=1))
-    assert unprepared_bytes(views.unet) == before  # unloaded when the decoder started, to be prepared again
+    assert unprepared_bytes(views.network) == before  # unloaded when the decoder started, to be prepared again
     convolutions = [layer for layer in layers if isinstance(layer, Conv2d)]
     for convolution in convolutions:  # prepared by a call
         convolution(np.zeros((1, convolution.weight.shape[1], 4, 4), np.float32))
-    assert unprepared_bytes(views.unet) == before - sum(convolution.weight.nbytes for convolution in convolutions)
+    assert unprepared_bytes(views.network) == before - sum(convolution.weight.nbytes for convolution in convolutions)
     converted = sdcli.load_pipeline(str(MODEL), precision="fp32")
-    assert unprepared_bytes(converted.unet) == 0
+    assert unprepared_bytes(converted.network) == 0
     streamed = sdcli.load_pipeline(str(MODEL), precision="fp16", low_memory=True)
-    assert unprepared_bytes(streamed.unet) == max(layer.weight.data.size for layer in layers) * 4
+    assert unprepared_bytes(streamed.network) == max(layer.weight.data.size for layer in layers) * 4
 
 
 @pytest.mark.parametrize("content, words", [

@@ -129,7 +129,7 @@ def test_each_stage_lets_its_prepared_weights_go(model):
     pipeline = model["pipeline"]
     params = sdcli.GenerateParams(prompt=PROMPT, steps=2, sampler="euler", width=64, height=64, seed=3)
     first = sdcli.generate_image(pipeline, params)
-    for network in (pipeline.prompt_encoder.text_encoder, pipeline.unet, pipeline.decoder):
+    for network in (pipeline.prompt_encoder.text_encoder, pipeline.network, pipeline.decoder):
         layers = list(matrix_layers(network))
         assert layers and all(layer.prepared is None for layer in layers)
     np.testing.assert_array_equal(sdcli.generate_image(pipeline, params).images, first.images)

@@ -18,14 +18,13 @@ from safetensors.numpy import save_file  # noqa: E402
 from sdcli.config import UNetConfig  # noqa: E402
 from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
 from sdcli.ext import f32_kernels  # noqa: E402
-from sdcli.io import checkpoint as checkpoint_module  # noqa: E402
+from sdcli.families import sd as sd_family  # noqa: E402
 from sdcli.io import names  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.nn import unet as unet_module  # noqa: E402
-from sdcli.nn.layers import Weight, matrix_layers, unload_prepared  # noqa: E402
+from sdcli.nn.layers import Weight, load_weights, matrix_layers, unload_prepared  # noqa: E402
 from sdcli.nn.unet import UNet2DConditionModel, nearest_indices, unet_shapes  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
-from sdcli.pipeline import load_weights  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
 TOL = {
@@ -260,7 +259,7 @@ def open_single_file(path, tiny, tmp_path, monkeypatch):
     for preset in ("sd15", "sd21"):
         (configs / preset / "unet").mkdir(parents=True)
         (configs / preset / "unet" / "config.json").write_text(json.dumps(tiny["data"]))
-    monkeypatch.setattr(checkpoint_module, "preset_config_dir", lambda preset: configs / preset)
+    monkeypatch.setattr(sd_family, "preset_config_dir", lambda preset: configs / preset)
     checkpoint = open_checkpoint(path)
     assert checkpoint.layout == "single-file"
     return checkpoint

@@ -1,97 +1,62 @@
-"""From a checkpoint to results: loading the networks and running the stages of the data path.
+"""Text to image over a model family's stages: loading a model and generating its images.
 
-    prompt --tokenizer--> ids (B, 77) --text_encoder--> context (B, 77, D)
-    seed --rng--> unit noise (B, 4, h, w) --plan.init_noise_sigma--> x
-    (x, context) --sampler(denoiser(guided UNet), sigmas)--> latents --decoder--> images (B, 3, H, W) in [-1, 1]
+    prompt --prompt encoder--> conditioning (B, S, D)
+    seed --rng--> unit noise (B, C, h, w) --plan.init_noise_sigma--> x
+    (x, conditioning) --sampler(denoiser(guided network), sigmas)--> latents --decoder--> images (B, 3, H, W) in [-1, 1]
 
 Text to image is a generator (``TextToImage.run``) that yields a record per denoising step, so the caller owns
 progress bars and previews; ``generate_image`` runs it to the end.
+
+What a pipeline asks of a family (``checkpoint.model_family``, an :class:`~sdcli.families.Family`):
+
+- ``latents``: its latent geometry (channels, pixels per latent), for the noise, latents files and image sizes;
+- ``image``, its :class:`~sdcli.families.ImageStages`:
+
+  - ``load_prompt_encoder(checkpoint, ops, precision)``: an object with ``tokenize(prompts)``,
+    ``encode(prompts, clip_skip) -> (B, S, D)``, ``release()`` (drop its mapped weights' pages), ``timings`` and
+    its ``text_encoder`` network;
+  - ``load_denoiser(checkpoint, ops, precision, stream)``: ``network(x_in (B, C, h, w), timesteps (B,),
+    context (B, S, D)) -> (B, C, h, w)``, the prediction the scheduler config's ``prediction_type`` names;
+  - ``load_decoder(checkpoint, ops, precision, vae, tiling, stream)`` and ``load_preview_decoder(ops)``:
+    ``decoder(latents (B, C, h, w)) -> images (B, 3, H, W)`` in [-1, 1];
+  - ``scheduler_config(checkpoint)``: the diffusers scheduler config the sampler plans read;
+  - ``native_size(network)``, ``check_memory(network, decoder, params, backend)`` and ``unload(network)`` (drop
+    what a network prepared from its weights);
+  - ``text_component``, ``denoiser_component``, ``decoder_component``: the checkpoint component each stage reads.
+
+Nothing here names a network: the family's loaders are the only code that builds one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import ClipConfig
-from .errors import SdcliError
-from .io.checkpoint import Checkpoint, TensorSource, open_checkpoint
-from .nn.clip import ClipTextEncoder, clip_text_shapes
-from .memory import return_freed_memory
-from .nn.layers import load_weights, unload_prepared, unprepared_bytes
-from .nn.taesd import load_taesd
-from .nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
-from .nn.unet import UNet2DConditionModel, unet_shapes
-from .nn.vae import VaeDecoder, load_vae_decoder
-from .ops import get_ops
-from .params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_IMAGE_SIDE, VAE_CHOICES, GenerateParams
-from .rng import BatchNoise, image_seeds, random_seed
-from .sampling.denoisers import Denoiser, guided_network
-from .sampling.plans import SAMPLERS
-from .sizing import ImageDecoderShape, check_fits
+from ..errors import SdcliError
+from ..families import Family
+from ..io.checkpoint import Checkpoint
+from ..memory import return_freed_memory
+from ..models import open_checkpoint
+from ..ops import get_ops
+from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_CHOICES, GenerateParams
+from ..rng import BatchNoise, image_seeds, random_seed
+from ..sampling.denoisers import Denoiser, guided_network
+from ..sampling.plans import SAMPLERS
 
 log = logging.getLogger("sdcli")
 
-
-@dataclass
-class PromptEncoder:
-    """Tokenizer and text encoder of one model: prompts -> conditioning (B, 77, D)."""
-
-    tokenizer: ClipTokenizer
-    text_encoder: ClipTextEncoder
-    config: ClipConfig
-    precision: str
-    source: TensorSource | None = None  # where the weights are mapped from, for release()
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def release(self) -> None:
-        """Drop the text encoder's mapped pages from resident memory (encoding still works: they map again)."""
-        if self.source is not None:
-            self.source.release()
-
-    def tokenize(self, prompts: list[str]) -> list[Tokenized]:
-        return [self.tokenizer.tokenize(prompt) for prompt in prompts]
-
-    def encode(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
-        """(B, 77, D) float32 hidden states for ``prompts``."""
-        ids = np.stack([t.ids for t in self.tokenize(prompts)])  # (B, 77)
-        start = time.perf_counter()
-        embeddings = self.text_encoder(ids, clip_skip=clip_skip)  # (B, 77, D)
-        self.timings["encode_s"] = time.perf_counter() - start
-        return embeddings
-
-
-def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu") -> PromptEncoder:
-    """Open ``model`` (a path or an opened checkpoint) and load its tokenizer and text encoder."""
-    start = time.perf_counter()
-    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    ops = get_ops(backend)
-    config = checkpoint.text_encoder_config()
-    source = checkpoint.source("text_encoder")
-    weights = load_weights(source, clip_text_shapes(config), precision, ops=ops)
-    tokenizer = ClipTokenizer.from_folder(checkpoint.tokenizer_dir(),
-                                          default_pad_token="!" if checkpoint.family == "sd2" else EOS_TOKEN)
-    encoder = PromptEncoder(tokenizer, ClipTextEncoder(ops, config, weights), config, precision, source)
-    encoder.timings["load_s"] = time.perf_counter() - start
-    log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
-             encoder.timings["load_s"])
-    return encoder
-
-
-# -- text to image -----------------------------------------------------------------------------------------------
-
-LATENT_CHANNELS = 4
-VAE_SCALE = 8  # pixels per latent
 # The sampler a model's own scheduler config names (diffusers class -> sdcli sampler); anything else gets PNDM.
 SCHEDULER_CLASS_SAMPLERS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
                             "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                             "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
                             "LCMScheduler": "lcm", "UniPCMultistepScheduler": "unipc"}
 
+
+# -- text to image -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -100,24 +65,25 @@ class StepRecord:
     index: int
     total: int
     sigma: float
-    latents: np.ndarray  # (B, 4, h, w), the sampler's current state
-    preview: np.ndarray | None  # (B, 3, H, W) in [-1, 1]: the current x0 estimate through TAESD, when asked
+    latents: np.ndarray  # (B, C, h, w), the sampler's current state
+    preview: np.ndarray | None  # (B, 3, H, W) in [-1, 1]: the current x0 estimate through the preview decoder
     elapsed_s: float
 
 
 @dataclass(frozen=True)
 class GeneratedBatch:
-    """The result of one batch: images in [-1, 1] and the latents the VAE decoded."""
+    """The result of one batch: images in [-1, 1] and the latents the decoder decoded."""
 
     images: np.ndarray  # (B, 3, H, W) float32
-    latents: np.ndarray  # (B, 4, H/8, W/8) float32
+    latents: np.ndarray  # (B, C, H/f, W/f) float32
     seeds: list[int]
     params: GenerateParams  # with width, height, seed and sampler filled in
     timings: dict[str, float]  # seconds (text_encoding_s, denoising_s, s_per_step, decode_s) and steps
 
 
 class TextToImage:
-    """A loaded model: prompt encoder, UNet, image decoder and scheduler config. ``run`` generates.
+    """A loaded model: prompt encoder, denoising network, image decoder and scheduler config of its family's
+    stages. ``run`` generates.
 
     Low memory: ``encode_prompts`` encodes every prompt a run will need ahead of time and keeps its conditioning,
     after which ``release_text_encoder`` drops the text encoder's weights (about 0.5 GB for SD1.5 in fp32,
@@ -127,19 +93,21 @@ class TextToImage:
     bit either way, since ``run`` encodes one row per prompt and repeats it over the batch in both cases.
     """
 
-    def __init__(self, checkpoint: Checkpoint, prompt_encoder: PromptEncoder, unet: UNet2DConditionModel,
-                 decoder, scheduler_config: dict, backend: str, precision: str, vae: str):
-        self.checkpoint, self.prompt_encoder, self.unet, self.decoder = checkpoint, prompt_encoder, unet, decoder
+    def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder, scheduler_config: dict,
+                 backend: str, precision: str, vae: str):
+        self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
+        self.family: Family = checkpoint.model_family
+        self.stages = self.family.image
         self.scheduler_config = scheduler_config
         self.backend, self.precision, self.vae = backend, precision, vae
         self.timings: dict[str, float] = {}
         self._preview_decoder = decoder if vae == "taesd" else None
-        self._encoded: dict[tuple[str, int], np.ndarray] = {}  # (text, clip_skip) -> (1, 77, D), see encode_prompts
+        self._encoded: dict[tuple[str, int], np.ndarray] = {}  # (text, clip_skip) -> (1, S, D), see encode_prompts
 
     @property
     def native_size(self) -> int:
-        """The image side the model was trained at: the UNet's sample size times 8 (512 for SD1.5, 768 for SD2.1)."""
-        return self.unet.config.sample_size * VAE_SCALE
+        """The image side the model was trained at (512 for SD1.5, 768 for SD2.1)."""
+        return self.stages.native_size(self.network)
 
     @property
     def default_sampler(self) -> str:
@@ -155,26 +123,18 @@ class TextToImage:
                               height=self.native_size if params.height is None else params.height,
                               seed=random_seed() if params.seed is None else params.seed).validate()
         SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # a step count the schedule cannot give
-        check_fits(self.unet.config, self.decoder_shape(), params.width, params.height, params.batch_size,
-                   guided=params.guidance_scale > 1, backend=self.backend, limit=MAX_IMAGE_SIDE,
-                   weights=(unprepared_bytes(self.unet), unprepared_bytes(self.decoder)))
+        self.stages.check_memory(self.network, self.decoder, params, self.backend)
         return params
 
-    def decoder_shape(self) -> ImageDecoderShape:
-        """What the memory estimate needs of the image decoder (TAESD or the model's VAE, tiled or not)."""
-        if isinstance(self.decoder, VaeDecoder):
-            return ImageDecoderShape.of_vae(self.decoder.config, self.decoder.tiling)
-        return ImageDecoderShape(None)
-
     def conditioning(self, text: str, clip_skip: int = 1) -> np.ndarray:
-        """(1, 77, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""
+        """(1, S, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""
         encoded = self._encoded.get((text, clip_skip))
         if encoded is not None:
             return encoded
         if self.prompt_encoder is None:
             raise SdcliError(f"the text encoder was released to save memory and the prompt {text!r} was not "
                              "encoded ahead")
-        return self.prompt_encoder.encode([text], clip_skip=clip_skip)  # (1, 77, D)
+        return self.prompt_encoder.encode([text], clip_skip=clip_skip)  # (1, S, D)
 
     def encode_prompts(self, jobs: Iterable[GenerateParams]) -> None:
         """Encode and keep the prompt of every job (and its negative prompt where guidance uses one), each
@@ -194,31 +154,31 @@ class TextToImage:
         return_freed_memory()  # what its layers had prepared
 
     def leave_stage(self, component: str, network) -> None:
-        """Let the weights of ``component`` ("text_encoder", "unet", "vae") and its ``network`` leave resident
-        memory: the layers drop the weights they prepared from the mapped file (``unload_prepared``: about 1.7 GB
-        for the SD1.5 UNet in fp16, remade in about a second when it runs again), the file's pages are released
-        (they map again from the page cache when needed) and the freed memory goes back to the system."""
+        """Let the weights of the checkpoint's ``component`` and its ``network`` leave resident memory: the layers
+        drop the weights they prepared from the mapped file (the family's ``unload``: about 1.7 GB for the SD1.5
+        UNet in fp16, remade in about a second when it runs again), the file's pages are released (they map again
+        from the page cache when needed) and the freed memory goes back to the system."""
         if network is not None:
-            unload_prepared(network)
+            self.stages.unload(network)
         self.checkpoint.release(component)
         return_freed_memory()
 
     def preview_decoder(self):
         if self._preview_decoder is None:
-            self._preview_decoder = load_taesd(backend=self.backend)[1]
+            self._preview_decoder = self.stages.load_preview_decoder(get_ops(self.backend))
         return self._preview_decoder
 
     def run(self, params: GenerateParams, initial_noise: np.ndarray | None = None,
             preview_every: int = 0) -> Iterator[StepRecord | GeneratedBatch]:
         """Generate ``params.batch_size`` images: yield a StepRecord per step, then the GeneratedBatch.
 
-        ``initial_noise`` (B, 4, H/8, W/8) replaces the seeded unit-variance starting noise; it is scaled by the
+        ``initial_noise`` (B, C, H/f, W/f) replaces the seeded unit-variance starting noise; it is scaled by the
         sampler exactly as diffusers scales its ``latents=`` argument. ``preview_every`` > 0 decodes the current
-        x0 estimate with TAESD every that many steps (and at the last).
+        x0 estimate with the preview decoder every that many steps (and at the last).
         """
         params = self.resolve(params)
         batch = params.batch_size
-        latent_shape = (LATENT_CHANNELS, params.height // VAE_SCALE, params.width // VAE_SCALE)
+        latent_shape = self.family.latents.shape(params.width, params.height)
         seeds = image_seeds(params.seed, batch)
         noise = BatchNoise(seeds, latent_shape)
         seeded_noise = noise.draw()  # drawn either way, so a stochastic sampler's later draws follow the seed alone
@@ -231,19 +191,21 @@ class TextToImage:
 
         start = time.perf_counter()
         # One row per prompt repeated over the batch, as diffusers' num_images_per_prompt does.
-        context = np.repeat(self.conditioning(params.prompt, params.clip_skip), batch, axis=0)  # (B, 77, D)
+        context = np.repeat(self.conditioning(params.prompt, params.clip_skip), batch, axis=0)  # (B, S, D)
         uncond_context = None
         if params.guidance_scale > 1:
             uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip), batch,
-                                       axis=0)  # (B, 77, D)
+                                       axis=0)  # (B, S, D)
         timings["text_encoding_s"] = time.perf_counter() - start
         # Each stage's weights leave resident memory when the next stage starts, so that the peak is the largest
         # stage's, not the sum of all three (see leave_stage).
-        self.leave_stage("text_encoder", self.prompt_encoder.text_encoder if self.prompt_encoder else None)
+        self.leave_stage(self.stages.text_component,
+                         self.prompt_encoder.text_encoder if self.prompt_encoder else None)
 
         spec = SAMPLERS[params.sampler]
         plan = spec.plan(self.scheduler_config, params.steps)
-        network = guided_network(self.unet, context, uncond_context, params.guidance_scale, params.guidance_rescale)
+        network = guided_network(self.network, context, uncond_context, params.guidance_scale,
+                                 params.guidance_rescale)
         denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
         if spec.wraps_denoiser is not None:
             denoiser = spec.wraps_denoiser(denoiser, plan)
@@ -254,7 +216,7 @@ class TextToImage:
 
         start = time.perf_counter()
         total = len(plan.sigmas) - 1
-        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, 4, h, w)
+        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, C, h, w)
             x = step.x
             preview = None
             if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
@@ -264,43 +226,50 @@ class TextToImage:
         timings["steps"] = total
         timings["s_per_step"] = timings["denoising_s"] / max(total, 1)
 
-        latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, h, w) what diffusers decodes
-        self.leave_stage("unet", self.unet)
+        latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, C, h, w) what diffusers decodes
+        self.leave_stage(self.stages.denoiser_component, self.network)
         start = time.perf_counter()
         images = self.decoder(latents)  # (B, 3, H, W)
         timings["decode_s"] = time.perf_counter() - start
-        self.leave_stage("vae", self.decoder)
+        self.leave_stage(self.stages.decoder_component, self.decoder)
         yield GeneratedBatch(images, latents, seeds, params, timings)
+
+
+def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu"):
+    """Open ``model`` (a path, preset, repo id or an opened checkpoint) and load its tokenizer and text encoder:
+    ``encoder.encode(prompts)`` gives the conditioning (B, S, D) the denoiser is guided by."""
+    start = time.perf_counter()
+    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    encoder = checkpoint.model_family.image.load_prompt_encoder(checkpoint, get_ops(backend), precision)
+    encoder.timings["load_s"] = time.perf_counter() - start
+    log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
+             encoder.timings["load_s"])
+    return encoder
 
 
 def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
                   vae: str = "full", vae_tiling: bool = False, low_memory: bool = False) -> TextToImage:
-    """Open ``model`` and load everything text-to-image needs: tokenizer, text encoder, UNet, VAE decoder
-    (``vae="taesd"``: the shipped tiny autoencoder instead) and the scheduler config.
+    """Open ``model`` and load everything text-to-image needs, as its family says: tokenizer and text encoder,
+    denoising network, image decoder (``vae="taesd"``: the shipped tiny autoencoder instead of the model's VAE)
+    and the scheduler config.
 
     ``vae_tiling``: the full VAE decodes large images in overlapping tiles, as diffusers' ``enable_tiling()``
-    (see :class:`~sdcli.nn.vae.VaeDecoder`; TAESD always decodes whole). ``low_memory`` turns tiling on and streams
-    the UNet's and VAE's weights (their mapped pages leave resident memory after each layer's use, see
-    :func:`~sdcli.nn.layers.load_weights`); the caller then encodes its prompts ahead and releases the text encoder
-    (see :class:`TextToImage`).
+    (TAESD always decodes whole). ``low_memory`` turns tiling on and streams the denoiser's and decoder's weights
+    (their mapped pages leave resident memory after each layer's use); the caller then encodes its prompts ahead
+    and releases the text encoder (see :class:`TextToImage`).
     """
     if vae not in VAE_CHOICES:
         raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     ops = get_ops(backend)
+    stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
-    unet_config = checkpoint.unet_config()
-    unet = UNet2DConditionModel(ops, unet_config, load_weights(checkpoint.source("unet"), unet_shapes(unet_config),
-                                                              precision, stream=low_memory, ops=ops))
-    if vae == "taesd":
-        decoder = load_taesd(backend=backend)[1]
-    else:
-        decoder = load_vae_decoder(checkpoint, precision=precision, backend=backend,
-                                   tiling=vae_tiling or low_memory, stream=low_memory)
-    scheduler_config = dict(checkpoint.component_config("scheduler"))
-    scheduler_config["prediction_type"] = checkpoint.prediction_type
-    pipeline = TextToImage(checkpoint, prompt_encoder, unet, decoder, scheduler_config, backend, precision, vae)
+    network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory)
+    decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,
+                                  stream=low_memory)
+    pipeline = TextToImage(checkpoint, prompt_encoder, network, decoder, stages.scheduler_config(checkpoint),
+                           backend, precision, vae)
     pipeline.timings["load_s"] = time.perf_counter() - start
     log.info("loaded %s (%s, %s) in %.2f s", checkpoint.path, checkpoint.family, checkpoint.prediction_type,
              pipeline.timings["load_s"])
@@ -319,3 +288,7 @@ def generate_image(pipeline: TextToImage, params: GenerateParams,
         if isinstance(record, GeneratedBatch):
             return record
     raise AssertionError("the pipeline ended without a result")
+
+
+__all__ = ["GeneratedBatch", "StepRecord", "TextToImage", "default_steps", "generate_image", "load_pipeline",
+           "load_prompt_encoder"]

@@ -1,0 +1,76 @@
+"""The package's arrows point one way: no two modules of sdcli import each other (directly or around a loop, lazy
+imports counted), and only the model families build networks."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import sdcli
+
+PACKAGE = Path(sdcli.__file__).resolve().parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The sdcli modules ``path`` imports, anywhere in it (a name imported from a package counts as its module
+    when there is one), the package root itself left out."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != "sdcli":
+                found.add(target)
+    found.discard(name)
+    return found
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def test_no_import_cycles():
+    graph = {name: imported_modules(path) for name, path in MODULES.items()}
+    cycles = []
+
+    def visit(name: str, trail: list[str], done: set[str]) -> None:
+        for target in sorted(graph.get(name, ())):
+            if target in trail:
+                cycles.append(" -> ".join(trail[trail.index(target):] + [target]))
+            elif target not in done:
+                visit(target, trail + [target], done)
+        done.add(name)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name], done)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_only_the_families_build_networks():
+    """Outside sdcli.nn itself, only sdcli.families imports the networks (the tokenizer aside)."""
+    offenders = []
+    for name, path in MODULES.items():
+        if name.startswith(("sdcli.nn", "sdcli.families")):
+            continue
+        for target in imported_modules(path):
+            if target.startswith("sdcli.nn") and target != "sdcli.nn.tokenizer":
+                offenders.append(f"{name} imports {target}")
+    assert not offenders, offenders
