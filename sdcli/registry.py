@@ -2,7 +2,7 @@
 
 from .config import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS
 from .families import FAMILIES
-from .models import MODEL_PRESETS
+from .models import MODEL_PRESETS, VARIANTS
 from .ops import BACKENDS
 from .params import VAE_CHOICES
 from .sampling.plans import SAMPLERS as SAMPLER_SPECS
@@ -12,4 +12,4 @@ SAMPLERS = tuple(SAMPLER_SPECS)  # sampler names, in the table's order
 PRECISIONS = tuple(dict.fromkeys(precision for family in FAMILIES.values() for precision in family.precisions))
 
 __all__ = ["BACKENDS", "BETA_SCHEDULES", "MODEL_PRESETS", "PRECISIONS", "PREDICTION_TYPES", "SAMPLERS",
-           "TIMESTEP_SPACINGS", "VAE_CHOICES"]
+           "TIMESTEP_SPACINGS", "VAE_CHOICES", "VARIANTS"]

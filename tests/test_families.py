@@ -1,5 +1,6 @@
 """The model-family seam: the registry, what the rest of sdcli asks of it, and a family written only of stubs that
-is recognised before the others."""
+is recognised and runs through the generic text-to-image pipeline with its own latent geometry, each batch
+resolved (defaults, sampler plan, memory check) once."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from sdcli.errors import CheckpointError
 from sdcli.families import FAMILIES, NOT_YET_READ, Family, ImageStages, LatentGeometry, family_of, recognise
 from sdcli.io.checkpoint import Checkpoint
 from sdcli.io.safetensors import save_file
-from sdcli.registry import MODEL_PRESETS, PRECISIONS
+from sdcli.pipelines import image as image_pipeline
+from sdcli.sampling.plans import SamplerSpec
 
 SD = FAMILIES["sd"]
 TOY_MARKER = "toy_model.weight"
@@ -28,9 +30,9 @@ def test_the_registry_holds_sd_and_what_it_declares():
     assert family_of("sd1") is family_of("sd2") is SD
     assert SD.latents == LatentGeometry(channels=4, downscale=8)
     assert set(SD.components) == {"text_encoder", "unet", "vae"}
-    assert [preset.name for preset in SD.presets] == list(models.PRESETS) == list(MODEL_PRESETS)
+    assert [preset.name for preset in SD.presets] == list(models.PRESETS) == list(sdcli.MODEL_PRESETS)
     assert models.DIFFUSERS_FILES == SD.diffusers_files
-    assert PRECISIONS == SD.precisions == ("fp32", "fp16", "bf16")
+    assert sdcli.PRECISIONS == SD.precisions == ("fp32", "fp16", "bf16")
     with pytest.raises(CheckpointError, match="no model family reads 'sdxl'"):
         family_of("sdxl")
 
@@ -99,7 +101,7 @@ def test_a_registered_family_recognises_its_files(toy):
     family, path, _ = toy
     checkpoint = sdcli.open_checkpoint(path)
     assert checkpoint.model_family is family and sdcli.describe(checkpoint)["family"] == "toy1"
-    assert models.model_family(str(path)) is family
+    assert sdcli.model_family(str(path)) is family
 
 
 def test_an_unrecognised_file_names_every_family(toy, tmp_path):
@@ -118,3 +120,36 @@ def test_not_yet_read_markers_give_way_to_a_family_of_that_name(monkeypatch, tmp
     family = replace(stub_family([]), name=name.lower(), recognise_file=lambda file, path: "claimed")
     monkeypatch.setattr("sdcli.families.FAMILIES", {family.name: family, **FAMILIES})
     assert recognise(path) == "claimed"
+
+
+def test_the_pipeline_runs_a_family_of_stubs_resolving_each_batch_once(toy, monkeypatch):
+    family, path, calls = toy
+    plans = []
+    original = SamplerSpec.plan
+    monkeypatch.setattr(SamplerSpec, "plan", lambda spec, *args: plans.append(spec.name) or original(spec, *args))
+    seeds = []
+    monkeypatch.setattr(image_pipeline, "random_seed", lambda: seeds.append(1) or 7)
+
+    pipeline = sdcli.load_pipeline(path)
+    assert pipeline.family is family and pipeline.native_size == 32
+    plan = sdcli.plan_run(sdcli.GenerateParams(prompt="a toy", steps=3), num_images=3, batch_size=2)
+    jobs = [pipeline.prepare(job) for job in plan.jobs]
+    assert plans == ["euler", "euler"] and calls == ["memory", "memory"]  # the model's own sampler, per batch
+    batches = [sdcli.generate_image(pipeline, job) for job in jobs]
+    assert plans == ["euler", "euler"] and calls.count("memory") == 2  # nothing resolved again
+    assert seeds == [1] and [batch.seeds for batch in batches] == [[7, 8], [9]]
+    assert batches[0].latents.shape == (2, 2, 2, 2) and batches[0].images.shape == (2, 3, 32, 32)
+    assert batches[0].params.width == batches[0].params.height == 32 and batches[0].params.sampler == "euler"
+    assert calls.count("network") == 2 * 3  # three steps of each batch, guided in one call
+
+    # Seeded noise: the same seed gives the same latents alone or in a batch (here x0 = x: the noise, scaled).
+    alone = sdcli.generate_image(pipeline, sdcli.GenerateParams(prompt="a toy", steps=3, seed=8))
+    np.testing.assert_array_equal(alone.latents[0], batches[0].latents[1])
+    assert seeds == [1]
+
+    noise = np.ones((1, 2, 2, 2), np.float32)
+    injected = sdcli.plan_run(sdcli.GenerateParams(prompt="a toy", steps=3, seed=1), latents=noise, family=family)
+    assert injected.jobs[0].params.width == 32
+    with pytest.raises(sdcli.SdcliError, match="expected float latents of shape "
+                                               r"\(images, 2, height/16, width/16\)"):
+        sdcli.plan_run(sdcli.GenerateParams(prompt="a toy", seed=1), latents=np.ones((1, 4, 2, 2)), family=family)

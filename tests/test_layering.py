@@ -1,5 +1,5 @@
 """The package's arrows point one way: no two modules of sdcli import each other (directly or around a loop, lazy
-imports counted), and only the model families build networks."""
+imports counted), only the model families build networks, and the CLI uses nothing but the public API."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import sdcli
 
 PACKAGE = Path(sdcli.__file__).resolve().parent
+THIRD_PARTY_CLI_IMPORTS = {"click", "numpy", "rich"}
 
 
 def module_name(path: Path) -> str:
@@ -74,3 +75,31 @@ def test_only_the_families_build_networks():
             if target.startswith("sdcli.nn") and target != "sdcli.nn.tokenizer":
                 offenders.append(f"{name} imports {target}")
     assert not offenders, offenders
+
+
+def test_the_cli_uses_the_public_api_only():
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    imports = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module.split(".")[0] != "sdcli", ast.unparse(node)
+            imports.add(node.module)
+    roots = {name.split(".")[0] for name in imports}
+    import sys
+
+    assert "sdcli" in imports and not {name for name in imports if name.startswith("sdcli.")}
+    assert roots - {"sdcli"} <= THIRD_PARTY_CLI_IMPORTS | set(sys.stdlib_module_names), roots
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "sdcli"}
+    assert used <= set(sdcli.__all__), sorted(used - set(sdcli.__all__))
+
+
+def test_the_public_api_is_what_all_lists():
+    for name in sdcli.__all__:
+        assert hasattr(sdcli, name), name
+    public = {name for name, value in vars(sdcli).items()
+              if not name.startswith("_") and getattr(value, "__module__", None) is not None
+              and not isinstance(value, type(sdcli))}
+    assert public <= set(sdcli.__all__), sorted(public - set(sdcli.__all__))

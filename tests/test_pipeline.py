@@ -17,6 +17,7 @@ import tiny_pipeline as tiny  # noqa: E402
 import sdcli  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
 from sdcli.nn.layers import matrix_layers  # noqa: E402
+from sdcli.rng import BatchNoise  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
@@ -168,5 +169,5 @@ def test_injected_seed_noise_reproduces_the_seeded_run_for_a_stochastic_sampler(
     params = sdcli.GenerateParams(prompt=PROMPT, steps=4, sampler="euler_a", width=64, height=64, seed=9)
     seeded = sdcli.generate_image(model["pipeline"], params)
     injected = sdcli.generate_image(model["pipeline"], params,
-                                    initial_noise=sdcli.BatchNoise([9], (4, 8, 8)).draw())
+                                    initial_noise=BatchNoise([9], (4, 8, 8)).draw())
     np.testing.assert_array_equal(seeded.images, injected.images)

@@ -1,11 +1,14 @@
-"""Text to image over a model family's stages: loading a model and generating its images.
+"""Text to image over a model family's stages: planning a run, loading a model, and generating its images.
 
     prompt --prompt encoder--> conditioning (B, S, D)
     seed --rng--> unit noise (B, C, h, w) --plan.init_noise_sigma--> x
     (x, conditioning) --sampler(denoiser(guided network), sigmas)--> latents --decoder--> images (B, 3, H, W) in [-1, 1]
 
-Text to image is a generator (``TextToImage.run``) that yields a record per denoising step, so the caller owns
-progress bars and previews; ``generate_image`` runs it to the end.
+A run is planned first (:func:`plan_run`: its batches, the seed of every image, drawn once when none is given,
+and initial latents read from a file), then each batch is prepared against the loaded model once
+(:meth:`TextToImage.prepare`: the model's defaults, the sampler plan, the memory check) and run.
+:meth:`TextToImage.run` is a generator that yields a record per denoising step, so the caller owns progress bars
+and previews; :func:`generate_image` runs it to the end.
 
 What a pipeline asks of a family (``checkpoint.model_family``, an :class:`~sdcli.families.Family`):
 
@@ -31,21 +34,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import SdcliError
-from ..families import Family
+from ..families import Family, LatentGeometry
 from ..io.checkpoint import Checkpoint
+from ..io.prompts_file import PromptLine
 from ..memory import return_freed_memory
 from ..models import open_checkpoint
 from ..ops import get_ops
-from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_CHOICES, GenerateParams
+from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
 from ..rng import BatchNoise, image_seeds, random_seed
 from ..sampling.denoisers import Denoiser, guided_network
-from ..sampling.plans import SAMPLERS
+from ..sampling.plans import SAMPLERS, SamplerPlan
 
 log = logging.getLogger("sdcli")
 
@@ -54,6 +59,133 @@ SCHEDULER_CLASS_SAMPLERS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "D
                             "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                             "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
                             "LCMScheduler": "lcm", "UniPCMultistepScheduler": "unipc"}
+
+
+# -- planning a run ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One batch of images: its parameters (``batch_size`` images from ``seed`` on), the initial latents that
+    replace the seeded noise (None: drawn from the seeds), and, once prepared against a model, the sampler plan."""
+
+    params: GenerateParams
+    initial_noise: np.ndarray | None = None  # (B, C, h, w) unit-variance, as diffusers' latents= argument
+    plan: SamplerPlan | None = None  # set by TextToImage.prepare, with the params resolved
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: seed, seed + 1, ... (wrapping at 2**32)."""
+        if self.params.seed is None:
+            raise SdcliError("a job's seeds are known once its seed is: plan_run or TextToImage.prepare draws one")
+        return image_seeds(self.params.seed, self.params.batch_size)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every batch of a run, in order, and the run's first seed (``seed_drawn``: it was drawn, none was given)."""
+
+    jobs: list[Job]
+    seed: int
+    seed_drawn: bool
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of every image of the run."""
+        return [seed for job in self.jobs for seed in job.seeds]
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of every image of the run."""
+        return [job.params.prompt for job in self.jobs for _ in job.seeds]
+
+
+def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = None, num_images: int = 1,
+             batch_size: int = 1, latents: str | Path | np.ndarray | None = None,
+             family: Family | None = None) -> RunPlan:
+    """Every batch of a run, in order: each prompt (``params.prompt``, or each line of a prompts file with its own
+    settings), ``num_images`` images of it, in batches of up to ``batch_size``.
+
+    Seeds: the run starts at ``params.seed``, or at one drawn here (once, for the whole run) when it is None; the
+    images count on from it (seed, seed + 1, ...), and a line's own ``--seed`` starts its images there without
+    moving the count. Every batch's settings are validated before anything runs.
+
+    ``latents``: the initial noise of every image of the run, a ``.npy`` file or an array (images, C, h, w),
+    checked against ``family``'s latent geometry (needed with it); the run's width and height follow from it.
+    """
+    batch_size = min(batch_size, num_images)
+    lines: list[PromptLine | None] = list(prompts) if prompts is not None else [None]
+    seed_drawn = params.seed is None
+    first_seed = random_seed() if seed_drawn else params.seed
+    noise = None
+    if latents is not None:
+        if family is None:
+            raise ValueError("plan_run needs the model's family to check latents")
+        noise = (read_latents(latents, family.latents) if not isinstance(latents, np.ndarray)
+                 else check_latents(latents, family.latents, "latents"))
+        params = size_from_latents(params, noise, num_images * len(lines), family.latents)
+    jobs = []
+    next_seed = first_seed
+    index = 0  # of the run's first image in the next batch
+    for line in lines:
+        line_params, line_seed = params, None
+        if line is not None:
+            changes = dict(line.overrides)  # GenerateParams field names
+            line_seed = changes.pop("seed", None)
+            line_params = params.with_(prompt=line.prompt, **changes)
+        seeds = image_seeds(line_seed if line_seed is not None else next_seed, num_images)
+        if line_seed is None:
+            next_seed = (seeds[-1] + 1) % (MAX_SEED + 1)
+        if line_params.sampler and line_params.sampler not in SAMPLERS:
+            raise SdcliError(f"unknown scheduler {line_params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        line_params.with_(seed=seeds[0], batch_size=1).validate()
+        for start in range(0, num_images, batch_size):
+            chunk = seeds[start:start + batch_size]
+            jobs.append(Job(line_params.with_(seed=chunk[0], batch_size=len(chunk)),
+                            noise[index:index + len(chunk)] if noise is not None else None))
+            index += len(chunk)
+    return RunPlan(jobs, first_seed, seed_drawn)
+
+
+def read_latents(path: str | Path, geometry: LatentGeometry) -> np.ndarray:
+    """A (N, C, h, w) float32 array from a .npy file ((C, h, w) is taken as N = 1), checked against
+    ``geometry``."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(6) != b"\x93NUMPY":
+                raise SdcliError(f"--latents {path}: not a .npy file (numpy.save writes them)")
+            stream.seek(0)
+            array = np.load(stream, allow_pickle=False)
+    except OSError as error:
+        raise SdcliError(f"--latents {path}: cannot read it: {error.strerror or error}") from None
+    except ValueError:  # an object array (which only pickle could read), or a damaged header or payload
+        raise SdcliError(f"--latents {path}: not a .npy file of numbers (it is damaged, or holds Python "
+                         "objects)") from None
+    return check_latents(array, geometry, f"--latents {path}")
+
+
+def check_latents(array: np.ndarray, geometry: LatentGeometry, label: str) -> np.ndarray:
+    """``array`` as (N, C, h, w) float32 latents of ``geometry``; a one-line SdcliError starting with ``label``
+    otherwise."""
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != geometry.channels or not np.issubdtype(array.dtype, np.floating):
+        raise SdcliError(f"{label}: expected float latents of shape {geometry.describe()}, got {array.dtype} "
+                         f"{array.shape}")
+    if not np.isfinite(array).all():
+        raise SdcliError(f"{label}: the latents contain NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def size_from_latents(params: GenerateParams, latents: np.ndarray, total_images: int,
+                      geometry: LatentGeometry) -> GenerateParams:
+    """Take width/height from the latents when not given; check the image count and any given size."""
+    if latents.shape[0] != total_images:
+        raise SdcliError(f"--latents holds {latents.shape[0]} image(s) but the run makes {total_images}")
+    width, height = geometry.image_size(latents.shape)
+    for name, given, implied in (("width", params.width, width), ("height", params.height, height)):
+        if given is not None and given != implied:
+            raise SdcliError(f"--{name} {given} does not match the latents, which make {implied}")
+    return params.with_(width=width, height=height)
 
 
 # -- text to image -----------------------------------------------------------------------------------------------
@@ -83,7 +215,7 @@ class GeneratedBatch:
 
 class TextToImage:
     """A loaded model: prompt encoder, denoising network, image decoder and scheduler config of its family's
-    stages. ``run`` generates.
+    stages. ``prepare`` resolves a batch against the model, ``run`` generates it.
 
     Low memory: ``encode_prompts`` encodes every prompt a run will need ahead of time and keeps its conditioning,
     after which ``release_text_encoder`` drops the text encoder's weights (about 0.5 GB for SD1.5 in fp32,
@@ -113,18 +245,31 @@ class TextToImage:
     def default_sampler(self) -> str:
         return SCHEDULER_CLASS_SAMPLERS.get(self.scheduler_config.get("_class_name", ""), DEFAULT_SAMPLER)
 
-    def resolve(self, params: GenerateParams) -> GenerateParams:
-        """``params`` with the model's defaults filled in (sampler, steps, size, a random seed) and validated."""
-        sampler = self.default_sampler if params.sampler is None else params.sampler
-        if sampler not in SAMPLERS:
-            raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        params = params.with_(sampler=sampler, steps=default_steps(sampler) if params.steps is None else params.steps,
-                              width=self.native_size if params.width is None else params.width,
-                              height=self.native_size if params.height is None else params.height,
-                              seed=random_seed() if params.seed is None else params.seed).validate()
-        SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # a step count the schedule cannot give
-        self.stages.check_memory(self.network, self.decoder, params, self.backend)
-        return params
+    def prepare(self, job: Job | GenerateParams) -> Job:
+        """``job`` resolved against this model, once: the model's defaults filled in (sampler, steps, size, a
+        random seed when none is given), validated, its sampler plan made and its memory checked; its initial
+        latents, if any, checked against the size. A job prepared already is only checked."""
+        job = job if isinstance(job, Job) else Job(job)
+        if job.plan is None:
+            params = job.params
+            sampler = self.default_sampler if params.sampler is None else params.sampler
+            if sampler not in SAMPLERS:
+                raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+            params = params.with_(sampler=sampler,
+                                  steps=default_steps(sampler) if params.steps is None else params.steps,
+                                  width=self.native_size if params.width is None else params.width,
+                                  height=self.native_size if params.height is None else params.height,
+                                  seed=random_seed() if params.seed is None else params.seed).validate()
+            plan = SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # refuses a count it cannot give
+            self.stages.check_memory(self.network, self.decoder, params, self.backend)
+            job = replace(job, params=params, plan=plan)
+        if job.initial_noise is not None:
+            params = job.params
+            expected = (params.batch_size, *self.family.latents.shape(params.width, params.height))
+            if job.initial_noise.shape != expected:
+                raise SdcliError(f"initial latents must have shape {expected} for {params.batch_size} image(s) of "
+                                 f"{params.width}x{params.height}, got {tuple(job.initial_noise.shape)}")
+        return job
 
     def conditioning(self, text: str, clip_skip: int = 1) -> np.ndarray:
         """(1, S, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""
@@ -136,10 +281,11 @@ class TextToImage:
                              "encoded ahead")
         return self.prompt_encoder.encode([text], clip_skip=clip_skip)  # (1, S, D)
 
-    def encode_prompts(self, jobs: Iterable[GenerateParams]) -> None:
+    def encode_prompts(self, jobs: Iterable[Job | GenerateParams]) -> None:
         """Encode and keep the prompt of every job (and its negative prompt where guidance uses one), each
         distinct (text, clip_skip) once, so that ``release_text_encoder`` can follow."""
-        for params in jobs:
+        for job in jobs:
+            params = job.params if isinstance(job, Job) else job
             texts = [params.prompt] + ([params.negative_prompt] if params.guidance_scale > 1 else [])
             for text in texts:
                 if (text, params.clip_skip) not in self._encoded:
@@ -168,25 +314,25 @@ class TextToImage:
             self._preview_decoder = self.stages.load_preview_decoder(get_ops(self.backend))
         return self._preview_decoder
 
-    def run(self, params: GenerateParams, initial_noise: np.ndarray | None = None,
+    def run(self, job: Job | GenerateParams, initial_noise: np.ndarray | None = None,
             preview_every: int = 0) -> Iterator[StepRecord | GeneratedBatch]:
-        """Generate ``params.batch_size`` images: yield a StepRecord per step, then the GeneratedBatch.
+        """Generate the ``batch_size`` images of ``job``: yield a StepRecord per step, then the GeneratedBatch.
 
-        ``initial_noise`` (B, C, H/f, W/f) replaces the seeded unit-variance starting noise; it is scaled by the
+        ``job`` is a Job (prepared by :meth:`prepare` or not) or plain GenerateParams. ``initial_noise``
+        (B, C, H/f, W/f), also a Job's own, replaces the seeded unit-variance starting noise; it is scaled by the
         sampler exactly as diffusers scales its ``latents=`` argument. ``preview_every`` > 0 decodes the current
         x0 estimate with the preview decoder every that many steps (and at the last).
         """
-        params = self.resolve(params)
+        job = job if isinstance(job, Job) else Job(job)
+        if initial_noise is not None:
+            job = replace(job, initial_noise=initial_noise)
+        job = self.prepare(job)
+        params, plan = job.params, job.plan
         batch = params.batch_size
-        latent_shape = self.family.latents.shape(params.width, params.height)
-        seeds = image_seeds(params.seed, batch)
-        noise = BatchNoise(seeds, latent_shape)
+        seeds = job.seeds
+        noise = BatchNoise(seeds, self.family.latents.shape(params.width, params.height))
         seeded_noise = noise.draw()  # drawn either way, so a stochastic sampler's later draws follow the seed alone
-        if initial_noise is None:
-            initial_noise = seeded_noise
-        elif initial_noise.shape != (batch, *latent_shape):
-            raise SdcliError(f"initial latents must have shape {(batch, *latent_shape)} for {batch} image(s) of "
-                             f"{params.width}x{params.height}, got {tuple(initial_noise.shape)}")
+        initial_noise = seeded_noise if job.initial_noise is None else job.initial_noise
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -203,7 +349,6 @@ class TextToImage:
                          self.prompt_encoder.text_encoder if self.prompt_encoder else None)
 
         spec = SAMPLERS[params.sampler]
-        plan = spec.plan(self.scheduler_config, params.steps)
         network = guided_network(self.network, context, uncond_context, params.guidance_scale,
                                  params.guidance_rescale)
         denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
@@ -281,14 +426,15 @@ def default_steps(sampler: str) -> int:
     return SAMPLERS[sampler].default_steps or DEFAULT_STEPS
 
 
-def generate_image(pipeline: TextToImage, params: GenerateParams,
+def generate_image(pipeline: TextToImage, params: Job | GenerateParams,
                    initial_noise: np.ndarray | None = None) -> GeneratedBatch:
-    """Run ``pipeline`` to the end and return the batch (the library call without progress reporting)."""
+    """Run ``pipeline`` on ``params`` (or a planned Job) to the end and return the batch (the library call without
+    progress reporting)."""
     for record in pipeline.run(params, initial_noise=initial_noise):
         if isinstance(record, GeneratedBatch):
             return record
     raise AssertionError("the pipeline ended without a result")
 
 
-__all__ = ["GeneratedBatch", "StepRecord", "TextToImage", "default_steps", "generate_image", "load_pipeline",
-           "load_prompt_encoder"]
+__all__ = ["GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "check_latents", "default_steps",
+           "generate_image", "load_pipeline", "load_prompt_encoder", "plan_run", "read_latents", "size_from_latents"]
