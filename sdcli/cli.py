@@ -1,7 +1,8 @@
 """The ``sdcli`` command line: parses options, calls the public API, prints results and owns output files.
 
-No maths here. Errors a user can cause arrive as ``SdcliError`` and are printed as one line with the error's exit
-code (2; 3 for a Hub token that is missing or refused).
+No maths and no planning here: it uses nothing of sdcli but the public API (``import sdcli``). Errors a user can
+cause arrive as ``SdcliError`` and are printed as one line with the error's exit code (2; 3 for a Hub token that is
+missing or refused).
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import sdcli
-from sdcli import models
-from sdcli.registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
-                            VAE_CHOICES)
 
 console = Console(soft_wrap=True)  # lines a script reads are never broken at the terminal width
 error_console = Console(stderr=True, soft_wrap=True)
@@ -94,10 +92,10 @@ def model_options(command):
         click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
                      help="1 uses every text-encoder layer, 2 stops at the penultimate one (as AUTOMATIC1111 "
                           "counts)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+        click.option("--precision", type=click.Choice(sdcli.PRECISIONS), default="fp32", show_default=True,
                      help="Weights held as fp32, fp16 (computed in float32) or bf16 (bf16 products with float32 "
                           "sums where the CPU has bf16 instructions)."),
-        click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
+        click.option("--backend", type=click.Choice(sdcli.BACKENDS), default="cpu", show_default=True,
                      help="Op implementations: compiled kernels (cpu) or the numpy reference."),
     ]
     for option in reversed(options):
@@ -105,7 +103,7 @@ def model_options(command):
     return command
 
 
-MODEL_HELP = (f"A diffusers folder, a single-file .safetensors checkpoint, a preset ({', '.join(MODEL_PRESETS)}) "
+MODEL_HELP = (f"A diffusers folder, a single-file .safetensors checkpoint, a preset ({', '.join(sdcli.MODEL_PRESETS)}) "
               "or a Hub repo id (org/name), looked up in ./weights (or $SDCLI_WEIGHTS) and the Hugging Face cache.")
 
 
@@ -134,8 +132,8 @@ def model_path(model: str, *, yes: bool = False, offline: bool = False, quiet: b
     confirm = (lambda question: click.confirm(question, default=False, err=True)) if is_interactive() else None
     progress = None if quiet else DownloadReport(error_console)
     try:
-        return str(models.resolve_model(model, allow_download=yes or models.auto_download(),
-                                        offline=True if offline else None, confirm=confirm, progress=progress))
+        return str(sdcli.resolve_model(model, allow_download=yes or sdcli.auto_download(),
+                                       offline=True if offline else None, confirm=confirm, progress=progress))
     finally:
         if progress is not None:
             progress.close()
@@ -224,18 +222,19 @@ def key_timesteps(train_steps: int) -> list[int]:
 
 @main.command("noise-test")
 @click.option("--model", "-m", help="Read the scheduler config of this model (options below override it).")
-@click.option("--schedule", type=click.Choice(BETA_SCHEDULES), help="Beta schedule [default: scaled_linear].")
+@click.option("--schedule", type=click.Choice(sdcli.BETA_SCHEDULES), help="Beta schedule [default: scaled_linear].")
 @click.option("--beta-start", type=FiniteFloat(min=0, min_open=True, max=1), help="[default: 0.00085]")
 @click.option("--beta-end", type=FiniteFloat(min=0, min_open=True, max=1), help="[default: 0.012]")
 @click.option("--train-steps", type=click.IntRange(min=1, max=100_000), help="Training timesteps [default: 1000].")
 @click.option("--steps", type=click.IntRange(min=1), help="Show the timesteps of an N-step inference run.")
-@click.option("--spacing", type=click.Choice(TIMESTEP_SPACINGS), help="Inference timestep spacing [default: leading].")
+@click.option("--spacing", type=click.Choice(sdcli.TIMESTEP_SPACINGS),
+              help="Inference timestep spacing [default: leading].")
 @click.option("--steps-offset", type=click.IntRange(min=0), help="Added to 'leading' timesteps [default: 1 for SD].")
 @click.option("--json", "as_json", is_flag=True, help="Print every value for all training timesteps as JSON.")
 @reports_errors
 def noise_test(model, schedule, beta_start, beta_end, train_steps, steps, spacing, steps_offset, as_json):
     """Show a noise schedule: betas, alphas, alpha_bar, sigmas, and inference timesteps."""
-    base = sdcli.open_checkpoint(model).scheduler_config() if model else sdcli.SchedulerConfig(steps_offset=1)
+    base = sdcli.open_checkpoint(model).config("scheduler") if model else sdcli.SchedulerConfig(steps_offset=1)
     overrides = {"beta_schedule": schedule, "beta_start": beta_start, "beta_end": beta_end,
                  "num_train_timesteps": train_steps, "timestep_spacing": spacing, "steps_offset": steps_offset}
     config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -291,7 +290,7 @@ def print_noise_table(config, tables, timesteps) -> None:
 @main.command()
 @click.argument("model", required=False)
 @click.option("--revision", help="A branch, tag or commit of the repository  [default: the preset's, or main]")
-@click.option("--variant", type=click.Choice(models.VARIANTS),
+@click.option("--variant", type=click.Choice(sdcli.VARIANTS),
               help="fp16: the half-size weight files where the repository has them; fp32: the plain ones  "
                    "[default: the preset's; fp16 for a repo id]")
 @click.option("--include", multiple=True, metavar="GLOB",
@@ -314,8 +313,8 @@ def download(model, revision, variant, include, directory, token, endpoint, quie
         raise click.UsageError("give a preset or a Hub repo id (org/name), or --list")
     reporter = None if quiet else DownloadReport(error_console)
     try:
-        outcome = models.download_model(model, weights_dir=directory, revision=revision, variant=variant,
-                                        include=include, token=token, endpoint=endpoint, progress=reporter)
+        outcome = sdcli.download_model(model, weights_dir=directory, revision=revision, variant=variant,
+                                       include=include, token=token, endpoint=endpoint, progress=reporter)
     finally:
         if reporter is not None:
             reporter.close()
@@ -327,8 +326,8 @@ def print_presets() -> None:
     """The presets as aligned columns, never wrapped or cut (scripts read them too)."""
     rows = [("name", "repository", "layout", "variant", "size", "license")]
     rows += [(p.name, p.repo_id, p.layout, p.variant or ("fp32" if p.layout == "diffusers" else "-"),
-              models.format_size(p.size_bytes), p.license)
-             for p in models.PRESETS.values()]
+              sdcli.format_size(p.size_bytes), p.license)
+             for p in sdcli.PRESETS.values()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -385,7 +384,7 @@ class DownloadReport:
                 self.bar.remove_task(task)
             return
         what = "skipped" if skipped else "fetched"
-        why = " (already present)" if skipped else f" ({models.format_size(size)})" if size is not None else ""
+        why = " (already present)" if skipped else f" ({sdcli.format_size(size)})" if size is not None else ""
         self.out.print(f"{what} {path}{why}", highlight=False, soft_wrap=True)
 
     def close(self) -> None:
@@ -422,7 +421,7 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
               show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
 @click.option("--guidance-rescale", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Rescale guided predictions toward the conditional one's spread (Lin et al. 2023).")
-@click.option("--scheduler", "--sampler", "sampler", type=click.Choice(SAMPLERS),
+@click.option("--scheduler", "--sampler", "sampler", type=click.Choice(sdcli.SAMPLERS),
               help="Sampler  [default: the model's own scheduler, PNDM for SD 1.5, DDIM for SD 2.1]")
 @click.option("--eta", type=FiniteFloat(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
 @click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
@@ -433,7 +432,7 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images denoised together (faster per image, more memory).")
 @model_options
-@click.option("--vae", type=click.Choice(VAE_CHOICES), default="full", show_default=True,
+@click.option("--vae", type=click.Choice(sdcli.VAE_CHOICES), default="full", show_default=True,
               help="Decode with the model's VAE, or with the shipped tiny TAESD (much faster, a little softer).")
 @click.option("--vae-tiling", is_flag=True,
               help="Decode large images in overlapping tiles, as diffusers' enable_tiling(): bounded memory, faint "
@@ -465,45 +464,40 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
-    if batch_size > num_images:
-        batch_size = num_images
     base = sdcli.GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance, guidance_rescale=guidance_rescale, sampler=sampler,
-                                width=width, height=height, clip_skip=clip_skip, eta=eta)
-    lines = sdcli.read_prompts_file(prompts_file, samplers=SAMPLERS) if prompts_file else [None]
-    first_seed = seed if seed is not None else sdcli.random_seed()
-    initial_noise = load_latents(latents_file) if latents_file else None
-    total_images = num_images * len(lines)
-    if initial_noise is not None:
-        base = size_from_latents(base, initial_noise, total_images)
-    jobs = plan_jobs(base, lines, first_seed, num_images, batch_size)
+                                seed=seed, width=width, height=height, clip_skip=clip_skip, eta=eta)
+    lines = sdcli.read_prompts_file(prompts_file, samplers=sdcli.SAMPLERS) if prompts_file else None
+    family = None
+    if latents_file:  # latents have the model family's shape: known at once for a preset or a model already here
+        family = sdcli.model_family(model)
+        if family is None:
+            model = model_path(model, yes=yes, offline=offline, quiet=quiet)
+            family = sdcli.model_family(model)
+    plan = sdcli.plan_run(base, prompts=lines, num_images=num_images, batch_size=batch_size, latents=latents_file,
+                          family=family)
     save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
     preview = sdcli.check_output(preview, overwrite) if preview else None
-    seeds = [s for job in jobs for s in job.seeds]
-    paths = sdcli.plan_output_paths(output, len(seeds), seeds, [job.params.prompt for job in jobs
-                                                               for _ in job.seeds], overwrite=overwrite)
+    paths = sdcli.plan_output_paths(output, len(plan.seeds), plan.seeds, plan.prompts, overwrite=overwrite)
     status = error_console if as_json else console
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae, vae_tiling=vae_tiling,
                                    low_memory=low_memory)
-    if seed is None and not quiet:
-        status.print(f"seed {first_seed}", highlight=False)
-    for job in jobs:  # every job's settings checked against the model before the first image starts
-        pipeline.resolve(job.params)
+    if plan.seed_drawn and not quiet:
+        status.print(f"seed {plan.seed}", highlight=False)
+    jobs = [pipeline.prepare(job) for job in plan.jobs]  # every job checked against the model before the first image
     if low_memory:
-        pipeline.encode_prompts(job.params for job in jobs)
+        pipeline.encode_prompts(jobs)
         pipeline.release_text_encoder()
     reporter = Progress(quiet, status)
     all_latents = []
     index = 0
     for job in jobs:
-        params = job.params
-        noise = initial_noise[index:index + params.batch_size] if initial_noise is not None else None
         batch = None
-        reporter.start(index, len(paths), params)
+        reporter.start(index, len(paths), job.params)
         try:
-            for record in pipeline.run(params, initial_noise=noise, preview_every=preview_every if preview else 0):
+            for record in pipeline.run(job, preview_every=preview_every if preview else 0):
                 if isinstance(record, sdcli.GeneratedBatch):
                     batch = record
                 else:
@@ -531,70 +525,6 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
         sdcli.save_array(save_latents, np.concatenate(all_latents), overwrite=overwrite)
     if not quiet:
         reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, len(paths))
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One batch of images to make: its parameters (batch_size = len(seeds)) and the seed of each image."""
-
-    params: sdcli.GenerateParams
-    seeds: list[int]
-
-
-def plan_jobs(base, lines, first_seed: int, num_images: int, batch_size: int) -> list[Job]:
-    """Every batch of the run, in order: prompts (from --prompt or the file), images per prompt, batches."""
-    jobs = []
-    next_seed = first_seed
-    for line in lines:
-        params, line_seed = base, None
-        if line is not None:
-            changes = dict(line.overrides)  # GenerateParams field names
-            line_seed = changes.pop("seed", None)
-            params = base.with_(prompt=line.prompt, **changes)
-        seeds = sdcli.image_seeds(line_seed if line_seed is not None else next_seed, num_images)
-        if line_seed is None:
-            next_seed = (seeds[-1] + 1) % (sdcli.MAX_SEED + 1)
-        if params.sampler and params.sampler not in SAMPLERS:
-            raise sdcli.SdcliError(f"unknown scheduler {params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        params.with_(seed=seeds[0], batch_size=1).validate()
-        for start in range(0, num_images, batch_size):
-            chunk = seeds[start:start + batch_size]
-            jobs.append(Job(params.with_(seed=chunk[0], batch_size=len(chunk)), chunk))
-    return jobs
-
-
-def load_latents(path) -> np.ndarray:
-    """A (N, 4, h, w) float32 array from a .npy file ((4, h, w) is taken as N = 1)."""
-    try:
-        with open(path, "rb") as stream:
-            if stream.read(6) != b"\x93NUMPY":
-                raise sdcli.SdcliError(f"--latents {path}: not a .npy file (numpy.save writes them)")
-            stream.seek(0)
-            array = np.load(stream, allow_pickle=False)
-    except OSError as error:
-        raise sdcli.SdcliError(f"--latents {path}: cannot read it: {error.strerror or error}") from None
-    except ValueError:  # an object array (which only pickle could read), or a damaged header or payload
-        raise sdcli.SdcliError(f"--latents {path}: not a .npy file of numbers (it is damaged, or holds Python "
-                               "objects)") from None
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[1] != 4 or not np.issubdtype(array.dtype, np.floating):
-        raise sdcli.SdcliError(f"--latents {path}: expected float latents of shape (images, 4, height/8, "
-                               f"width/8), got {array.dtype} {array.shape}")
-    if not np.isfinite(array).all():
-        raise sdcli.SdcliError(f"--latents {path}: the latents contain NaN or infinite values")
-    return array.astype(np.float32)
-
-
-def size_from_latents(params, latents: np.ndarray, total_images: int):
-    """Take width/height from the latents when not given; check the image count and any given size."""
-    if latents.shape[0] != total_images:
-        raise sdcli.SdcliError(f"--latents holds {latents.shape[0]} image(s) but the run makes {total_images}")
-    height, width = latents.shape[2] * 8, latents.shape[3] * 8
-    for name, given, implied in (("width", params.width, width), ("height", params.height, height)):
-        if given is not None and given != implied:
-            raise sdcli.SdcliError(f"--{name} {given} does not match the latents, which make {implied}")
-    return params.with_(width=width, height=height)
 
 
 def image_record(pipeline, params, seed: int, path, timings: dict) -> dict:

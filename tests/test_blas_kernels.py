@@ -16,6 +16,13 @@ import pytest
 
 from sdcli.ext import blas_kernels
 from sdcli.ops import cpu_ops, numpy_ops
+from sdcli.ops.parameter import Parameter, Weight
+
+
+def plain(weight: np.ndarray) -> Parameter:
+    """A weight the layers widen at each call (a streamed one): cpu_ops runs it on blas_kernels, unpacked."""
+    held = Weight.of(weight)
+    return Parameter(Weight(held.data, held.precision, stream=True))
 
 # (rtol, atol as a fraction of max |expected|), as test_ops' "conv2d": the sgemm and numpy's einsum sum the
 # Cin*kh*kw products in different orders, ~sqrt(K) float32 ulp of the output scale; a wrong tap, a lost block or a
@@ -78,7 +85,7 @@ def test_cpu_ops_plain_weights_run_the_blas_kernel(monkeypatch):
 
     monkeypatch.setattr(cpu_ops, "blas_kernels", Recording)
     x, weight, bias = arrays(CASES[1], True)
-    cpu_ops.conv2d(x, weight, bias, stride=2, padding=1)
+    cpu_ops.conv2d(x, plain(weight), bias, stride=2, padding=1)
     assert calls == [(2, 1)]
 
 
@@ -87,7 +94,7 @@ def test_cpu_ops_plain_weights_run_the_blas_kernel(monkeypatch):
 def test_cpu_conv2d(case, with_bias):
     stride, padding = case[7:]
     x, weight, bias = arrays(case, with_bias)
-    assert_close(cpu_ops.conv2d(x, weight, bias, stride=stride, padding=padding),
+    assert_close(cpu_ops.conv2d(x, plain(weight), bias, stride=stride, padding=padding),
                  numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding))
 
 
@@ -97,7 +104,7 @@ def test_numpy_fallback(monkeypatch, case):
     monkeypatch.setattr(cpu_ops, "blas_kernels", None)
     stride, padding = case[7:]
     x, weight, bias = arrays(case, True)
-    assert_close(cpu_ops.conv2d(x, weight, bias, stride=stride, padding=padding),
+    assert_close(cpu_ops.conv2d(x, plain(weight), bias, stride=stride, padding=padding),
                  numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding))
 
 
@@ -128,9 +135,9 @@ def test_non_contiguous_inputs():
     padded = np.zeros((2, 6, 9, 14), dtype=np.float32)
     padded[..., ::2] = x  # every other column of a wider array
     for given in (x_view, padded[..., ::2], x.astype(np.float64)):
-        assert_close(cpu_ops.conv2d(given, weight, bias, padding=1), expected)
+        assert_close(cpu_ops.conv2d(given, plain(weight), bias, padding=1), expected)
     weight_view = np.ascontiguousarray(weight.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
-    assert_close(cpu_ops.conv2d(x, weight_view, bias, padding=1), expected)
+    assert_close(cpu_ops.conv2d(x, plain(weight_view), bias, padding=1), expected)
     with pytest.raises(ValueError, match="contiguous"):  # the kernel itself takes C-contiguous arrays only
         blas_kernels.conv2d(x_view, weight, 1, 1, bias, output(x, weight, 1, 1))
 
@@ -138,14 +145,14 @@ def test_non_contiguous_inputs():
 def test_float16_weight():
     x, weight, bias = arrays((2, 5, 7, 6, 6, 3, 3), True)
     half = weight.astype(np.float16)
-    assert_close(cpu_ops.conv2d(x, half, bias, padding=1), numpy_ops.conv2d(x, half.astype(np.float32), bias,
+    assert_close(cpu_ops.conv2d(x, plain(half), bias, padding=1), numpy_ops.conv2d(x, half.astype(np.float32), bias,
                                                                              padding=1))
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0)])
 def test_empty_batch(stride, padding):
     x, weight, bias = arrays((0, 3, 4, 8, 8, 3, 3), True)
-    got = cpu_ops.conv2d(x, weight, bias, stride=stride, padding=padding)
+    got = cpu_ops.conv2d(x, plain(weight), bias, stride=stride, padding=padding)
     expected = numpy_ops.conv2d(x, weight, bias, stride=stride, padding=padding)
     assert got.shape == expected.shape and got.shape[0] == 0
 
@@ -154,16 +161,16 @@ def test_no_input_channels():
     """K = 0: no products, the output is the bias (zeros without one)."""
     x, weight, bias = arrays((2, 0, 3, 5, 4, 3, 3), True)
     for b in (bias, None):
-        assert_close(cpu_ops.conv2d(x, weight, b, padding=1), numpy_ops.conv2d(x, weight, b, padding=1))
+        assert_close(cpu_ops.conv2d(x, plain(weight), b, padding=1), numpy_ops.conv2d(x, weight, b, padding=1))
 
 
 def test_kernel_larger_than_padded_input():
     """PyTorch's Conv2d rejects an input smaller than the kernel after padding; so do the kernel and cpu_ops."""
     x, weight, _ = arrays((1, 2, 3, 3, 3, 5, 5), False)
     with pytest.raises(ValueError, match="smaller than the kernel"):
-        cpu_ops.conv2d(x, weight, padding=0)
+        cpu_ops.conv2d(x, plain(weight), padding=0)
     with pytest.raises(ValueError, match="smaller than the kernel"):
-        cpu_ops.conv2d(x[:, :, :2, :2], weight, padding=1)  # 4x4 padded, a 5x5 kernel: "Ho" would be 0
+        cpu_ops.conv2d(x[:, :, :2, :2], plain(weight), padding=1)  # 4x4 padded, a 5x5 kernel: "Ho" would be 0
 
 
 def test_argument_errors():
@@ -184,6 +191,6 @@ def test_argument_errors():
 def test_release_keeps_results():
     """The column buffer kept between calls is freed and grown again without changing results."""
     x, weight, bias = arrays((1, 6, 5, 12, 12, 3, 3), True)
-    first = cpu_ops.conv2d(x, weight, bias, padding=1)
+    first = cpu_ops.conv2d(x, plain(weight), bias, padding=1)
     blas_kernels.release()
-    np.testing.assert_array_equal(cpu_ops.conv2d(x, weight, bias, padding=1), first)
+    np.testing.assert_array_equal(cpu_ops.conv2d(x, plain(weight), bias, padding=1), first)

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 import reference_models as ref
+from sdcli import load_prompt_encoder, open_checkpoint
 from sdcli.errors import CheckpointError, ModelNotFoundError
-from sdcli.io.checkpoint import open_checkpoint
 from sdcli.io.safetensors import save_file
-from sdcli.pipeline import load_prompt_encoder
 from data_paths import CONFIGS
 
 TINY_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -107,7 +106,7 @@ def test_sd2_prediction_type_sniffing(tmp_path):
     assert open_checkpoint(marked).prediction_type == "v_prediction"
     assert open_checkpoint(inpaint).prediction_type == "epsilon"
     assert open_checkpoint(flat).family == "sd2"
-    assert open_checkpoint(flat).scheduler_config().prediction_type == "epsilon"
+    assert open_checkpoint(flat).config("scheduler").prediction_type == "epsilon"
 
 
 def test_family_from_unet_alone(tmp_path):

@@ -20,8 +20,8 @@ pytest.importorskip("diffusers")
 import tiny_pipeline as tiny  # noqa: E402
 from test_cli import run_with_references_blocked  # noqa: E402
 
-import sdcli  # noqa: E402
 from sdcli.cli import main  # noqa: E402
+from sdcli.rng import BatchNoise  # noqa: E402
 
 FAST = ["--steps", "3", "--width", "64", "--height", "64"]
 
@@ -106,7 +106,7 @@ def test_several_images_in_batches_and_latents_round_trip(model, tmp_path):
 
 def test_latents_file_reproduces_the_seeded_noise(model, tmp_path):
     """--latents with the noise a seed draws gives that seed's image: the scaling is the sampler's own."""
-    noise = sdcli.BatchNoise([11], (4, 8, 8)).draw()
+    noise = BatchNoise([11], (4, 8, 8)).draw()
     np.save(tmp_path / "noise.npy", noise)
     seeded, injected = tmp_path / "seeded.png", tmp_path / "injected.png"
     assert invoke("generate", "-m", model, "-p", "a cat", "--seed", 11, *FAST, "-o", seeded).exit_code == 0

@@ -15,8 +15,7 @@ import pytest
 from sdcli import models
 from sdcli.errors import ModelNotFoundError, SdcliError
 from sdcli.hub import RepoFile, select_files
-from sdcli.io.checkpoint import find_model
-from sdcli.models import PRESETS, ModelNotDownloadedError, resolve_model
+from sdcli.models import PRESETS, ModelNotDownloadedError, find_model, resolve_model
 from sdcli.registry import MODEL_PRESETS
 
 ENV = ("SDCLI_WEIGHTS", "SDCLI_AUTO_DOWNLOAD", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",

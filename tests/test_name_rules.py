@@ -13,8 +13,9 @@ import json
 import pytest
 
 from sdcli.config import ClipConfig, UNetConfig, VAEConfig
-from sdcli.io import names, weights
-from sdcli.io.names import Rule, SourceKey
+from sdcli.families import sd_names as names
+from sdcli.io import weights
+from sdcli.families.sd_names import Rule, SourceKey
 from sdcli.nn.clip import ClipTextEncoder
 from sdcli.nn.unet import UNet2DConditionModel
 from sdcli.nn.vae import Autoencoder

@@ -30,8 +30,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as reference  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from sdcli.io import names  # noqa: E402
-from sdcli.io.names import SourceKey  # noqa: E402
+from sdcli.families import sd_names as names  # noqa: E402
+from sdcli.families.sd_names import SourceKey  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 from test_unet import TINY as UNET_TEST_CONFIGS  # noqa: E402
 from test_vae import TINY_CONFIGS as VAE_TEST_CONFIGS  # noqa: E402

@@ -17,6 +17,7 @@ import tiny_pipeline as tiny  # noqa: E402
 import sdcli  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
 from sdcli.ops.parameter import parameters  # noqa: E402
+from sdcli.rng import BatchNoise  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
@@ -129,7 +130,7 @@ def test_each_stage_lets_its_prepared_weights_go(model):
     pipeline = model["pipeline"]
     params = sdcli.GenerateParams(prompt=PROMPT, steps=2, sampler="euler", width=64, height=64, seed=3)
     first = sdcli.generate_image(pipeline, params)
-    for network in (pipeline.prompt_encoder.text_encoder, pipeline.unet, pipeline.decoder):
+    for network in (pipeline.prompt_encoder.text_encoder, pipeline.network, pipeline.decoder):
         matrices = [parameter for parameter in parameters(network) if parameter.data.ndim >= 2]
         assert matrices and not any(matrix.is_prepared for matrix in matrices)
     np.testing.assert_array_equal(sdcli.generate_image(pipeline, params).images, first.images)
@@ -168,5 +169,5 @@ def test_injected_seed_noise_reproduces_the_seeded_run_for_a_stochastic_sampler(
     params = sdcli.GenerateParams(prompt=PROMPT, steps=4, sampler="euler_a", width=64, height=64, seed=9)
     seeded = sdcli.generate_image(model["pipeline"], params)
     injected = sdcli.generate_image(model["pipeline"], params,
-                                    initial_noise=sdcli.BatchNoise([9], (4, 8, 8)).draw())
+                                    initial_noise=BatchNoise([9], (4, 8, 8)).draw())
     np.testing.assert_array_equal(seeded.images, injected.images)

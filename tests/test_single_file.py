@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 import sdcli
 from sdcli.config import ClipConfig, UNetConfig, VAEConfig, preset_config_dir
-from sdcli.io import names
+from sdcli.families import sd_names as names
 from sdcli.io.weights import tensor_shapes
 from sdcli.nn.clip import ClipTextEncoder
 from sdcli.nn.tokenizer import shipped_tokenizer_dir

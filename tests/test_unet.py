@@ -18,8 +18,8 @@ from safetensors.numpy import save_file  # noqa: E402
 from sdcli.config import UNetConfig  # noqa: E402
 from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
 from sdcli.ext import f32_kernels  # noqa: E402
-from sdcli.io import checkpoint as checkpoint_module  # noqa: E402
-from sdcli.io import names  # noqa: E402
+from sdcli.families import sd as sd_family  # noqa: E402
+from sdcli.families import sd_names as names  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.nn import unet as unet_module  # noqa: E402
 from sdcli.io.weights import ArraySource, load_network, tensor_shapes  # noqa: E402
@@ -270,7 +270,7 @@ def open_single_file(path, tiny, tmp_path, monkeypatch):
     for preset in ("sd15", "sd21"):
         (configs / preset / "unet").mkdir(parents=True)
         (configs / preset / "unet" / "config.json").write_text(json.dumps(tiny["data"]))
-    monkeypatch.setattr(checkpoint_module, "preset_config_dir", lambda preset: configs / preset)
+    monkeypatch.setattr(sd_family, "preset_config_dir", lambda preset: configs / preset)
     checkpoint = open_checkpoint(path)
     assert checkpoint.layout == "single-file"
     return checkpoint

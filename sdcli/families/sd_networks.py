@@ -19,7 +19,7 @@ from ..nn.clip import ClipTextEncoder
 from ..nn.taesd import SHIPPED_FILES, TaesdDecoder, TaesdEncoder, shipped_taesd_dir
 from ..nn.unet import UNet2DConditionModel
 from ..nn.vae import Autoencoder, VaeDecoder, VaeEncoder
-from ..ops import get_ops
+from ..ops import Ops, get_ops
 
 log = logging.getLogger("sdcli")
 
@@ -28,25 +28,30 @@ def _opened(checkpoint: str | Path | Checkpoint) -> Checkpoint:
     return checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
 
 
+def _backend(backend: str | Ops) -> Ops:
+    """A backend by name ("cpu", "numpy"), or the backend object itself."""
+    return get_ops(backend) if isinstance(backend, str) else backend
+
+
 def load_text_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
-                      backend: str = "cpu") -> ClipTextEncoder:
+                      backend: str | Ops = "cpu") -> ClipTextEncoder:
     """The CLIP text encoder of ``checkpoint`` (a path or an opened checkpoint)."""
     checkpoint = _opened(checkpoint)
-    config = checkpoint.text_encoder_config()
+    config = checkpoint.config("text_encoder")
     return load_network(lambda params: ClipTextEncoder(params, config), checkpoint.source("text_encoder"),
-                        get_ops(backend), precision)
+                        _backend(backend), precision)
 
 
-def load_unet(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+def load_unet(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str | Ops = "cpu",
               stream: bool = False) -> UNet2DConditionModel:
     """The UNet of ``checkpoint``; ``stream``: see :func:`~sdcli.io.weights.load_network`."""
     checkpoint = _opened(checkpoint)
-    config = checkpoint.unet_config()
+    config = checkpoint.config("unet")
     return load_network(lambda params: UNet2DConditionModel(params, config), checkpoint.source("unet"),
-                        get_ops(backend), precision, stream=stream)
+                        _backend(backend), precision, stream=stream)
 
 
-def load_vae_decoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+def load_vae_decoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str | Ops = "cpu",
                      tiling: bool = False, stream: bool = False) -> VaeDecoder:
     """The decoder of ``checkpoint``; ``tiling``: see :class:`~sdcli.nn.vae.VaeDecoder`.
 
@@ -54,29 +59,29 @@ def load_vae_decoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32
     only the decoder is read: an fp32 file held as fp16 does not pay for the encoder.
     """
     checkpoint = _opened(checkpoint)
-    config = checkpoint.vae_config()
+    config = checkpoint.config("vae")
     decoder = load_network(lambda params: VaeDecoder(params, config, tiling=tiling), checkpoint.source("vae"),
-                           get_ops(backend), precision, stream=stream,
+                           _backend(backend), precision, stream=stream,
                            also_checks=lambda params: VaeEncoder(params, config))
     log.info("loaded the VAE decoder from %s", checkpoint.path)
     return decoder
 
 
 def load_vae_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
-                     backend: str = "cpu") -> VaeEncoder:
+                     backend: str | Ops = "cpu") -> VaeEncoder:
     """The encoder of ``checkpoint`` (the decoder's tensors checked, not read)."""
     checkpoint = _opened(checkpoint)
-    config = checkpoint.vae_config()
-    return load_network(lambda params: VaeEncoder(params, config), checkpoint.source("vae"), get_ops(backend),
+    config = checkpoint.config("vae")
+    return load_network(lambda params: VaeEncoder(params, config), checkpoint.source("vae"), _backend(backend),
                         precision, also_checks=lambda params: VaeDecoder(params, config))
 
 
 def load_vae(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
-             backend: str = "cpu") -> tuple[VaeEncoder, VaeDecoder]:
+             backend: str | Ops = "cpu") -> tuple[VaeEncoder, VaeDecoder]:
     """The encoder and decoder of ``checkpoint``."""
     checkpoint = _opened(checkpoint)
-    config = checkpoint.vae_config()
-    both = load_network(lambda params: Autoencoder(params, config), checkpoint.source("vae"), get_ops(backend),
+    config = checkpoint.config("vae")
+    both = load_network(lambda params: Autoencoder(params, config), checkpoint.source("vae"), _backend(backend),
                         precision)
     return both.encoder, both.decoder
 
@@ -88,18 +93,18 @@ def _taesd_source(path: str | Path) -> FolderSource:
     return FolderSource([SafetensorsFile(path)], str(path))
 
 
-def load_taesd_encoder(path: str | Path | None = None, backend: str = "cpu",
+def load_taesd_encoder(path: str | Path | None = None, backend: str | Ops = "cpu",
                        precision: str = "fp32") -> TaesdEncoder:
     """The TAESD encoder from one safetensors file (default: the shipped one)."""
     path = path if path is not None else shipped_taesd_dir() / SHIPPED_FILES["encoder"]
-    return load_network(TaesdEncoder, _taesd_source(path), get_ops(backend), precision)
+    return load_network(TaesdEncoder, _taesd_source(path), _backend(backend), precision)
 
 
-def load_taesd_decoder(path: str | Path | None = None, backend: str = "cpu",
+def load_taesd_decoder(path: str | Path | None = None, backend: str | Ops = "cpu",
                        precision: str = "fp32") -> TaesdDecoder:
     """The TAESD decoder from one safetensors file (default: the shipped one)."""
     path = path if path is not None else shipped_taesd_dir() / SHIPPED_FILES["decoder"]
-    return load_network(TaesdDecoder, _taesd_source(path), get_ops(backend), precision)
+    return load_network(TaesdDecoder, _taesd_source(path), _backend(backend), precision)
 
 
 def _find_taesd(folder: Path, part: str) -> Path:
@@ -110,7 +115,7 @@ def _find_taesd(folder: Path, part: str) -> Path:
     raise ModelNotFoundError(f"{folder}: no taesd_{part}.safetensors (nor taesd_{part}.bf16.safetensors)")
 
 
-def load_taesd(backend: str = "cpu", path: str | Path | None = None,
+def load_taesd(backend: str | Ops = "cpu", path: str | Path | None = None,
                precision: str = "fp32") -> tuple[TaesdEncoder, TaesdDecoder]:
     """Encoder and decoder from the folder ``path`` holding ``taesd_{encoder,decoder}[.bf16].safetensors``
     (default: the shipped weights). The weights are held as float32 by default: 5 MB each, converted once."""

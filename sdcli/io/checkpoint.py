@@ -1,45 +1,37 @@
-"""Open a model on disk as tensor sources in canonical (diffusers) names.
+"""A model on disk as tensor sources in canonical (diffusers) names, one per component.
 
 Two layouts are read:
 
-- a **diffusers folder**: ``model_index.json`` and one subfolder per component (``text_encoder/``, ``unet/``,
+- a **diffusers folder**: ``model_index.json`` and one subfolder per component (SD: ``text_encoder/``, ``unet/``,
   ``vae/``, ``scheduler/``, ``tokenizer/``), weights in ``*.safetensors`` (or the ``*.fp16.safetensors``
-  variant, or shards listed in ``*.safetensors.index.json``); names are canonical already;
-- a **single-file checkpoint** in the original (CompVis/LDM) layout: ``model.diffusion_model.*``,
-  ``first_stage_model.*`` and ``cond_stage_model.transformer.*`` (SD1) or ``cond_stage_model.model.*``
-  (SD2's OpenCLIP); names go through the exact maps of :mod:`sdcli.io.names`, and the component configs are
-  the shipped ones of the family the file is sniffed to be.
+  variant, or shards listed in ``*.safetensors.index.json``); names are canonical already
+  (:class:`FolderSource`);
+- a **single-file checkpoint** in a family's original layout (SD: CompVis/LDM): names go through an exact
+  canonical -> stored map (:class:`MappedSource`), and the component configs are the shipped ones of the
+  architecture the file is recognised as.
+
+Which components a model has, how its configs are parsed and how it is recognised belong to its family
+(:mod:`sdcli.families`); a :class:`Checkpoint` holds its family and asks it. The families build on the sources
+here, so this module never imports them: :func:`open_checkpoint` opens a path through the recogniser
+``sdcli.families`` sets when it is imported (as importing any part of sdcli does).
 
 Pickle files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused: unpickling runs code from the file.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
-from ..config import ClipConfig, SchedulerConfig, UNetConfig, VAEConfig, preset_config_dir, read_json
+from ..config import read_json
 from ..errors import CheckpointError, ModelNotFoundError
-from . import names
+from .weights import TensorSource, check_tensors  # noqa: F401 (re-exported)
 from .safetensors import SafetensorsFile
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-FAMILY_PRESET = {"sd1": "sd15", "sd2": "sd21"}
-COMPONENT_WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model",
-                          "vae": "diffusion_pytorch_model"}
-SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-                        "text_encoder": "cond_stage_model."}
-# Single-file tensors that mark a newer family sdcli does not read yet.
-UNSUPPORTED_MARKERS = {"conditioner.embedders.": "SDXL", "model.diffusion_model.joint_blocks.": "SD3",
-                       "double_blocks.": "FLUX"}
-# ComfyUI's heuristic for SD2 single files that carry no prediction-type marker: the v-prediction 768 models
-# have visibly spread-out biases in this layer norm, the epsilon 512 "base" models do not.
-V_PREDICTION_SENTINEL = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-V_PREDICTION_STD = 0.09
 MISSING_MODEL_HINT = ("expected a diffusers folder (with model_index.json) or a single-file .safetensors "
                       "checkpoint; WEIGHTS.md says where to get the weights")
 
@@ -55,23 +47,18 @@ def pickle_refusal(path: Path) -> CheckpointError:
         f"'{path.with_suffix('.safetensors').name}')\"")
 
 
-class TensorSource(Protocol):
-    """Tensors of one component by canonical name, as stored (BF16 as uint16 bits)."""
+@dataclass(frozen=True)
+class SourceKey:
+    """Where a canonical tensor comes from in a single-file checkpoint."""
 
-    description: str
+    name: str  # key in the file
+    # (index, count): rows [index*n/count, (index+1)*n/count) of axis 0 (one of a fused in_proj's q, k, v)
+    part: tuple[int, int] | None = None
+    # reshape to this after taking the part (a (C, C, 1, 1) conv kernel -> a (C, C) linear weight); None: keep
+    shape: tuple[int, ...] | None = None
 
-    def keys(self) -> list[str]: ...
 
-    def dtype(self, name: str) -> str: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def read(self, name: str) -> np.ndarray: ...
-
-    def unexpected(self) -> list[str]: ...
-
-    def release(self, name: str | None = None) -> None:
-        """Drop the pages of tensor ``name`` (of every tensor when None) from resident memory; reads still work."""
+NameMap = dict[str, SourceKey]
 
 
 class FolderSource:
@@ -125,7 +112,7 @@ class FolderSource:
 class MappedSource:
     """A component of a single-file checkpoint, seen through an exact canonical -> stored name map."""
 
-    def __init__(self, file: SafetensorsFile, mapping: dict[str, names.SourceKey], prefix: str,
+    def __init__(self, file: SafetensorsFile, mapping: dict[str, SourceKey], prefix: str,
                  is_extra, description: str):
         self.description = description
         self._file = file
@@ -171,75 +158,74 @@ class MappedSource:
         return list(self._unexpected)
 
 
-def check_tensors(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> None:
-    """Strict check: every expected tensor present with its shape, nothing else. Raises naming each tensor."""
-    present = set(source.keys())
-    missing = [name for name in expected if name not in present]
-    unexpected = sorted(present - set(expected)) + source.unexpected()
-    found = {name: tuple(source.shape(name)) for name in expected if name in present}
-    misshaped = [f"{name} {found[name]} (expected {tuple(shape)})"
-                 for name, shape in expected.items() if name in found and found[name] != tuple(shape)]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            shown = ", ".join(items[:6]) + (f", ... ({len(items) - 6} more)" if len(items) > 6 else "")
-            problems.append(f"{len(items)} {label}: {shown}")
-    if problems:
-        raise CheckpointError(f"{source.description}: does not match the architecture; " + "; ".join(problems))
+class CheckpointFamily(Protocol):
+    """What a checkpoint asks of its family (``sdcli.families.Family`` is one)."""
+
+    name: str
+    components: Mapping[str, str]  # weight component -> diffusers weight-file stem
+
+    def shipped_configs(self, architecture: str) -> Path: ...
+
+    def parse_config(self, checkpoint: "Checkpoint", component: str) -> Any: ...
+
+    def open_source(self, checkpoint: "Checkpoint", component: str) -> TensorSource: ...
 
 
 @dataclass
 class Checkpoint:
-    """An opened model: where it is, what it is, and how to reach each component's config and tensors."""
+    """An opened model: where it is, what it is, and how to reach each component's config and tensors.
+
+    Made by its family's recogniser; ``model_family`` says which components it has and how to read them.
+    """
 
     path: Path
     layout: str  # "diffusers" or "single-file"
-    family: str  # "sd1" or "sd2"
+    family: str  # the architecture, as its family names it: "sd1" or "sd2"
     prediction_type: str  # "epsilon" or "v_prediction"
+    model_family: CheckpointFamily = field(repr=False, compare=False)
     variant: str | None = None
-    _file: SafetensorsFile | None = field(default=None, repr=False)
+    file: SafetensorsFile | None = field(default=None, repr=False)  # the file of a single-file checkpoint
     _sources: dict[str, TensorSource] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def components(self) -> list[str]:
+        """The weight components of the model, as its family names them."""
+        return list(self.model_family.components)
 
     # -- configs ---------------------------------------------------------------------------------------------
     def config_dir(self, component: str) -> Path:
-        base = self.path if self.layout == "diffusers" else preset_config_dir(FAMILY_PRESET[self.family])
+        """The folder of ``component``'s config: in the model, or the shipped one a single file borrows."""
+        base = self.path if self.layout == "diffusers" else self.model_family.shipped_configs(self.family)
         return base / component
 
-    def component_config(self, component: str) -> dict[str, Any]:
+    def config_path(self, component: str) -> Path:
         filename = "scheduler_config.json" if component == "scheduler" else "config.json"
-        return read_json(self.config_dir(component) / filename)
+        return self.config_dir(component) / filename
 
-    def text_encoder_config(self) -> ClipConfig:
-        path = self.config_dir("text_encoder") / "config.json"
-        return ClipConfig.from_diffusers(read_json(path), source=str(path))
+    def component_config(self, component: str) -> dict[str, Any]:
+        """``component``'s config file as it is written."""
+        return read_json(self.config_path(component))
 
-    def unet_config(self) -> UNetConfig:
-        path = self.config_dir("unet") / "config.json"
-        return UNetConfig.from_diffusers(read_json(path), source=str(path))
+    def config(self, component: str) -> Any:
+        """``component``'s config parsed by the family (SD: ClipConfig, UNetConfig, VAEConfig, SchedulerConfig)."""
+        return self.model_family.parse_config(self, component)
 
-    def scheduler_config(self) -> SchedulerConfig:
-        path = self.config_dir("scheduler") / "scheduler_config.json"
-        data = dict(read_json(path))
-        if self.layout == "single-file":
-            data["prediction_type"] = self.prediction_type
-        return SchedulerConfig.from_diffusers(data, source=str(path))
+    def unet_config(self) -> Any:
+        """``config("unet")``, for the callers outside the families (scripts/bench.py)."""
+        return self.config("unet")
 
-    def vae_config(self) -> VAEConfig:
-        path = self.config_dir("vae") / "config.json"
-        return VAEConfig.from_diffusers(read_json(path), source=str(path))
-
-    def tokenizer_dir(self) -> Path:
-        return self.config_dir("tokenizer")
+    def vae_config(self) -> Any:
+        """``config("vae")``, for the callers outside the families (the VAE loaders of sdcli.nn.vae)."""
+        return self.config("vae")
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def source(self, component: str) -> TensorSource:
-        """The tensors of ``component`` ("text_encoder", "unet" or "vae") in canonical names. Opened once and
-        kept, so that every caller reads (and releases) the same mapping."""
-        if component not in COMPONENT_WEIGHT_STEMS:
+        """The tensors of ``component`` (one of :attr:`components`) in canonical names. Opened once and kept, so
+        that every caller reads (and releases) the same mapping."""
+        if component not in self.model_family.components:
             raise CheckpointError(f"unknown component {component!r}")
         if component not in self._sources:
-            self._sources[component] = (self._folder_source(component) if self.layout == "diffusers"
-                                         else self._mapped_source(component))
+            self._sources[component] = self.model_family.open_source(self, component)
         return self._sources[component]
 
     def release(self, component: str) -> None:
@@ -247,31 +233,11 @@ class Checkpoint:
         if component in self._sources:
             self._sources[component].release()
 
-    def _folder_source(self, component: str) -> FolderSource:
+    def folder_files(self, component: str) -> list[SafetensorsFile]:
+        """The opened safetensors file(s) of a diffusers component (its variant honoured)."""
         folder = self.path / component
-        files = component_weight_files(folder, COMPONENT_WEIGHT_STEMS[component], self.variant)
-        opened = [SafetensorsFile(path) for path in files]
-        description = str(folder)
-        if component == "text_encoder":
-            return FolderSource(opened, description, add_prefix="text_model.",
-                                ignored=["text_model.embeddings.position_ids"])
-        return FolderSource(opened, description)
-
-    def _mapped_source(self, component: str) -> MappedSource:
-        assert self._file is not None
-        config = self.component_config(component)
-        layers = None
-        if component == "text_encoder":
-            layers = int(config["num_hidden_layers"])
-            build = names.text_encoder_openclip_names if self.family == "sd2" else names.text_encoder_sd1_names
-            mapping = build(config)
-        elif component == "unet":
-            mapping = names.unet_names(config)
-        else:
-            mapping = names.vae_names(config)
-        return MappedSource(self._file, mapping, SINGLE_FILE_PREFIXES[component],
-                            lambda stored: names.is_known_extra(stored, layers),
-                            f"{self.path} ({component})")
+        return [SafetensorsFile(path) for path in
+                component_weight_files(folder, self.model_family.components[component], self.variant)]
 
 
 def component_weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
@@ -303,95 +269,22 @@ def component_weight_files(folder: Path, stem: str, variant: str | None) -> list
     raise ModelNotFoundError(f"{folder}: no weights ({wanted} is missing); {MISSING_MODEL_HINT}")
 
 
-WEIGHTS_ENV = "SDCLI_WEIGHTS"
+# Opens a path as the family that recognises it; set by sdcli.families (see the module docstring).
+_recogniser: Callable[[Path, str | None], Checkpoint] | None = None
 
 
-def weights_dir() -> Path:
-    """Where named models live: ``$SDCLI_WEIGHTS``, else ``./weights``."""
-    return Path(os.environ.get(WEIGHTS_ENV) or "weights").expanduser()
-
-
-def find_model(model: str | Path) -> Path:
-    """The path ``model`` names, never downloading: an existing file or folder as given, else a preset, a Hub
-    repo id or a folder name looked up in :func:`weights_dir` and the Hugging Face cache
-    (:func:`sdcli.models.resolve_model`, the one place that order is written). A model found nowhere raises
-    ModelNotFoundError; for a preset or repo id the message names the ``sdcli download`` command."""
-    from ..models import resolve_model
-
-    return resolve_model(model)
+def set_recogniser(recognise: Callable[[Path, str | None], Checkpoint]) -> None:
+    """Called once by :mod:`sdcli.families` with its ``recognise``."""
+    global _recogniser
+    _recogniser = recognise
 
 
 def open_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
-    """Open a diffusers folder or a single-file checkpoint, sniffing its family and prediction type."""
-    path = find_model(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise pickle_refusal(path)
-    if not path.exists():
-        where = f" (nor at {weights_dir() / path})" if len(path.parts) == 1 and not path.is_absolute() else ""
-        raise ModelNotFoundError(f"no model at {path}{where}: {MISSING_MODEL_HINT}")
-    if path.is_dir():
-        return _open_folder(path, variant)
-    if path.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{path}: not a .safetensors file; {MISSING_MODEL_HINT}")
-    return _open_single_file(path)
-
-
-def _open_folder(path: Path, variant: str | None) -> Checkpoint:
-    if not (path / "model_index.json").is_file():
-        if (path / "config.json").is_file():
-            raise CheckpointError(f"{path} looks like one component of a model, not a whole diffusers model "
-                                  f"(no model_index.json); point --model at the folder above it")
-        raise ModelNotFoundError(f"no model at {path} (no model_index.json): {MISSING_MODEL_HINT}")
-    read_json(path / "model_index.json")
-    text = read_json(path / "text_encoder" / "config.json")
-    family = "sd2" if int(text.get("hidden_size", 768)) == 1024 else "sd1"
-    scheduler_path = path / "scheduler" / "scheduler_config.json"
-    prediction = read_json(scheduler_path).get("prediction_type", "epsilon") if scheduler_path.is_file() \
-        else "epsilon"
-    return Checkpoint(path=path, layout="diffusers", family=family, prediction_type=prediction, variant=variant)
-
-
-def _open_single_file(path: Path) -> Checkpoint:
-    file = SafetensorsFile(path)
-    keys = file.keys()
-    for marker, family in UNSUPPORTED_MARKERS.items():
-        if any(key.startswith(marker) for key in keys):
-            raise CheckpointError(f"{path}: this is a {family} checkpoint; sdcli reads SD 1.x and 2.x so far")
-    if any(key.startswith("cond_stage_model.model.") for key in keys):
-        family = "sd2"
-    elif any(key.startswith("cond_stage_model.transformer.") for key in keys):
-        family = "sd1"
-    else:
-        family = _family_from_unet(file, path)
-    return Checkpoint(path=path, layout="single-file", family=family,
-                      prediction_type=_sniff_prediction_type(file, family), _file=file)
-
-
-def _family_from_unet(file: SafetensorsFile, path: Path) -> str:
-    """SD1 or SD2 from the cross-attention width when the file has no text encoder."""
-    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if key not in file:
-        raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no cond_stage_model.* "
-                              "or model.diffusion_model.* tensors)")
-    width = file.info(key).shape[-1]
-    if width not in (768, 1024):
-        raise CheckpointError(f"{path}: unknown cross-attention width {width} (SD1 uses 768, SD2 1024)")
-    return "sd1" if width == 768 else "sd2"
-
-
-def _sniff_prediction_type(file: SafetensorsFile, family: str) -> str:
-    """epsilon for SD1; for SD2 a ``v_pred`` marker tensor, else the layer-norm spread heuristic."""
-    if family == "sd1":
-        return "epsilon"
-    if "v_pred" in file:
-        return "v_prediction"
-    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
-    if conv_in in file and file.info(conv_in).shape[1] != 4:
-        return "epsilon"  # inpainting/depth models take extra input channels and predict noise
-    if V_PREDICTION_SENTINEL not in file:
-        return "v_prediction"  # no UNet to judge by: SD2.x's flagship 768 models are v-prediction
-    bias = file.float32(V_PREDICTION_SENTINEL)
-    return "v_prediction" if float(np.std(bias)) > V_PREDICTION_STD else "epsilon"
+    """Open the diffusers folder or single-file checkpoint at ``path`` (a path: ``sdcli.open_checkpoint`` also
+    resolves preset names and repo ids) as the model family that recognises it."""
+    if _recogniser is None:
+        raise CheckpointError("no model family is registered (import sdcli.families)")
+    return _recogniser(Path(path), variant)
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -400,5 +293,5 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
             "prediction_type": checkpoint.prediction_type}
 
 
-__all__ = ["Checkpoint", "FolderSource", "MappedSource", "TensorSource", "check_tensors", "component_weight_files",
-           "describe", "open_checkpoint", "pickle_refusal"]
+__all__ = ["Checkpoint", "CheckpointFamily", "FolderSource", "MappedSource", "TensorSource", "check_tensors",
+           "component_weight_files", "describe", "open_checkpoint", "pickle_refusal"]

@@ -20,17 +20,55 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from ..ops import Ops
 from ..ops import numpy_ops
 from ..ops.parameter import Parameter, Weight
-from .checkpoint import TensorSource, check_tensors
+from ..errors import CheckpointError
 
 Network = TypeVar("Network")
 Shapes = dict[str, tuple[int, ...]]
+
+
+class TensorSource(Protocol):
+    """Tensors of one component by canonical name, as stored (BF16 as uint16 bits)."""
+
+    description: str
+
+    def keys(self) -> list[str]: ...
+
+    def dtype(self, name: str) -> str: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str) -> np.ndarray: ...
+
+    def unexpected(self) -> list[str]: ...
+
+    def release(self, name: str | None = None) -> None:
+        """Drop the pages of tensor ``name`` (of every tensor when None) from resident memory; reads still work."""
+
+
+def check_tensors(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> None:
+    """Strict check: every expected tensor present with its shape, nothing else. Raises naming each tensor."""
+    present = set(source.keys())
+    missing = [name for name in expected if name not in present]
+    unexpected = sorted(present - set(expected)) + source.unexpected()
+    found = {name: tuple(source.shape(name)) for name in expected if name in present}
+    misshaped = [f"{name} {found[name]} (expected {tuple(shape)})"
+                 for name, shape in expected.items() if name in found and found[name] != tuple(shape)]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:6]) + (f", ... ({len(items) - 6} more)" if len(items) > 6 else "")
+            problems.append(f"{len(items)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source.description}: does not match the architecture; " + "; ".join(problems))
+
+
 
 
 class _Taken:

@@ -12,16 +12,12 @@ guidance rescaling (Lin et al. 2023) works on the network's output.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import PREDICTION_TYPES
 from ..errors import SdcliError
 from .schedules import fractional_timesteps
-
-if TYPE_CHECKING:
-    from .plans import SamplerPlan
 
 Network = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x_in (B, C, h, w), timesteps (B,)) -> output
 ConditionedNetwork = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ... plus context (B, 77, D)
@@ -46,11 +42,6 @@ class TimestepMap:
     def __init__(self, training_sigmas: np.ndarray, sigmas: np.ndarray = (), timesteps: np.ndarray = ()):
         self.training_sigmas = np.asarray(training_sigmas, dtype=np.float32)
         self.pairs = {float(np.float32(s)): float(t) for s, t in zip(sigmas, timesteps)}
-
-    @classmethod
-    def from_plan(cls, plan: SamplerPlan) -> "TimestepMap":
-        steps = len(plan.timesteps)
-        return cls(training_sigmas(plan.alphas_cumprod), plan.sigmas[:steps], plan.timesteps)
 
     def __call__(self, sigma: float) -> float:
         key = float(np.float32(sigma))
@@ -117,11 +108,6 @@ class LCMDenoiser:
         denoised = self.denoiser(x, sigma)
         x_vp = x / np.sqrt(np.float32(sigma) ** 2 + np.float32(1))
         return c_out * denoised + c_skip * x_vp
-
-
-def lcm_denoiser(denoiser: Denoiser, plan: SamplerPlan) -> LCMDenoiser:
-    """``denoiser`` under the LCM boundary condition with the plan's timestep map and scaling."""
-    return LCMDenoiser(denoiser, plan.timestep_map(), plan.timestep_scaling)
 
 
 def guided_network(network: ConditionedNetwork, context: np.ndarray, uncond_context: np.ndarray | None,

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import SchedulerConfig
 from ..errors import SdcliError
-from .denoisers import TimestepMap, lcm_denoiser
+from .denoisers import LCMDenoiser, Model, TimestepMap, training_sigmas
 from .samplers import (sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
                        sample_lcm, sample_plms)
 from .schedules import NoiseSchedule, fractional_timesteps, inference_timesteps, karras_sigmas
@@ -63,7 +63,7 @@ class SamplerPlan:
 
     def timestep_map(self) -> TimestepMap:
         """sigma -> network timestep: this plan's pairs, log-sigma interpolation elsewhere."""
-        return TimestepMap.from_plan(self)
+        return TimestepMap(training_sigmas(self.alphas_cumprod), self.sigmas[:len(self.timesteps)], self.timesteps)
 
 
 @dataclass(frozen=True)
@@ -271,6 +271,11 @@ def plan_euler(config, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
     init = sigma_max if scheduler_config.timestep_spacing != "leading" else np.sqrt(sigma_max ** 2 + np.float32(1))
     return SamplerPlan(sigmas=sigmas, timesteps=timesteps, init_noise_sigma=float(init), final_scale=1.0,
                        prediction_type=config["prediction_type"], alphas_cumprod=schedule.alphas_cumprod)
+
+
+def lcm_denoiser(denoiser: Model, plan: SamplerPlan) -> LCMDenoiser:
+    """``denoiser`` under the LCM boundary condition with the plan's timestep map and scaling."""
+    return LCMDenoiser(denoiser, plan.timestep_map(), plan.timestep_scaling)
 
 
 # -- the table ------------------------------------------------------------------------------------------------

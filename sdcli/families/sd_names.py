@@ -33,23 +33,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from ..config import ClipConfig, UNetConfig, VAEConfig
+from ..io.checkpoint import NameMap, SourceKey
 from ..nn.clip import ClipTextEncoder
 from ..nn.unet import UNet2DConditionModel
 from ..nn.vae import Autoencoder
 
 
-@dataclass(frozen=True)
-class SourceKey:
-    """Where a canonical tensor comes from in a single-file checkpoint."""
-
-    name: str  # key in the file
-    # (index, count): rows [index*n/count, (index+1)*n/count) of axis 0 (one of a fused in_proj's q, k, v)
-    part: tuple[int, int] | None = None
-    # reshape to this after taking the part (a (C, C, 1, 1) conv kernel -> a (C, C) linear weight); None: keep
-    shape: tuple[int, ...] | None = None
-
-
-NameMap = dict[str, SourceKey]
 Shapes = dict[str, tuple[int, ...]]
 
 UNET_PREFIX = "model.diffusion_model."
@@ -127,7 +116,7 @@ def _translate(shapes: Shapes, rules: Iterable[Rule], prefix: str, what: str) ->
 def _network_shapes(build: Callable) -> Shapes:
     """Every tensor the network ``build(params)`` takes, with its shape; nothing is read."""
     # Imported here: sdcli.io.weights imports sdcli.io.checkpoint, which imports this module.
-    from .weights import tensor_shapes
+    from ..io.weights import tensor_shapes
 
     return tensor_shapes(build)
 

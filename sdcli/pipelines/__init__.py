@@ -1,0 +1,1 @@
+"""Generators over a model family's stages: ``image.py`` (text to image)."""

@@ -1,0 +1,456 @@
+"""Text to image over a model family's stages: planning a run, loading a model, and generating its images.
+
+    prompt --prompt encoder--> conditioning (B, S, D)
+    seed --rng--> unit noise (B, C, h, w) --plan.init_noise_sigma--> x
+    (x, conditioning) --sampler(denoiser(guided network), sigmas)--> latents --decoder--> images (B, 3, H, W) in [-1, 1]
+
+A run is planned first (:func:`plan_run`: its batches, the seed of every image, drawn once when none is given,
+and initial latents read from a file), then each batch is prepared against the loaded model once
+(:meth:`TextToImage.prepare`: the model's defaults, the sampler plan, the memory check) and run.
+:meth:`TextToImage.run` is a generator that yields a record per denoising step, so the caller owns progress bars
+and previews; :func:`generate_image` runs it to the end.
+
+What a pipeline asks of a family (``checkpoint.model_family``, an :class:`~sdcli.families.Family`):
+
+- ``latents``: its latent geometry (channels, pixels per latent), for the noise, latents files and image sizes;
+- ``image``, its :class:`~sdcli.families.ImageStages`:
+
+  - ``load_prompt_encoder(checkpoint, ops, precision)``: an object with ``tokenize(prompts)``,
+    ``encode(prompts, clip_skip) -> (B, S, D)``, ``release()`` (drop its mapped weights' pages), ``timings`` and
+    its ``text_encoder`` network;
+  - ``load_denoiser(checkpoint, ops, precision, stream)``: ``network(x_in (B, C, h, w), timesteps (B,),
+    context (B, S, D)) -> (B, C, h, w)``, the prediction the scheduler config's ``prediction_type`` names;
+  - ``load_decoder(checkpoint, ops, precision, vae, tiling, stream)`` and ``load_preview_decoder(ops)``:
+    ``decoder(latents (B, C, h, w)) -> images (B, 3, H, W)`` in [-1, 1];
+  - ``scheduler_config(checkpoint)``: the diffusers scheduler config the sampler plans read;
+  - ``native_size(network)``, ``check_memory(network, decoder, params, backend)`` and ``unload(network)`` (drop
+    what a network prepared from its weights);
+  - ``text_component``, ``denoiser_component``, ``decoder_component``: the checkpoint component each stage reads.
+
+Nothing here names a network: the family's loaders are the only code that builds one.
+
+Each network carries its backend (``network.ops``) and computes on that backend's arrays; the pipeline crosses
+the host boundary around every call (:func:`on_host`: ``ops.from_host`` in, ``ops.to_host`` out), so samplers,
+previews and images stay host numpy while a device backend keeps the activations resident.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import SdcliError
+from ..families import Family, LatentGeometry
+from ..io.checkpoint import Checkpoint
+from ..io.prompts_file import PromptLine
+from ..memory import return_freed_memory
+from ..models import open_checkpoint
+from ..ops import get_ops
+from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
+from ..rng import BatchNoise, image_seeds, random_seed
+from ..sampling.denoisers import Denoiser, guided_network
+from ..sampling.plans import SAMPLERS, SamplerPlan
+
+log = logging.getLogger("sdcli")
+
+# The sampler a model's own scheduler config names (diffusers class -> sdcli sampler); anything else gets PNDM.
+SCHEDULER_CLASS_SAMPLERS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
+                            "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
+                            "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                            "LCMScheduler": "lcm", "UniPCMultistepScheduler": "unipc"}
+
+
+# -- planning a run ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One batch of images: its parameters (``batch_size`` images from ``seed`` on), the initial latents that
+    replace the seeded noise (None: drawn from the seeds), and, once prepared against a model, the sampler plan."""
+
+    params: GenerateParams
+    initial_noise: np.ndarray | None = None  # (B, C, h, w) unit-variance, as diffusers' latents= argument
+    plan: SamplerPlan | None = None  # set by TextToImage.prepare, with the params resolved
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: seed, seed + 1, ... (wrapping at 2**32)."""
+        if self.params.seed is None:
+            raise SdcliError("a job's seeds are known once its seed is: plan_run or TextToImage.prepare draws one")
+        return image_seeds(self.params.seed, self.params.batch_size)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every batch of a run, in order, and the run's first seed (``seed_drawn``: it was drawn, none was given)."""
+
+    jobs: list[Job]
+    seed: int
+    seed_drawn: bool
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of every image of the run."""
+        return [seed for job in self.jobs for seed in job.seeds]
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of every image of the run."""
+        return [job.params.prompt for job in self.jobs for _ in job.seeds]
+
+
+def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = None, num_images: int = 1,
+             batch_size: int = 1, latents: str | Path | np.ndarray | None = None,
+             family: Family | None = None) -> RunPlan:
+    """Every batch of a run, in order: each prompt (``params.prompt``, or each line of a prompts file with its own
+    settings), ``num_images`` images of it, in batches of up to ``batch_size``.
+
+    Seeds: the run starts at ``params.seed``, or at one drawn here (once, for the whole run) when it is None; the
+    images count on from it (seed, seed + 1, ...), and a line's own ``--seed`` starts its images there without
+    moving the count. Every batch's settings are validated before anything runs.
+
+    ``latents``: the initial noise of every image of the run, a ``.npy`` file or an array (images, C, h, w),
+    checked against ``family``'s latent geometry (needed with it); the run's width and height follow from it.
+    """
+    batch_size = min(batch_size, num_images)
+    lines: list[PromptLine | None] = list(prompts) if prompts is not None else [None]
+    seed_drawn = params.seed is None
+    first_seed = random_seed() if seed_drawn else params.seed
+    noise = None
+    if latents is not None:
+        if family is None:
+            raise ValueError("plan_run needs the model's family to check latents")
+        noise = (read_latents(latents, family.latents) if not isinstance(latents, np.ndarray)
+                 else check_latents(latents, family.latents, "latents"))
+        params = size_from_latents(params, noise, num_images * len(lines), family.latents)
+    jobs = []
+    next_seed = first_seed
+    index = 0  # of the run's first image in the next batch
+    for line in lines:
+        line_params, line_seed = params, None
+        if line is not None:
+            changes = dict(line.overrides)  # GenerateParams field names
+            line_seed = changes.pop("seed", None)
+            line_params = params.with_(prompt=line.prompt, **changes)
+        seeds = image_seeds(line_seed if line_seed is not None else next_seed, num_images)
+        if line_seed is None:
+            next_seed = (seeds[-1] + 1) % (MAX_SEED + 1)
+        if line_params.sampler and line_params.sampler not in SAMPLERS:
+            raise SdcliError(f"unknown scheduler {line_params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        line_params.with_(seed=seeds[0], batch_size=1).validate()
+        for start in range(0, num_images, batch_size):
+            chunk = seeds[start:start + batch_size]
+            jobs.append(Job(line_params.with_(seed=chunk[0], batch_size=len(chunk)),
+                            noise[index:index + len(chunk)] if noise is not None else None))
+            index += len(chunk)
+    return RunPlan(jobs, first_seed, seed_drawn)
+
+
+def read_latents(path: str | Path, geometry: LatentGeometry) -> np.ndarray:
+    """A (N, C, h, w) float32 array from a .npy file ((C, h, w) is taken as N = 1), checked against
+    ``geometry``."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(6) != b"\x93NUMPY":
+                raise SdcliError(f"--latents {path}: not a .npy file (numpy.save writes them)")
+            stream.seek(0)
+            array = np.load(stream, allow_pickle=False)
+    except OSError as error:
+        raise SdcliError(f"--latents {path}: cannot read it: {error.strerror or error}") from None
+    except ValueError:  # an object array (which only pickle could read), or a damaged header or payload
+        raise SdcliError(f"--latents {path}: not a .npy file of numbers (it is damaged, or holds Python "
+                         "objects)") from None
+    return check_latents(array, geometry, f"--latents {path}")
+
+
+def check_latents(array: np.ndarray, geometry: LatentGeometry, label: str) -> np.ndarray:
+    """``array`` as (N, C, h, w) float32 latents of ``geometry``; a one-line SdcliError starting with ``label``
+    otherwise."""
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != geometry.channels or not np.issubdtype(array.dtype, np.floating):
+        raise SdcliError(f"{label}: expected float latents of shape {geometry.describe()}, got {array.dtype} "
+                         f"{array.shape}")
+    if not np.isfinite(array).all():
+        raise SdcliError(f"{label}: the latents contain NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def size_from_latents(params: GenerateParams, latents: np.ndarray, total_images: int,
+                      geometry: LatentGeometry) -> GenerateParams:
+    """Take width/height from the latents when not given; check the image count and any given size."""
+    if latents.shape[0] != total_images:
+        raise SdcliError(f"--latents holds {latents.shape[0]} image(s) but the run makes {total_images}")
+    width, height = geometry.image_size(latents.shape)
+    for name, given, implied in (("width", params.width, width), ("height", params.height, height)):
+        if given is not None and given != implied:
+            raise SdcliError(f"--{name} {given} does not match the latents, which make {implied}")
+    return params.with_(width=width, height=height)
+
+
+# -- text to image -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One finished denoising step: ``index`` counts from 0 to ``total`` - 1."""
+
+    index: int
+    total: int
+    sigma: float
+    latents: np.ndarray  # (B, C, h, w), the sampler's current state
+    preview: np.ndarray | None  # (B, 3, H, W) in [-1, 1]: the current x0 estimate through the preview decoder
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class GeneratedBatch:
+    """The result of one batch: images in [-1, 1] and the latents the decoder decoded."""
+
+    images: np.ndarray  # (B, 3, H, W) float32
+    latents: np.ndarray  # (B, C, H/f, W/f) float32
+    seeds: list[int]
+    params: GenerateParams  # with width, height, seed and sampler filled in
+    timings: dict[str, float]  # seconds (text_encoding_s, denoising_s, s_per_step, decode_s) and steps
+
+
+def on_host(network, arrays: tuple[int, ...] = (0,)):
+    """``network`` as a function of host arrays: the positional arguments at ``arrays`` go to its backend
+    (``ops.from_host``) and its result comes back (``ops.to_host``): the host boundary of every network call.
+    Other arguments (timesteps) pass as they are."""
+    ops = network.ops
+
+    def call(*args):
+        return ops.to_host(network(*(ops.from_host(arg) if i in arrays else arg for i, arg in enumerate(args))))
+
+    return call
+
+
+class TextToImage:
+    """A loaded model: prompt encoder, denoising network, image decoder and scheduler config of its family's
+    stages. ``prepare`` resolves a batch against the model, ``run`` generates it.
+
+    Low memory: ``encode_prompts`` encodes every prompt a run will need ahead of time and keeps its conditioning,
+    after which ``release_text_encoder`` drops the text encoder's weights (about 0.5 GB for SD1.5 in fp32,
+    1.4 GB for SD2.1) for the rest of the pipeline's life. The trade-off: each distinct prompt and negative
+    prompt then holds its (1, 77, D) conditioning (0.24 MB for SD1, 0.32 MB for SD2) until the pipeline is
+    dropped, and a prompt that was not encoded ahead can no longer be generated. The images are the same bit for
+    bit either way, since ``run`` encodes one row per prompt and repeats it over the batch in both cases.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder, scheduler_config: dict,
+                 backend: str, precision: str, vae: str):
+        self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
+        self.family: Family = checkpoint.model_family
+        self.stages = self.family.image
+        self.scheduler_config = scheduler_config
+        self.backend, self.precision, self.vae = backend, precision, vae
+        self.timings: dict[str, float] = {}
+        self._preview_decoder = decoder if vae == "taesd" else None
+        self._encoded: dict[tuple[str, int], np.ndarray] = {}  # (text, clip_skip) -> (1, S, D), see encode_prompts
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (512 for SD1.5, 768 for SD2.1)."""
+        return self.stages.native_size(self.network)
+
+    @property
+    def default_sampler(self) -> str:
+        return SCHEDULER_CLASS_SAMPLERS.get(self.scheduler_config.get("_class_name", ""), DEFAULT_SAMPLER)
+
+    def prepare(self, job: Job | GenerateParams) -> Job:
+        """``job`` resolved against this model, once: the model's defaults filled in (sampler, steps, size, a
+        random seed when none is given), validated, its sampler plan made and its memory checked; its initial
+        latents, if any, checked against the size. A job prepared already is only checked."""
+        job = job if isinstance(job, Job) else Job(job)
+        if job.plan is None:
+            params = job.params
+            sampler = self.default_sampler if params.sampler is None else params.sampler
+            if sampler not in SAMPLERS:
+                raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+            params = params.with_(sampler=sampler,
+                                  steps=default_steps(sampler) if params.steps is None else params.steps,
+                                  width=self.native_size if params.width is None else params.width,
+                                  height=self.native_size if params.height is None else params.height,
+                                  seed=random_seed() if params.seed is None else params.seed).validate()
+            plan = SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # refuses a count it cannot give
+            self.stages.check_memory(self.network, self.decoder, params, self.backend)
+            job = replace(job, params=params, plan=plan)
+        if job.initial_noise is not None:
+            params = job.params
+            expected = (params.batch_size, *self.family.latents.shape(params.width, params.height))
+            if job.initial_noise.shape != expected:
+                raise SdcliError(f"initial latents must have shape {expected} for {params.batch_size} image(s) of "
+                                 f"{params.width}x{params.height}, got {tuple(job.initial_noise.shape)}")
+        return job
+
+    def conditioning(self, text: str, clip_skip: int = 1) -> np.ndarray:
+        """(1, S, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""
+        encoded = self._encoded.get((text, clip_skip))
+        if encoded is not None:
+            return encoded
+        if self.prompt_encoder is None:
+            raise SdcliError(f"the text encoder was released to save memory and the prompt {text!r} was not "
+                             "encoded ahead")
+        return self.prompt_encoder.encode([text], clip_skip=clip_skip)  # (1, S, D)
+
+    def encode_prompts(self, jobs: Iterable[Job | GenerateParams]) -> None:
+        """Encode and keep the prompt of every job (and its negative prompt where guidance uses one), each
+        distinct (text, clip_skip) once, so that ``release_text_encoder`` can follow."""
+        for job in jobs:
+            params = job.params if isinstance(job, Job) else job
+            texts = [params.prompt] + ([params.negative_prompt] if params.guidance_scale > 1 else [])
+            for text in texts:
+                if (text, params.clip_skip) not in self._encoded:
+                    self._encoded[text, params.clip_skip] = self.conditioning(text, params.clip_skip)
+
+    def release_text_encoder(self) -> None:
+        """Drop the tokenizer and text encoder; only prompts kept by ``encode_prompts`` can be generated after."""
+        if self.prompt_encoder is not None:
+            log.info("released the text encoder (%d prompts encoded ahead)", len(self._encoded))
+            self.prompt_encoder.release()  # the file stays mapped (the checkpoint keeps it): drop its pages
+        self.prompt_encoder = None
+        return_freed_memory()  # what its layers had prepared
+
+    def leave_stage(self, component: str, network) -> None:
+        """Let the weights of the checkpoint's ``component`` and its ``network`` leave resident memory: the layers
+        drop the weights they prepared from the mapped file (the family's ``unload``: about 1.7 GB for the SD1.5
+        UNet in fp16, remade in about a second when it runs again), the file's pages are released (they map again
+        from the page cache when needed) and the freed memory goes back to the system."""
+        if network is not None:
+            self.stages.unload(network)
+        self.checkpoint.release(component)
+        return_freed_memory()
+
+    def preview_decoder(self):
+        if self._preview_decoder is None:
+            self._preview_decoder = self.stages.load_preview_decoder(get_ops(self.backend))
+        return self._preview_decoder
+
+    def run(self, job: Job | GenerateParams, initial_noise: np.ndarray | None = None,
+            preview_every: int = 0) -> Iterator[StepRecord | GeneratedBatch]:
+        """Generate the ``batch_size`` images of ``job``: yield a StepRecord per step, then the GeneratedBatch.
+
+        ``job`` is a Job (prepared by :meth:`prepare` or not) or plain GenerateParams. ``initial_noise``
+        (B, C, H/f, W/f), also a Job's own, replaces the seeded unit-variance starting noise; it is scaled by the
+        sampler exactly as diffusers scales its ``latents=`` argument. ``preview_every`` > 0 decodes the current
+        x0 estimate with the preview decoder every that many steps (and at the last).
+        """
+        job = job if isinstance(job, Job) else Job(job)
+        if initial_noise is not None:
+            job = replace(job, initial_noise=initial_noise)
+        job = self.prepare(job)
+        params, plan = job.params, job.plan
+        batch = params.batch_size
+        seeds = job.seeds
+        noise = BatchNoise(seeds, self.family.latents.shape(params.width, params.height))
+        seeded_noise = noise.draw()  # drawn either way, so a stochastic sampler's later draws follow the seed alone
+        initial_noise = seeded_noise if job.initial_noise is None else job.initial_noise
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        # One row per prompt repeated over the batch, as diffusers' num_images_per_prompt does.
+        context = np.repeat(self.conditioning(params.prompt, params.clip_skip), batch, axis=0)  # (B, S, D)
+        uncond_context = None
+        if params.guidance_scale > 1:
+            uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip), batch,
+                                       axis=0)  # (B, S, D)
+        timings["text_encoding_s"] = time.perf_counter() - start
+        # Each stage's weights leave resident memory when the next stage starts, so that the peak is the largest
+        # stage's, not the sum of all three (see leave_stage).
+        self.leave_stage(self.stages.text_component,
+                         self.prompt_encoder.text_encoder if self.prompt_encoder else None)
+
+        spec = SAMPLERS[params.sampler]
+        network = guided_network(on_host(self.network, (0, 2)), context, uncond_context, params.guidance_scale,
+                                 params.guidance_rescale)
+        denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
+        if spec.wraps_denoiser is not None:
+            denoiser = spec.wraps_denoiser(denoiser, plan)
+        x = np.asarray(initial_noise, dtype=np.float32) * np.float32(plan.init_noise_sigma)
+        options = dict(plan.sampler_options)
+        if params.eta and "eta" in spec.options:
+            options["eta"] = params.eta
+
+        start = time.perf_counter()
+        total = len(plan.sigmas) - 1
+        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, C, h, w)
+            x = step.x
+            preview = None
+            if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
+                preview = on_host(self.preview_decoder())(step.denoised)
+            yield StepRecord(step.index, total, float(step.sigma), x, preview, time.perf_counter() - start)
+        timings["denoising_s"] = time.perf_counter() - start
+        timings["steps"] = total
+        timings["s_per_step"] = timings["denoising_s"] / max(total, 1)
+
+        latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, C, h, w) what diffusers decodes
+        self.leave_stage(self.stages.denoiser_component, self.network)
+        start = time.perf_counter()
+        images = on_host(self.decoder)(latents)  # (B, 3, H, W)
+        timings["decode_s"] = time.perf_counter() - start
+        self.leave_stage(self.stages.decoder_component, self.decoder)
+        yield GeneratedBatch(images, latents, seeds, params, timings)
+
+
+def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu"):
+    """Open ``model`` (a path, preset, repo id or an opened checkpoint) and load its tokenizer and text encoder:
+    ``encoder.encode(prompts)`` gives the conditioning (B, S, D) the denoiser is guided by."""
+    start = time.perf_counter()
+    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    encoder = checkpoint.model_family.image.load_prompt_encoder(checkpoint, get_ops(backend), precision)
+    encoder.timings["load_s"] = time.perf_counter() - start
+    log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
+             encoder.timings["load_s"])
+    return encoder
+
+
+def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+                  vae: str = "full", vae_tiling: bool = False, low_memory: bool = False) -> TextToImage:
+    """Open ``model`` and load everything text-to-image needs, as its family says: tokenizer and text encoder,
+    denoising network, image decoder (``vae="taesd"``: the shipped tiny autoencoder instead of the model's VAE)
+    and the scheduler config.
+
+    ``vae_tiling``: the full VAE decodes large images in overlapping tiles, as diffusers' ``enable_tiling()``
+    (TAESD always decodes whole). ``low_memory`` turns tiling on and streams the denoiser's and decoder's weights
+    (their mapped pages leave resident memory after each layer's use); the caller then encodes its prompts ahead
+    and releases the text encoder (see :class:`TextToImage`).
+    """
+    if vae not in VAE_CHOICES:
+        raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
+    start = time.perf_counter()
+    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    ops = get_ops(backend)
+    stages = checkpoint.model_family.image
+    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
+    network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory)
+    decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,
+                                  stream=low_memory)
+    pipeline = TextToImage(checkpoint, prompt_encoder, network, decoder, stages.scheduler_config(checkpoint),
+                           backend, precision, vae)
+    pipeline.timings["load_s"] = time.perf_counter() - start
+    log.info("loaded %s (%s, %s) in %.2f s", checkpoint.path, checkpoint.family, checkpoint.prediction_type,
+             pipeline.timings["load_s"])
+    return pipeline
+
+
+def default_steps(sampler: str) -> int:
+    """The step count a sampler runs when none is asked for: 50, or its own (LCM: 4)."""
+    return SAMPLERS[sampler].default_steps or DEFAULT_STEPS
+
+
+def generate_image(pipeline: TextToImage, params: Job | GenerateParams,
+                   initial_noise: np.ndarray | None = None) -> GeneratedBatch:
+    """Run ``pipeline`` on ``params`` (or a planned Job) to the end and return the batch (the library call without
+    progress reporting)."""
+    for record in pipeline.run(params, initial_noise=initial_noise):
+        if isinstance(record, GeneratedBatch):
+            return record
+    raise AssertionError("the pipeline ended without a result")
+
+
+__all__ = ["GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "check_latents", "default_steps",
+           "generate_image", "load_pipeline", "load_prompt_encoder", "plan_run", "read_latents", "size_from_latents"]
