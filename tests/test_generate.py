@@ -137,7 +137,10 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file(model, tmp_path
     # enough steps that the second image is still being made when the first is saved
     process = subprocess.Popen(["sdcli", "generate", "-m", str(model), "-p", "a cat", "--seed", "1", "-N", "3",
                                 "--steps", "400", "--scheduler", "euler", "--width", "64", "--height", "64",
-                                "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # as a terminal's Ctrl-C finds it: a test run started in the background inherits an
+                               # ignored SIGINT, which Python would keep (and never raise KeyboardInterrupt)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("run-*.png")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
