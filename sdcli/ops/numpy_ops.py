@@ -426,16 +426,26 @@ def timestep_embedding(timesteps: np.ndarray, dim: int, *, flip_sin_to_cos: bool
 
     Frequencies ``exp(-ln(10000) k / (dim/2 - freq_shift))`` for k < dim/2 (Vaswani et al. 2017, as DDPM uses it);
     ``[sin, cos]`` of ``t * frequency``, swapped to ``[cos, sin]`` with ``flip_sin_to_cos`` (SD's setting).
+
+    diffusers forms the exponents, frequencies and angles in float32 whatever the model's dtype (its float64 UNet
+    too), so the angles here are the same float32 products. exp, sin and cos are evaluated in float64 and rounded
+    to float32 once: the correctly rounded float32 values, which torch's float32 exp, sin and cos give nearly
+    always. numpy's float32 exp is an ulp off for some of the exponents, and at t ~ 900 an ulp of a frequency moves
+    the angle, and the sine, by up to 1e-5 (about a hundred float32 ulps of the result), which a UNet can amplify
+    into its output. Portable: float32 products round exactly on any CPU, and float64 exp, sin and cos are within
+    an ulp or two of float64 on any CPU, vectorised or not, which the rounding to float32 removes unless the value
+    lies within those float64 ulps of a float32 rounding boundary (about one value in 10^8).
     """
     half = dim // 2
     exponent = np.float32(-math.log(MAX_PERIOD)) * np.arange(half, dtype=np.float32)
     exponent = exponent / np.float32(half - freq_shift)
-    frequencies = np.exp(exponent)  # (dim/2,)
-    angles = np.asarray(timesteps).astype(np.float32)[:, None] * frequencies[None, :]  # (B, dim/2)
+    frequencies = np.exp(exponent.astype(np.float64)).astype(np.float32)  # (dim/2,)
+    angles = np.asarray(timesteps).astype(np.float32)[:, None] * frequencies[None, :]  # (B, dim/2), float32 products
+    angles = angles.astype(np.float64)  # exactly
     parts = [np.cos(angles), np.sin(angles)] if flip_sin_to_cos else [np.sin(angles), np.cos(angles)]
     if dim % 2:
-        parts.append(np.zeros((len(timesteps), 1), dtype=np.float32))
-    return np.concatenate(parts, axis=1)  # (B, dim)
+        parts.append(np.zeros((len(timesteps), 1)))
+    return np.concatenate(parts, axis=1).astype(np.float32)  # (B, dim)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
