@@ -43,7 +43,8 @@ TOL = {
     # a convolution is a sum of Cin*kh*kw products: tap-by-tap GEMMs (cpu), im2col (strided cpu), einsum (numpy)
     # and torch's kernels sum in different orders, ~sqrt(K) ulp of the output scale.
     "conv2d": (1e-5, 2e-6),
-    # mean and variance in double (cpu) vs pairwise float32 (numpy, torch): a few ulp of the normalised values.
+    # mean, variance and normalisation in double, rounded once (cpu, numpy) vs float32 (torch): a few ulp of the
+    # normalised values; the SiLU after it takes exp from the kernel's polynomial (cpu) or numpy.
     "group_norm": (1e-5, 1e-6),
     # exp within an ulp or two, one division.
     "silu": (2e-6, 1e-7),

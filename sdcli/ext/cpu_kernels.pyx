@@ -43,8 +43,12 @@ cdef extern from "vec.h" nogil:
     void sdcli_geglu(const float* value, const float* gate, ptrdiff_t n, float* y)
     # the sum of x[j] - shift, or of its squares, for j < n, accumulated in double
     double sdcli_sum_shifted(const float* x, ptrdiff_t n, float shift, bint square)
-    # y[j] = x[j] scale + shift, then SiLU of that when silu, for j < n (x and y may be the same array)
-    void sdcli_scale_shift(const float* x, ptrdiff_t n, float scale, float shift, bint silu, float* y)
+    # the sum of (x[j] - mean)^2 for j < n, in double
+    double sdcli_sum_centred_squares(const float* x, ptrdiff_t n, double mean)
+    # y[j] = (x[j] - mean) scale + shift in double, rounded to float, then SiLU of that when silu, for j < n (x and y
+    # may be the same array)
+    void sdcli_normalize_shift(const float* x, ptrdiff_t n, double mean, double scale, double shift, bint silu,
+                               float* y)
     # y[j] = (x[j] - mean) inverse_std weight[j] + bias[j] for j < n
     void sdcli_normalize_affine(const float* x, ptrdiff_t n, float mean, float inverse_std, const float* weight,
                                 const float* bias, float* y)
@@ -197,24 +201,25 @@ def softmax(const float[:, ::1] x, float[:, ::1] out):
             _softmax_row(&x[r, 0], &out[r, 0], width)
 
 
-cdef void _group_norm_group(const float* x, const float* weight, const float* bias, float eps, bint silu,
+cdef void _group_norm_group(const float* x, const float* weight, const float* bias, double eps, bint silu,
                             Py_ssize_t channels, Py_ssize_t positions, float* y) noexcept nogil:
-    # One group: x (channels, positions) -> y. The mean, then the biased variance of the centred values, in double;
-    # y = x scale + shift per channel with scale = weight / std, shift = bias - mean scale, then SiLU when asked.
+    # One group: x (channels, positions) -> y, in double as numpy_ops.group_norm: the mean, the biased variance of
+    # the values centred on it, and per channel y = (x - mean) weight / std + bias, rounded to float once; then SiLU
+    # (in float) when asked. A float mean, or y = x scale + (bias - mean scale) in float, would lose ulps of the
+    # mean divided by the standard deviation in groups whose spread is small against their mean.
     cdef Py_ssize_t size = channels * positions, c
-    cdef double inverse_std
-    cdef float mean, scale
+    cdef double mean, inverse_std
     if size == 0:
         return
-    mean = <float>(sdcli_sum_shifted(x, size, 0, False) / size)
-    inverse_std = 1.0 / sqrt(sdcli_sum_shifted(x, size, mean, True) / size + eps)
+    mean = sdcli_sum_shifted(x, size, 0, False) / size
+    inverse_std = 1.0 / sqrt(sdcli_sum_centred_squares(x, size, mean) / size + eps)
     for c in range(channels):
-        scale = <float>(weight[c] * inverse_std)
-        sdcli_scale_shift(x + c * positions, positions, scale, bias[c] - mean * scale, silu, y + c * positions)
+        sdcli_normalize_shift(x + c * positions, positions, mean, weight[c] * inverse_std, bias[c], silu,
+                              y + c * positions)
 
 
 def group_norm(const float[:, :, ::1] x, Py_ssize_t groups, const float[::1] weight, const float[::1] bias,
-               float eps, bint silu, float[:, :, ::1] out):
+               double eps, bint silu, float[:, :, ::1] out):
     """GroupNorm of x (B, C, positions) with ``groups`` groups of C / groups channels, scaled by weight (C,) and
     shifted by bias (C,), then SiLU when ``silu``, into out. Groups of all images run in parallel."""
     cdef Py_ssize_t batch = x.shape[0], channels = x.shape[1], positions = x.shape[2], per_group, task, b, g

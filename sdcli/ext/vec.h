@@ -7,7 +7,9 @@
  *   sdcli_gelu         y[j] = x[j] Phi(x[j]) (exact GELU, Numerical Recipes' erfc) for j < n
  *   sdcli_geglu        y[j] = value[j] gelu(gate[j]) for j < n
  *   sdcli_sum_shifted  the sum of (x[j] - shift), or of its squares, for j < n, accumulated in double
- *   sdcli_scale_shift  y[j] = x[j] scale + shift, then SiLU of that when asked, for j < n
+ *   sdcli_sum_centred_squares  the sum of (x[j] - mean)^2 for j < n, in double (mean a double)
+ *   sdcli_normalize_shift  y[j] = (x[j] - mean) scale + shift in double, rounded to float, then SiLU of that when
+ *                      asked, for j < n
  *   sdcli_normalize_affine  y[j] = (x[j] - mean) inverse_std weight[j] + bias[j] for j < n
  *
  * All arrays are float32 and may be unaligned; a, b, c rows are lda, ldb, ldc floats apart; x and y may be the
@@ -210,18 +212,27 @@ static inline double sdcli_sum_shifted(const float *x, ptrdiff_t n, float shift,
     return sdcli_sum_shifted_w4(x, n, shift, square);
 }
 
-static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, float shift, int silu, float *y) {
+static inline double sdcli_sum_centred_squares(const float *x, ptrdiff_t n, double mean) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) return sdcli_sum_centred_squares_w16(x, n, mean);
+    if (sdcli_has_avx2()) return sdcli_sum_centred_squares_w8(x, n, mean);
+#endif
+    return sdcli_sum_centred_squares_w4(x, n, mean);
+}
+
+static inline void sdcli_normalize_shift(const float *x, ptrdiff_t n, double mean, double scale, double shift,
+                                         int silu, float *y) {
 #ifdef SDCLI_X86_DISPATCH
     if (sdcli_has_avx512()) {
-        sdcli_scale_shift_w16(x, n, scale, shift, silu, y);
+        sdcli_normalize_shift_w16(x, n, mean, scale, shift, silu, y);
         return;
     }
     if (sdcli_has_avx2()) {
-        sdcli_scale_shift_w8(x, n, scale, shift, silu, y);
+        sdcli_normalize_shift_w8(x, n, mean, scale, shift, silu, y);
         return;
     }
 #endif
-    sdcli_scale_shift_w4(x, n, scale, shift, silu, y);
+    sdcli_normalize_shift_w4(x, n, mean, scale, shift, silu, y);
 }
 
 static inline void sdcli_normalize_affine(const float *x, ptrdiff_t n, float mean, float inverse_std,
@@ -297,9 +308,19 @@ static inline double sdcli_sum_shifted(const float *x, ptrdiff_t n, float shift,
     return sum;
 }
 
-static inline void sdcli_scale_shift(const float *x, ptrdiff_t n, float scale, float shift, int silu, float *y) {
+static inline double sdcli_sum_centred_squares(const float *x, ptrdiff_t n, double mean) {
+    double sum = 0.0;
     for (ptrdiff_t j = 0; j < n; j++) {
-        const float v = x[j] * scale + shift;
+        const double v = (double)x[j] - mean;
+        sum += v * v;
+    }
+    return sum;
+}
+
+static inline void sdcli_normalize_shift(const float *x, ptrdiff_t n, double mean, double scale, double shift,
+                                         int silu, float *y) {
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const float v = (float)(((double)x[j] - mean) * scale + shift);
         y[j] = silu ? v / (1.0f + expf(-v)) : v;
     }
 }

@@ -152,13 +152,31 @@ SDCLI_TARGET static double SDCLI_FN(sum_shifted)(const float *x, ptrdiff_t n, fl
     return sum;
 }
 
-/* y[j] = x[j] * scale + shift for j < n, then x / (1 + exp(-x)) (SiLU) of that when `silu` */
-SDCLI_TARGET static void SDCLI_FN(scale_shift)(const float *x, ptrdiff_t n, float scale, float shift, int silu,
-                                               float *y) {
+/* the sum of (x[j] - mean)^2 for j < n, in double: x widened exactly, the mean a double (group norm's variance) */
+SDCLI_TARGET static double SDCLI_FN(sum_centred_squares)(const float *x, ptrdiff_t n, double mean) {
+    SDCLI_D total = {0};
+    ptrdiff_t j = 0;
+    for (; j + SDCLI_W <= n; j += SDCLI_W) {
+        const SDCLI_D v = __builtin_convertvector(SDCLI_FN(load)(x + j), SDCLI_D) - mean;
+        total += v * v;
+    }
+    double sum = 0.0;
+    for (int lane = 0; lane < SDCLI_W; lane++) sum += total[lane];
+    for (; j < n; j++) {
+        const double v = (double)x[j] - mean;
+        sum += v * v;
+    }
+    return sum;
+}
+
+/* y[j] = (x[j] - mean) * scale + shift for j < n, in double and rounded to float once, then x / (1 + exp(-x))
+ * (SiLU, in float) of that when `silu` (group norm's normalisation, scale and shift) */
+SDCLI_TARGET static void SDCLI_FN(normalize_shift)(const float *x, ptrdiff_t n, double mean, double scale,
+                                                   double shift, int silu, float *y) {
     for (ptrdiff_t j = 0; j < n; j += SDCLI_W) {
         const ptrdiff_t lanes = n - j < SDCLI_W ? n - j : SDCLI_W;
         const SDCLI_F v = lanes == SDCLI_W ? SDCLI_FN(load)(x + j) : SDCLI_FN(load_part)(x + j, lanes, 0.0f);
-        SDCLI_F out = v * scale + shift;
+        SDCLI_F out = __builtin_convertvector((__builtin_convertvector(v, SDCLI_D) - mean) * scale + shift, SDCLI_F);
         if (silu) out = out / (1.0f + SDCLI_FN(exp)(-out));
         SDCLI_FN(store)(y + j, out, lanes);
     }

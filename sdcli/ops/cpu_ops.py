@@ -292,7 +292,8 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 def group_norm(x: np.ndarray, num_groups: int, weight, bias, eps: float, *, silu: bool = False) -> np.ndarray:
     """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
-    variance), then scale and shift per channel; then SiLU when ``silu``, in the same pass.
+    variance), then scale and shift per channel; then SiLU when ``silu``, in the same pass. Statistics,
+    normalisation, scale and shift in double, rounded to float32 once, as numpy_ops.group_norm.
     x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
     x = _float32(x)
     batch, channels = x.shape[:2]

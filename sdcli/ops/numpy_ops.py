@@ -197,15 +197,22 @@ def relu(x: np.ndarray) -> np.ndarray:
 def group_norm(x: np.ndarray, num_groups: int, weight, bias, eps: float, *, silu: bool = False) -> np.ndarray:
     """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
     variance), then scale and shift per channel; then SiLU when ``silu`` (the GroupNorm-SiLU pair of every ResNet
-    block, one op so that a backend can fuse it). x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
+    block, one op so that a backend can fuse it). x (B, C, ...) with C divisible by num_groups; weight/bias (C,).
+
+    The mean, the variance of the centred values, the normalisation, scale and shift run in float64 (``eps`` as
+    given, not rounded to float32), rounded to float32 once; the SiLU after it in float32. In float32 a group whose
+    spread is small against its mean loses its precision: the rounding of the mean (half an ulp of the mean) is
+    divided by the standard deviation. Groups of few values are often nearly constant (two channels at 1x1 at the
+    deepest level of a narrow UNet), and a UNet's ResNet blocks amplify every such error.
+    """
     batch, channels = x.shape[:2]
     groups = x.reshape(batch, num_groups, -1)  # (B, G, C/G * spatial)
-    mean = groups.mean(axis=-1, keepdims=True)
-    centered = groups - mean
+    mean = groups.mean(axis=-1, keepdims=True, dtype=np.float64)
+    centered = groups - mean  # float64
     variance = np.mean(centered * centered, axis=-1, keepdims=True)
-    y = (centered / np.sqrt(variance + np.float32(eps))).reshape(x.shape)
+    y = (centered / np.sqrt(variance + float(eps))).reshape(x.shape)
     per_channel = (1, channels) + (1,) * (x.ndim - 2)
-    y = y * _vector(weight).reshape(per_channel) + _vector(bias).reshape(per_channel)
+    y = (y * _vector(weight).reshape(per_channel) + _vector(bias).reshape(per_channel)).astype(np.float32)
     return y / (np.float32(1) + np.exp(-y)) if silu else y  # the formula of silu() above
 
 
