@@ -1,7 +1,7 @@
 """The float32 AVX-512 kernels (sdcli.ext.f32_kernels) against float64 numpy references and against torch.
 
 The references take the same float32 x and weight and compute the product (or the convolution) in float64; the
-kernels sum in float32 in their own order (k in chunks of KC, the bias last), so the only difference is float32
+kernels sum in float32 in their own order (k in parts of KSUM within chunks of KC, the bias last), so the only difference is float32
 rounding. Shapes are awkward on purpose: M, N, K off the 14 x 32 tile and the KC chunk, one row, batch 2, Cin 4
 (the UNet's conv_in), Cout 3 and 4 (conv_out), stride 2, 1 x 1 kernels, images smaller than the kernel's reach.
 """
@@ -213,6 +213,31 @@ def test_against_torch(torch):
         expected = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, bias)), stride=stride, padding=1).numpy()
         out = run_conv(x, w, bias, stride, 1)
         assert np.max(np.abs(out - expected)) <= TOL["torch"] * np.max(np.abs(expected))
+
+
+@needs_avx512
+@pytest.mark.parametrize("product", ["linear", "linear_two_rows", "conv2d"])
+def test_long_sums_are_as_accurate_as_torch(product, torch):
+    """Sums of thousands of products (the UNet's K = 1280 linears and 2880 to 11520 convolutions): the kernels sum
+    in parts of KSUM steps with the bias last, and land closer to the float64 result than torch's float32 (measured
+    0.35 to 0.54 times its error; running sums over whole chunks after the bias were 0.84 to 1.2 times). The
+    geometric mean of the max error over several inputs: one input's is a random draw."""
+    ours, theirs = [], []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        if product == "conv2d":
+            x, w, bias = random_arrays(rng, (1, 320, 16, 16), (320, 320, 3, 3), True)
+            expected, _ = conv_reference(x, w, bias, 1, 1)
+            result = run_conv(x, w, bias, 1, 1)
+            reference = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, bias)), padding=1).numpy()
+        else:
+            x, w, bias = random_arrays(rng, (2 if product == "linear_two_rows" else 256, 1280), (320, 1280), True)
+            expected, _ = linear_reference(x, w, bias)
+            result = run_linear(x, w, bias)
+            reference = torch.nn.functional.linear(*map(torch.from_numpy, (x, w, bias))).numpy()
+        ours.append(np.max(np.abs(result - expected)))
+        theirs.append(np.max(np.abs(reference - expected)))
+    assert np.exp(np.mean(np.log(ours))) <= np.exp(np.mean(np.log(theirs)))
 
 
 @needs_avx512

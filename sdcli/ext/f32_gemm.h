@@ -22,8 +22,15 @@
  * vectors of the strip row and, per row, A[r, k] broadcast: 28 FMAs for 2 vector loads and 14 broadcasts. Around
  * it (sdcli_f32_block): one chunk of k, the panels of A outermost, so a panel (MR x KC floats, 14 KB) stays in L1
  * while the strips of B (a block of at most SDCLI_F32_COLS or SDCLI_F32_PIXELS columns, in L2) stream past it.
- * Each chunk's sum over k is added to C, the first one to the bias: C = ((bias + sum_0) + sum_1) + ..., float32
- * throughout (no -ffast-math), so results differ from BLAS only by summation order.
+ * The sum over k runs in parts of SDCLI_F32_KSUM steps in the accumulators, each added to the sum of the parts
+ * before it (kept on the stack); each chunk's sum is added to C, and the bias goes last:
+ * C = ((chunk_0 + chunk_1) + ...) + bias with chunk = ((part_0 + part_1) + ...), float32 throughout (no
+ * -ffast-math), so results differ from BLAS only by summation order. Parts of 32 steps rather than a running sum
+ * over a whole chunk (256) cut the rounding error of long sums by half or more (a float32 running sum's error
+ * grows with its length), and a bias added last does not raise the partial sums to its magnitude: as accurate as
+ * PyTorch's products, where whole chunks after the bias were up to 1.5 times less accurate (convolutions of
+ * K = 288), which a UNet that amplifies float32 rounding showed (tests/test_float32_fidelity.py). A part costs
+ * 28 additions and an L1 load and store of the tile's sum per 896 FMAs.
  * Prefetch: the rows of an A panel are short streams (1 KB each) that the hardware prefetchers barely catch, and
  * conv2d's weight comes from memory, so each block prefetches the next panel into L2 while it works on one; linear
  * also prefetches its next piece of x, and im2col the next channel's rows of x.
@@ -57,6 +64,9 @@
 #define SDCLI_F32_NR 32 /* columns of a C tile: two zmm registers of B */
 #ifndef SDCLI_F32_KC
 #define SDCLI_F32_KC 256 /* k per chunk: an A panel is MR x KC floats (14 KB, L1) */
+#endif
+#ifndef SDCLI_F32_KSUM
+#define SDCLI_F32_KSUM 32 /* steps of k summed in the accumulators before they join the tile's sum (accuracy) */
 #endif
 #ifndef SDCLI_F32_COLS
 #define SDCLI_F32_COLS 512 /* linear: columns of w.T per block: KC x COLS floats (512 KB, L2) */
@@ -155,17 +165,22 @@ SDCLI_F32_TARGET static void sdcli_f32_widen(const uint16_t *src, float *dst, pt
 
 /* ------------------------------------------------------------------------------------------ the microkernel */
 
-/* C[0:mr, 0:nr] = init + A (MR rows KC apart, kc of k) @ B (kc rows of NR), mr <= MR, nr <= NR. init: C itself
- * (accumulate), else bias_row[r] (per row) plus bias_col[j] (per column), either NULL for none. The sum over k
- * starts from zero and init is added last, after the lines of C asked for at the start have arrived. */
-SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrdiff_t kc, float *c, ptrdiff_t ldc,
-                                            int mr, int nr, int accumulate, const float *bias_row,
-                                            const float *bias_col) {
+/* One part of a tile's sum: A (MR rows KC apart, kc of k) @ B (kc rows of NR), kc <= KSUM, plus the sum of the
+ * parts before it held in `parts` (when `earlier`). Unless `last`, the sum goes back to `parts` (on the stack, in
+ * L1). The last part writes C[0:mr, 0:nr] = (C if accumulate, else 0) + the sum, then plus bias_row[r] (per row)
+ * and bias_col[j] (per column) when add_bias, either NULL for none; mr <= MR, nr <= NR. Its C lines are asked for
+ * at its start and added after its sum. */
+SDCLI_F32_TARGET static void sdcli_f32_tile_part(const float *a, const float *b, ptrdiff_t kc, __m512 parts[][2],
+                                                 int earlier, int last, float *c, ptrdiff_t ldc, int mr, int nr,
+                                                 int accumulate, int add_bias, const float *bias_row,
+                                                 const float *bias_col) {
     enum { MR = SDCLI_F32_MR, KC = SDCLI_F32_KC };
     __m512 acc[MR][2];
-    for (int r = 0; r < mr; r++) {
-        _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + r * ldc + 16), _MM_HINT_T0);
+    if (last) {
+        for (int r = 0; r < mr; r++) {
+            _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + r * ldc + 16), _MM_HINT_T0);
+        }
     }
 #pragma GCC unroll 14
     for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -178,9 +193,21 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
             acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
         }
     }
+    if (earlier) {
+#pragma GCC unroll 14
+        for (int r = 0; r < MR; r++) {
+            acc[r][0] = _mm512_add_ps(parts[r][0], acc[r][0]);
+            acc[r][1] = _mm512_add_ps(parts[r][1], acc[r][1]);
+        }
+    }
+    if (!last) {
+#pragma GCC unroll 14
+        for (int r = 0; r < MR; r++) parts[r][0] = acc[r][0], parts[r][1] = acc[r][1];
+        return;
+    }
     const __mmask16 m0 = sdcli_f32_mask(nr), m1 = sdcli_f32_mask(nr - 16);
     __m512 col0 = _mm512_setzero_ps(), col1 = _mm512_setzero_ps();
-    if (!accumulate && bias_col != NULL) {
+    if (add_bias && bias_col != NULL) {
         col0 = _mm512_maskz_loadu_ps(m0, bias_col);
         col1 = _mm512_maskz_loadu_ps(m1, bias_col + 16);
     }
@@ -188,23 +215,43 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
     for (int r = 0; r < MR; r++) {
         if (r >= mr) break;
         float *row = c + r * ldc;
-        __m512 init0, init1;
+        __m512 sum0 = acc[r][0], sum1 = acc[r][1];
         if (accumulate) {
-            init0 = _mm512_maskz_loadu_ps(m0, row);
-            init1 = _mm512_maskz_loadu_ps(m1, row + 16);
-        } else if (bias_row != NULL) {
-            init0 = _mm512_add_ps(col0, _mm512_set1_ps(bias_row[r]));
-            init1 = _mm512_add_ps(col1, _mm512_set1_ps(bias_row[r]));
-        } else {
-            init0 = col0;
-            init1 = col1;
+            sum0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), sum0);
+            sum1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), sum1);
         }
-        _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(init0, acc[r][0]));
-        _mm512_mask_storeu_ps(row + 16, m1, _mm512_add_ps(init1, acc[r][1]));
+        if (add_bias) {
+            __m512 bias0 = col0, bias1 = col1;
+            if (bias_row != NULL) {
+                bias0 = _mm512_add_ps(col0, _mm512_set1_ps(bias_row[r]));
+                bias1 = _mm512_add_ps(col1, _mm512_set1_ps(bias_row[r]));
+            }
+            sum0 = _mm512_add_ps(sum0, bias0);
+            sum1 = _mm512_add_ps(sum1, bias1);
+        }
+        _mm512_mask_storeu_ps(row, m0, sum0);
+        _mm512_mask_storeu_ps(row + 16, m1, sum1);
     }
 }
 
-/* One chunk of k: C[0:m, 0:n] = init + A @ B. a: the chunk of the first panel, panels a_stride values apart,
+/* C[0:mr, 0:nr] = (C if accumulate, else 0) + A (MR rows KC apart, kc of k) @ B (kc rows of NR), then plus the
+ * bias (see sdcli_f32_tile_part) when add_bias; mr <= MR, nr <= NR. The sum over k runs in parts of at most KSUM
+ * steps, each added to the sum of those before it. */
+SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrdiff_t kc, float *c, ptrdiff_t ldc,
+                                            int mr, int nr, int accumulate, int add_bias, const float *bias_row,
+                                            const float *bias_col) {
+    __m512 parts[SDCLI_F32_MR][2];
+    add_bias = add_bias && (bias_row != NULL || bias_col != NULL);
+    ptrdiff_t k = 0;
+    do {
+        const ptrdiff_t steps = sdcli_f32_min(SDCLI_F32_KSUM, kc - k);
+        sdcli_f32_tile_part(a + k, b + k * SDCLI_F32_NR, steps, parts, k > 0, k + steps >= kc, c, ldc, mr, nr,
+                            accumulate, add_bias, bias_row, bias_col);
+        k += steps;
+    } while (k < kc);
+}
+
+/* One chunk of k: C[0:m, 0:n] = (C if accumulate, else 0) + A @ B, plus the bias when add_bias (the last chunk). a: the chunk of the first panel, panels a_stride values apart,
  * float32, or fp16 (uint16) when a_widened is not NULL: each panel's chunk is then widened into a_widened (MR x KC
  * floats) before its strips pass; b:
  * the chunk of the first strip, strips b_stride floats apart. Column j of C is at c + (j / hw) * image_stride +
@@ -215,8 +262,9 @@ SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrd
 SDCLI_F32_TARGET static void sdcli_f32_block(const void *a, ptrdiff_t a_stride, float *a_widened, ptrdiff_t m,
                                              const float *b, ptrdiff_t b_stride, ptrdiff_t n, ptrdiff_t kc, float *c,
                                              ptrdiff_t ldc, ptrdiff_t hw, ptrdiff_t image_stride, int accumulate,
-                                             const float *bias_row, const float *bias_col, const float *pf,
-                                             ptrdiff_t pf_rows, ptrdiff_t pf_cols, ptrdiff_t pf_stride) {
+                                             int add_bias, const float *bias_row, const float *bias_col,
+                                             const float *pf, ptrdiff_t pf_rows, ptrdiff_t pf_cols,
+                                             ptrdiff_t pf_stride) {
     const ptrdiff_t value_bytes = a_widened != NULL ? 2 : 4, row_bytes = SDCLI_F32_KC * value_bytes;
     const ptrdiff_t strips = (n + SDCLI_F32_NR - 1) / SDCLI_F32_NR, row_lines = (kc * value_bytes + 63) / 64;
     const ptrdiff_t lines = SDCLI_F32_MR * row_lines; /* 64-byte lines of a panel's chunk */
@@ -247,7 +295,7 @@ SDCLI_F32_TARGET static void sdcli_f32_block(const void *a, ptrdiff_t a_stride, 
             }
             tile++;
             sdcli_f32_tile(ai, b + j / SDCLI_F32_NR * b_stride, kc, c + j / hw * image_stride + j % hw + i * ldc, ldc,
-                           mr, (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate,
+                           mr, (int)sdcli_f32_min(SDCLI_F32_NR, n - j), accumulate, add_bias,
                            bias_row != NULL ? bias_row + i : NULL, bias_col != NULL ? bias_col + j : NULL);
         }
     }
@@ -305,7 +353,7 @@ SDCLI_F32_TARGET static void sdcli_f32_linear_task(const float *x, ptrdiff_t k, 
                     b_stride = SDCLI_F32_KC * SDCLI_F32_NR;
                 }
                 sdcli_f32_block(s->a, SDCLI_F32_MR * SDCLI_F32_KC, NULL, rows, b, b_stride, cols, kc,
-                                out + i0 * n + jc, n, cols, 0, ch > 0, NULL,
+                                out + i0 * n + jc, n, cols, 0, ch > 0, ch + 1 >= chunks, NULL,
                                 bias != NULL ? bias + jc : NULL, pf + p0 * k, p1 - p0, pf_cols, k);
             }
         } while (++ch < chunks);
@@ -446,8 +494,8 @@ SDCLI_F32_TARGET static void sdcli_f32_conv_task(const float *x, ptrdiff_t batch
         sdcli_f32_block(weight_half ? (const void *)((const uint16_t *)weight + first)
                                     : (const void *)((const float *)weight + first),
                         a_stride, weight_half ? s->a : NULL, crows, s->panel, strip, n, kc, c, hw_out,
-                        count > 1 ? hw_out : n, cout * hw_out, ch > 0, bias != NULL ? bias + c0 : NULL, NULL, NULL, 0,
-                        0, 0);
+                        count > 1 ? hw_out : n, cout * hw_out, ch > 0, ch + 1 >= chunks,
+                        bias != NULL ? bias + c0 : NULL, NULL, NULL, 0, 0, 0);
     } while (++ch < chunks);
 }
 
