@@ -49,15 +49,15 @@ TOL = {
     # (a) torch float32's geometric-mean error over those 256 inputs, in units of its error on the recorded input
     # (1.40e-4, from the npz), measured with torch 2.13 as the npz's was recorded (2 threads, AVX-512 kernels; AMD
     # Zen 4): the torch side for the numpy backend and for the cpu backend's AVX-512 kernels. One thread: 1.31.
-    # Measured for sdcli: numpy 1.03 (OpenBLAS's AVX-512 kernels) and 1.10 (its Haswell ones); cpu 0.99, whose
-    # AVX-512 kernels give the same bits on any AVX-512 CPU (1.71 while their products summed each chunk of 256
-    # steps of k in one running sum after the bias; 2.24 before group norm ran in double). On the recorded input
-    # alone: numpy 0.52, cpu 0.08 times torch's error.
+    # Measured for sdcli (32 inputs a call, see INPUTS_PER_CALL): numpy 0.92 (OpenBLAS's AVX-512 kernels) and 1.20
+    # (its Haswell ones); cpu 0.99, whose AVX-512 kernels give the same bits on any AVX-512 CPU (1.71 while their
+    # products summed each chunk of 256 steps of k in one running sum after the bias; 2.24 before group norm ran
+    # in double). On the recorded input alone: numpy 1.22, cpu 0.08 times torch's error.
     "torch_unet_avx512": 1.25,
     # (a) the same for torch with its kernels capped (oneDNN and ATen): SSE4.1 2.89, AVX2 3.6-4.2; the smallest is
     # the torch side for the cpu backend below the avx512 CPU level, where its products run OpenBLAS's sgemm
-    # (convolutions as im2col) in place of the AVX-512 kernels. Measured for sdcli: avx2 2.94, baseline 3.23 (1.54
-    # and 2.11 with OpenBLAS's Haswell kernels).
+    # (convolutions as im2col) in place of the AVX-512 kernels. Measured for sdcli: avx2 and baseline 2.20 (2.32
+    # with OpenBLAS's Haswell kernels).
     "torch_unet_narrow": 2.89,
     # (a) the float64 evaluation against diffusers' float64 run on the recorded input: measured 2.8e-6, all of it
     # from one embedding value where torch's float32 sin is an ulp away from the correctly rounded value sdcli uses
@@ -101,7 +101,7 @@ def _conv2d(x, weight, bias=None, *, stride=1, padding=0):
     for i in range(kh):
         for j in range(kw):
             window = padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
-            y += np.einsum("oc,bchw->bohw", weight[:, :, i, j], window)
+            y += np.matmul(weight[:, :, i, j], window.reshape(batch, -1, out_h * out_w)).reshape(y.shape)
     return y if bias is None else y + bias.reshape(1, out_channels, 1, 1)
 
 
@@ -159,6 +159,8 @@ def float64_ops() -> types.SimpleNamespace:
 
 # -- (a) the ill-conditioned UNet call -----------------------------------------------------------------------------
 
+INPUTS_PER_CALL = 32  # (a): inputs of batch 2 evaluated in one call of batch 64
+
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b)))
 
@@ -181,17 +183,31 @@ def unet_case():
     config = UNetConfig.from_diffusers(json.loads((CASE / "unet" / "config.json").read_text()))
 
     def load(ops):
+        """The UNet on ``ops`` as a function of a list of inputs to a list of outputs. The inputs run
+        INPUTS_PER_CALL at a time, stacked along the batch: each image of a batch is computed on its own (no op
+        mixes them), and one call for many saves most of the time of this tiny network."""
         source = FolderSource([SafetensorsFile(CASE / "unet" / "diffusion_pytorch_model.safetensors")], "unet")
         unet = load_network(lambda params: UNet2DConditionModel(params, config), source, ops)
-        return lambda sample, context: ops.to_host(unet(ops.from_host(sample), recorded["timesteps"],
-                                                        ops.from_host(context)))
+        batch = len(recorded["timesteps"])
+
+        def outputs(inputs):
+            results = []
+            for start in range(0, len(inputs), INPUTS_PER_CALL):
+                group = inputs[start:start + INPUTS_PER_CALL]
+                sample = np.concatenate([sample for sample, _ in group])
+                context = np.concatenate([context for _, context in group])
+                timesteps = np.tile(recorded["timesteps"], len(group))
+                out = ops.to_host(unet(ops.from_host(sample), timesteps, ops.from_host(context)))
+                results += [out[i:i + batch] for i in range(0, len(out), batch)]
+            return results
+
+        return outputs
 
     rng = np.random.default_rng(0)
     inputs = [(recorded["sample"], recorded["encoder_hidden_states"])]
     inputs += [(one_ulp_away(recorded["sample"], rng), one_ulp_away(recorded["encoder_hidden_states"], rng))
                for _ in range(TOL["unet_copies"])]
-    float64_unet = load(float64_ops())
-    truths = [float64_unet(sample, context) for sample, context in inputs]
+    truths = load(float64_ops())(inputs)
     return dict(recorded=recorded, load=load, inputs=inputs, truths=truths)
 
 
@@ -204,9 +220,8 @@ def test_the_float64_evaluation_is_diffusers_float64_run(unet_case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ill_conditioned_unet_is_as_accurate_as_torch(backend, unet_case):
     recorded = unet_case["recorded"]
-    unet = unet_case["load"](get_ops(backend))
-    errors = [max_abs(unet(sample, context), truth)
-              for (sample, context), truth in zip(unet_case["inputs"], unet_case["truths"])]
+    outputs = unet_case["load"](get_ops(backend))(unet_case["inputs"])
+    errors = [max_abs(output, truth) for output, truth in zip(outputs, unet_case["truths"])]
     torch_error = max_abs(recorded["torch_float32"], recorded["expected_float64"])  # on the recorded input: 1.40e-4
     narrow = backend == "cpu" and not f32_kernels.available()  # below the avx512 CPU level
     torch_errors = torch_error * TOL["torch_unet_narrow" if narrow else "torch_unet_avx512"]
