@@ -1,8 +1,8 @@
 """The float32 AVX-512 kernels (sdcli.ext.f32_kernels) against float64 numpy references and against torch.
 
 The references take the same float32 x and weight and compute the product (or the convolution) in float64; the
-kernels sum in float32 in their own order (k in parts of KSUM within chunks of KC, the bias last), so the only difference is float32
-rounding. Shapes are awkward on purpose: M, N, K off the 14 x 32 tile and the KC chunk, one row, batch 2, Cin 4
+kernels sum in float32 in their own order (k in parts of KSUM within chunks of KC, the bias last), so the only
+difference is float32 rounding. Shapes are awkward on purpose: M, N, K off the 14 x 32 tile and the KC chunk, one row, batch 2, Cin 4
 (the UNet's conv_in), Cout 3 and 4 (conv_out), stride 2, 1 x 1 kernels, images smaller than the kernel's reach.
 """
 
