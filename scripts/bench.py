@@ -251,26 +251,31 @@ for name in components:
     del model
 """
 
-# The same without torch: shapes from sdcli's architecture tables, matrices and kernels normal with standard
+# The same without torch: shapes from sdcli's networks (shape-only builds), matrices and kernels normal with standard
 # deviation 1/sqrt(fan_in), norm scales 1, biases 0; written with sdcli's safetensors writer.
 NUMPY_WEIGHTS = """
 import sys
 import numpy as np
 from sdcli.config import ClipConfig, UNetConfig, VAEConfig, read_json
 from sdcli.io.safetensors import save_file
-from sdcli.nn.clip import clip_text_shapes
-from sdcli.nn.unet import unet_shapes
-from sdcli.nn.vae import vae_shapes
+from sdcli.io.weights import tensor_shapes
+from sdcli.nn.clip import ClipTextEncoder
+from sdcli.nn.unet import UNet2DConditionModel
+from sdcli.nn.vae import Autoencoder
 folder, components = sys.argv[1], sys.argv[2].split(",")
 rng = np.random.default_rng(0)
 for name in components:
     config = read_json(f"{folder}/{name}/config.json")
     if name == "text_encoder":
-        shapes, filename = clip_text_shapes(ClipConfig.from_diffusers(config)), "model.safetensors"
+        clip = ClipConfig.from_diffusers(config)
+        shapes, filename = tensor_shapes(lambda params: ClipTextEncoder(params, clip)), "model.safetensors"
     elif name == "unet":
-        shapes, filename = unet_shapes(UNetConfig.from_diffusers(config)), "diffusion_pytorch_model.safetensors"
+        unet = UNetConfig.from_diffusers(config)
+        shapes = tensor_shapes(lambda params: UNet2DConditionModel(params, unet))
+        filename = "diffusion_pytorch_model.safetensors"
     else:
-        shapes, filename = vae_shapes(VAEConfig.from_diffusers(config)), "diffusion_pytorch_model.safetensors"
+        vae = VAEConfig.from_diffusers(config)
+        shapes, filename = tensor_shapes(lambda params: Autoencoder(params, vae)), "diffusion_pytorch_model.safetensors"
     tensors = {}
     for key in sorted(shapes):
         shape = tuple(shapes[key])
