@@ -50,9 +50,9 @@ TOL = {
     # (1.40e-4, from the npz), measured with torch 2.13 as the npz's was recorded (2 threads, AVX-512 kernels; AMD
     # Zen 4): the torch side for the numpy backend and for the cpu backend's AVX-512 kernels. One thread: 1.31.
     # Measured for sdcli (32 inputs a call, see INPUTS_PER_CALL): numpy 0.92 (OpenBLAS's AVX-512 kernels) and 1.20
-    # (its Haswell ones); cpu 0.99, whose AVX-512 kernels give the same bits on any AVX-512 CPU (1.71 while their
+    # (its Haswell ones); cpu 1.16, whose AVX-512 kernels give the same bits on any AVX-512 CPU (1.71 while their
     # products summed each chunk of 256 steps of k in one running sum after the bias; 2.24 before group norm ran
-    # in double). On the recorded input alone: numpy 1.22, cpu 0.08 times torch's error.
+    # in double). On the recorded input alone: numpy 1.22, cpu 0.07 times torch's error.
     "torch_unet_avx512": 1.25,
     # (a) the same for torch with its kernels capped (oneDNN and ATen): SSE4.1 2.89, AVX2 3.6-4.2; the smallest is
     # the torch side for the cpu backend below the avx512 CPU level, where its products run OpenBLAS's sgemm

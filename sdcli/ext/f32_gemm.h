@@ -25,12 +25,13 @@
  * The sum over k runs in parts of SDCLI_F32_KSUM steps in the accumulators, each added to the sum of the parts
  * before it (kept on the stack); each chunk's sum is added to C, and the bias goes last:
  * C = ((chunk_0 + chunk_1) + ...) + bias with chunk = ((part_0 + part_1) + ...), float32 throughout (no
- * -ffast-math), so results differ from BLAS only by summation order. Parts of 32 steps rather than a running sum
- * over a whole chunk (256) cut the rounding error of long sums by half or more (a float32 running sum's error
+ * -ffast-math), so results differ from BLAS only by summation order. Parts of 64 steps rather than a running sum
+ * over a whole chunk (256) cut the rounding error of long sums by a third or more (a float32 running sum's error
  * grows with its length), and a bias added last does not raise the partial sums to its magnitude: as accurate as
  * PyTorch's products, where whole chunks after the bias were up to 1.5 times less accurate (convolutions of
  * K = 288), which a UNet that amplifies float32 rounding showed (tests/test_float32_fidelity.py). A part costs
- * 28 additions and an L1 load and store of the tile's sum per 896 FMAs.
+ * 28 additions and an L1 load and store of the tile's sum per 1,792 FMAs; parts of 32 were more accurate still
+ * (the ill-conditioned UNet's mean error 0.99 of torch's rather than 1.16) but cost about 5% of a UNet call.
  * Prefetch: the rows of an A panel are short streams (1 KB each) that the hardware prefetchers barely catch, and
  * conv2d's weight comes from memory, so each block prefetches the next panel into L2 while it works on one; linear
  * also prefetches its next piece of x, and im2col the next channel's rows of x.
@@ -66,7 +67,7 @@
 #define SDCLI_F32_KC 256 /* k per chunk: an A panel is MR x KC floats (14 KB, L1) */
 #endif
 #ifndef SDCLI_F32_KSUM
-#define SDCLI_F32_KSUM 32 /* steps of k summed in the accumulators before they join the tile's sum (accuracy) */
+#define SDCLI_F32_KSUM 64 /* steps of k summed in the accumulators before they join the tile's sum (accuracy) */
 #endif
 #ifndef SDCLI_F32_COLS
 #define SDCLI_F32_COLS 512 /* linear: columns of w.T per block: KC x COLS floats (512 KB, L2) */
