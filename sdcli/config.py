@@ -8,7 +8,7 @@ checkpoint borrows the preset of the family it is sniffed to be.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,112 @@ class UNetConfig:
     def up_has_attention(self, level: int) -> bool:
         """``level`` counts up blocks, deepest first (diffusers' ``up_blocks`` order)."""
         return UNET_UP_BLOCK_TYPES[self.up_block_types[level]]
+
+
+@dataclass(frozen=True)
+class MotionAdapterConfig:
+    """AnimateDiff's motion modules (diffusers ``MotionAdapter``): a temporal transformer after each layer of an
+    SD 1.x UNet's levels (and optionally in its mid block), attending over the frames at each latent position.
+
+    Per-level tuples follow the UNet's down path (shallowest first); the up path has one module more per level
+    (one per resnet) and reads them reversed. Each module: GroupNorm (eps 1e-6), a linear projection, then
+    ``transformer layers`` blocks of two frame self-attentions and a GEGLU feed-forward, each attention after a
+    sinusoidal frame position table (``max_seq_length`` rows, stored with the weights), and a linear projection
+    back, added to its input.
+    """
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: tuple[int, ...] = (2, 2, 2, 2)
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
+    mid_block_layers: int = 1
+    transformer_layers_per_mid_block: int = 1
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    norm_num_groups: int = 32
+    max_seq_length: int = 32
+    use_mid_block: bool = True
+
+    @classmethod
+    def from_diffusers(cls, data: dict[str, Any], source: str = "motion adapter config.json") -> "MotionAdapterConfig":
+        """Read a diffusers ``MotionAdapter`` config.json; options sdcli does not implement are refused by name."""
+        if data.get("conv_in_channels"):
+            raise CheckpointError(f"{source}: motion adapter conv_in_channels={data['conv_in_channels']!r} (an "
+                                  "adapter with its own input convolution, as for image-conditioned variants) is "
+                                  "not supported")
+        defaults = cls()
+        channels = data.get("block_out_channels", defaults.block_out_channels)
+        if not isinstance(channels, (list, tuple)) or not channels \
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+            raise CheckpointError(f"{source}: motion adapter block_out_channels must be a list of positive ints, "
+                                  f"got {channels!r}")
+        levels = len(channels)
+
+        def positive(name: str, value: Any) -> int:
+            if isinstance(value, list) and value and all(v == value[0] for v in value):
+                value = value[0]  # a per-layer list of one value
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CheckpointError(f"{source}: motion adapter {name} must be a positive int here, got {value!r}")
+            return value
+
+        def per_level(name: str, default: int) -> tuple[int, ...]:
+            value = data.get(name)
+            value = default if value is None else value
+            values = [value] * levels if not isinstance(value, (list, tuple)) else list(value)
+            if len(values) != levels:
+                raise CheckpointError(f"{source}: motion adapter {name} needs one entry per level ({levels}), "
+                                      f"got {value!r}")
+            return tuple(positive(name, v) for v in values)
+
+        use_mid_block = data.get("use_motion_mid_block", defaults.use_mid_block)
+        if not isinstance(use_mid_block, bool):
+            raise CheckpointError(f"{source}: motion adapter use_motion_mid_block must be true or false")
+        config = cls(
+            block_out_channels=tuple(channels),
+            layers_per_block=per_level("motion_layers_per_block", 2),
+            transformer_layers_per_block=per_level("motion_transformer_layers_per_block", 1),
+            mid_block_layers=positive("motion_mid_block_layers_per_block",
+                                      data.get("motion_mid_block_layers_per_block", 1)),
+            transformer_layers_per_mid_block=positive("motion_transformer_layers_per_mid_block",
+                                                      data.get("motion_transformer_layers_per_mid_block", 1)),
+            num_attention_heads=per_level("motion_num_attention_heads", 8),
+            norm_num_groups=positive("motion_norm_num_groups", data.get("motion_norm_num_groups", 32)),
+            max_seq_length=positive("motion_max_seq_length", data.get("motion_max_seq_length", 32)),
+            use_mid_block=use_mid_block,
+        )
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "motion adapter config") -> None:
+        for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            if channels % self.norm_num_groups:
+                raise CheckpointError(f"{source}: motion adapter block_out_channels[{level}]={channels} is not a "
+                                      f"multiple of motion_norm_num_groups={self.norm_num_groups}")
+            if channels % heads:
+                raise CheckpointError(f"{source}: motion adapter block_out_channels[{level}]={channels} does not "
+                                      f"split into {heads} attention heads")
+
+    def check_fits(self, unet: UNetConfig, source: str = "motion adapter") -> None:
+        """A one-line error unless the adapter was made for a UNet of this layout (channels per level, layers per
+        level): an SD 2.x or SDXL adapter on an SD 1.x UNet, say."""
+        expected = (unet.block_out_channels, (unet.layers_per_block,) * unet.levels)
+        if (self.block_out_channels, self.layers_per_block) != expected:
+            raise CheckpointError(
+                f"{source} was made for a UNet with {list(self.block_out_channels)} channels and "
+                f"{list(self.layers_per_block)} layers per level, this model's UNet has "
+                f"{list(unet.block_out_channels)} and {unet.layers_per_block}: use an adapter for this base model "
+                "(AnimateDiff for SD 1.5)")
+
+    def for_unet(self, unet: UNetConfig, source: str = "motion adapter") -> "MotionAdapterConfig":
+        """This adapter as it runs on ``unet`` (checked by ``check_fits``): its modules normalise with the UNet's
+        ``norm_num_groups``, as diffusers' UNetMotionModel builds them (``from_unet2d`` does not carry the
+        adapter's ``motion_norm_num_groups`` over; the published adapters use 32, as SD 1.x does)."""
+        self.check_fits(unet, source)
+        config = replace(self, norm_num_groups=unet.norm_num_groups)
+        config.validate(source)
+        return config
+
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
 
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")

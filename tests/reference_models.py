@@ -171,6 +171,24 @@ def random_unet(config: dict, seed: int = 0):
     return model
 
 
+def random_motion_adapter(config: dict, seed: int = 0):
+    """diffusers MotionAdapter with random weights. Its init zeroes each module's output projection (a fresh
+    adapter leaves the UNet's output unchanged, which would test nothing); every linear weight is drawn again
+    (scale 1/sqrt(fan-in)), biases small, norms around 1 and 0. The frame position tables stay diffusers'."""
+    import torch
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    model = MotionAdapter.from_config(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("weight") and parameter.ndim == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[1] ** 0.5)
+    randomise_norms(model, generator, is_norm=lambda name: "norm" in name.rsplit(".", 2)[-2])
+    return model
+
+
 def unet_state(model) -> dict[str, np.ndarray]:
     """The UNet's tensors under canonical names as float32 numpy arrays that share the model's memory (no copy)."""
     return {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}

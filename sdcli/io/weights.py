@@ -52,10 +52,12 @@ class TensorSource(Protocol):
         """Drop the pages of tensor ``name`` (of every tensor when None) from resident memory; reads still work."""
 
 
-def check_tensors(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> None:
-    """Strict check: every expected tensor present with its shape, nothing else. Raises naming each tensor."""
+def check_tensors(source: TensorSource, expected: dict[str, tuple[int, ...]],
+                  optional: frozenset[str] | set[str] = frozenset()) -> None:
+    """Strict check: every expected tensor present with its shape (those in ``optional`` may be absent), nothing
+    else. Raises naming each tensor."""
     present = set(source.keys())
-    missing = [name for name in expected if name not in present]
+    missing = [name for name in expected if name not in present and name not in optional]
     unexpected = sorted(present - set(expected)) + source.unexpected()
     found = {name: tuple(source.shape(name)) for name in expected if name in present}
     misshaped = [f"{name} {found[name]} (expected {tuple(shape)})"
@@ -77,6 +79,13 @@ class _Taken:
     def __init__(self, source: TensorSource | None, ops: Ops, precision: str, stream: bool):
         self.source, self.ops, self.precision, self.stream = source, ops, precision, stream
         self.shapes: Shapes = {}
+        self.optional: set[str] = set()  # taken with a default: a source may leave them out
+        self._stored: set[str] | None = None
+
+    def stored(self, name: str) -> bool:
+        if self._stored is None:
+            self._stored = set(self.source.keys())
+        return name in self._stored
 
 
 class WeightBuilder:
@@ -101,16 +110,28 @@ class WeightBuilder:
         """Every tensor taken so far, by full name, with its shape."""
         return dict(self._taken.shapes)
 
-    def take(self, name: str, shape: tuple[int, ...]) -> Parameter:
+    @property
+    def optional(self) -> frozenset[str]:
+        """The tensors taken so far with a default, which a source may leave out."""
+        return frozenset(self._taken.optional)
+
+    def take(self, name: str, shape: tuple[int, ...], default: Callable[[], np.ndarray] | None = None) -> Parameter:
         taken = self._taken
         full = self._prefix + name
         shape = tuple(int(size) for size in shape)
         if full in taken.shapes:
             raise ValueError(f"tensor {full!r} is taken twice while building the network")
         taken.shapes[full] = shape
+        if default is not None:
+            taken.optional.add(full)
         if not self._load:
             return Parameter(Weight(np.broadcast_to(np.float32(0), shape), "fp32"))  # a shape, no memory
         source = taken.source
+        if default is not None and not taken.stored(full):
+            values = np.ascontiguousarray(default(), dtype=np.float32)
+            if values.shape != shape:
+                raise ValueError(f"the default of {full!r} has shape {values.shape}, not {shape}")
+            return taken.ops.prepare(Weight.from_stored(values, "F32", taken.precision, taken.ops))
         stored = source.read(full)
         weight = Weight.from_stored(stored, source.dtype(full), taken.precision, taken.ops)
         if weight.data is not stored:
@@ -142,10 +163,15 @@ def load_network(build: Callable[[WeightBuilder], Network], source: TensorSource
     stays mapped; with ``stream`` its pages are dropped again after each use, so that resident memory holds
     about one layer's weights instead of the model's, for the cost of mapping them again from the page cache.
     """
-    expected = tensor_shapes(build, ops)
+    listing = WeightBuilder(None, ops)
+    build(listing)
+    expected, optional = listing.shapes, set(listing.optional)
     if also_checks is not None:
-        expected.update(tensor_shapes(also_checks, ops))
-    check_tensors(source, expected)
+        also = WeightBuilder(None, ops)
+        also_checks(also)
+        expected.update(also.shapes)
+        optional |= also.optional
+    check_tensors(source, expected, optional)
     builder = WeightBuilder(source, ops, precision, stream=stream)
     network = build(builder)
     if builder.shapes.keys() - expected.keys():

@@ -14,7 +14,10 @@ parameter holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
+
+import numpy as np
 
 from ..errors import SdcliError
 from ..ops import Ops
@@ -29,8 +32,10 @@ class ParameterSource(Protocol):
     def scope(self, *names: str | int) -> "ParameterSource":
         """The source of the tensors under ``names`` ("down_blocks", 0 -> ``down_blocks.0.``)."""
 
-    def take(self, name: str, shape: tuple[int, ...]) -> Parameter:
-        """The tensor ``name`` of this scope, which must have ``shape``."""
+    def take(self, name: str, shape: tuple[int, ...], default: Callable[[], np.ndarray] | None = None) -> Parameter:
+        """The tensor ``name`` of this scope, which must have ``shape``. With ``default`` (a function giving its
+        float32 values) a source may leave it out: a buffer that some files store and others recompute, as
+        AnimateDiff's frame position tables."""
 
 
 class Linear:

@@ -18,6 +18,9 @@ Tensor names are the diffusers state-dict names; the module attributes follow th
 
 from __future__ import annotations
 
+import math
+from typing import Protocol
+
 import numpy as np
 
 from ..config import UNetConfig
@@ -108,12 +111,35 @@ class Attention:
         return self.to_out(ops.merge_heads(y))  # (B, T, C)
 
 
-class BasicTransformerBlock:
-    """Pre-norm: x + attn1(norm1 x); x + attn2(norm2 x, text); x + GEGLU feed-forward(norm3 x)."""
+def sinusoidal_positions(count: int, channels: int) -> np.ndarray:
+    """The sinusoidal position table of Vaswani et al. 2017 as diffusers' ``SinusoidalPositionalEmbedding``
+    builds it in float32: row p holds sin(p f_k) at channel 2k and cos(p f_k) at 2k + 1, with the frequencies
+    f_k = exp(2k (-ln 10000 / channels)). The exponents and angles are float32 products as torch forms them; exp,
+    sin and cos are evaluated in float64 and rounded once (see ``timestep_embedding``). (count, channels)."""
+    exponents = np.arange(0, channels, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / channels)
+    frequencies = np.exp(exponents.astype(np.float64)).astype(np.float32)  # (channels/2,)
+    angles = (np.arange(count, dtype=np.float32)[:, None] * frequencies).astype(np.float64)  # float32 products
+    table = np.zeros((count, channels))
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles)[:, : channels // 2]
+    return table.astype(np.float32)
 
-    def __init__(self, params: ParameterSource, channels: int, context_channels: int, heads: int):
+
+class BasicTransformerBlock:
+    """Pre-norm: x + attn1(norm1 x); x + attn2(norm2 x, text); x + GEGLU feed-forward(norm3 x).
+
+    With ``positions`` (AnimateDiff's temporal blocks): a stored table of that many sinusoidal position rows
+    (``pos_embed.pe``, (1, positions, C)) is added to the normalised tokens before each attention, and attn2
+    attends over the tokens themselves (its context is None)."""
+
+    def __init__(self, params: ParameterSource, channels: int, context_channels: int, heads: int,
+                 positions: int | None = None):
         self.ops = params.ops
         inner = FEED_FORWARD_MULT * channels
+        self.position_table = None
+        if positions is not None:
+            self.position_table = params.scope("pos_embed").take(
+                "pe", (1, positions, channels), default=lambda: sinusoidal_positions(positions, channels)[None])
         self.norm1 = LayerNorm(params.scope("norm1"), channels, TRANSFORMER_LAYER_NORM_EPS)
         self.attn1 = Attention(params.scope("attn1"), channels, channels, heads)
         self.norm2 = LayerNorm(params.scope("norm2"), channels, TRANSFORMER_LAYER_NORM_EPS)
@@ -140,9 +166,23 @@ class BasicTransformerBlock:
     def __call__(self, x, context):
         """x (B, T, C), updated in place (the transformer's own array) and returned."""
         ops = self.ops
-        x = ops.add_(x, self.attn1(x, norm=self.norm1))
-        x = ops.add_(x, self.attn2(x, context, norm=self.norm2))
+        norm1, norm2 = self.norm1, self.norm2
+        if self.position_table is not None:
+            positions = self.positions(x.shape[1])  # (1, T, C)
+            norm1 = lambda tokens: ops.add_(self.norm1(tokens), positions)  # noqa: E731
+            norm2 = lambda tokens: ops.add_(self.norm2(tokens), positions)  # noqa: E731
+        x = ops.add_(x, self.attn1(x, norm=norm1))
+        x = ops.add_(x, self.attn2(x, context, norm=norm2))
         return ops.add_(x, self.feed_forward(self.norm3(x)))
+
+    def positions(self, tokens: int):
+        """The first ``tokens`` rows of the position table, (1, T, C): the table's one entry picked by the
+        embedding op (the table stays in the backend), then narrowed."""
+        table_rows = self.position_table.shape[1]
+        if tokens > table_rows:
+            raise SdcliError(f"{tokens} positions, the position table holds {table_rows}")
+        table = self.ops.embedding(self.position_table, np.zeros(1, dtype=np.int64))  # (1, rows, C)
+        return self.ops.narrow(table, 1, 0, tokens)
 
 
 class Transformer2DModel:
@@ -236,6 +276,19 @@ class UNetLevel:
         return self.attentions[j](x, context) if self.attentions else x
 
 
+class TemporalLayers(Protocol):
+    """Layers over the frame axis that run after the UNet's own (AnimateDiff's motion modules,
+    :mod:`sdcli.nn.motion`): after layer ``layer`` of down level ``level``, after the mid block's transformer, and
+    after layer ``layer`` of up level ``level``. Each takes and returns x (B*F, C, h, w), the frames of each video
+    consecutive."""
+
+    def down(self, level: int, layer: int, x): ...
+
+    def mid(self, x): ...
+
+    def up(self, level: int, layer: int, x): ...
+
+
 class UNetMidBlock2DCrossAttn:
     """Resnet, transformer, resnet at the deepest level."""
 
@@ -246,9 +299,11 @@ class UNetMidBlock2DCrossAttn:
         self.attention = Transformer2DModel(params.scope("attentions", 0), config, channels,
                                             config.num_attention_heads[-1], config.transformer_layers_per_block[-1])
 
-    def __call__(self, x, time_features, context):
-        x = self.resnets[0](x, time_features)
-        return self.resnets[1](self.attention(x, context), time_features)
+    def __call__(self, x, time_features, context, temporal: TemporalLayers | None = None):
+        x = self.attention(self.resnets[0](x, time_features), context)
+        if temporal is not None:
+            x = temporal.mid(x)
+        return self.resnets[1](x, time_features)
 
 
 class UNet2DConditionModel:
@@ -298,9 +353,11 @@ class UNet2DConditionModel:
             raise SdcliError("UNet timesteps must be finite")
         return timesteps
 
-    def __call__(self, sample, timesteps: np.ndarray | float, encoder_hidden_states):
+    def __call__(self, sample, timesteps: np.ndarray | float, encoder_hidden_states,
+                 temporal: TemporalLayers | None = None):
         """sample (B, in_channels, h, w), host timesteps (B,) or a scalar, encoder_hidden_states (B, S, D)
-        -> (B, out_channels, h, w). CFG batches [uncond, cond] as one batch of 2B."""
+        -> (B, out_channels, h, w). CFG batches [uncond, cond] as one batch of 2B. ``temporal``: layers over the
+        frame axis run after the UNet's own layers (the batch is then videos' frames, see TemporalLayers)."""
         ops, config = self.ops, self.config
         context = encoder_hidden_states
         timesteps = self.check_inputs(sample, np.asarray(timesteps, dtype=np.float64), context)
@@ -316,17 +373,19 @@ class UNet2DConditionModel:
 
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
-        for block in self.down_blocks:
+        for i, block in enumerate(self.down_blocks):
             for j in range(len(block.resnets)):
                 x = block.layer(j, x, time_features, context)
+                if temporal is not None:
+                    x = temporal.down(i, j, x)
                 skips.append(x)
             if block.downsampler is not None:
                 x = block.downsampler(x)  # (B, C, ceil(H/2), ceil(W/2))
                 skips.append(x)
 
-        x = self.mid_block(x, time_features, context)
+        x = self.mid_block(x, time_features, context, temporal)
 
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             for j in range(len(block.resnets)):
                 x = ops.concat([x, skips.pop()], axis=1)  # (B, C + C_skip, H, W)
                 # the two calls of block.layer, written out so that the concatenation (21 MB at 64x64 latents)
@@ -334,6 +393,8 @@ class UNet2DConditionModel:
                 x = block.resnets[j](x, time_features)
                 if block.attentions:
                     x = block.attentions[j](x, context)
+                if temporal is not None:
+                    x = temporal.up(i, j, x)
             if block.upsampler is not None:
                 x = block.upsampler(x, skips[-1].shape[-2:])  # to the next skip's size
 
