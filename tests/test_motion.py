@@ -18,8 +18,10 @@ from data_paths import CONFIGS  # noqa: E402
 from opaque_backend import opaque_ops  # noqa: E402
 
 from sdcli.config import MotionAdapterConfig, UNetConfig  # noqa: E402
-from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
-from sdcli.io.weights import ArraySource, load_network  # noqa: E402
+from sdcli.errors import CheckpointError, ModelNotFoundError, SdcliError  # noqa: E402
+from sdcli.families.animatediff import load_motion_adapter, open_motion_adapter  # noqa: E402
+from sdcli.families.animatediff_names import is_position_table, motion_adapter_names  # noqa: E402
+from sdcli.io.weights import ArraySource, load_network, tensor_shapes  # noqa: E402
 from sdcli.nn.motion import MotionAdapter, UNetMotionModel  # noqa: E402
 from sdcli.nn.unet import UNet2DConditionModel, sinusoidal_positions  # noqa: E402
 from sdcli.ops import get_ops  # noqa: E402
@@ -191,3 +193,104 @@ def test_full_v1_5_2_adapter_on_the_full_sd15_unet():
     expected = reference_output(reference, sample, timesteps, context)
     ours = run(build(unet_config, adapter_config, unet_state, adapter_state), sample, timesteps, context)
     assert relative_error(ours, expected) <= TOL["full"]
+
+
+# -- the original-format motion-module files ----------------------------------------------------------------------
+
+def original_format(adapter_state: dict[str, np.ndarray], config: MotionAdapterConfig) -> dict[str, np.ndarray]:
+    """An adapter's tensors under the original AnimateDiff names (through sdcli's map), with the position tables
+    the original code stores in each attention block."""
+    mapping = motion_adapter_names(config)
+    state = {mapping[name].name: array for name, array in adapter_state.items() if name in mapping}
+    for name, array in adapter_state.items():
+        if name.endswith(".pos_embed.pe"):
+            block = name[: -len("pos_embed.pe")].replace(".transformer_blocks.",
+                                                         ".temporal_transformer.transformer_blocks.")
+            for attention in (0, 1):
+                state[f"{block}attention_blocks.{attention}.pos_encoder.pe"] = array
+    return state
+
+
+@pytest.mark.parametrize("adapter", sorted(TINY_ADAPTERS))
+def test_original_names_against_diffusers_converter(adapter):
+    """sdcli's map, inverted, then diffusers' converter: every canonical name back, nothing else; the map is a
+    bijection (checked when it is built)."""
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    config = MotionAdapterConfig.from_diffusers(TINY_ADAPTERS[adapter])
+    shapes = tensor_shapes(lambda params: MotionAdapter(params, config))
+    state = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    converted = convert_animatediff_checkpoint_to_diffusers(original_format(state, config))
+    assert set(converted) == {name for name in shapes if not name.endswith(".pos_embed.pe")}
+    assert all(is_position_table(name) for name in set(original_format(state, config)) - {
+        key.name for key in motion_adapter_names(config).values()})
+
+
+# -- opening adapters in each layout --------------------------------------------------------------------------------
+
+def diffusers_to_original(name: str) -> str:
+    """The inverse of diffusers' converter (``convert_animatediff_checkpoint_to_diffusers``), as plain renames:
+    written here independently of sdcli's map."""
+    head, _, tail = name.partition(".motion_modules.")
+    layer, _, rest = tail.partition(".")
+    for ours, theirs in ((".norm1.", ".norms.0."), (".norm2.", ".norms.1."), (".norm3.", ".ff_norm."),
+                         (".attn1.", ".attention_blocks.0."), (".attn2.", ".attention_blocks.1.")):
+        rest = ("." + rest).replace(ours, theirs)[1:]
+    return f"{head}.motion_modules.{layer}.temporal_transformer.{rest}"
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "diffusers-file", "original-file"])
+def test_open_each_layout(tiny, tmp_path, layout):
+    from safetensors.numpy import save_file
+
+    adapter_config, reference, unet_state, adapter_state = tiny
+    if layout == "diffusers":
+        path = tmp_path / "adapter"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(adapter_config))
+        save_file({name: np.ascontiguousarray(a) for name, a in adapter_state.items()},
+                  str(path / "diffusion_pytorch_model.safetensors"))
+    elif layout == "diffusers-file":
+        path = tmp_path / "adapter_diffusers.safetensors"
+        save_file({name: np.ascontiguousarray(a) for name, a in adapter_state.items()}, str(path))
+    else:
+        path = tmp_path / "mm_adapter.safetensors"
+        state = {}
+        for name, array in adapter_state.items():
+            if name.endswith(".pos_embed.pe"):  # the original stores a table in each of the two attentions
+                for attention in (0, 1):
+                    state[diffusers_to_original(name.replace("pos_embed.pe", f"attn{attention + 1}.pe"))
+                          .replace(".pe", ".pos_encoder.pe")] = np.ascontiguousarray(array)
+            else:
+                state[diffusers_to_original(name)] = np.ascontiguousarray(array)
+        save_file(state, str(path))
+    opened = open_motion_adapter(path)
+    assert opened.layout == layout
+    expected_config = MotionAdapterConfig.from_diffusers({**adapter_config, "motion_num_attention_heads": (
+        adapter_config["motion_num_attention_heads"] if layout == "diffusers" else 8)})
+    unet_cfg = UNetConfig.from_diffusers(TINY_UNET)
+    # a single file stores neither its norm groups (the UNet's are used, as by diffusers) nor its head count
+    assert opened.config.for_unet(unet_cfg) == expected_config.for_unet(unet_cfg)
+    if layout != "diffusers" and adapter_config["motion_num_attention_heads"] != 8:
+        return  # parity needs the config's head count
+    ops = get_ops("cpu")
+    unet = load_network(lambda params: UNet2DConditionModel(params, unet_cfg), ArraySource(unet_state), ops)
+    model = UNetMotionModel(unet, load_motion_adapter(opened, unet_cfg, ops))
+    sample, context = video_inputs(TINY_UNET, 4, (8, 8), batch=1)
+    expected = reference_output(reference, sample, TIMESTEPS[:1], context)
+    assert relative_error(run(model, sample, TIMESTEPS[:1], context), expected) <= TOL["tiny"]
+
+
+def test_open_refuses_what_is_not_an_adapter(tmp_path):
+    from safetensors.numpy import save_file
+
+    pickle = tmp_path / "mm_sd_v15_v2.ckpt"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="pickle checkpoint.*weights_only=True"):
+        open_motion_adapter(pickle)
+    other = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": np.zeros((4, 4, 3, 3), np.float32)}, str(other))
+    with pytest.raises(CheckpointError, match="not a motion adapter"):
+        open_motion_adapter(other)
+    with pytest.raises(ModelNotFoundError, match="no such motion adapter"):
+        open_motion_adapter(tmp_path / "missing.safetensors")

@@ -28,12 +28,11 @@ tests run as the independent reference.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 
 from ..config import ClipConfig, UNetConfig, VAEConfig
 from ..io.checkpoint import NameMap, SourceKey
+from ..io.name_rules import INDEX, PARAM, Rule, below as _below, check_bijection, network_shapes as _network_shapes, \
+    one_of as _one_of, translate as _translate
 from ..nn.clip import ClipTextEncoder
 from ..nn.unet import UNet2DConditionModel
 from ..nn.vae import Autoencoder
@@ -48,77 +47,6 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 CANONICAL_TEXT_PREFIX = "text_model."
 
 WEIGHT_BIAS = ("weight", "bias")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rules
-# ---------------------------------------------------------------------------------------------------------------
-
-def _one_of(names: Iterable[str], group: str | None = None) -> str:
-    """A pattern matching exactly one of ``names`` (whole module paths, dots literal), captured as ``group``."""
-    choice = "|".join(re.escape(name) for name in names)
-    return f"(?P<{group}>{choice})" if group else f"(?:{choice})"
-
-
-PARAM = _one_of(WEIGHT_BIAS, "param")  # the last part of every name: a module's weight or bias
-INDEX = r"\d+"  # a block, layer or level number
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Canonical names that ``pattern`` matches whole, and the stored tensor each comes from.
-
-    ``source`` names the stored tensor from the match, without the component's prefix: a name, or a SourceKey
-    for a part of a fused tensor. It raises ``NoPlace`` for a parsed index the layout has no place for. With
-    ``as_canonical_shape`` the stored tensor is read in the canonical tensor's shape (a 1x1 conv kernel as the
-    Linear weight it is).
-    """
-
-    pattern: str
-    source: Callable[[re.Match], str | SourceKey]
-    as_canonical_shape: bool = False
-
-
-class NoPlace(ValueError):
-    """A canonical name that a rule parses but whose index the single-file layout has no place for."""
-
-
-def _below(match: re.Match, group: str, count: int) -> int:
-    """The index captured as ``group``, which must be below ``count`` (the layout has no place for others)."""
-    index = int(match[group])
-    if index >= count:
-        raise NoPlace(f"{group} {index} is not below {count}")
-    return index
-
-
-def _translate(shapes: Shapes, rules: Iterable[Rule], prefix: str, what: str) -> NameMap:
-    """The map of every canonical tensor in ``shapes`` (the network's, in build order) through ``rules``."""
-    compiled = [(re.compile(rule.pattern), rule) for rule in rules]
-    mapping: NameMap = {}
-    for canonical, shape in shapes.items():
-        matches = [(match, rule) for pattern, rule in compiled if (match := pattern.fullmatch(canonical))]
-        if len(matches) != 1:
-            found = "no rule" if not matches else f"{len(matches)} rules ({', '.join(r.pattern for _, r in matches)})"
-            raise ValueError(f"{what} tensor {canonical!r} matches {found} of the single-file map")
-        match, rule = matches[0]
-        try:
-            source = rule.source(match)
-        except NoPlace as error:
-            raise ValueError(f"{what} tensor {canonical!r} has no place in the single-file layout: {error}") \
-                from None
-        key = SourceKey(source) if isinstance(source, str) else source
-        mapping[canonical] = replace(key, name=prefix + key.name,
-                                     shape=tuple(shape) if rule.as_canonical_shape else key.shape)
-    check_bijection(mapping)
-    return mapping
-
-
-def _network_shapes(build: Callable) -> Shapes:
-    """Every tensor the network ``build(params)`` takes, with its shape; nothing is read."""
-    # Imported here: sdcli.io.weights imports sdcli.io.checkpoint, which imports this module.
-    from ..io.weights import tensor_shapes
-
-    return tensor_shapes(build)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,28 +375,3 @@ def is_known_extra(name: str, text_encoder_layers: int | None = None) -> bool:
         index = name[len(OPENCLIP_RESBLOCKS):].split(".", 1)[0]
         return index.isdigit() and int(index) >= text_encoder_layers
     return False
-
-
-def check_bijection(mapping: NameMap) -> None:
-    """Raise ValueError unless every stored tensor (or part of one) feeds exactly one canonical tensor.
-
-    A tensor is used whole at most once, never both whole and in parts, and a fused tensor is split into all of
-    its ``count`` parts, each used once, with a single ``count``.
-    """
-    uses: dict[str, list[tuple[str, tuple[int, int] | None]]] = defaultdict(list)
-    for canonical, source in mapping.items():
-        uses[source.name].append((canonical, source.part))
-    problems = []
-    for stored, entries in uses.items():
-        parts = [part for _, part in entries]
-        users = ", ".join(canonical for canonical, _ in entries)
-        if None in parts:
-            if len(entries) > 1:
-                problems.append(f"{stored} feeds {users}")
-            continue
-        counts = {count for _, count in parts}
-        indices = sorted(index for index, _ in parts)
-        if len(counts) != 1 or indices != list(range(next(iter(counts)))):
-            problems.append(f"{stored} parts {sorted(parts)} feed {users}")
-    if problems:
-        raise ValueError("name map is not a bijection: " + "; ".join(problems))
