@@ -1,6 +1,7 @@
-"""Images out: decoder output to 8-bit pixels, and PNG files that carry the parameters that made them.
+"""Images and videos out: decoder output to 8-bit pixels, PNG files and video files that carry the parameters that
+made them.
 
-The only module that imports Pillow. A PNG written here holds its generation parameters twice, as text chunks:
+The only module that imports Pillow and imageio. A PNG written here holds its generation parameters twice, as text chunks:
 ``parameters`` in the AUTOMATIC1111 web UI's format (read back by the web UI's "PNG Info" tab, ComfyUI and
 most image browsers) and ``sdcli`` with the full request as JSON. Latin-1 text goes into tEXt chunks, anything
 else into iTXt (UTF-8), so a prompt in any script survives the round trip.
@@ -19,11 +20,11 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from ..errors import SdcliError
 from ..params import GenerateParams
 from ..sampling.plans import SAMPLERS
-from .files import atomic_output
+from .files import OutputExistsError, atomic_output
 from .outputs import plan_output_paths, prompt_slug
 
-__all__ = ["a1111_parameters", "a1111_quote", "images_to_uint8", "plan_output_paths", "prompt_slug",
-           "read_png_text", "save_png"]
+__all__ = ["VIDEO_FORMATS", "a1111_parameters", "a1111_quote", "images_to_uint8", "plan_output_paths", "prompt_slug",
+           "read_png_text", "save_png", "save_video", "video_output_paths"]
 
 log = logging.getLogger("sdcli")
 
@@ -156,3 +157,90 @@ def read_png_text(path: str | Path) -> dict[str, str]:
         raise SdcliError(f"{path} is not an image file") from None
     except OSError as error:
         raise SdcliError(f"cannot read {path}: {error}") from None
+
+
+# -- videos ---------------------------------------------------------------------------------------------------------
+
+# -o suffix -> what is written: H.264 and VP9 through imageio-ffmpeg's own ffmpeg, looping GIF and animated WebP
+# through Pillow; anything else is a folder (or a name with {frame}) of numbered PNG frames.
+VIDEO_FORMATS = {".mp4": "H.264 MP4", ".webm": "VP9 WebM", ".gif": "looping GIF", ".webp": "animated WebP"}
+FFMPEG_CODECS = {".mp4": ("libx264", "mp4"), ".webm": ("libvpx-vp9", "webm")}
+FRAME_FIELD = "{frame}"
+
+
+def video_output_paths(path: str | Path, frames: int) -> list[Path]:
+    """Every file ``save_video`` writes for ``frames`` frames at ``path``: the video (and its ``.json`` sidecar
+    where the format holds no text), or the numbered PNG frames of a folder (``clip/`` or an existing folder:
+    ``clip/frame_0000.png``, ...) or of a ``{frame}`` template (``clip_{frame}.png``). A one-line error for an
+    output that is none of these."""
+    text = str(path)
+    path = Path(path).expanduser()
+    digits = max(4, len(str(frames - 1)))
+    if FRAME_FIELD in text:
+        if Path(text).suffix.lower() != ".png":
+            raise SdcliError(f"{text}: a frame template must end in .png")
+        return [Path(text.replace(FRAME_FIELD, f"{i:0{digits}d}")).expanduser() for i in range(frames)]
+    if path.is_dir() or text.endswith(("/", "\\")):
+        return [path / f"frame_{i:0{digits}d}.png" for i in range(frames)]
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_FORMATS:
+        raise SdcliError(f"{text}: a video is written as {', '.join(VIDEO_FORMATS)}, a folder of PNG frames or a "
+                         f"name with {FRAME_FIELD} (clip_{FRAME_FIELD}.png)")
+    return [path] + ([path.with_name(path.name + ".json")] if suffix in (".gif", ".webp") else [])
+
+
+def save_video(path: str | Path, frames: np.ndarray, fps: int, text: Mapping[str, str],
+               overwrite: bool = False) -> list[Path]:
+    """Write RGB ``frames`` (F, H, W, 3) uint8 at ``fps`` as ``path`` names it (see ``video_output_paths``), with
+    ``text`` (keyword -> value, ``sdcli`` the JSON of the request): an MP4/WebM comment tag holds the ``sdcli``
+    text, PNG frames hold all of it as text chunks, GIF and WebP get a ``.json`` sidecar. Each file is written
+    under a temporary name and renamed when complete; existing files are refused unless ``overwrite``."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or len(frames) == 0:
+        raise ValueError(f"expected RGB frames of shape (F, H, W, 3) and dtype uint8, got {frames.shape} "
+                         f"{frames.dtype}")
+    if fps < 1:
+        raise SdcliError(f"fps must be a positive integer, got {fps}")
+    paths = video_output_paths(path, len(frames))
+    for target in paths:
+        if not overwrite and target.exists():
+            raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+    suffix = paths[0].suffix.lower()
+    if suffix == ".png":  # numbered frames
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        return [save_png(target, frame, text, overwrite) for target, frame in zip(paths, frames)]
+    description = text.get("sdcli", "")
+    with atomic_output(paths[0], overwrite) as temporary:
+        if suffix in FFMPEG_CODECS:
+            _write_ffmpeg(temporary, frames, fps, suffix, description)
+        else:
+            images = [Image.fromarray(np.ascontiguousarray(frame)) for frame in frames]
+            options = dict(save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+            if suffix == ".gif":
+                images[0].save(temporary, format="GIF", comment=description.encode("utf-8"), **options)
+            else:
+                images[0].save(temporary, format="WEBP", lossless=False, quality=90, **options)
+    if len(paths) > 1:  # the sidecar
+        with atomic_output(paths[1], overwrite) as temporary:
+            temporary.write_text(description + "\n", encoding="utf-8")
+    return paths
+
+
+def _write_ffmpeg(path: Path, frames: np.ndarray, fps: int, suffix: str, comment: str) -> None:
+    """Frames through imageio-ffmpeg's own ffmpeg binary, the container named (the path is a temporary name)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise SdcliError(f"writing {suffix} video needs the imageio-ffmpeg package: pip install imageio-ffmpeg "
+                         "(or write .gif, .webp or PNG frames)") from None
+    codec, container = FFMPEG_CODECS[suffix]
+    height, width = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec=codec, pix_fmt_in="rgb24",
+                                         pix_fmt_out="yuv420p", macro_block_size=2, ffmpeg_log_level="error",
+                                         output_params=["-f", container, "-metadata", f"comment={comment}"])
+    writer.send(None)  # starts ffmpeg
+    try:
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()

@@ -195,12 +195,21 @@ def _vp_plan(config, schedule, sigmas, timesteps, **extra) -> SamplerPlan:
 
 def plan_ddim(config, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
     """DDIM and PNDM: integer timesteps of the config's spacing; after the last, t - T // N or, below 0,
-    ``final_alpha_cumprod`` (``set_alpha_to_one``)."""
+    ``final_alpha_cumprod`` (``set_alpha_to_one``).
+
+    diffusers' DDIMScheduler steps from t to the noise level of t - T // N whatever the spacing, and hands the
+    result to the next timestep as it is. With "leading" spacing that is the next timestep; with "linspace" or
+    "trailing" (AnimateDiff's DDIM settings) it is not, and the plan's ``targets`` then give each step's own end
+    (see ``sample_ddim``)."""
     timesteps = inference_timesteps(_scheduler_config(config), steps)
-    last = timesteps[-1] - config["num_train_timesteps"] // steps
-    final_alpha = schedule.alphas_cumprod[last] if last >= 0 else schedule.final_alpha_cumprod
-    sigmas = [*schedule.sigmas[timesteps], _sigma_of_alpha(final_alpha)]
-    return _vp_plan(config, schedule, sigmas, timesteps)
+    previous = timesteps - config["num_train_timesteps"] // steps
+    final_sigma = _sigma_of_alpha(schedule.final_alpha_cumprod)
+    targets = [float(schedule.sigmas[t]) if t >= 0 else final_sigma for t in previous]
+    sigmas = [*schedule.sigmas[timesteps], targets[-1]]
+    plan = _vp_plan(config, schedule, sigmas, timesteps)
+    if any(np.float32(target) != next_sigma for target, next_sigma in zip(targets[:-1], plan.sigmas[1:-1])):
+        plan = replace(plan, sampler_options={"targets": tuple(targets)})
+    return plan
 
 
 def plan_pndm(config, schedule: NoiseSchedule, steps: int) -> SamplerPlan:

@@ -91,18 +91,31 @@ def sample_euler_ancestral(model: Model, x: np.ndarray, sigmas: Sequence[float],
 
 
 def sample_ddim(model: Model, x: np.ndarray, sigmas: Sequence[float], *, eta: float = 0.0,
-                noise_sampler: NoiseSampler | None = None) -> Iterator[Step]:
+                noise_sampler: NoiseSampler | None = None, targets: Sequence[float] | None = None) -> Iterator[Step]:
     """DDIM (Song, Meng & Ermon 2021, eq. 12); diffusers' ``DDIMScheduler``.
 
     Divided by sqrt(alpha_bar_prev), the update sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev -
     std^2) eps + std noise reads x0 + sigma_down * eps + sigma_up * noise: with eta = 0 an Euler step of the
     probability-flow ODE (Karras et al. 2022, sec. 3), with eta > 0 the ancestral step. ``sigmas`` end at the
     sigma of ``final_alpha_cumprod``.
+
+    ``targets`` (see ``plan_ddim``): step i ends at the noise level ``targets[i]`` instead of ``sigmas[i + 1]``,
+    and its VP latents x / sqrt(1 + target^2) are taken as they are at the next sigma, as diffusers does.
     """
-    if eta == 0:
-        yield from sample_euler(model, x, sigmas)
-    else:
-        yield from sample_euler_ancestral(model, x, sigmas, eta=eta, noise_sampler=noise_sampler)
+    if targets is None:
+        inner = sample_euler(model, x, sigmas) if eta == 0 else \
+            sample_euler_ancestral(model, x, sigmas, eta=eta, noise_sampler=noise_sampler)
+        yield from inner
+        return
+    sigmas = _float32_sigmas(sigmas)
+    for i in range(len(sigmas) - 1):
+        sigma, target, sigma_next = sigmas[i], np.float32(targets[i]), sigmas[i + 1]
+        step = next(sample_euler_ancestral(model, x, [sigma, target], eta=eta, noise_sampler=noise_sampler)) \
+            if eta else next(sample_euler(model, x, [sigma, target]))
+        x = step.x
+        if target != sigma_next:  # the same VP latents, at the next sigma
+            x = x * (np.sqrt(np.float32(1) + sigma_next * sigma_next) / np.sqrt(np.float32(1) + target * target))
+        yield Step(i, float(sigma), float(sigma_next), x, step.denoised)
 
 
 def sample_ddpm(model: Model, x: np.ndarray, sigmas: Sequence[float], *,

@@ -1,0 +1,229 @@
+"""Text to video with AnimateDiff: an SD 1.x model and a motion adapter, as diffusers' ``AnimateDiffPipeline``.
+
+The stages are the image pipeline's, with the frames of each clip folded into the batch:
+
+- the prompt (and the negative prompt, with guidance) is encoded once per clip, (B, S, D);
+- the sampler runs on video latents (B, 4, F, h, w) through the UNet with motion modules
+  (:class:`sdcli.nn.motion.UNetMotionModel`), with the same plans, denoisers and guidance as images: a step of a
+  clip is a step of its latents as one array;
+- the VAE decodes ``decode_chunk`` frames at a time (diffusers' ``decode_chunk_size``), (B, F, 3, H, W).
+
+Starting noise is one unit Gaussian draw of (4, F, h, w) per clip, from the clip's seed; diffusers draws from
+torch's generator, so parity with it goes through the ``initial_noise`` argument (diffusers' ``latents=``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import SdcliError
+from ..families.animatediff import OpenedAdapter, load_motion_adapter, open_motion_adapter
+from ..io.checkpoint import Checkpoint
+from ..models import open_checkpoint
+from ..nn.motion import UNetMotionModel
+from ..ops import get_ops
+from ..rng import BatchNoise, random_seed
+from ..sampling.denoisers import Denoiser, guided_network
+from ..sampling.plans import SAMPLERS, SamplerPlan
+from .image import StepRecord, default_steps, load_prompt_encoder, on_host
+
+log = logging.getLogger("sdcli")
+
+DEFAULT_FRAMES = 16
+DEFAULT_FPS = 8
+DEFAULT_DECODE_CHUNK = 8  # frames the VAE decodes at once
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    """What one clip (or a batch of clips of one prompt) is made from. None: the model's or adapter's default."""
+
+    prompt: str
+    negative_prompt: str = ""
+    frames: int = DEFAULT_FRAMES
+    fps: int = DEFAULT_FPS
+    steps: int | None = None
+    sampler: str | None = None
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    decode_chunk: int = DEFAULT_DECODE_CHUNK
+    clip_skip: int = 1
+    eta: float = 0.0
+
+    def with_(self, **changes: Any) -> "VideoParams":
+        return replace(self, **changes)
+
+    def validate(self) -> "VideoParams":
+        """These parameters, or a one-line SdcliError naming the first bad one."""
+        for name in ("frames", "fps", "batch_size", "decode_chunk", "clip_skip"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SdcliError(f"{name} must be a positive integer, got {value!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise SdcliError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
+                raise SdcliError(f"{name} must be a positive multiple of 8, got {value!r}")
+        for name in ("guidance_scale", "eta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise SdcliError(f"{name} must be a finite number >= 0, got {value!r}")
+        return self
+
+
+@dataclass
+class GeneratedVideo:
+    """A batch of clips: ``frames`` (B, F, 3, H, W) float32 in about [-1, 1], the final latents (B, 4, F, h, w)
+    as decoded, the clips' seeds, the resolved parameters and the per-stage times."""
+
+    frames: np.ndarray
+    latents: np.ndarray
+    seeds: list[int]
+    params: VideoParams
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TextToVideo:
+    """A loaded SD 1.x model with a motion adapter: prompt encoder, UNet with motion modules, VAE decoder and the
+    scheduler config (the model's, with the adapter preset's overrides)."""
+
+    def __init__(self, checkpoint: Checkpoint, prompt_encoder, network: UNetMotionModel, decoder,
+                 scheduler_config: dict, backend: str, precision: str):
+        self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
+        self.family = checkpoint.model_family
+        self.scheduler_config = scheduler_config
+        self.backend, self.precision = backend, precision
+        self.timings: dict[str, float] = {}
+
+    @property
+    def max_frames(self) -> int:
+        return self.network.max_frames
+
+    def prepare(self, params: VideoParams) -> tuple[VideoParams, SamplerPlan]:
+        """``params`` with the model's defaults filled in and validated, and its sampler plan."""
+        sampler = params.sampler or "ddim"
+        if sampler not in SAMPLERS:
+            raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        native = self.family.image.native_size(self.network.unet)
+        params = params.with_(sampler=sampler, steps=default_steps(sampler) if params.steps is None else params.steps,
+                              width=native if params.width is None else params.width,
+                              height=native if params.height is None else params.height,
+                              seed=random_seed() if params.seed is None else params.seed).validate()
+        if params.frames > self.max_frames:
+            raise SdcliError(f"{params.frames} frames: the motion adapter makes at most {self.max_frames} at once")
+        return params, SAMPLERS[sampler].plan(self.scheduler_config, params.steps)
+
+    def latent_shape(self, params: VideoParams) -> tuple[int, ...]:
+        """(4, F, h, w) of one clip."""
+        channels, height, width = self.family.latents.shape(params.width, params.height)
+        return channels, params.frames, height, width
+
+    def run(self, params: VideoParams, initial_noise: np.ndarray | None = None) -> Iterator[StepRecord | GeneratedVideo]:
+        """Generate ``params.batch_size`` clips: a StepRecord per step, then the GeneratedVideo. ``initial_noise``
+        (B, 4, F, h, w) replaces the seeded starting noise, scaled by the sampler as diffusers scales its
+        ``latents=``."""
+        params, plan = self.prepare(params)
+        batch = params.batch_size
+        seeds = [(params.seed + i) % 2**32 for i in range(batch)]
+        noise = BatchNoise(seeds, self.latent_shape(params))
+        seeded_noise = noise.draw()
+        if initial_noise is not None:
+            expected = (batch, *self.latent_shape(params))
+            if tuple(initial_noise.shape) != expected:
+                raise SdcliError(f"initial video latents must have shape {expected}, got {tuple(initial_noise.shape)}")
+            if not np.all(np.isfinite(initial_noise)):
+                raise SdcliError("initial video latents hold values that are not finite")
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        context = np.repeat(self.prompt_encoder.encode([params.prompt], clip_skip=params.clip_skip), batch, axis=0)
+        uncond_context = None
+        if params.guidance_scale > 1:
+            uncond_context = np.repeat(self.prompt_encoder.encode([params.negative_prompt],
+                                                                  clip_skip=params.clip_skip), batch, axis=0)
+        timings["text_encoding_s"] = time.perf_counter() - start
+
+        spec = SAMPLERS[params.sampler]
+        network = guided_network(on_host(self.network, (0, 2)), context, uncond_context, params.guidance_scale)
+        denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
+        if spec.wraps_denoiser is not None:
+            denoiser = spec.wraps_denoiser(denoiser, plan)
+        start_noise = seeded_noise if initial_noise is None else initial_noise
+        x = np.asarray(start_noise, dtype=np.float32) * np.float32(plan.init_noise_sigma)
+        options = dict(plan.sampler_options)
+        if params.eta and "eta" in spec.options:
+            options["eta"] = params.eta
+
+        start = time.perf_counter()
+        total = len(plan.sigmas) - 1
+        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, 4, F, h, w)
+            x = step.x
+            yield StepRecord(step.index, total, float(step.sigma), x, None, time.perf_counter() - start)
+        timings["denoising_s"] = time.perf_counter() - start
+        timings["steps"] = total
+
+        latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, F, h, w)
+        start = time.perf_counter()
+        frames = self.decode(latents, params.decode_chunk)
+        timings["decode_s"] = time.perf_counter() - start
+        yield GeneratedVideo(frames, latents, seeds, params, timings)
+
+    def decode(self, latents: np.ndarray, chunk: int) -> np.ndarray:
+        """Video latents (B, 4, F, h, w) -> frames (B, F, 3, H, W), ``chunk`` frames through the VAE at a time."""
+        batch, channels, frames, height, width = latents.shape
+        flat = np.ascontiguousarray(latents.transpose(0, 2, 1, 3, 4)).reshape(batch * frames, channels, height,
+                                                                               width)
+        decode = on_host(self.decoder)
+        pieces = [decode(flat[i:i + chunk]) for i in range(0, len(flat), chunk)]  # (n, 3, H, W) each
+        images = np.concatenate(pieces)
+        return images.reshape(batch, frames, *images.shape[1:])
+
+
+def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
+                        precision: str = "fp32", backend: str = "cpu",
+                        scheduler_options: dict[str, Any] | None = None) -> TextToVideo:
+    """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter, and load what text to video
+    needs. ``scheduler_options`` override the model's scheduler config (an adapter preset's recommended
+    settings: diffusers' AnimateDiff examples use DDIM with ``beta_schedule="linear"``, ``clip_sample=False``,
+    ``timestep_spacing="linspace"``, ``steps_offset=1``)."""
+    start = time.perf_counter()
+    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    if checkpoint.family != "sd1":
+        raise SdcliError(f"{checkpoint.path} is an {checkpoint.family.upper()} model; AnimateDiff's motion adapters "
+                         "animate SD 1.x models (SD 1.5 and its fine-tunes)")
+    adapter = motion_adapter if isinstance(motion_adapter, OpenedAdapter) else open_motion_adapter(motion_adapter)
+    ops = get_ops(backend)
+    stages = checkpoint.model_family.image
+    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
+    unet = stages.load_denoiser(checkpoint, ops, precision, stream=False)
+    network = UNetMotionModel(unet, load_motion_adapter(adapter, unet.config, ops, precision))
+    decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=False)
+    scheduler_config = {**stages.scheduler_config(checkpoint), **(scheduler_options or {})}
+    pipeline = TextToVideo(checkpoint, prompt_encoder, network, decoder, scheduler_config, backend, precision)
+    pipeline.timings["load_s"] = time.perf_counter() - start
+    log.info("loaded %s with the motion adapter %s in %.2f s", checkpoint.path, adapter.path,
+             pipeline.timings["load_s"])
+    return pipeline
+
+
+def generate_video(pipeline: TextToVideo, params: VideoParams,
+                   initial_noise: np.ndarray | None = None) -> GeneratedVideo:
+    """Run ``pipeline`` on ``params`` to the end and return the clips (the library call without progress)."""
+    for record in pipeline.run(params, initial_noise=initial_noise):
+        if isinstance(record, GeneratedVideo):
+            return record
+    raise AssertionError("the pipeline ended without a result")
+
+
+__all__ = ["GeneratedVideo", "TextToVideo", "VideoParams", "generate_video", "load_video_pipeline"]

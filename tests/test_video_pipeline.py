@@ -1,0 +1,104 @@
+"""Text to video against diffusers' AnimateDiffPipeline on a tiny random-weight SD 1.x model and motion adapter:
+the same initial latents give frames within 2/255 of diffusers' (output_type="np"), with DDIM as AnimateDiff's
+examples configure it (linspace spacing, where diffusers steps each timestep t to the noise level of t - T // N),
+Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch/diffusers are the video reference")
+pytest.importorskip("diffusers")
+
+import reference_models as ref  # noqa: E402
+import tiny_pipeline  # noqa: E402
+
+from sdcli.errors import SdcliError  # noqa: E402
+from sdcli.io.media import images_to_uint8  # noqa: E402
+from sdcli.pipelines.video import VideoParams, generate_video, load_video_pipeline  # noqa: E402
+
+TOL = {
+    # |ours - diffusers| per channel, in 8-bit steps (the issue's bound): both decode float32 frames and round
+    "frame_levels": 2,
+}
+TINY_ADAPTER = {"block_out_channels": [32, 64], "motion_layers_per_block": 1, "motion_norm_num_groups": 16,
+                "motion_num_attention_heads": 2, "motion_max_seq_length": 32, "use_motion_mid_block": True}
+# the scheduler settings of diffusers' AnimateDiff examples, and of AnimateDiff-Lightning's model card
+ANIMATEDIFF_DDIM = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
+                    "steps_offset": 1}
+LIGHTNING_EULER = {"timestep_spacing": "trailing", "beta_schedule": "linear"}
+CASES = {
+    # name: (sdcli sampler, diffusers scheduler class, scheduler options, steps, guidance, frames)
+    "ddim": ("ddim", "DDIMScheduler", ANIMATEDIFF_DDIM, 4, 7.5, 5),
+    "euler": ("euler", "EulerDiscreteScheduler", LIGHTNING_EULER, 4, 1.0, 6),
+    # one step: LCM's later steps add noise that diffusers draws from torch's generator
+    "lcm": ("lcm", "LCMScheduler", {"beta_schedule": "linear"}, 1, 1.0, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_video(tmp_path_factory):
+    """(diffusers AnimateDiffPipeline, model folder, adapter folder) on random weights."""
+    from diffusers import AnimateDiffPipeline
+
+    folder = tmp_path_factory.mktemp("animatediff")
+    image_pipeline, model_folder = tiny_pipeline.make_tiny_model("sd1", folder / "model")
+    adapter = ref.random_motion_adapter(TINY_ADAPTER, seed=3)
+    adapter.save_pretrained(str(folder / "adapter"), safe_serialization=True)
+    reference = AnimateDiffPipeline(vae=image_pipeline.vae, text_encoder=image_pipeline.text_encoder,
+                                    tokenizer=image_pipeline.tokenizer, unet=image_pipeline.unet,
+                                    motion_adapter=adapter, scheduler=image_pipeline.scheduler)
+    reference.set_progress_bar_config(disable=True)
+    return reference, model_folder, folder / "adapter"
+
+
+def reference_frames(reference, scheduler_class: str, options: dict, prompt: str, negative: str, steps: int,
+                     guidance: float, latents: np.ndarray) -> np.ndarray:
+    """diffusers' frames (B, F, H, W, 3) in [0, 1] from unit-variance ``latents`` (B, 4, F, h, w)."""
+    reference.scheduler = tiny_pipeline.scheduler_from_file(scheduler_class, tiny_pipeline.CONFIGS / "sd15",
+                                                            **options)
+    with torch.no_grad():
+        result = reference(prompt=[prompt] * len(latents), negative_prompt=[negative] * len(latents),
+                           num_frames=latents.shape[2], num_inference_steps=steps, guidance_scale=guidance,
+                           latents=torch.from_numpy(latents), height=latents.shape[3] * 8,
+                           width=latents.shape[4] * 8, output_type="np")
+    return np.asarray(result.frames)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_frames_match_diffusers(tiny_video, case):
+    reference, model_folder, adapter_folder = tiny_video
+    sampler, scheduler_class, options, steps, guidance, frames = CASES[case]
+    latents = np.random.default_rng(7).standard_normal((2, 4, frames, 8, 8)).astype(np.float32)
+    prompt, negative = "a corgi running on a beach", "blurry"
+    expected = reference_frames(reference, scheduler_class, options, prompt, negative, steps, guidance, latents)
+    pipeline = load_video_pipeline(model_folder, adapter_folder, scheduler_options=options)
+    params = VideoParams(prompt, negative, frames=frames, steps=steps, sampler=sampler, guidance_scale=guidance,
+                         seed=0, width=64, height=64, batch_size=2, decode_chunk=4)
+    video = generate_video(pipeline, params, initial_noise=latents)
+    assert video.frames.shape == (2, frames, 3, 64, 64)
+    ours = np.stack([images_to_uint8(clip) for clip in video.frames])  # (B, F, H, W, 3)
+    theirs = np.round(expected * 255).astype(np.int16)
+    assert ours.shape == theirs.shape
+    assert np.max(np.abs(ours.astype(np.int16) - theirs)) <= TOL["frame_levels"]
+
+
+def test_decode_chunk_does_not_change_the_frames(tiny_video):
+    _, model_folder, adapter_folder = tiny_video
+    pipeline = load_video_pipeline(model_folder, adapter_folder, scheduler_options=ANIMATEDIFF_DDIM)
+    params = VideoParams("a cat", frames=5, steps=2, sampler="ddim", seed=3, width=64, height=64)
+    whole = generate_video(pipeline, params.with_(decode_chunk=16))
+    chunked = generate_video(pipeline, params.with_(decode_chunk=2))
+    assert np.array_equal(whole.frames, chunked.frames)
+
+
+def test_bad_video_parameters_are_refused(tiny_video):
+    _, model_folder, adapter_folder = tiny_video
+    pipeline = load_video_pipeline(model_folder, adapter_folder)
+    with pytest.raises(SdcliError, match="at most 32 at once"):
+        pipeline.prepare(VideoParams("a cat", frames=33))
+    with pytest.raises(SdcliError, match="frames must be a positive integer"):
+        pipeline.prepare(VideoParams("a cat", frames=0))
+    with pytest.raises(SdcliError, match="width must be a positive multiple of 8"):
+        pipeline.prepare(VideoParams("a cat", width=60))
