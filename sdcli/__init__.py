@@ -19,7 +19,8 @@ from .config import SchedulerConfig
 from .errors import SdcliError
 from .io.checkpoint import Checkpoint, describe
 from .io.files import check_output, save_array
-from .io.media import a1111_parameters, images_to_uint8, plan_output_paths, save_png
+from .io.media import a1111_parameters, images_to_uint8, plan_output_paths, save_png, save_video, \
+    check_video_output
 from .io.prompts_file import read_prompts_file
 from .models import PRESETS, auto_download, download_model, format_size, model_family, open_checkpoint, resolve_model
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
@@ -27,6 +28,7 @@ from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToIm
                               load_prompt_encoder, plan_run)
 from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                        VAE_CHOICES, VARIANTS)
+from .pipelines.video import ANIMATEDIFF_SCHEDULER, GeneratedVideo, TextToVideo, VideoParams, generate_video, load_video_pipeline
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     # generating
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
     "load_pipeline", "load_prompt_encoder", "plan_run",
+    "ANIMATEDIFF_SCHEDULER", "GeneratedVideo", "TextToVideo", "VideoParams", "generate_video", "load_video_pipeline",
     # models
     "Checkpoint", "PRESETS", "auto_download", "describe", "download_model", "format_size", "model_family",
     "open_checkpoint", "resolve_model",
@@ -42,7 +45,7 @@ __all__ = [
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files
     "a1111_parameters", "check_output", "images_to_uint8", "plan_output_paths", "read_prompts_file", "save_array",
-    "save_png",
+    "save_png", "save_video", "check_video_output",
     # errors, defaults and the choices the CLI offers
     "SdcliError", "BACKENDS", "BETA_SCHEDULES", "DEFAULT_GUIDANCE", "MAX_SEED", "MODEL_PRESETS", "PRECISIONS",
     "SAMPLERS", "TIMESTEP_SPACINGS", "VAE_CHOICES", "VARIANTS", "__version__",

@@ -393,16 +393,100 @@ class DownloadReport:
             self.bar = None
 
 
-# -- commands that arrive later ----------------------------------------------------------------------------------
+# -- video -------------------------------------------------------------------------------------------------------
 
-def not_implemented(name: str) -> None:
-    fail(f"'sdcli {name}' is not implemented yet in sdcli {sdcli.__version__}")
+@main.command()
+@click.option("--model", "-m", default="sd15", show_default=True, help=MODEL_HELP + " An SD 1.x model.")
+@click.option("--motion-adapter", required=True,
+              help="An AnimateDiff motion adapter: a diffusers MotionAdapter folder, or a .safetensors motion module "
+                   "in diffusers' or the original names (AnimateDiff-Lightning's, mm_sd_v15_v2, ...).")
+@click.option("--prompt", "-p", required=True, help="What to animate.")
+@click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
+@click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Frames of the clip (the adapter makes up to 32 at once, v1-5-2 and v1-5-3).")
+@click.option("--fps", type=click.IntRange(min=1), default=8, show_default=True, help="Frames per second.")
+@click.option("--steps", "-s", type=click.IntRange(min=1), help="Denoising steps  [default: 50; lcm: 4]")
+@click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0), default=sdcli.DEFAULT_GUIDANCE,
+              show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
+@click.option("--scheduler", "--sampler", "sampler", type=click.Choice(sdcli.SAMPLERS),
+              help="Sampler  [default: ddim with AnimateDiff's settings (linear betas, linspace timesteps)]")
+@click.option("--timestep-spacing", type=click.Choice(sdcli.TIMESTEP_SPACINGS),
+              help="Timestep spacing  [default: linspace; AnimateDiff-Lightning: trailing]")
+@click.option("--eta", type=FiniteFloat(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
+@click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
+@click.option("--width", "-W", type=int, help="Frame width, a multiple of 8  [default: 512]")
+@click.option("--height", "-H", type=int, help="Frame height, a multiple of 8  [default: 512]")
+@click.option("--decode-chunk", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Frames the VAE decodes at once (memory).")
+@model_options
+@click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),
+              help="Initial noise, unit variance, (1, 4, frames, height/8, width/8) .npy.")
+@click.option("--save-latents", type=click.Path(dir_okay=False),
+              help="Write the final latents (what the VAE decodes) to FILE.npy.")
+@click.option("--output", "-o", default="sdcli-{seed}.mp4", show_default=True,
+              help="A .mp4, .webm, .gif or .webp file, a folder of PNG frames, or a name with {frame} "
+                   "(clip_{frame}.png); {seed} in it becomes the seed.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the clip's JSON record on stdout.")
+@download_options
+@reports_errors
+def video(model, motion_adapter, prompt, negative_prompt, frames, fps, steps, guidance, sampler, timestep_spacing,
+          eta, seed, width, height, decode_chunk, clip_skip, precision, backend, latents_file, save_latents, output,
+          overwrite, quiet, as_json, yes, offline):
+    """Generate a short video from a text prompt with an AnimateDiff motion adapter on an SD 1.x model."""
+    started = time.perf_counter()
+    params = sdcli.VideoParams(prompt, negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
+                               guidance_scale=guidance, seed=seed, width=width, height=height,
+                               decode_chunk=decode_chunk, clip_skip=clip_skip, eta=eta).validate().with_seed()
+    latents = None
+    if latents_file:
+        latents = np.load(latents_file, allow_pickle=False)
+        if latents.ndim != 5 or latents.shape[:3] != (1, 4, frames):
+            raise sdcli.SdcliError(f"{latents_file}: video latents must be (1, 4, {frames}, height/8, width/8) for "
+                                   f"{frames} frames, got shape {latents.shape}")
+        params = params.with_(height=latents.shape[3] * 8, width=latents.shape[4] * 8)
+    output = output.replace("{seed}", str(params.seed))
+    sdcli.check_video_output(output, frames, overwrite)  # every output checked before the model loads
+    save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
+    status = error_console if as_json else console
+    if seed is None and not quiet:
+        status.print(f"seed {params.seed}", highlight=False)
 
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def video():
-    """Generate a short video from a text prompt and save it as MP4 (not implemented yet)."""
-    not_implemented("video")
+    model = model_path(model, yes=yes, offline=offline, quiet=quiet)
+    scheduler_options = {**sdcli.ANIMATEDIFF_SCHEDULER,
+                         **({"timestep_spacing": timestep_spacing} if timestep_spacing else {})}
+    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
+                                         scheduler_options=scheduler_options)
+    params, _ = pipeline.prepare(params)  # the model's defaults, checked before the first step
+    reporter = Progress(quiet, status)
+    clip = None
+    reporter.start(0, 1, params)
+    try:
+        for record in pipeline.run(params, initial_noise=latents):
+            if isinstance(record, sdcli.GeneratedVideo):
+                clip = record
+            else:
+                reporter.step(record)
+    finally:
+        reporter.finish()
+    pixels = np.stack([sdcli.images_to_uint8(frame[None])[0] for frame in clip.frames[0]])  # (F, H, W, 3)
+    record = {"path": output, "seed": clip.seeds[0], "model": str(pipeline.checkpoint.path),
+              "motion_adapter": str(motion_adapter), "precision": precision, "backend": backend,
+              "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(clip.params),
+              "timings": {key: round(value, 4) for key, value in clip.timings.items()}}
+    written = sdcli.save_video(output, pixels, fps, {"sdcli": json.dumps(record)}, overwrite=overwrite)
+    if save_latents:
+        sdcli.save_array(save_latents, clip.latents, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(record))
+    elif not quiet:
+        console.print(f"saved {written[0] if len(written) <= 2 else written[0].parent}  (seed {clip.seeds[0]}, "
+                      f"{frames} frames at {fps} fps)", highlight=False)
+    if not quiet:
+        reporter.add_timings(clip.timings)
+        reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, 1,
+                         f"clip of {frames} frames")
 
 
 # -- generate ----------------------------------------------------------------------------------------------------
@@ -584,10 +668,10 @@ class Progress:
             self.totals[key] += timings.get(key, 0.0)
         self.totals["steps"] += timings["steps"]
 
-    def summary(self, load_s: float, total_s: float, images: int) -> None:
+    def summary(self, load_s: float, total_s: float, images: int, what: str = "image(s)") -> None:
         t = self.totals
         per_step = t["denoising_s"] / t["steps"] if t["steps"] else 0.0
-        self.out.print(f"{images} image(s) in {total_s:.1f} s: load {load_s:.1f} s, text encoding "
+        self.out.print(f"{images} {what} in {total_s:.1f} s: load {load_s:.1f} s, text encoding "
                        f"{t['text_encoding_s']:.2f} s, denoising {t['denoising_s']:.1f} s ({per_step:.2f} s/it), "
                        f"decode {t['decode_s']:.1f} s; peak memory {peak_memory_bytes() / 2**30:.2f} GiB",
                        highlight=False)

@@ -48,13 +48,6 @@ def test_help_lists_every_command():
         assert command in result.output
 
 
-@pytest.mark.parametrize("command", ["video"])
-def test_later_commands_say_not_implemented(command):
-    result = run([command, "--anything"])
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.output
-
-
 def test_clip_test_json_matches_transformers(tiny_model):
     folder, model = tiny_model
     result = run(["clip-test", "--model", str(folder), "--prompt", "a cat", "--prompt", "a dog on a skateboard",

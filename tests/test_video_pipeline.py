@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch/diffusers are the video reference")
 pytest.importorskip("diffusers")
 
-import reference_models as ref  # noqa: E402
 import tiny_pipeline  # noqa: E402
 
 from sdcli.errors import SdcliError  # noqa: E402
@@ -22,8 +21,6 @@ TOL = {
     # |ours - diffusers| per channel, in 8-bit steps (the issue's bound): both decode float32 frames and round
     "frame_levels": 2,
 }
-TINY_ADAPTER = {"block_out_channels": [32, 64], "motion_layers_per_block": 1, "motion_norm_num_groups": 16,
-                "motion_num_attention_heads": 2, "motion_max_seq_length": 32, "use_motion_mid_block": True}
 # the scheduler settings of diffusers' AnimateDiff examples, and of AnimateDiff-Lightning's model card
 ANIMATEDIFF_DDIM = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
                     "steps_offset": 1}
@@ -40,17 +37,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def tiny_video(tmp_path_factory):
     """(diffusers AnimateDiffPipeline, model folder, adapter folder) on random weights."""
-    from diffusers import AnimateDiffPipeline
-
-    folder = tmp_path_factory.mktemp("animatediff")
-    image_pipeline, model_folder = tiny_pipeline.make_tiny_model("sd1", folder / "model")
-    adapter = ref.random_motion_adapter(TINY_ADAPTER, seed=3)
-    adapter.save_pretrained(str(folder / "adapter"), safe_serialization=True)
-    reference = AnimateDiffPipeline(vae=image_pipeline.vae, text_encoder=image_pipeline.text_encoder,
-                                    tokenizer=image_pipeline.tokenizer, unet=image_pipeline.unet,
-                                    motion_adapter=adapter, scheduler=image_pipeline.scheduler)
-    reference.set_progress_bar_config(disable=True)
-    return reference, model_folder, folder / "adapter"
+    return tiny_pipeline.make_tiny_video_model(tmp_path_factory.mktemp("animatediff"))
 
 
 def reference_frames(reference, scheduler_class: str, options: dict, prompt: str, negative: str, steps: int,

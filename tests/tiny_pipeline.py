@@ -111,3 +111,25 @@ def reference_images(pipeline, scheduler, prompt: str | None, negative_prompt: s
                           latents=torch.from_numpy(latents), height=latents.shape[2] * 8,
                           width=latents.shape[3] * 8, output_type="np")
     return result.images
+
+
+# A motion adapter for the tiny sd1 UNet (one layer per level, as the UNet), with the motion mid block.
+TINY_ADAPTER_CONFIG = {"block_out_channels": [32, 64], "motion_layers_per_block": 1, "motion_norm_num_groups": 16,
+                       "motion_num_attention_heads": 2, "motion_max_seq_length": 32, "use_motion_mid_block": True}
+
+
+def make_tiny_video_model(folder: Path, seed: int = 0):
+    """The tiny sd1 model and a random motion adapter for it, saved as diffusers folders under ``folder``:
+    (diffusers AnimateDiffPipeline, model folder, adapter folder)."""
+    from diffusers import AnimateDiffPipeline
+
+    from reference_models import random_motion_adapter
+
+    image_pipeline, model_folder = make_tiny_model("sd1", folder / "model", seed)
+    adapter = random_motion_adapter(TINY_ADAPTER_CONFIG, seed=seed + 3)
+    adapter.save_pretrained(str(folder / "adapter"), safe_serialization=True)
+    reference = AnimateDiffPipeline(vae=image_pipeline.vae, text_encoder=image_pipeline.text_encoder,
+                                    tokenizer=image_pipeline.tokenizer, unet=image_pipeline.unet,
+                                    motion_adapter=adapter, scheduler=image_pipeline.scheduler)
+    reference.set_progress_bar_config(disable=True)
+    return reference, model_folder, folder / "adapter"

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ModelNotFoundError
 from ..io.checkpoint import PICKLE_SUFFIXES, FolderSource, MappedSource, component_weight_files, pickle_refusal
 from ..io.safetensors import SafetensorsFile
 from ..io.weights import TensorSource, load_network
-from ..nn.motion import MotionAdapter
+from ..nn.motion import MotionAdapter, UNetMotionModel
 from ..ops import Ops
 from .animatediff_names import is_position_table, motion_adapter_names
 
@@ -115,3 +115,8 @@ def load_motion_adapter(adapter: OpenedAdapter, unet: UNetConfig, ops: Ops, prec
     its weights held at ``precision``."""
     config = adapter.config.for_unet(unet, source=str(adapter.path))
     return load_network(lambda params: MotionAdapter(params, config), adapter.source, ops, precision)
+
+
+def load_motion_unet(unet, adapter: OpenedAdapter, ops: Ops, precision: str = "fp32") -> UNetMotionModel:
+    """An SD 1.x UNet network (loaded by the sd family) with the adapter's motion modules."""
+    return UNetMotionModel(unet, load_motion_adapter(adapter, unet.config, ops, precision))

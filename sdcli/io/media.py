@@ -23,7 +23,7 @@ from ..sampling.plans import SAMPLERS
 from .files import OutputExistsError, atomic_output
 from .outputs import plan_output_paths, prompt_slug
 
-__all__ = ["VIDEO_FORMATS", "a1111_parameters", "a1111_quote", "images_to_uint8", "plan_output_paths", "prompt_slug",
+__all__ = ["VIDEO_FORMATS", "a1111_parameters", "check_video_output", "a1111_quote", "images_to_uint8", "plan_output_paths", "prompt_slug",
            "read_png_text", "save_png", "save_video", "video_output_paths"]
 
 log = logging.getLogger("sdcli")
@@ -189,6 +189,21 @@ def video_output_paths(path: str | Path, frames: int) -> list[Path]:
     return [path] + ([path.with_name(path.name + ".json")] if suffix in (".gif", ".webp") else [])
 
 
+def check_video_output(path: str | Path, frames: int, overwrite: bool = False) -> list[Path]:
+    """The files ``save_video`` would write (``video_output_paths``), after checking that they may be: none exists
+    unless ``overwrite``, and each one's folder exists (a folder of frames may be made, inside one that does)."""
+    paths = video_output_paths(path, frames)
+    for target in paths:
+        if target.is_dir():
+            raise SdcliError(f"{target} is a folder; give a file name")
+        if target.exists() and not overwrite:
+            raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+        folder = target.parent
+        if not folder.is_dir() and not (target.suffix == ".png" and folder.parent.is_dir()):
+            raise SdcliError(f"cannot write {target}: the folder {folder} does not exist")
+    return paths
+
+
 def save_video(path: str | Path, frames: np.ndarray, fps: int, text: Mapping[str, str],
                overwrite: bool = False) -> list[Path]:
     """Write RGB ``frames`` (F, H, W, 3) uint8 at ``fps`` as ``path`` names it (see ``video_output_paths``), with
@@ -201,10 +216,7 @@ def save_video(path: str | Path, frames: np.ndarray, fps: int, text: Mapping[str
                          f"{frames.dtype}")
     if fps < 1:
         raise SdcliError(f"fps must be a positive integer, got {fps}")
-    paths = video_output_paths(path, len(frames))
-    for target in paths:
-        if not overwrite and target.exists():
-            raise OutputExistsError(f"{target} exists; pass --overwrite to replace it")
+    paths = check_video_output(path, len(frames), overwrite)
     suffix = paths[0].suffix.lower()
     if suffix == ".png":  # numbered frames
         paths[0].parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
 The stages are the image pipeline's, with the frames of each clip folded into the batch:
 
 - the prompt (and the negative prompt, with guidance) is encoded once per clip, (B, S, D);
-- the sampler runs on video latents (B, 4, F, h, w) through the UNet with motion modules
-  (:class:`sdcli.nn.motion.UNetMotionModel`), with the same plans, denoisers and guidance as images: a step of a
-  clip is a step of its latents as one array;
+- the sampler runs on video latents (B, 4, F, h, w) through the UNet with motion modules (``UNetMotionModel``
+  of :mod:`sdcli.nn.motion`, loaded by :mod:`sdcli.families.animatediff`), with the same plans, denoisers and
+  guidance as images: a step of a clip is a step of its latents as one array;
 - the VAE decodes ``decode_chunk`` frames at a time (diffusers' ``decode_chunk_size``), (B, F, 3, H, W).
 
 Starting noise is one unit Gaussian draw of (4, F, h, w) per clip, from the clip's seed; diffusers draws from
@@ -24,10 +24,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import SdcliError
-from ..families.animatediff import OpenedAdapter, load_motion_adapter, open_motion_adapter
+from ..families.animatediff import OpenedAdapter, load_motion_unet, open_motion_adapter
 from ..io.checkpoint import Checkpoint
 from ..models import open_checkpoint
-from ..nn.motion import UNetMotionModel
 from ..ops import get_ops
 from ..rng import BatchNoise, random_seed
 from ..sampling.denoisers import Denoiser, guided_network
@@ -39,6 +38,11 @@ log = logging.getLogger("sdcli")
 DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8
 DEFAULT_DECODE_CHUNK = 8  # frames the VAE decodes at once
+DEFAULT_SAMPLER = "ddim"
+# The scheduler settings of diffusers' AnimateDiff examples (DDIMScheduler.from_pretrained(model, subfolder=
+# "scheduler", ...)), applied over the model's own scheduler config unless the caller gives others.
+ANIMATEDIFF_SCHEDULER = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
+                         "steps_offset": 1}
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class VideoParams:
 
     def with_(self, **changes: Any) -> "VideoParams":
         return replace(self, **changes)
+
+    def with_seed(self) -> "VideoParams":
+        """These parameters with a random seed drawn where none is given (before anything loads, so that an
+        output name can hold it)."""
+        return self if self.seed is not None else replace(self, seed=random_seed())
 
     def validate(self) -> "VideoParams":
         """These parameters, or a one-line SdcliError naming the first bad one."""
@@ -98,7 +107,7 @@ class TextToVideo:
     """A loaded SD 1.x model with a motion adapter: prompt encoder, UNet with motion modules, VAE decoder and the
     scheduler config (the model's, with the adapter preset's overrides)."""
 
-    def __init__(self, checkpoint: Checkpoint, prompt_encoder, network: UNetMotionModel, decoder,
+    def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder,
                  scheduler_config: dict, backend: str, precision: str):
         self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
         self.family = checkpoint.model_family
@@ -112,7 +121,7 @@ class TextToVideo:
 
     def prepare(self, params: VideoParams) -> tuple[VideoParams, SamplerPlan]:
         """``params`` with the model's defaults filled in and validated, and its sampler plan."""
-        sampler = params.sampler or "ddim"
+        sampler = params.sampler or DEFAULT_SAMPLER
         if sampler not in SAMPLERS:
             raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         native = self.family.image.native_size(self.network.unet)
@@ -194,9 +203,10 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
                         precision: str = "fp32", backend: str = "cpu",
                         scheduler_options: dict[str, Any] | None = None) -> TextToVideo:
     """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter, and load what text to video
-    needs. ``scheduler_options`` override the model's scheduler config (an adapter preset's recommended
-    settings: diffusers' AnimateDiff examples use DDIM with ``beta_schedule="linear"``, ``clip_sample=False``,
-    ``timestep_spacing="linspace"``, ``steps_offset=1``)."""
+    needs. ``scheduler_options`` override the model's scheduler config: by default ANIMATEDIFF_SCHEDULER, the
+    settings of diffusers' AnimateDiff examples (DDIM with ``beta_schedule="linear"``, ``clip_sample=False``,
+    ``timestep_spacing="linspace"``, ``steps_offset=1``); AnimateDiff-Lightning's card asks for Euler with
+    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
@@ -207,9 +217,10 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     unet = stages.load_denoiser(checkpoint, ops, precision, stream=False)
-    network = UNetMotionModel(unet, load_motion_adapter(adapter, unet.config, ops, precision))
+    network = load_motion_unet(unet, adapter, ops, precision)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=False)
-    scheduler_config = {**stages.scheduler_config(checkpoint), **(scheduler_options or {})}
+    options = ANIMATEDIFF_SCHEDULER if scheduler_options is None else scheduler_options
+    scheduler_config = {**stages.scheduler_config(checkpoint), **options}
     pipeline = TextToVideo(checkpoint, prompt_encoder, network, decoder, scheduler_config, backend, precision)
     pipeline.timings["load_s"] = time.perf_counter() - start
     log.info("loaded %s with the motion adapter %s in %.2f s", checkpoint.path, adapter.path,
@@ -226,4 +237,5 @@ def generate_video(pipeline: TextToVideo, params: VideoParams,
     raise AssertionError("the pipeline ended without a result")
 
 
-__all__ = ["GeneratedVideo", "TextToVideo", "VideoParams", "generate_video", "load_video_pipeline"]
+__all__ = ["ANIMATEDIFF_SCHEDULER", "GeneratedVideo", "TextToVideo", "VideoParams", "generate_video",
+           "load_video_pipeline"]
