@@ -28,7 +28,8 @@ from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToIm
                               load_prompt_encoder, plan_run)
 from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                        VAE_CHOICES, VARIANTS)
-from .pipelines.video import ANIMATEDIFF_SCHEDULER, GeneratedVideo, TextToVideo, VideoParams, generate_video, load_video_pipeline
+from .pipelines.video import (ANIMATEDIFF_SCHEDULER, GeneratedVideo, TextToVideo, VideoParams, generate_video,
+                              load_video_pipeline)
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 
 __version__ = "0.1.0"

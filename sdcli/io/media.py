@@ -1,7 +1,8 @@
 """Images and videos out: decoder output to 8-bit pixels, PNG files and video files that carry the parameters that
 made them.
 
-The only module that imports Pillow and imageio. A PNG written here holds its generation parameters twice, as text chunks:
+The only module that imports Pillow and imageio. A PNG written here holds its generation parameters twice, as
+text chunks:
 ``parameters`` in the AUTOMATIC1111 web UI's format (read back by the web UI's "PNG Info" tab, ComfyUI and
 most image browsers) and ``sdcli`` with the full request as JSON. Latin-1 text goes into tEXt chunks, anything
 else into iTXt (UTF-8), so a prompt in any script survives the round trip.
@@ -23,8 +24,8 @@ from ..sampling.plans import SAMPLERS
 from .files import OutputExistsError, atomic_output
 from .outputs import plan_output_paths, prompt_slug
 
-__all__ = ["VIDEO_FORMATS", "a1111_parameters", "check_video_output", "a1111_quote", "images_to_uint8", "plan_output_paths", "prompt_slug",
-           "read_png_text", "save_png", "save_video", "video_output_paths"]
+__all__ = ["VIDEO_FORMATS", "a1111_parameters", "a1111_quote", "check_video_output", "images_to_uint8",
+           "plan_output_paths", "prompt_slug", "read_png_text", "save_png", "save_video", "video_output_paths"]
 
 log = logging.getLogger("sdcli")
 

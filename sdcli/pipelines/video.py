@@ -138,7 +138,8 @@ class TextToVideo:
         channels, height, width = self.family.latents.shape(params.width, params.height)
         return channels, params.frames, height, width
 
-    def run(self, params: VideoParams, initial_noise: np.ndarray | None = None) -> Iterator[StepRecord | GeneratedVideo]:
+    def run(self, params: VideoParams,
+            initial_noise: np.ndarray | None = None) -> Iterator[StepRecord | GeneratedVideo]:
         """Generate ``params.batch_size`` clips: a StepRecord per step, then the GeneratedVideo. ``initial_noise``
         (B, 4, F, h, w) replaces the seeded starting noise, scaled by the sampler as diffusers scales its
         ``latents=``."""
