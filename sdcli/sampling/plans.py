@@ -214,7 +214,7 @@ def plan_ddim(config, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
 
 def plan_pndm(config, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
     """PNDM: DDIM's grid; for v-prediction models PLMS combines v outputs, as diffusers' PNDMScheduler does."""
-    plan = plan_ddim(config, schedule, steps)
+    plan = replace(plan_ddim(config, schedule, steps), sampler_options={})  # PLMS steps on DDIM's grid
     if config["prediction_type"] == "v_prediction":
         plan = replace(plan, sampler_options={"combine": "v"})
     return plan
