@@ -238,6 +238,15 @@ def test_other_spacings_match_diffusers(name, spacing, steps, monkeypatch):
     compare(SAMPLERS[name], {**raw_config("sd15"), "timestep_spacing": spacing}, steps, monkeypatch)
 
 
+@pytest.mark.parametrize("spacing, steps", [("linspace", 4), ("linspace", 7), ("trailing", 7), ("trailing", 3)])
+def test_ddim_steps_to_t_minus_t_over_n_as_diffusers(spacing, steps, monkeypatch):
+    """DDIM where diffusers' t - T // N is not the next timestep (AnimateDiff's linspace DDIM; N not dividing T):
+    each step ends at the noise level of t - T // N and goes on from the next timestep as it is."""
+    raw = {**raw_config("sd15"), "timestep_spacing": spacing, "beta_schedule": "linear"}
+    assert "targets" in SAMPLERS["ddim"].plan({**raw, "prediction_type": "epsilon"}, steps).sampler_options
+    compare(SAMPLERS["ddim"], raw, steps, monkeypatch)
+
+
 def test_dpmpp_karras_timesteps_are_rounded_sigmas_are_not():
     """diffusers gives the UNet round(t(sigma)) but steps with the Karras sigma itself."""
     raw = raw_config("sd15")
