@@ -470,7 +470,7 @@ def video(model, motion_adapter, prompt, negative_prompt, frames, fps, steps, gu
                 reporter.step(record)
     finally:
         reporter.finish()
-    pixels = np.stack([sdcli.images_to_uint8(frame[None])[0] for frame in clip.frames[0]])  # (F, H, W, 3)
+    pixels = sdcli.images_to_uint8(clip.frames[0])  # (F, H, W, 3)
     record = {"path": output, "seed": clip.seeds[0], "model": str(pipeline.checkpoint.path),
               "motion_adapter": str(motion_adapter), "precision": precision, "backend": backend,
               "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(clip.params),

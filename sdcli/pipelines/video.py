@@ -28,7 +28,7 @@ from ..families.animatediff import OpenedAdapter, load_motion_unet, open_motion_
 from ..io.checkpoint import Checkpoint
 from ..models import open_checkpoint
 from ..ops import get_ops
-from ..rng import BatchNoise, random_seed
+from ..rng import BatchNoise, image_seeds, random_seed
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
 from .image import StepRecord, default_steps, load_prompt_encoder, on_host
@@ -145,7 +145,7 @@ class TextToVideo:
         ``latents=``."""
         params, plan = self.prepare(params)
         batch = params.batch_size
-        seeds = [(params.seed + i) % 2**32 for i in range(batch)]
+        seeds = image_seeds(params.seed, batch)
         noise = BatchNoise(seeds, self.latent_shape(params))
         seeded_noise = noise.draw()
         if initial_noise is not None:
