@@ -148,6 +148,23 @@ def test_add_in_place(backend, y):
     assert_close(backend.to_host(x), expected, "exact")
 
 
+@pytest.mark.parametrize("axis,start,length", [(1, 0, 3), (1, 2, 5), (-2, 4, 3), (2, 0, 9), (0, 1, 1)], ids=str)
+def test_add_into(backend, axis, start, length):
+    """add_into_ adds y into the slice start:start + len(y) of one axis of x, in x's own storage; the rest of x
+    unchanged."""
+    x_host = random((2, 7, 9))
+    shape = list(x_host.shape)
+    shape[axis] = length
+    y = random(tuple(shape), 1)
+    expected = x_host.copy()
+    index = [slice(None)] * 3
+    index[axis] = slice(start, start + length)
+    expected[tuple(index)] = expected[tuple(index)] + y
+    x = backend.from_host(x_host)
+    assert backend.add_into_(x, backend.from_host(y), axis, start) is x
+    assert_close(backend.to_host(x), expected, "exact")
+
+
 def test_div_is_not_mul_by_the_reciprocal(backend):
     """div rounds once: on some inputs x / y differs from x * (1 / y), which rounds twice."""
     x, y = random((1000,), 1), random((1000,), 2) + np.float32(0.1)

@@ -28,9 +28,9 @@ import numpy as np
 from ..ext import bf16_kernels
 from ..ext import cpu_kernels as kernels
 from ..ext import f32_kernels
-from .numpy_ops import (add, add_, blend_, clip, concat, conv1d, conv3d, embedding, exp, map_rows,  # noqa: F401
-                        merge_heads, modulate, mul, div, narrow, pad, permute, reshape, resize_nearest, rms_norm,
-                        rope, tanh, timestep_embedding)
+from .numpy_ops import (add, add_, add_into_, blend_, clip, concat, conv1d, conv3d, embedding, exp,  # noqa: F401
+                        map_rows, merge_heads, modulate, mul, div, narrow, pad, permute, reshape, resize_nearest,
+                        rms_norm, rope, tanh, timestep_embedding)
 from .parameter import Parameter, Weight, as_parameter, run_matrix
 
 try:

@@ -391,6 +391,12 @@ def narrow(x: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
     return x[tuple(index)]
 
 
+def add_into_(x: np.ndarray, y: np.ndarray, axis: int, start: int) -> np.ndarray:
+    """x[start:start + len(y)] += y along ``axis``, in x's own storage (x an array the caller owns); returns x."""
+    narrow(x, axis, start, start + y.shape[axis])[...] += y
+    return x
+
+
 def blend_(before: np.ndarray, after: np.ndarray, extent: int, axis: int) -> None:
     """Fade the first ``extent`` entries of ``after`` along ``axis`` in from the last entries of ``before``, in
     place: entry y of the overlap is ``before * (1 - y / extent) + after * (y / extent)`` (the seams of a tiled
