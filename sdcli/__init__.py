@@ -19,17 +19,17 @@ from .config import SchedulerConfig
 from .errors import SdcliError
 from .io.checkpoint import Checkpoint, describe
 from .io.files import check_output, save_array
-from .io.media import a1111_parameters, images_to_uint8, plan_output_paths, save_png, save_video, \
-    check_video_output
-from .io.prompts_file import read_prompts_file
+from .io.media import (a1111_parameters, check_video_output, images_to_uint8, plan_output_paths, plan_video_outputs,
+                       save_png, save_video)
+from .io.prompts_file import VIDEO_OPTIONS, PromptLine, read_prompts_file
 from .models import PRESETS, auto_download, download_model, format_size, model_family, open_checkpoint, resolve_model
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
 from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
                               load_prompt_encoder, plan_run)
 from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                        VAE_CHOICES, VARIANTS)
-from .pipelines.video import (ANIMATEDIFF_SCHEDULER, GeneratedVideo, TextToVideo, VideoParams, generate_video,
-                              load_video_pipeline)
+from .pipelines.video import (ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, DEFAULT_DECODE_CHUNK, GeneratedVideo,
+                              TextToVideo, VideoParams, generate_video, load_video_pipeline)
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 
 __version__ = "0.1.0"
@@ -38,15 +38,17 @@ __all__ = [
     # generating
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
     "load_pipeline", "load_prompt_encoder", "plan_run",
-    "ANIMATEDIFF_SCHEDULER", "GeneratedVideo", "TextToVideo", "VideoParams", "generate_video", "load_video_pipeline",
+    "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
+    "VideoParams", "generate_video",
+    "load_video_pipeline",
     # models
     "Checkpoint", "PRESETS", "auto_download", "describe", "download_model", "format_size", "model_family",
     "open_checkpoint", "resolve_model",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files
-    "a1111_parameters", "check_output", "images_to_uint8", "plan_output_paths", "read_prompts_file", "save_array",
-    "save_png", "save_video", "check_video_output",
+    "a1111_parameters", "check_output", "images_to_uint8", "plan_output_paths", "read_prompts_file", "PromptLine",
+    "VIDEO_OPTIONS", "plan_video_outputs", "save_array", "save_png", "save_video", "check_video_output",
     # errors, defaults and the choices the CLI offers
     "SdcliError", "BACKENDS", "BETA_SCHEDULES", "DEFAULT_GUIDANCE", "MAX_SEED", "MODEL_PRESETS", "PRECISIONS",
     "SAMPLERS", "TIMESTEP_SPACINGS", "VAE_CHOICES", "VARIANTS", "__version__",

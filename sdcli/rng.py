@@ -9,6 +9,7 @@ images made with torch's random generator; pass the initial noise explicitly (``
 from __future__ import annotations
 
 import secrets
+from typing import Callable
 
 import numpy as np
 
@@ -42,3 +43,24 @@ class BatchNoise:
 
     def __call__(self, sigma: float | None = None, sigma_next: float | None = None) -> np.ndarray:
         return self.draw()
+
+    def permutation(self, index: int, count: int) -> np.ndarray:
+        """A random order of 0 .. count - 1 from image ``index``'s stream."""
+        return self.generators[index].permutation(count)
+
+
+def shuffle_context_frames(latents: np.ndarray, length: int, stride: int,
+                           permutation: Callable[[int], np.ndarray]) -> np.ndarray:
+    """FreeNoise's noise rescheduling (Qiu et al. 2023; diffusers' ``noise_type="shuffle_context"``): video noise
+    (B, C, F, h, w) whose frames from ``length`` on repeat earlier ones, ``stride`` frames at a time, each group a
+    shuffle (``permutation(n)``, an order of 0 .. n - 1) of the group ``length`` frames before it, so that every
+    context window starts from noise of the same frames. A new array."""
+    latents = latents.copy()
+    frames = latents.shape[2]
+    for first in range(length, frames, stride):
+        start = first - length
+        count = min(frames, start + stride) - start
+        order = np.arange(start, start + count)[permutation(count)]
+        stop = min(frames, first + count)
+        latents[:, :, first:stop] = latents[:, :, order[:stop - first]]
+    return latents

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ModelNotFoundError
 from ..io.checkpoint import PICKLE_SUFFIXES, FolderSource, MappedSource, component_weight_files, pickle_refusal
 from ..io.safetensors import SafetensorsFile
 from ..io.weights import TensorSource, load_network
-from ..nn.motion import MotionAdapter, UNetMotionModel
+from ..nn.motion import CONTEXT_WEIGHTINGS, MotionAdapter, UNetMotionModel  # noqa: F401 (the weightings: public)
 from ..ops import Ops
 from .animatediff_names import is_position_table, motion_adapter_names
 

@@ -353,11 +353,24 @@ class UNet2DConditionModel:
             raise SdcliError("UNet timesteps must be finite")
         return timesteps
 
+    def in_pieces(self, layer, piece: int | None, x, *per_entry):
+        """``layer(x, *per_entry)`` run over at most ``piece`` batch entries at a time (None: all at once) and
+        joined: the UNet's own layers treat the entries of a batch independently, and a layer's working arrays
+        are then a piece's. The layers never write into their inputs, so the pieces may be views."""
+        batch = x.shape[0]
+        if piece is None or batch <= piece:
+            return layer(x, *per_entry)
+        ops = self.ops
+        return ops.concat([layer(*(ops.narrow(array, 0, start, min(start + piece, batch)) for array in (x, *per_entry)))
+                           for start in range(0, batch, piece)], axis=0)
+
     def __call__(self, sample, timesteps: np.ndarray | float, encoder_hidden_states,
-                 temporal: TemporalLayers | None = None):
+                 temporal: TemporalLayers | None = None, piece: int | None = None):
         """sample (B, in_channels, h, w), host timesteps (B,) or a scalar, encoder_hidden_states (B, S, D)
         -> (B, out_channels, h, w). CFG batches [uncond, cond] as one batch of 2B. ``temporal``: layers over the
-        frame axis run after the UNet's own layers (the batch is then videos' frames, see TemporalLayers)."""
+        frame axis run after the UNet's own layers (the batch is then videos' frames, see TemporalLayers).
+        ``piece``: the levels' layers run over at most that many batch entries at a time (memory; the same
+        results)."""
         ops, config = self.ops, self.config
         context = encoder_hidden_states
         timesteps = self.check_inputs(sample, np.asarray(timesteps, dtype=np.float64), context)
@@ -375,12 +388,12 @@ class UNet2DConditionModel:
         skips = [x]
         for i, block in enumerate(self.down_blocks):
             for j in range(len(block.resnets)):
-                x = block.layer(j, x, time_features, context)
+                x = self.in_pieces(lambda *arrays: block.layer(j, *arrays), piece, x, time_features, context)
                 if temporal is not None:
                     x = temporal.down(i, j, x)
                 skips.append(x)
             if block.downsampler is not None:
-                x = block.downsampler(x)  # (B, C, ceil(H/2), ceil(W/2))
+                x = self.in_pieces(block.downsampler, piece, x)  # (B, C, ceil(H/2), ceil(W/2))
                 skips.append(x)
 
         x = self.mid_block(x, time_features, context, temporal)
@@ -390,13 +403,14 @@ class UNet2DConditionModel:
                 x = ops.concat([x, skips.pop()], axis=1)  # (B, C + C_skip, H, W)
                 # the two calls of block.layer, written out so that the concatenation (21 MB at 64x64 latents)
                 # goes before the transformer runs: an argument of block.layer would live through both
-                x = block.resnets[j](x, time_features)
+                x = self.in_pieces(block.resnets[j], piece, x, time_features)
                 if block.attentions:
-                    x = block.attentions[j](x, context)
+                    x = self.in_pieces(block.attentions[j], piece, x, context)
                 if temporal is not None:
                     x = temporal.up(i, j, x)
             if block.upsampler is not None:
-                x = block.upsampler(x, skips[-1].shape[-2:])  # to the next skip's size
+                size = skips[-1].shape[-2:]  # to the next skip's size
+                x = self.in_pieces(lambda pieces: block.upsampler(pieces, size), piece, x)
 
         x = self.conv_norm_out(x, silu=True)
         return self.conv_out(x)  # (B, out_channels, h, w)

@@ -8,8 +8,17 @@ The stages are the image pipeline's, with the frames of each clip folded into th
   guidance as images: a step of a clip is a step of its latents as one array;
 - the VAE decodes ``decode_chunk`` frames at a time (diffusers' ``decode_chunk_size``), (B, F, 3, H, W).
 
+Memory: besides ``decode_chunk``, ``unet_frames`` runs the UNet's own (spatial) layers over that many frames at a
+time, as diffusers' ``enable_free_noise_split_inference`` splits them; the results are the same.
+
 Starting noise is one unit Gaussian draw of (4, F, h, w) per clip, from the clip's seed; diffusers draws from
 torch's generator, so parity with it goes through the ``initial_noise`` argument (diffusers' ``latents=``).
+
+Clips longer than the adapter's frame window run with FreeNoise (``context_length``; diffusers'
+``enable_free_noise``): the motion modules attend over overlapping windows of frames, and the seeded noise of the
+frames past the first window repeats shuffled groups of earlier frames. ``initial_noise`` is used as it is, as
+diffusers uses a full-length ``latents=``. The prompt is encoded once for the whole clip; diffusers interpolates a
+prompt per frame, which for one prompt gives the same embedding up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -24,11 +33,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import SdcliError
-from ..families.animatediff import OpenedAdapter, load_motion_unet, open_motion_adapter
+from ..families.animatediff import CONTEXT_WEIGHTINGS, OpenedAdapter, load_motion_unet, open_motion_adapter
 from ..io.checkpoint import Checkpoint
 from ..models import open_checkpoint
 from ..ops import get_ops
-from ..rng import BatchNoise, image_seeds, random_seed
+from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
 from .image import StepRecord, default_steps, load_prompt_encoder, on_host
@@ -39,6 +48,7 @@ DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8
 DEFAULT_DECODE_CHUNK = 8  # frames the VAE decodes at once
 DEFAULT_SAMPLER = "ddim"
+DEFAULT_CONTEXT_STRIDE = 4  # diffusers' enable_free_noise default
 # The scheduler settings of diffusers' AnimateDiff examples (DDIMScheduler.from_pretrained(model, subfolder=
 # "scheduler", ...)), applied over the model's own scheduler config unless the caller gives others.
 ANIMATEDIFF_SCHEDULER = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
@@ -63,6 +73,10 @@ class VideoParams:
     decode_chunk: int = DEFAULT_DECODE_CHUNK
     clip_skip: int = 1
     eta: float = 0.0
+    context_length: int | None = None  # FreeNoise's window, in frames (None: the whole clip at once)
+    context_stride: int = DEFAULT_CONTEXT_STRIDE
+    context_weighting: str = "pyramid"
+    unet_frames: int | None = None  # frames through the UNet's own layers at a time (None: all; memory only)
 
     def with_(self, **changes: Any) -> "VideoParams":
         return replace(self, **changes)
@@ -74,12 +88,20 @@ class VideoParams:
 
     def validate(self) -> "VideoParams":
         """These parameters, or a one-line SdcliError naming the first bad one."""
-        for name in ("frames", "fps", "batch_size", "decode_chunk", "clip_skip"):
+        for name in ("frames", "fps", "batch_size", "decode_chunk", "clip_skip", "context_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SdcliError(f"{name} must be a positive integer, got {value!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise SdcliError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("steps", "context_length", "unet_frames"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SdcliError(f"{name} must be a positive integer, got {value!r}")
+        if self.context_weighting not in CONTEXT_WEIGHTINGS:
+            raise SdcliError(f"unknown context weighting {self.context_weighting!r}; choose one of: "
+                             f"{', '.join(CONTEXT_WEIGHTINGS)}")
+        if self.context_length is not None and self.frames < self.context_length:
+            raise SdcliError(f"{self.frames} frames are fewer than the context length {self.context_length}: "
+                             "give at least as many frames, or no context length")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
@@ -129,14 +151,31 @@ class TextToVideo:
                               width=native if params.width is None else params.width,
                               height=native if params.height is None else params.height,
                               seed=random_seed() if params.seed is None else params.seed).validate()
-        if params.frames > self.max_frames:
-            raise SdcliError(f"{params.frames} frames: the motion adapter makes at most {self.max_frames} at once")
+        if params.context_length is None and params.frames > self.max_frames:
+            raise SdcliError(f"{params.frames} frames: the motion adapter makes at most {self.max_frames} at once; "
+                             f"give a context length (--context-length {min(16, self.max_frames)}) for longer clips")
+        if params.context_length is not None and params.context_length > self.max_frames:
+            raise SdcliError(f"a context length of {params.context_length} frames is longer than the motion "
+                             f"adapter's {self.max_frames}-frame window")
         return params, SAMPLERS[sampler].plan(self.scheduler_config, params.steps)
 
     def latent_shape(self, params: VideoParams) -> tuple[int, ...]:
         """(4, F, h, w) of one clip."""
         channels, height, width = self.family.latents.shape(params.width, params.height)
         return channels, params.frames, height, width
+
+    def seeded_noise(self, params: VideoParams, seeds: list[int]) -> tuple[BatchNoise, np.ndarray]:
+        """The clips' noise streams and their unit-variance starting noise (B, 4, F, h, w): one draw per clip from
+        its seed; with a context length, FreeNoise's (the frames past the first window repeat shuffled groups of
+        earlier frames, each clip shuffled from its own stream)."""
+        noise = BatchNoise(seeds, self.latent_shape(params))
+        start = noise.draw()
+        if params.context_length is not None:
+            start = np.concatenate([
+                shuffle_context_frames(start[i:i + 1], params.context_length, params.context_stride,
+                                       lambda count, i=i: noise.permutation(i, count))
+                for i in range(len(seeds))])
+        return noise, start
 
     def run(self, params: VideoParams,
             initial_noise: np.ndarray | None = None) -> Iterator[StepRecord | GeneratedVideo]:
@@ -146,8 +185,7 @@ class TextToVideo:
         params, plan = self.prepare(params)
         batch = params.batch_size
         seeds = image_seeds(params.seed, batch)
-        noise = BatchNoise(seeds, self.latent_shape(params))
-        seeded_noise = noise.draw()
+        noise, seeded_noise = self.seeded_noise(params, seeds)
         if initial_noise is not None:
             expected = (batch, *self.latent_shape(params))
             if tuple(initial_noise.shape) != expected:
@@ -165,7 +203,10 @@ class TextToVideo:
         timings["text_encoding_s"] = time.perf_counter() - start
 
         spec = SAMPLERS[params.sampler]
-        network = guided_network(on_host(self.network, (0, 2)), context, uncond_context, params.guidance_scale)
+        unet = self.network.with_frames_at_once(params.unet_frames)
+        if params.context_length is not None:
+            unet = unet.with_context_windows(params.context_length, params.context_stride, params.context_weighting)
+        network = guided_network(on_host(unet, (0, 2)), context, uncond_context, params.guidance_scale)
         denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
         if spec.wraps_denoiser is not None:
             denoiser = spec.wraps_denoiser(denoiser, plan)
@@ -238,5 +279,5 @@ def generate_video(pipeline: TextToVideo, params: VideoParams,
     raise AssertionError("the pipeline ended without a result")
 
 
-__all__ = ["ANIMATEDIFF_SCHEDULER", "GeneratedVideo", "TextToVideo", "VideoParams", "generate_video",
-           "load_video_pipeline"]
+__all__ = ["ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
+           "VideoParams", "generate_video", "load_video_pipeline"]
