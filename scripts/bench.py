@@ -10,6 +10,11 @@ Sections (``--only``):
   running sdcli's UNet on a counting op backend) next to the machine's GEMM ceiling (numpy float32 and torch
   fp32/bf16 matmul, 2048 cubed, best of 5), and for bf16 each side's error against its own fp32 output;
 - ``vae``: one SD1.5 VAE decode of a 512x512 image, fp32, against diffusers;
+- ``motion_unet``: one forward of the SD1.5 UNet with AnimateDiff's v1-5-2 motion modules, 16 frames at 256x256
+  (latent 32x32), batch 2, with the weights held in fp32 and in bf16, against diffusers' ``UNetMotionModel``;
+- ``video``: a whole ``sdcli video`` run as a user runs it, 16 frames at 256x256, 4 Euler steps with trailing
+  timesteps and guidance 1 (AnimateDiff-Lightning's settings), fp32 weights, written to an mp4, against diffusers'
+  ``AnimateDiffPipeline`` with the same scheduler, exported with ``export_to_video``;
 - ``generate``: a whole 512x512, 20-step txt2img run with fp16 weights as a user runs it
   (``sdcli generate ... --precision fp16``) against diffusers' StableDiffusionPipeline with
   ``torch_dtype=torch.float16`` on the CPU, same scheduler (the model's own, PNDM) and guidance 7.5:
@@ -21,7 +26,7 @@ one process fight over the cores), and each process's peak resident memory is it
 ``generate`` processes the rusage of a small spawning process, which a big parent would inflate). Inside a
 process: load, one warm-up call, then the timed call.
 
-    python scripts/bench.py [--only text_encoder,unet,vae,generate] [--repeats 3] [--sizes 32,64]
+    python scripts/bench.py [--only text_encoder,unet,vae,motion_unet,video,generate] [--repeats 3] [--sizes 32,64]
                             [--precisions fp32,bf16] [--json bench-results/bench.json]
 
 The random-weight model folders are written once per run under the system temp dir (about 6.5 GB with every
@@ -55,7 +60,12 @@ sys.path.insert(0, str(ROOT))  # measure the sdcli of this checkout, in this pro
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 CONFIGS = ROOT / "sdcli" / "data" / "configs"
 
-SECTIONS = ("text_encoder", "unet", "vae", "generate")
+SECTIONS = ("text_encoder", "unet", "vae", "motion_unet", "video", "generate")
+MOTION_FRAMES, MOTION_LATENT = 16, 32  # the motion sections' clips: 16 frames at 256x256
+# diffusers' MotionAdapter config of guoyww/animatediff-motion-adapter-v1-5-2
+MOTION_ADAPTER_CONFIG = {"block_out_channels": [320, 640, 1280, 1280], "motion_layers_per_block": 2,
+                         "motion_mid_block_layers_per_block": 1, "motion_num_attention_heads": 8,
+                         "motion_norm_num_groups": 32, "motion_max_seq_length": 32, "use_motion_mid_block": True}
 PRECISIONS = ("fp32", "fp16", "bf16")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a fox in the snow"]
@@ -147,6 +157,12 @@ if side == "sdcli":
     elif network == "unet":
         unet = load_unet(folder, precision)  # conversions at load on the backend's kernels, as load_pipeline does
         run = lambda: unet(inputs["sample"], inputs["timesteps"], inputs["context"])
+    elif network == "motion_unet":
+        from sdcli.families.animatediff import load_motion_unet, open_motion_adapter
+        from sdcli.ops import get_ops
+        unet = load_motion_unet(load_unet(folder, precision), open_motion_adapter(folder + "/motion_adapter"),
+                                get_ops("cpu"), precision)
+        run = lambda: unet(inputs["sample"], inputs["timesteps"], inputs["context"])
     else:
         decoder = load_vae_decoder(folder, precision=precision)
         run = lambda: decoder(inputs["latents"])
@@ -169,6 +185,17 @@ else:
             start = time.perf_counter()
             model = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval()
             sample, context = (torch.from_numpy(inputs[key]).to(dtype) for key in ("sample", "context"))
+            timesteps = torch.from_numpy(inputs["timesteps"])
+            run = lambda: model(sample, timesteps, encoder_hidden_states=context).sample
+        elif network == "motion_unet":
+            import diffusers
+            start = time.perf_counter()
+            unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+            adapter = diffusers.MotionAdapter.from_pretrained(folder + "/motion_adapter", torch_dtype=dtype)
+            model = diffusers.UNetMotionModel.from_unet2d(unet, adapter).to(dtype).eval()
+            del unet, adapter
+            sample, context = (torch.from_numpy(inputs[key]).to(dtype) for key in ("sample", "context"))
+            context = context.repeat_interleave(sample.shape[2], dim=0)  # per frame, as AnimateDiffPipeline passes it
             timesteps = torch.from_numpy(inputs["timesteps"])
             run = lambda: model(sample, timesteps, encoder_hidden_states=context).sample
         else:
@@ -231,6 +258,35 @@ with open(timings_path, "w") as handle:
 """
 
 
+# diffusers' AnimateDiff text to video as a user runs it: load, generate, export the mp4.
+# argv: model folder, adapter folder, prompt, frames, steps, size, output .mp4, timings .json
+DIFFUSERS_VIDEO = """
+import json, sys, time
+start = time.perf_counter()
+import numpy as np
+import torch
+import diffusers
+from diffusers.utils import export_to_video
+folder, adapter_folder, prompt, frames, steps, size, output, timings_path = sys.argv[1:9]
+frames, steps, size = int(frames), int(steps), int(size)
+loading = time.perf_counter()
+adapter = diffusers.MotionAdapter.from_pretrained(adapter_folder)
+pipe = diffusers.AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter, safety_checker=None,
+                                                     feature_extractor=None)
+pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                              beta_schedule="linear")
+pipe.set_progress_bar_config(disable=True)
+generating = time.perf_counter()
+clip = pipe(prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
+            generator=torch.Generator().manual_seed(0), output_type="np").frames[0]  # (F, H, W, 3) in [0, 1]
+generated = time.perf_counter()
+export_to_video(list(clip), output, fps=8)
+with open(timings_path, "w") as handle:
+    json.dump({"import_s": loading - start, "load_s": generating - loading, "generate_s": generated - generating,
+               "scheduler": type(pipe.scheduler).__name__, "finite": bool(np.isfinite(clip).all())}, handle)
+"""
+
+
 # -- random-weight model folders ----------------------------------------------------------------------------------
 
 # Random weights with the reference libraries' own initialisation, saved by them (float32 safetensors) into
@@ -244,6 +300,8 @@ for name in components:
     path = folder + "/" + name
     if name == "text_encoder":
         model = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(path))
+    elif name == "motion_adapter":
+        model = diffusers.MotionAdapter.from_config(diffusers.MotionAdapter.load_config(path))
     else:
         cls = diffusers.UNet2DConditionModel if name == "unet" else diffusers.AutoencoderKL
         model = cls.from_config(cls.load_config(path))
@@ -256,10 +314,11 @@ for name in components:
 NUMPY_WEIGHTS = """
 import sys
 import numpy as np
-from sdcli.config import ClipConfig, UNetConfig, VAEConfig, read_json
+from sdcli.config import ClipConfig, MotionAdapterConfig, UNetConfig, VAEConfig, read_json
 from sdcli.io.safetensors import save_file
 from sdcli.io.weights import tensor_shapes
 from sdcli.nn.clip import ClipTextEncoder
+from sdcli.nn.motion import MotionAdapter
 from sdcli.nn.unet import UNet2DConditionModel
 from sdcli.nn.vae import Autoencoder
 folder, components = sys.argv[1], sys.argv[2].split(",")
@@ -272,6 +331,11 @@ for name in components:
     elif name == "unet":
         unet = UNetConfig.from_diffusers(config)
         shapes = tensor_shapes(lambda params: UNet2DConditionModel(params, unet))
+        filename = "diffusion_pytorch_model.safetensors"
+    elif name == "motion_adapter":
+        unet = UNetConfig.from_diffusers(read_json(f"{folder}/unet/config.json"))
+        adapter = MotionAdapterConfig.from_diffusers(config).for_unet(unet)
+        shapes = tensor_shapes(lambda params: MotionAdapter(params, adapter))
         filename = "diffusion_pytorch_model.safetensors"
     else:
         vae = VAEConfig.from_diffusers(config)
@@ -322,6 +386,9 @@ def write_model_folder(folder: Path, family: str, components: list[str], referen
     index = json.loads((folder / "model_index.json").read_text())
     index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if "motion_adapter" in components:
+        (folder / "motion_adapter").mkdir()
+        (folder / "motion_adapter" / "config.json").write_text(json.dumps(MOTION_ADAPTER_CONFIG, indent=2))
     note(f"writing random {family} weights: {', '.join(components)}")
     run_child(REFERENCE_WEIGHTS if reference else NUMPY_WEIGHTS, folder, ",".join(components),
               what=f"writing the random {family} weights")
@@ -437,6 +504,25 @@ def unet_flops(latent: int, batch: int = 2) -> dict:
     unet = load_network(build, ZeroSource(tensor_shapes(build)), counter)
     unet(np.zeros((batch, config.in_channels, latent, latent), np.float32), np.full(batch, 500.0),
          np.zeros((batch, 77, config.cross_attention_dim), np.float32))
+    return {**counter.flops, "total": sum(counter.flops.values()), "uncounted_ops": sorted(counter.uncounted)}
+
+
+def motion_unet_flops(frames: int, latent: int, batch: int = 2) -> dict:
+    """FLOPs of one forward of the SD1.5 UNet with the v1-5-2 motion modules over ``frames`` frames."""
+    from sdcli.config import MotionAdapterConfig, UNetConfig, read_json
+    from sdcli.io.weights import load_network, tensor_shapes
+    from sdcli.nn.motion import MotionAdapter, UNetMotionModel
+    from sdcli.nn.unet import UNet2DConditionModel
+
+    config = UNetConfig.from_diffusers(read_json(CONFIGS / "sd15" / "unet" / "config.json"))
+    adapter_config = MotionAdapterConfig.from_diffusers(MOTION_ADAPTER_CONFIG).for_unet(config)
+    counter = FlopCounter()
+    build_unet = lambda params: UNet2DConditionModel(params, config)  # noqa: E731
+    build_adapter = lambda params: MotionAdapter(params, adapter_config)  # noqa: E731
+    model = UNetMotionModel(load_network(build_unet, ZeroSource(tensor_shapes(build_unet)), counter),
+                            load_network(build_adapter, ZeroSource(tensor_shapes(build_adapter)), counter))
+    model(np.zeros((batch, config.in_channels, frames, latent, latent), np.float32), np.full(batch, 500.0),
+          np.zeros((batch, 77, config.cross_attention_dim), np.float32))
     return {**counter.flops, "total": sum(counter.flops.values()), "uncounted_ops": sorted(counter.uncounted)}
 
 
@@ -600,6 +686,38 @@ def bench_vae(work: Path, folder: Path, sides: list[str], repeats: int, latent: 
     return [row]
 
 
+def bench_motion_unet(work: Path, folder: Path, sides: list[str], repeats: int, precisions: list[str]) -> list[dict]:
+    """The SD1.5 UNet with the v1-5-2 motion modules, 16 frames at latent 32x32, batch 2, per weight precision;
+    as bench_unet, rows at bf16 carry each side's error against its own fp32 output."""
+    rng = np.random.default_rng(2)
+    np.savez(work / "motion.npz",
+             sample=rng.standard_normal((2, 4, MOTION_FRAMES, MOTION_LATENT, MOTION_LATENT), dtype=np.float32),
+             timesteps=np.array([500.0, 500.0], dtype=np.float32),
+             context=rng.standard_normal((2, 77, 768), dtype=np.float32))
+    flops = motion_unet_flops(MOTION_FRAMES, MOTION_LATENT)
+    outputs = {(side, precision): work / f"motion-{side}-{precision}.npy" for side in sides for precision in PRECISIONS}
+    if "fp32" not in precisions:
+        for side in sides:
+            note(f"motion UNet fp32 output for the errors: {side}")
+            measure_network(side, "motion_unet", folder, "fp32", work / "motion.npz", outputs[side, "fp32"])
+    rows = []
+    for precision in sorted(precisions, key=PRECISIONS.index):
+        runs = alternate(f"motion UNet {MOTION_FRAMES} frames {8 * MOTION_LATENT} {precision}", sides, repeats,
+                         lambda side: measure_network(side, "motion_unet", folder, precision, work / "motion.npz",
+                                                      outputs[side, precision]))
+        row = summarise({"network": "motion_unet", "latent": MOTION_LATENT, "pixels": 8 * MOTION_LATENT,
+                         "frames": MOTION_FRAMES, "batch": 2, "precision": precision, "gflop": flops["total"] / 1e9,
+                         "uncounted_ops": flops["uncounted_ops"]}, runs, "diffusers", flops["total"])
+        if precision == "fp32" and "reference" in sides:
+            row["sdcli_vs_diffusers"] = errors(np.load(outputs["sdcli", "fp32"]), np.load(outputs["reference", "fp32"]))
+        if precision != "fp32":
+            for side in sides:
+                name = "sdcli" if side == "sdcli" else "diffusers"
+                row[f"{name}_error_vs_fp32"] = errors(np.load(outputs[side, precision]), np.load(outputs[side, "fp32"]))
+        rows.append(row)
+    return rows
+
+
 def measure_process(work: Path, name: str, command: list[str]) -> dict:
     """Wall time and peak memory of ``command`` as a whole process; exits with its stderr if it fails."""
     files = {key: work / f"{name}.{key}" for key in ("result", "stdout", "stderr")}
@@ -658,6 +776,52 @@ def bench_generate(work: Path, folder: Path, sides: list[str], repeats: int, ste
     return row
 
 
+def bench_video(work: Path, folder: Path, sides: list[str], repeats: int, steps: int = 4) -> dict:
+    """A whole text-to-video process per side: 16 frames at 256x256, ``steps`` Euler steps (trailing timesteps,
+    linear betas), guidance 1, fp32 weights, an mp4 written."""
+    prompt, size = "a corgi running on a beach", 8 * MOTION_LATENT
+    adapter = folder / "motion_adapter"
+    counter = itertools.count()
+
+    def measure(side: str) -> dict:
+        index = next(counter)
+        output = work / f"video-{side}-{index}.mp4"
+        if side == "sdcli":
+            command = [sys.executable, "-m", "sdcli", "video", "-m", str(folder), "--motion-adapter", str(adapter),
+                       "-p", prompt, "--frames", str(MOTION_FRAMES), "--steps", str(steps), "--scheduler", "euler",
+                       "--timestep-spacing", "trailing", "--guidance", "1", "--seed", "0", "-W", str(size), "-H",
+                       str(size), "-o", str(output), "--quiet", "--json"]
+            result = measure_process(work, f"sdcli-video-{index}", command)
+            record = last_json(result.pop("stdout"))
+            timings = record["timings"]
+            result.update(generate_s=timings["text_encoding_s"] + timings["denoising_s"] + timings["decode_s"],
+                          scheduler=record["parameters"]["sampler"], timings=timings)
+        else:
+            timings_path = work / f"diffusers-video-{index}.json"
+            command = [sys.executable, "-c", DIFFUSERS_VIDEO, str(folder), str(adapter), prompt, str(MOTION_FRAMES),
+                       str(steps), str(size), str(output), str(timings_path)]
+            result = measure_process(work, f"diffusers-video-{index}", command)
+            result.pop("stdout")
+            result.update(json.loads(timings_path.read_text()))
+        output.unlink()
+        return result
+
+    runs = alternate(f"video {MOTION_FRAMES} frames {size}x{size}, {steps} steps", sides, repeats, measure)
+    row: dict = {"what": f"text to video, {MOTION_FRAMES} frames at {size}x{size}, {steps} Euler steps, guidance 1, "
+                         "fp32 weights", "steps": steps, "pixels": size, "frames": MOTION_FRAMES}
+    for side, measured in runs.items():
+        name = "diffusers" if side == "reference" else side
+        row[f"{name}_wall_s"] = statistics.median(m["wall_s"] for m in measured)
+        row[f"{name}_generate_s"] = statistics.median(m["generate_s"] for m in measured)
+        row[f"{name}_peak_bytes"] = max(m["peak_bytes"] for m in measured)
+        row[f"{name}_scheduler"] = measured[-1]["scheduler"]
+    if "reference" in sides:
+        row["ratio"] = row["sdcli_wall_s"] / row["diffusers_wall_s"]
+        row["diffusers_output_finite"] = all(m["finite"] for m in runs["reference"])
+    row["runs"] = {("diffusers" if side == "reference" else side): measured for side, measured in runs.items()}
+    return row
+
+
 # -- report -------------------------------------------------------------------------------------------------------
 
 def gib(value: float | None) -> str:
@@ -677,13 +841,15 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def network_label(row: dict) -> str:
+    if row["network"] == "motion_unet":
+        return f"UNet+motion {row['frames']}x{row['latent']}x{row['latent']}"
     return f"UNet {row['latent']}x{row['latent']}" if row["network"] == "unet" else f"VAE decode {row['pixels']}"
 
 
-def report_networks(unet: list[dict], vae: list[dict]) -> None:
+def report_networks(unet: list[dict], vae: list[dict], motion: list[dict]) -> None:
     """One line per UNet/VAE row: medians, ratio, load, GFLOP/s, peaks; then the FLOP counts and the accuracy."""
     body = [["", "", "", "", "sdcli", "diffusers", "", "sdcli", "diffusers", "sdcli", "diffusers"]]
-    for row in unet + vae:
+    for row in unet + vae + motion:
         body.append([f"{network_label(row)} {row['precision']}", num(row["sdcli_s"], ".2f"),
                      num(row.get("diffusers_s"), ".2f"), num(row["ratio"], ".2f"), num(row["sdcli_load_s"], ".2f"),
                      num(row.get("diffusers_load_s"), ".2f"), num(row["gflop"], ".0f"), num(row["sdcli_gflops"], ".0f"),
@@ -699,7 +865,7 @@ def report_networks(unet: list[dict], vae: list[dict]) -> None:
                           f"(attention {row['gflop_by_op']['attention']:.0f})" for row in counted)
               + (f"; not counted: {', '.join(uncounted)}" if uncounted else "") + "\n")
     accuracy = []
-    for row in unet + vae:
+    for row in unet + vae + motion:
         if "sdcli_vs_diffusers" in row:
             error = row["sdcli_vs_diffusers"]
             accuracy.append([f"{network_label(row)} fp32", "sdcli vs diffusers", num(error["max_abs"], ".1e"),
@@ -711,6 +877,19 @@ def report_networks(unet: list[dict], vae: list[dict]) -> None:
                                  num(error["max_abs"], ".1e"), num(error["relative"], ".1e")])
     if accuracy:
         print_table(["accuracy", "compared", "max |diff|", "relative"], accuracy)
+
+
+def report_video(row: dict) -> None:
+    body = []
+    for name in ("sdcli", "diffusers"):
+        if f"{name}_wall_s" in row:
+            wall, generate = row[f"{name}_wall_s"], row[f"{name}_generate_s"]
+            body.append([name, num(wall, ".1f"), num(generate, ".1f"), num(wall - generate, ".1f"),
+                         gib(row[f"{name}_peak_bytes"]), row[f"{name}_scheduler"]])
+    if row.get("ratio") is not None:
+        body.append(["ratio sdcli / diffusers", num(row["ratio"], ".2f"), "", "", "", ""])
+    print_table([f"SD1.5 + motion adapter, {row['what']}", "process (s)", "generation (s)", "start+load+save (s)",
+                 "peak", "scheduler"], body)
 
 
 def report_generate(row: dict) -> None:
@@ -748,8 +927,10 @@ def report(results: dict) -> None:
                     [[row["family"], num(row["sdcli_s"], ".3f", " s"), num(row.get("transformers_s"), ".3f", " s"),
                       num(row["ratio"], ".2f"), num(row.get("max_abs_diff"), ".1e")]
                      for row in results["text_encoder"]])
-    if "unet" in results or "vae" in results:
-        report_networks(results.get("unet", []), results.get("vae", []))
+    if "unet" in results or "vae" in results or "motion_unet" in results:
+        report_networks(results.get("unet", []), results.get("vae", []), results.get("motion_unet", []))
+    if "video" in results:
+        report_video(results["video"])
     if "generate" in results:
         report_generate(results["generate"])
 
@@ -772,12 +953,13 @@ def comma_list(text: str, allowed, convert=str) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=lambda text: comma_list(text, SECTIONS), default=list(SECTIONS),
-                        help="Comma-separated sections: text_encoder, unet, vae, generate (default: all).")
+                        help="Comma-separated sections: text_encoder, unet, vae, motion_unet, video, generate "
+                             "(default: all).")
     parser.add_argument("--repeats", type=int, default=3, help="Measurements per side (default 3).")
     parser.add_argument("--sizes", type=lambda text: comma_list(text, None, int), default=[32, 64],
                         help="UNet latent sizes (default 32,64: 256 and 512 pixels).")
     parser.add_argument("--precisions", type=lambda text: comma_list(text, PRECISIONS), default=["fp32", "bf16"],
-                        help="UNet weight precisions: fp32, fp16, bf16 (default fp32,bf16).")
+                        help="UNet (and motion UNet) weight precisions: fp32, fp16, bf16 (default fp32,bf16).")
     parser.add_argument("--json", type=Path, help="Also write the results (with every single run) to this file.")
     parser.add_argument("--no-reference", action="store_true",
                         help="sdcli's side only, on weights written by sdcli, even if torch is installed.")
@@ -796,10 +978,12 @@ def main() -> None:
                      "settings": {"only": only, "repeats": args.repeats, "sizes": args.sizes,
                                   "precisions": args.precisions, "generate_steps": args.generate_steps,
                                   "generate_size": args.generate_size, "reference": reference}}
-    if "unet" in only or "vae" in only:
+    if {"unet", "vae", "motion_unet"} & set(only):
         results["gemm_ceiling"] = gemm_ceilings(reference)
-    components = [name for name, wanted in (("text_encoder", {"text_encoder", "generate"}),
-                                            ("unet", {"unet", "generate"}), ("vae", {"vae", "generate"}))
+    components = [name for name, wanted in (("text_encoder", {"text_encoder", "video", "generate"}),
+                                            ("unet", {"unet", "motion_unet", "video", "generate"}),
+                                            ("vae", {"vae", "video", "generate"}),
+                                            ("motion_adapter", {"motion_unet", "video"}))
                   if wanted & set(only)]
     with tempfile.TemporaryDirectory(prefix="sdcli-bench-") as work:
         work = Path(work)
@@ -812,6 +996,10 @@ def main() -> None:
             results["unet"] = bench_unet(work, sd15, sides, args.repeats, args.sizes, args.precisions)
         if "vae" in only:
             results["vae"] = bench_vae(work, sd15, sides, args.repeats)
+        if "motion_unet" in only:
+            results["motion_unet"] = bench_motion_unet(work, sd15, sides, args.repeats, args.precisions)
+        if "video" in only:
+            results["video"] = bench_video(work, sd15, sides, args.repeats)
         if "generate" in only:
             sd15_fp16 = half_copy(sd15, work / "sd15-fp16")
             for component in components:  # the fp32 files are not needed any more

@@ -395,16 +395,29 @@ class DownloadReport:
 
 # -- video -------------------------------------------------------------------------------------------------------
 
+LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spatial layers at a time
+
+
 @main.command()
 @click.option("--model", "-m", default="sd15", show_default=True, help=MODEL_HELP + " An SD 1.x model.")
 @click.option("--motion-adapter", required=True,
               help="An AnimateDiff motion adapter: a diffusers MotionAdapter folder, or a .safetensors motion module "
                    "in diffusers' or the original names (AnimateDiff-Lightning's, mm_sd_v15_v2, ...).")
-@click.option("--prompt", "-p", required=True, help="What to animate.")
+@click.option("--prompt", "-p", help="What to animate.")
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False),
+              help="One clip per line: a prompt, optionally followed by --seed/--steps/--frames/--fps/... overrides.")
 @click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Frames of the clip (the adapter makes up to 32 at once, v1-5-2 and v1-5-3).")
+              help="Frames of the clip (the adapter makes up to 32 at once, v1-5-2 and v1-5-3; more with "
+                   "--context-length).")
 @click.option("--fps", type=click.IntRange(min=1), default=8, show_default=True, help="Frames per second.")
+@click.option("--context-length", type=click.IntRange(min=1),
+              help="Make clips longer than the adapter's window with FreeNoise: its motion modules attend over "
+                   "overlapping windows of this many frames (16 is usual).")
+@click.option("--context-stride", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Frames between the starts of two FreeNoise windows.")
+@click.option("--context-weighting", type=click.Choice(sdcli.CONTEXT_WEIGHTINGS), default="pyramid",
+              show_default=True, help="How the windows' outputs for a frame are averaged.")
 @click.option("--steps", "-s", type=click.IntRange(min=1), help="Denoising steps  [default: 50; lcm: 4]")
 @click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0), default=sdcli.DEFAULT_GUIDANCE,
               show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
@@ -416,8 +429,11 @@ class DownloadReport:
 @click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
 @click.option("--width", "-W", type=int, help="Frame width, a multiple of 8  [default: 512]")
 @click.option("--height", "-H", type=int, help="Frame height, a multiple of 8  [default: 512]")
-@click.option("--decode-chunk", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Frames the VAE decodes at once (memory).")
+@click.option("--decode-chunk", type=click.IntRange(min=1), help="Frames the VAE decodes at once (memory)  "
+                                                                  "[default: 8; 1 with --low-memory]")
+@click.option("--low-memory", is_flag=True,
+              help=f"Run the UNet's spatial layers over {LOW_MEMORY_UNET_FRAMES} frames at a time and decode one "
+                   "frame at a time: less memory, the same clip.")
 @model_options
 @click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),
               help="Initial noise, unit variance, (1, 4, frames, height/8, width/8) .npy.")
@@ -425,68 +441,93 @@ class DownloadReport:
               help="Write the final latents (what the VAE decodes) to FILE.npy.")
 @click.option("--output", "-o", default="sdcli-{seed}.mp4", show_default=True,
               help="A .mp4, .webm, .gif or .webp file, a folder of PNG frames, or a name with {frame} "
-                   "(clip_{frame}.png); {seed} in it becomes the seed.")
+                   "(clip_{frame}.png); {seed}, {index} and {prompt} in it are the clip's. Several clips without "
+                   "them go to numbered files (clip-1.mp4, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
-@click.option("--json", "as_json", is_flag=True, help="Print the clip's JSON record on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON record per clip on stdout; everything else goes to stderr.")
 @download_options
 @reports_errors
-def video(model, motion_adapter, prompt, negative_prompt, frames, fps, steps, guidance, sampler, timestep_spacing,
-          eta, seed, width, height, decode_chunk, clip_skip, precision, backend, latents_file, save_latents, output,
-          overwrite, quiet, as_json, yes, offline):
-    """Generate a short video from a text prompt with an AnimateDiff motion adapter on an SD 1.x model."""
+def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, context_length, context_stride,
+          context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height, decode_chunk,
+          low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet, as_json, yes,
+          offline):
+    """Generate short videos from text prompts with an AnimateDiff motion adapter on an SD 1.x model."""
     started = time.perf_counter()
-    params = sdcli.VideoParams(prompt, negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
-                               guidance_scale=guidance, seed=seed, width=width, height=height,
-                               decode_chunk=decode_chunk, clip_skip=clip_skip, eta=eta).validate().with_seed()
+    if (prompt is None) == (prompts_file is None):
+        raise sdcli.SdcliError("give either --prompt or --prompts-file")
+    base = sdcli.VideoParams(prompt or "", negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
+                             guidance_scale=guidance, seed=seed, width=width, height=height,
+                             decode_chunk=decode_chunk or (1 if low_memory else sdcli.DEFAULT_DECODE_CHUNK),
+                             clip_skip=clip_skip, eta=eta, context_length=context_length, context_stride=context_stride,
+                             context_weighting=context_weighting,
+                             unet_frames=LOW_MEMORY_UNET_FRAMES if low_memory else None).validate()
+    lines = [sdcli.PromptLine(base.prompt)]
+    if prompts_file:
+        lines = sdcli.read_prompts_file(prompts_file, samplers=sdcli.SAMPLERS, extra_options=sdcli.VIDEO_OPTIONS,
+                                        check=lambda text, overrides: base.with_(prompt=text, **overrides).validate())
+    seed_drawn = seed is None
+    run_seed = base.with_seed().seed  # clip i: run_seed + i unless its line sets a seed, as images count
+    clips = [base.with_(prompt=line.prompt, **{"seed": (run_seed + index) % (sdcli.MAX_SEED + 1), **line.overrides})
+             for index, line in enumerate(lines)]
     latents = None
     if latents_file:
+        if len(clips) > 1:
+            raise sdcli.SdcliError("--latents holds one clip's noise; it cannot be used with a prompts file")
         latents = np.load(latents_file, allow_pickle=False)
         if latents.ndim != 5 or latents.shape[:3] != (1, 4, frames):
             raise sdcli.SdcliError(f"{latents_file}: video latents must be (1, 4, {frames}, height/8, width/8) for "
                                    f"{frames} frames, got shape {latents.shape}")
-        params = params.with_(height=latents.shape[3] * 8, width=latents.shape[4] * 8)
-    output = output.replace("{seed}", str(params.seed))
-    sdcli.check_video_output(output, frames, overwrite)  # every output checked before the model loads
-    save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
+        clips = [clips[0].with_(height=latents.shape[3] * 8, width=latents.shape[4] * 8)]
+    # every output checked before the model loads
+    paths = sdcli.plan_video_outputs(output, [clip.seed for clip in clips], [clip.prompt for clip in clips],
+                                     [clip.frames for clip in clips], overwrite)
+    if save_latents:
+        if len(clips) > 1:
+            raise sdcli.SdcliError("--save-latents keeps one clip's latents; it cannot be used with a prompts file")
+        save_latents = sdcli.check_output(save_latents, overwrite)
     status = error_console if as_json else console
-    if seed is None and not quiet:
-        status.print(f"seed {params.seed}", highlight=False)
+    if seed_drawn and not quiet:
+        status.print(f"seed {clips[0].seed}", highlight=False)
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     scheduler_options = {**sdcli.ANIMATEDIFF_SCHEDULER,
                          **({"timestep_spacing": timestep_spacing} if timestep_spacing else {})}
     pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
                                          scheduler_options=scheduler_options)
-    params, _ = pipeline.prepare(params)  # the model's defaults, checked before the first step
-    reporter = Progress(quiet, status)
-    clip = None
-    reporter.start(0, 1, params)
-    try:
-        for record in pipeline.run(params, initial_noise=latents):
-            if isinstance(record, sdcli.GeneratedVideo):
-                clip = record
-            else:
-                reporter.step(record)
-    finally:
-        reporter.finish()
-    pixels = sdcli.images_to_uint8(clip.frames[0])  # (F, H, W, 3)
-    record = {"path": output, "seed": clip.seeds[0], "model": str(pipeline.checkpoint.path),
-              "motion_adapter": str(motion_adapter), "precision": precision, "backend": backend,
-              "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(clip.params),
-              "timings": {key: round(value, 4) for key, value in clip.timings.items()}}
-    written = sdcli.save_video(output, pixels, fps, {"sdcli": json.dumps(record)}, overwrite=overwrite)
-    if save_latents:
-        sdcli.save_array(save_latents, clip.latents, overwrite=overwrite)
-    if as_json:
-        click.echo(json.dumps(record))
-    elif not quiet:
-        console.print(f"saved {written[0] if len(written) <= 2 else written[0].parent}  (seed {clip.seeds[0]}, "
-                      f"{frames} frames at {fps} fps)", highlight=False)
+    clips = [pipeline.prepare(clip)[0] for clip in clips]  # the model's defaults, checked before the first step
+    reporter = Progress(quiet, status, unit="clip")
+    for index, (params, path) in enumerate(zip(clips, paths)):
+        result = None
+        reporter.start(index, len(clips), params)
+        try:
+            for record in pipeline.run(params, initial_noise=latents):
+                if isinstance(record, sdcli.GeneratedVideo):
+                    result = record
+                else:
+                    reporter.step(record)
+        finally:
+            reporter.finish()
+        record = {"path": path, "seed": result.seeds[0], "model": str(pipeline.checkpoint.path),
+                  "motion_adapter": str(motion_adapter), "precision": precision, "backend": backend,
+                  "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(result.params),
+                  "timings": {key: round(value, 4) for key, value in result.timings.items()}}
+        pixels = sdcli.images_to_uint8(result.frames[0])  # (F, H, W, 3)
+        written = sdcli.save_video(path, pixels, params.fps, {"sdcli": json.dumps(record)}, overwrite=overwrite)
+        if save_latents:
+            sdcli.save_array(save_latents, result.latents, overwrite=overwrite)
+        if as_json:
+            click.echo(json.dumps(record))
+        elif not quiet:
+            where = written[0] if len(written) <= 2 else written[0].parent
+            console.print(f"saved {where}  (seed {result.seeds[0]}, {params.frames} frames at {params.fps} fps)",
+                          highlight=False)
+        reporter.add_timings(result.timings)
     if not quiet:
-        reporter.add_timings(clip.timings)
-        reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, 1,
-                         f"clip of {frames} frames")
+        frame_count = sum(clip.frames for clip in clips)
+        reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, len(clips),
+                         f"clip(s) of {frame_count} frames in all")
 
 
 # -- generate ----------------------------------------------------------------------------------------------------
@@ -632,14 +673,15 @@ def peak_memory_bytes() -> int:
 class Progress:
     """Step progress: a rich bar on a terminal, one plain line per step otherwise, nothing when quiet."""
 
-    def __init__(self, quiet: bool, out: Console):
-        self.quiet, self.out = quiet, out
+    def __init__(self, quiet: bool, out: Console, unit: str = "image"):
+        self.quiet, self.out, self.unit = quiet, out, unit
         self.interactive = out.is_terminal and not quiet
         self.bar = None
         self.totals = {"text_encoding_s": 0.0, "denoising_s": 0.0, "decode_s": 0.0, "steps": 0}
 
     def start(self, first: int, count: int, params) -> None:
-        label = f"images {first + 1}-{first + params.batch_size}" if params.batch_size > 1 else f"image {first + 1}"
+        unit = self.unit
+        label = f"{unit}s {first + 1}-{first + params.batch_size}" if params.batch_size > 1 else f"{unit} {first + 1}"
         self.label = f"{label}/{count}"
         if self.interactive:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,

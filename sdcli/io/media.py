@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -22,10 +23,11 @@ from ..errors import SdcliError
 from ..params import GenerateParams
 from ..sampling.plans import SAMPLERS
 from .files import OutputExistsError, atomic_output
-from .outputs import plan_output_paths, prompt_slug
+from .outputs import plan_output_paths, prompt_slug, template_fields
 
 __all__ = ["VIDEO_FORMATS", "a1111_parameters", "a1111_quote", "check_video_output", "images_to_uint8",
-           "plan_output_paths", "prompt_slug", "read_png_text", "save_png", "save_video", "video_output_paths"]
+           "plan_output_paths", "plan_video_outputs", "prompt_slug", "read_png_text", "save_png", "save_video",
+           "video_output_paths"]
 
 log = logging.getLogger("sdcli")
 
@@ -203,6 +205,44 @@ def check_video_output(path: str | Path, frames: int, overwrite: bool = False) -
         if not folder.is_dir() and not (target.suffix == ".png" and folder.parent.is_dir()):
             raise SdcliError(f"cannot write {target}: the folder {folder} does not exist")
     return paths
+
+
+def plan_video_outputs(output: str | Path, seeds: Sequence[int], prompts: Sequence[str], frames: Sequence[int],
+                       overwrite: bool = False) -> list[str]:
+    """The output of each clip of a run (what ``save_video`` takes), every file it will write checked as
+    ``check_video_output`` checks it, and no file shared by two clips. ``output`` is one clip's form (a video
+    file, a folder of frames, a ``{frame}`` template) and may also hold ``{index}`` (1-based), ``{seed}`` and
+    ``{prompt}`` as image outputs do; without them, several clips go to numbered files beside a file name
+    (``clip-1.mp4``, ``clip-2.mp4``), and a folder or frame template needs one of the fields."""
+    text, count = str(output), len(seeds)
+    if not text:
+        raise SdcliError("the output path is empty")
+    fields = template_fields(text.replace(FRAME_FIELD, ""))
+    if fields:
+        escaped = text.replace(FRAME_FIELD, "{" + FRAME_FIELD + "}")  # formatted back to {frame}
+        try:
+            outputs = [escaped.format(index=index, seed=seed, prompt=prompt_slug(prompt))
+                       for index, (seed, prompt) in enumerate(zip(seeds, prompts), start=1)]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise SdcliError(f"output template {text!r}: {error}") from None
+    elif count == 1:
+        outputs = [text]
+    elif FRAME_FIELD in text or text.endswith(("/", "\\")) or Path(text).expanduser().is_dir():
+        raise SdcliError(f"output {text!r}: {count} clips need {{index}}, {{seed}} or {{prompt}} in a folder or "
+                         "frame template (clips/{index}/ or clip{index}_{frame}.png)")
+    else:
+        path, width = Path(text), len(str(count))
+        outputs = [str(path.with_name(f"{path.stem}-{number:0{width}d}{path.suffix}"))
+                   for number in range(1, count + 1)]
+    owners: dict[str, int] = {}
+    for index, (clip_output, clip_frames) in enumerate(zip(outputs, frames), start=1):
+        for target in check_video_output(clip_output, clip_frames, overwrite):
+            key = os.path.normcase(os.path.abspath(target))
+            if key in owners:
+                raise SdcliError(f"output {text!r} gives clips {owners[key]} and {index} the same file {target}; "
+                                 "add {index} or {seed}")
+            owners[key] = index
+    return outputs
 
 
 def save_video(path: str | Path, frames: np.ndarray, fps: int, text: Mapping[str, str],

@@ -45,7 +45,7 @@ def parse_number(text: str) -> float:
     return value
 
 
-# Option name -> (GenerateParams field it overrides, parser). "--sampler" is accepted beside "--scheduler".
+# Option name -> (the params field it overrides, parser). "--sampler" is accepted beside "--scheduler".
 OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "seed": ("seed", parse_integer),
     "steps": ("steps", parse_integer),
@@ -56,6 +56,11 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "scheduler": ("sampler", str),
     "sampler": ("sampler", str),
     "clip-skip": ("clip_skip", parse_integer),
+}
+# What a line of a video prompts file may set besides (VideoParams fields).
+VIDEO_OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "frames": ("frames", parse_integer),
+    "fps": ("fps", parse_integer),
 }
 
 
@@ -70,8 +75,10 @@ class PromptLine:
     line: int = 0
 
 
-def parse_options(text: str, where: str, samplers: Collection[str] | None) -> dict[str, object]:
-    """The ``--name value`` options of one line as GenerateParams overrides; ``where`` is "FILE:LINE"."""
+def parse_options(text: str, where: str, samplers: Collection[str] | None,
+                  options: dict[str, tuple[str, Callable[[str], object]]] = OPTIONS) -> dict[str, object]:
+    """The ``--name value`` options of one line (names of ``options``) as params overrides; ``where`` is
+    "FILE:LINE"."""
     try:
         tokens = shlex.split(text)
     except ValueError as error:
@@ -83,16 +90,16 @@ def parse_options(text: str, where: str, samplers: Collection[str] | None) -> di
         if not token.startswith("--") or len(token) == 2:
             raise SdcliError(f"{where}: unexpected {token!r} among the options (write --name value)")
         name, equals, value = token[2:].partition("=")
-        if name not in OPTIONS:
+        if name not in options:
             raise SdcliError(f"{where}: unknown option --{name} (allowed: "
-                             f"{', '.join('--' + option for option in OPTIONS)})")
+                             f"{', '.join('--' + option for option in options)})")
         if not equals:
             if position + 1 == len(tokens):
                 raise SdcliError(f"{where}: --{name} needs a value")
             value = tokens[position + 1]
             position += 1
         position += 1
-        target, parse = OPTIONS[name]
+        target, parse = options[name]
         if target in overrides:
             raise SdcliError(f"{where}: --{name} is given twice")
         try:
@@ -104,24 +111,35 @@ def parse_options(text: str, where: str, samplers: Collection[str] | None) -> di
     return overrides
 
 
-def parse_line(text: str, where: str, samplers: Collection[str] | None) -> tuple[str, dict[str, object]]:
-    """A non-comment line -> (prompt, overrides), with the overrides checked like a full request."""
+def check_image_request(prompt: str, overrides: dict[str, object]) -> None:
+    GenerateParams(prompt=prompt, **overrides).validate()  # type: ignore[arg-type]
+
+
+def parse_line(text: str, where: str, samplers: Collection[str] | None,
+               options: dict[str, tuple[str, Callable[[str], object]]] = OPTIONS,
+               check: Callable[[str, dict[str, object]], None] = check_image_request) -> tuple[str, dict[str, object]]:
+    """A non-comment line -> (prompt, overrides), with the overrides checked like a full request (``check``
+    raises SdcliError)."""
     start = OPTION_START.search(text)
     prompt = (text if start is None else text[:start.start()]).strip()
     if not prompt:
         raise SdcliError(f"{where}: no prompt before the options")
-    overrides = parse_options(text[start.start():], where, samplers) if start is not None else {}
+    overrides = parse_options(text[start.start():], where, samplers, options) if start is not None else {}
     try:
-        GenerateParams(prompt=prompt, **overrides).validate()  # type: ignore[arg-type]
+        check(prompt, overrides)
     except SdcliError as error:
         raise SdcliError(f"{where}: {error}") from None
     return prompt, overrides
 
 
-def read_prompts_file(path: str | Path, *, samplers: Collection[str] | None = None) -> list[PromptLine]:
+def read_prompts_file(path: str | Path, *, samplers: Collection[str] | None = None,
+                      extra_options: dict[str, tuple[str, Callable[[str], object]]] | None = None,
+                      check: Callable[[str, dict[str, object]], None] = check_image_request) -> list[PromptLine]:
     """Every prompt of the prompts file at ``path`` in order (format in the module docstring).
 
-    ``samplers``, when given, are the scheduler names a line may choose. Raises a one-line SdcliError ("FILE:LINE:
+    ``samplers``, when given, are the scheduler names a line may choose. ``extra_options`` are options a line may
+    set besides :data:`OPTIONS` (``VIDEO_OPTIONS`` for clips), and ``check(prompt, overrides)`` validates a line's
+    request (an image's GenerateParams by default; raises SdcliError). Raises a one-line SdcliError ("FILE:LINE:
     ...") for an unknown option, a bad value, text that is not UTF-8, a missing file or a file without prompts.
     """
     path = Path(path).expanduser()
@@ -145,7 +163,8 @@ def read_prompts_file(path: str | Path, *, samplers: Collection[str] | None = No
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        prompt, overrides = parse_line(stripped, f"{path}:{number}", samplers)
+        prompt, overrides = parse_line(stripped, f"{path}:{number}", samplers, {**OPTIONS, **(extra_options or {})},
+                                       check)
         prompts.append(PromptLine(prompt, overrides, number))
     if not prompts:
         raise SdcliError(f"{path} holds no prompts (only blank lines and # comments)")
