@@ -22,7 +22,8 @@ from .io.files import check_output, save_array
 from .io.media import a1111_parameters, images_to_uint8, plan_output_paths, save_png, save_video, \
     check_video_output
 from .io.prompts_file import read_prompts_file
-from .models import PRESETS, auto_download, download_model, format_size, model_family, open_checkpoint, resolve_model
+from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, format_size, model_family,
+                     open_checkpoint, resolve_model, resolve_motion_adapter)
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
 from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
                               load_prompt_encoder, plan_run)
@@ -39,9 +40,9 @@ __all__ = [
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
     "load_pipeline", "load_prompt_encoder", "plan_run",
     "ANIMATEDIFF_SCHEDULER", "GeneratedVideo", "TextToVideo", "VideoParams", "generate_video", "load_video_pipeline",
-    # models
-    "Checkpoint", "PRESETS", "auto_download", "describe", "download_model", "format_size", "model_family",
-    "open_checkpoint", "resolve_model",
+    # models and motion adapters
+    "Checkpoint", "MOTION_ADAPTER_PRESETS", "PRESETS", "auto_download", "describe", "download_model", "format_size",
+    "model_family", "open_checkpoint", "resolve_model", "resolve_motion_adapter",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files

@@ -323,11 +323,12 @@ def download(model, revision, variant, include, directory, token, endpoint, quie
 
 
 def print_presets() -> None:
-    """The presets as aligned columns, never wrapped or cut (scripts read them too)."""
-    rows = [("name", "repository", "layout", "variant", "size", "license")]
-    rows += [(p.name, p.repo_id, p.layout, p.variant or ("fp32" if p.layout == "diffusers" else "-"),
-              sdcli.format_size(p.size_bytes), p.license)
-             for p in sdcli.PRESETS.values()]
+    """The presets, models then motion adapters, as aligned columns, never wrapped or cut (scripts read them too)."""
+    rows = [("name", "for", "repository", "layout", "variant", "size", "license")]
+    for option, presets in (("--model", sdcli.PRESETS), ("--motion-adapter", sdcli.MOTION_ADAPTER_PRESETS)):
+        rows += [(p.name, option, p.repo_id, p.layout, p.variant or ("-" if p.layout == "single-file" else "fp32"),
+                  sdcli.format_size(p.size_bytes), p.license)
+                 for p in presets.values()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
