@@ -125,15 +125,16 @@ def is_interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def model_path(model: str, *, yes: bool = False, offline: bool = False, quiet: bool = False) -> str:
-    """The path a --model argument names; a preset or repo id not on this machine is downloaded with --yes (or
-    $SDCLI_AUTO_DOWNLOAD=1) or when the person at the terminal agrees, and is an error naming the download command
-    otherwise."""
+def model_path(model: str, *, yes: bool = False, offline: bool = False, quiet: bool = False,
+               resolve=sdcli.resolve_model) -> str:
+    """The path a --model argument names (a --motion-adapter one with ``resolve=sdcli.resolve_motion_adapter``); a
+    preset or repo id not on this machine is downloaded with --yes (or $SDCLI_AUTO_DOWNLOAD=1) or when the person at
+    the terminal agrees, and is an error naming the download command otherwise."""
     confirm = (lambda question: click.confirm(question, default=False, err=True)) if is_interactive() else None
     progress = None if quiet else DownloadReport(error_console)
     try:
-        return str(sdcli.resolve_model(model, allow_download=yes or sdcli.auto_download(),
-                                       offline=True if offline else None, confirm=confirm, progress=progress))
+        return str(resolve(model, allow_download=yes or sdcli.auto_download(), offline=True if offline else None,
+                           confirm=confirm, progress=progress))
     finally:
         if progress is not None:
             progress.close()
@@ -399,20 +400,24 @@ class DownloadReport:
 @main.command()
 @click.option("--model", "-m", default="sd15", show_default=True, help=MODEL_HELP + " An SD 1.x model.")
 @click.option("--motion-adapter", required=True,
-              help="An AnimateDiff motion adapter: a diffusers MotionAdapter folder, or a .safetensors motion module "
-                   "in diffusers' or the original names (AnimateDiff-Lightning's, mm_sd_v15_v2, ...).")
+              help="An AnimateDiff motion adapter: a preset (" + ", ".join(sdcli.MOTION_ADAPTER_PRESETS) + "), a "
+                   "diffusers MotionAdapter folder, a .safetensors motion module in diffusers' or the original names, "
+                   "or a Hub repo id, looked up as --model is. A preset brings its sampler, steps and guidance.")
 @click.option("--prompt", "-p", required=True, help="What to animate.")
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
 @click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True,
               help="Frames of the clip (the adapter makes up to 32 at once, v1-5-2 and v1-5-3).")
 @click.option("--fps", type=click.IntRange(min=1), default=8, show_default=True, help="Frames per second.")
-@click.option("--steps", "-s", type=click.IntRange(min=1), help="Denoising steps  [default: 50; lcm: 4]")
-@click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0), default=sdcli.DEFAULT_GUIDANCE,
-              show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
+@click.option("--steps", "-s", type=click.IntRange(min=1),
+              help="Denoising steps  [default: the adapter preset's (animatediff-lightning 4, animatelcm 6), else 50]")
+@click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0),
+              help="Classifier-free guidance scale; 1 or less turns guidance off  [default: the adapter preset's "
+                   "(animatediff-lightning 1, animatelcm 1.5), else 7.5]")
 @click.option("--scheduler", "--sampler", "sampler", type=click.Choice(sdcli.SAMPLERS),
-              help="Sampler  [default: ddim with AnimateDiff's settings (linear betas, linspace timesteps)]")
+              help="Sampler  [default: the adapter preset's (animatediff-lightning euler, animatelcm lcm), else ddim "
+                   "with AnimateDiff's settings (linear betas, linspace timesteps)]")
 @click.option("--timestep-spacing", type=click.Choice(sdcli.TIMESTEP_SPACINGS),
-              help="Timestep spacing  [default: linspace; AnimateDiff-Lightning: trailing]")
+              help="Timestep spacing  [default: linspace; animatediff-lightning: trailing]")
 @click.option("--eta", type=FiniteFloat(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
 @click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
 @click.option("--width", "-W", type=int, help="Frame width, a multiple of 8  [default: 512]")
@@ -438,8 +443,9 @@ def video(model, motion_adapter, prompt, negative_prompt, frames, fps, steps, gu
     """Generate a short video from a text prompt with an AnimateDiff motion adapter on an SD 1.x model."""
     started = time.perf_counter()
     params = sdcli.VideoParams(prompt, negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
-                               guidance_scale=guidance, seed=seed, width=width, height=height,
-                               decode_chunk=decode_chunk, clip_skip=clip_skip, eta=eta).validate().with_seed()
+                               guidance_scale=guidance, timestep_spacing=timestep_spacing, seed=seed, width=width,
+                               height=height, decode_chunk=decode_chunk, clip_skip=clip_skip,
+                               eta=eta).validate().with_seed()
     latents = None
     if latents_file:
         latents = np.load(latents_file, allow_pickle=False)
@@ -455,11 +461,10 @@ def video(model, motion_adapter, prompt, negative_prompt, frames, fps, steps, gu
         status.print(f"seed {params.seed}", highlight=False)
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
-    scheduler_options = {**sdcli.ANIMATEDIFF_SCHEDULER,
-                         **({"timestep_spacing": timestep_spacing} if timestep_spacing else {})}
-    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
-                                         scheduler_options=scheduler_options)
-    params, _ = pipeline.prepare(params)  # the model's defaults, checked before the first step
+    # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
+    model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
+    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend)
+    params, _ = pipeline.prepare(params)  # the model's and the adapter's defaults, checked before the first step
     reporter = Progress(quiet, status)
     clip = None
     reporter.start(0, 1, params)
@@ -473,7 +478,8 @@ def video(model, motion_adapter, prompt, negative_prompt, frames, fps, steps, gu
         reporter.finish()
     pixels = sdcli.images_to_uint8(clip.frames[0])  # (F, H, W, 3)
     record = {"path": output, "seed": clip.seeds[0], "model": str(pipeline.checkpoint.path),
-              "motion_adapter": str(motion_adapter), "precision": precision, "backend": backend,
+              "motion_adapter": str(motion_adapter), "motion_adapter_path": str(pipeline.motion_adapter.path),
+              "precision": precision, "backend": backend,
               "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(clip.params),
               "timings": {key: round(value, 4) for key, value in clip.timings.items()}}
     written = sdcli.save_video(output, pixels, fps, {"sdcli": json.dumps(record)}, overwrite=overwrite)

@@ -9,6 +9,7 @@ at the fake Hub and no proxy, so neither the real home nor any other host is eve
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from hub_server import FakeHub
 from sdcli import cli, models
 from sdcli.cli import main
+from sdcli.families.animatediff import ADAPTER_FILES, MotionAdapterPreset, VideoDefaults
 from sdcli.models import ModelPreset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +249,40 @@ def test_motion_adapter_download_with_dir_and_revision(hub, tmp_path):
                                                          LCM_LORA}
 
 
+def test_video_with_a_missing_motion_adapter_in_a_script(hub, tmp_path):
+    """Not a terminal, no --yes: exit 2 with the exact command, after the outputs were checked, nothing fetched."""
+    hub.clear_records()
+    (tmp_path / "model").mkdir()  # a model that exists: the adapter is looked up before anything loads
+    result = sdcli_run(tmp_path, hub, "video", "--model", "model", "--motion-adapter", "animatediff-lightning",
+                       "-p", "a corgi", "-o", "corgi.mp4")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert line.startswith(f"error: animatediff-lightning is not downloaded (weights/animatediff-lightning/"
+                           f"{LIGHTNING} is not there")
+    assert line.endswith("; run: sdcli download animatediff-lightning")
+    taken = sdcli_run(tmp_path, hub, "video", "--model", "model", "--motion-adapter", "animatelcm", "-p", "a corgi",
+                      "-o", "clip.png", "--yes")
+    assert taken.returncode == 2 and "clip.png: a video is written as" in one_error_line(taken)
+    offline = sdcli_run(tmp_path, hub, "video", "--model", "model", "--motion-adapter", "animatelcm", "-p", "a corgi",
+                        "-o", "corgi.mp4", "--yes", "--offline")
+    assert offline.returncode == 2 and "downloads are off" in one_error_line(offline)
+    assert not hub.requests and not (tmp_path / "weights").exists()
+
+
+def test_generate_with_a_missing_preset_in_a_script(hub, tmp_path):
+    """Not a terminal, no --yes: exit 2, the exact command in the one error line, nothing fetched."""
+    hub.clear_records()
+    result = sdcli_run(tmp_path, hub, "generate", "--model", "sd15", "-p", "a cat", "--seed", "1", "-o", "cat.png")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert line.endswith("run: sdcli download sd15") and "weights/sd15 is not there" in line
+    clip = sdcli_run(tmp_path, hub, "clip-test", "--model", "someone/model", "-p", "a cat")
+    assert clip.returncode == 2 and one_error_line(clip).endswith("run: sdcli download someone/model")
+    offline = sdcli_run(tmp_path, hub, "generate", "-m", "sd21", "-p", "a cat", "--seed", "1", "--yes", "--offline")
+    assert offline.returncode == 2 and "downloads are off" in one_error_line(offline)
+    assert not hub.requests and not list(tmp_path.glob("*.png"))
+
+
 # -- presets and first use, in-process with a preset table pointing at the fake Hub ------------------------------
 
 @pytest.fixture
@@ -322,3 +358,35 @@ def test_clip_test_downloads_without_asking(in_tmp, monkeypatch, tiny_repo, how)
     assert result.exit_code == 0, result.output
     assert '"shape": [1, 77, 32]' in result.output and "[y/N]" not in result.output
     assert not models.missing_parts(in_tmp / "weights" / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_video_model(hub, tmp_path_factory, diffusers):
+    """A real tiny SD1 model (a local folder) and its tiny motion adapter, served as org/tiny-adapter."""
+    import tiny_pipeline
+
+    _, model, adapter = tiny_pipeline.make_tiny_video_model(tmp_path_factory.mktemp("tiny-video"))
+    files = {p.relative_to(adapter).as_posix(): p.read_bytes() for p in adapter.rglob("*") if p.is_file()}
+    hub.add_repo("org/tiny-adapter", files)
+    return model
+
+
+def test_video_fetches_a_motion_adapter_preset_with_yes_and_uses_its_settings(in_tmp, monkeypatch, tiny_video_model):
+    preset = MotionAdapterPreset(
+        name="tiny-adapter", repo_id="org/tiny-adapter", revision="main", layout="motion-adapter",
+        files=ADAPTER_FILES, variant=None, family="sd1", size_bytes=None, license="test",
+        description="a test adapter", page="https://huggingface.co/org/tiny-adapter",
+        defaults=VideoDefaults("euler", {"timestep_spacing": "trailing", "beta_schedule": "linear"}, steps=2,
+                               guidance_scale=1.0))
+    monkeypatch.setitem(models.MOTION_ADAPTER_PRESETS, "tiny-adapter", preset)
+    args = ["video", "-m", tiny_video_model, "--motion-adapter", "tiny-adapter", "-p", "a cat", "--frames", "2",
+            "-W", "64", "-H", "64", "--seed", "1", "-q", "--json"]
+    refused = invoke(*args, "-o", "no.gif")
+    assert refused.exit_code == 2 and "run: sdcli download tiny-adapter" in refused.output
+    result = invoke(*args, "-o", "clip.gif", "--yes")
+    assert result.exit_code == 0, result.output
+    assert on_disk(in_tmp / "weights" / "tiny-adapter") == {"config.json", "diffusion_pytorch_model.safetensors"}
+    parameters = json.loads(result.output.strip().splitlines()[-1])["parameters"]
+    assert (parameters["sampler"], parameters["steps"], parameters["guidance_scale"],
+            parameters["timestep_spacing"]) == ("euler", 2, 1.0, "trailing")
+    assert (in_tmp / "clip.gif").is_file() and not (in_tmp / "no.gif").exists()
