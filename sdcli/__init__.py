@@ -13,6 +13,9 @@ The public API, usable from Python without the CLI (the CLI uses nothing else)::
 
     encoder = sdcli.load_prompt_encoder("weights/sd15")
     conditioning = encoder.encode(["a photograph of an astronaut riding a horse"])  # (1, 77, 768)
+
+    video = sdcli.load_video_pipeline("sd15", "animatediff-lightning")   # the preset's Euler, 4 steps, guidance 1
+    clip = sdcli.generate_video(video, sdcli.VideoParams("a corgi running on a beach", seed=1))  # clip.frames
 """
 
 from .config import SchedulerConfig
@@ -22,14 +25,15 @@ from .io.files import check_output, save_array
 from .io.media import (a1111_parameters, check_video_output, images_to_uint8, plan_output_paths, plan_video_outputs,
                        save_png, save_video)
 from .io.prompts_file import VIDEO_OPTIONS, PromptLine, read_prompts_file
-from .models import PRESETS, auto_download, download_model, format_size, model_family, open_checkpoint, resolve_model
+from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, format_size, model_family,
+                     open_checkpoint, resolve_model, resolve_motion_adapter)
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
 from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
                               load_prompt_encoder, plan_run)
 from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                        VAE_CHOICES, VARIANTS)
 from .pipelines.video import (ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, DEFAULT_DECODE_CHUNK, GeneratedVideo,
-                              TextToVideo, VideoParams, generate_video, load_video_pipeline)
+                              TextToVideo, VideoDefaults, VideoParams, generate_video, load_video_pipeline)
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 
 __version__ = "0.1.0"
@@ -39,11 +43,10 @@ __all__ = [
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
     "load_pipeline", "load_prompt_encoder", "plan_run",
     "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
-    "VideoParams", "generate_video",
-    "load_video_pipeline",
-    # models
-    "Checkpoint", "PRESETS", "auto_download", "describe", "download_model", "format_size", "model_family",
-    "open_checkpoint", "resolve_model",
+    "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline",
+    # models and motion adapters
+    "Checkpoint", "MOTION_ADAPTER_PRESETS", "PRESETS", "auto_download", "describe", "download_model", "format_size",
+    "model_family", "open_checkpoint", "resolve_model", "resolve_motion_adapter",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files

@@ -125,15 +125,16 @@ def is_interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def model_path(model: str, *, yes: bool = False, offline: bool = False, quiet: bool = False) -> str:
-    """The path a --model argument names; a preset or repo id not on this machine is downloaded with --yes (or
-    $SDCLI_AUTO_DOWNLOAD=1) or when the person at the terminal agrees, and is an error naming the download command
-    otherwise."""
+def model_path(model: str, *, yes: bool = False, offline: bool = False, quiet: bool = False,
+               resolve=sdcli.resolve_model) -> str:
+    """The path a --model argument names (a --motion-adapter one with ``resolve=sdcli.resolve_motion_adapter``); a
+    preset or repo id not on this machine is downloaded with --yes (or $SDCLI_AUTO_DOWNLOAD=1) or when the person at
+    the terminal agrees, and is an error naming the download command otherwise."""
     confirm = (lambda question: click.confirm(question, default=False, err=True)) if is_interactive() else None
     progress = None if quiet else DownloadReport(error_console)
     try:
-        return str(sdcli.resolve_model(model, allow_download=yes or sdcli.auto_download(),
-                                       offline=True if offline else None, confirm=confirm, progress=progress))
+        return str(resolve(model, allow_download=yes or sdcli.auto_download(), offline=True if offline else None,
+                           confirm=confirm, progress=progress))
     finally:
         if progress is not None:
             progress.close()
@@ -323,11 +324,12 @@ def download(model, revision, variant, include, directory, token, endpoint, quie
 
 
 def print_presets() -> None:
-    """The presets as aligned columns, never wrapped or cut (scripts read them too)."""
-    rows = [("name", "repository", "layout", "variant", "size", "license")]
-    rows += [(p.name, p.repo_id, p.layout, p.variant or ("fp32" if p.layout == "diffusers" else "-"),
-              sdcli.format_size(p.size_bytes), p.license)
-             for p in sdcli.PRESETS.values()]
+    """The presets, models then motion adapters, as aligned columns, never wrapped or cut (scripts read them too)."""
+    rows = [("name", "for", "repository", "layout", "variant", "size", "license")]
+    for option, presets in (("--model", sdcli.PRESETS), ("--motion-adapter", sdcli.MOTION_ADAPTER_PRESETS)):
+        rows += [(p.name, option, p.repo_id, p.layout, p.variant or ("-" if p.layout == "single-file" else "fp32"),
+                  sdcli.format_size(p.size_bytes), p.license)
+                 for p in presets.values()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -401,8 +403,9 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 @main.command()
 @click.option("--model", "-m", default="sd15", show_default=True, help=MODEL_HELP + " An SD 1.x model.")
 @click.option("--motion-adapter", required=True,
-              help="An AnimateDiff motion adapter: a diffusers MotionAdapter folder, or a .safetensors motion module "
-                   "in diffusers' or the original names (AnimateDiff-Lightning's, mm_sd_v15_v2, ...).")
+              help="An AnimateDiff motion adapter: a preset (" + ", ".join(sdcli.MOTION_ADAPTER_PRESETS) + "), a "
+                   "diffusers MotionAdapter folder, a .safetensors motion module in diffusers' or the original names, "
+                   "or a Hub repo id, looked up as --model is. A preset brings its sampler, steps and guidance.")
 @click.option("--prompt", "-p", help="What to animate.")
 @click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
@@ -418,13 +421,16 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
               help="Frames between the starts of two FreeNoise windows.")
 @click.option("--context-weighting", type=click.Choice(sdcli.CONTEXT_WEIGHTINGS), default="pyramid",
               show_default=True, help="How the windows' outputs for a frame are averaged.")
-@click.option("--steps", "-s", type=click.IntRange(min=1), help="Denoising steps  [default: 50; lcm: 4]")
-@click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0), default=sdcli.DEFAULT_GUIDANCE,
-              show_default=True, help="Classifier-free guidance scale; 1 or less turns guidance off.")
+@click.option("--steps", "-s", type=click.IntRange(min=1),
+              help="Denoising steps  [default: the adapter preset's (animatediff-lightning 4, animatelcm 6), else 50]")
+@click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0),
+              help="Classifier-free guidance scale; 1 or less turns guidance off  [default: the adapter preset's "
+                   "(animatediff-lightning 1, animatelcm 1.5), else 7.5]")
 @click.option("--scheduler", "--sampler", "sampler", type=click.Choice(sdcli.SAMPLERS),
-              help="Sampler  [default: ddim with AnimateDiff's settings (linear betas, linspace timesteps)]")
+              help="Sampler  [default: the adapter preset's (animatediff-lightning euler, animatelcm lcm), else ddim "
+                   "with AnimateDiff's settings (linear betas, linspace timesteps)]")
 @click.option("--timestep-spacing", type=click.Choice(sdcli.TIMESTEP_SPACINGS),
-              help="Timestep spacing  [default: linspace; AnimateDiff-Lightning: trailing]")
+              help="Timestep spacing  [default: linspace; animatediff-lightning: trailing]")
 @click.option("--eta", type=FiniteFloat(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
 @click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
 @click.option("--width", "-W", type=int, help="Frame width, a multiple of 8  [default: 512]")
@@ -458,7 +464,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
     base = sdcli.VideoParams(prompt or "", negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
-                             guidance_scale=guidance, seed=seed, width=width, height=height,
+                             guidance_scale=guidance, timestep_spacing=timestep_spacing, seed=seed, width=width,
+                             height=height,
                              decode_chunk=decode_chunk or (1 if low_memory else sdcli.DEFAULT_DECODE_CHUNK),
                              clip_skip=clip_skip, eta=eta, context_length=context_length, context_stride=context_stride,
                              context_weighting=context_weighting,
@@ -492,11 +499,11 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         status.print(f"seed {clips[0].seed}", highlight=False)
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
-    scheduler_options = {**sdcli.ANIMATEDIFF_SCHEDULER,
-                         **({"timestep_spacing": timestep_spacing} if timestep_spacing else {})}
-    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
-                                         scheduler_options=scheduler_options)
-    clips = [pipeline.prepare(clip)[0] for clip in clips]  # the model's defaults, checked before the first step
+    # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
+    model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
+    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend)
+    # the model's and the adapter's defaults, every clip checked before the first step
+    clips = [pipeline.prepare(clip)[0] for clip in clips]
     reporter = Progress(quiet, status, unit="clip")
     for index, (params, path) in enumerate(zip(clips, paths)):
         result = None
@@ -510,7 +517,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         finally:
             reporter.finish()
         record = {"path": path, "seed": result.seeds[0], "model": str(pipeline.checkpoint.path),
-                  "motion_adapter": str(motion_adapter), "precision": precision, "backend": backend,
+                  "motion_adapter": str(motion_adapter), "motion_adapter_path": str(pipeline.motion_adapter.path),
+                  "precision": precision, "backend": backend,
                   "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(result.params),
                   "timings": {key: round(value, 4) for key, value in result.timings.items()}}
         pixels = sdcli.images_to_uint8(result.frames[0])  # (F, H, W, 3)

@@ -265,6 +265,10 @@ class UNetConfig:
         return UNET_UP_BLOCK_TYPES[self.up_block_types[level]]
 
 
+# The UNet channels per level of the base models AnimateDiff publishes adapters for, to name them in messages.
+ADAPTER_BASES = {(320, 640, 1280, 1280): "SD 1.x", (320, 640, 1280): "SDXL"}
+
+
 @dataclass(frozen=True)
 class MotionAdapterConfig:
     """AnimateDiff's motion modules (diffusers ``MotionAdapter``): a temporal transformer after each layer of an
@@ -348,14 +352,18 @@ class MotionAdapterConfig:
 
     def check_fits(self, unet: UNetConfig, source: str = "motion adapter") -> None:
         """A one-line error unless the adapter was made for a UNet of this layout (channels per level, layers per
-        level): an SD 2.x or SDXL adapter on an SD 1.x UNet, say."""
+        level): an SDXL adapter on an SD 1.x UNet, say (an SD 1.x adapter fits an SD 2.x UNet's layout; the
+        pipeline refuses that pairing by the model's family)."""
         expected = (unet.block_out_channels, (unet.layers_per_block,) * unet.levels)
         if (self.block_out_channels, self.layers_per_block) != expected:
+            base = ADAPTER_BASES.get(self.block_out_channels)
             raise CheckpointError(
                 f"{source} was made for a UNet with {list(self.block_out_channels)} channels and "
-                f"{list(self.layers_per_block)} layers per level, this model's UNet has "
-                f"{list(unet.block_out_channels)} and {unet.layers_per_block}: use an adapter for this base model "
-                "(AnimateDiff for SD 1.5)")
+                f"{list(self.layers_per_block)} layers per level ({self.levels} levels"
+                f"{f', an {base} motion adapter' if base else ''}), this model's UNet has "
+                f"{list(unet.block_out_channels)} channels and {unet.layers_per_block} layers per level "
+                f"({unet.levels} levels): use an adapter made for this base model (AnimateDiff's for SD 1.5: "
+                "sdcli download --list)")
 
     def for_unet(self, unet: UNetConfig, source: str = "motion adapter") -> "MotionAdapterConfig":
         """This adapter as it runs on ``unet`` (checked by ``check_fits``): its modules normalise with the UNet's

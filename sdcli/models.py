@@ -21,6 +21,13 @@ A preset or repo id found nowhere raises :class:`ModelNotDownloadedError`, whose
 
 :func:`open_checkpoint` opens what a model argument names as the model family that recognises it.
 
+A motion adapter argument (``--motion-adapter``) is looked up the same way (:func:`resolve_motion_adapter`), with
+the motion-adapter presets (:data:`MOTION_ADAPTER_PRESETS`, ``animatediff-lightning``, ...) and, for a repo id or
+a folder, a diffusers ``MotionAdapter`` (``config.json`` and its weights) where a model has ``model_index.json``
+and its networks. ``sdcli download`` fetches both kinds; a repo id whose listing holds a motion adapter rather
+than a model is fetched as one. :func:`open_motion_adapter` opens what an adapter argument names, knowing its
+preset (whose settings the video pipeline applies).
+
 The presets list only the files sdcli reads. A diffusers repository also holds pickles, EMA and non-EMA copies,
 ONNX and Flax exports and a safety checker that sdcli never uses (and must not unpickle); those are not fetched.
 """
@@ -30,13 +37,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .config import read_json
 from .errors import CheckpointError, ModelNotFoundError, SdcliError
 from .families import FAMILIES, Family, ModelPreset, family_of
+from .families import animatediff
+from .families.animatediff import ADAPTER_FILES, ADAPTER_STEM, MotionAdapterPreset, OpenedAdapter
 from .io.checkpoint import MISSING_MODEL_HINT, Checkpoint, open_checkpoint as open_path
 
 if TYPE_CHECKING:  # sdcli.hub imports requests; it is imported only when a download happens
@@ -54,6 +63,10 @@ DIFFUSERS_FILES = tuple(dict.fromkeys(pattern for family in FAMILIES.values() fo
 
 PRESETS: dict[str, ModelPreset] = {preset.name: preset for family in FAMILIES.values() for preset in family.presets}
 MODEL_PRESETS = tuple(PRESETS)  # preset names, in the table's order
+MOTION_ADAPTER_PRESETS: dict[str, MotionAdapterPreset] = {preset.name: preset for preset in animatediff.PRESETS}
+ADAPTER_LAYOUT = "motion-adapter"  # a diffusers MotionAdapter: config.json and its weights at the top
+MISSING_ADAPTER_HINT = ("give a diffusers MotionAdapter folder, a motion-module .safetensors file, a preset "
+                        f"({', '.join(MOTION_ADAPTER_PRESETS)}) or a Hub repo id (org/name)")
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".json")  # "a/b.safetensors" is a path
@@ -84,7 +97,7 @@ class ModelSource:
     name: str  # the preset name or the repo id, as the user gives it to 'sdcli download'
     repo_id: str
     revision: str
-    layout: str  # "diffusers", "single-file", or "custom" (a repo id with --include patterns)
+    layout: str  # "diffusers", "single-file", "motion-adapter", or "custom" (a repo id with --include patterns)
     patterns: tuple[str, ...]
     variant: str | None
     preset: ModelPreset | None = None
@@ -124,24 +137,36 @@ def variant_option(variant: str | None, default: str | None) -> str | None:
 
 def model_source(name: str, *, revision: str | None = None, variant: str | None = None,
                  include: Iterable[str] = ()) -> ModelSource:
-    """The preset or repo id ``name``, with ``--revision``/``--variant``/``--include`` applied.
+    """The preset (of a model or a motion adapter) or repo id ``name``, with ``--revision``/``--variant``/
+    ``--include`` applied: what ``sdcli download`` fetches.
 
     ``include`` replaces the preset's files (or, for a repo id, the diffusers files sdcli reads).
     """
     include = tuple(include)
-    preset = PRESETS.get(name)
+    preset = PRESETS.get(name) or MOTION_ADAPTER_PRESETS.get(name)
     if preset is not None:
         if preset.layout == "single-file" and variant is not None:
-            raise SdcliError(f"{preset.name} is a single file; --variant applies to diffusers models "
-                             f"(for half-size SD 1.5 weights: sdcli download sd15, or sd15-single-fp16)")
+            hint = (" (for half-size SD 1.5 weights: sdcli download sd15, or sd15-single-fp16)"
+                    if name in PRESETS else "")
+            raise SdcliError(f"{preset.name} is a single file; --variant applies to diffusers models{hint}")
         layout = preset.layout if not include else "custom"
         return ModelSource(preset.name, preset.repo_id, revision or preset.revision, layout,
                            include or preset.files, variant_option(variant, preset.variant), preset)
     if is_repo_id(name):
         return ModelSource(name, name, revision or "main", "custom" if include else "diffusers",
                            include or DIFFUSERS_FILES, variant_option(variant, "fp16"))
-    raise ModelNotFoundError(f"unknown model {name!r}: give a preset ({', '.join(MODEL_PRESETS)}) or a Hub "
-                             "repo id like org/name")
+    raise ModelNotFoundError(f"unknown model {name!r}: give a preset ({', '.join(MODEL_PRESETS)}), a motion adapter "
+                             f"preset ({', '.join(MOTION_ADAPTER_PRESETS)}) or a Hub repo id like org/name")
+
+
+def motion_adapter_source(name: str) -> ModelSource:
+    """The motion-adapter preset or repo id ``name``: a repo id is looked for (and fetched) as a diffusers
+    MotionAdapter, not as a model."""
+    if name in MOTION_ADAPTER_PRESETS:
+        return model_source(name)
+    if is_repo_id(name):
+        return ModelSource(name, name, "main", ADAPTER_LAYOUT, ADAPTER_FILES, "fp16")
+    raise ModelNotFoundError(f"unknown motion adapter {name!r}: {MISSING_ADAPTER_HINT}")
 
 
 def download_command(source: ModelSource, weights: Path | None = None) -> str:
@@ -188,6 +213,18 @@ def cached_snapshot(repo_id: str, revision: str = "main", cache: Path | None = N
             return None
     snapshot = repo / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None
+
+
+def missing_adapter_parts(folder: Path, preset: ModelPreset | None = None) -> list[str]:
+    """What a diffusers MotionAdapter folder lacks for sdcli to load it (its config and weights, plain, fp16 or
+    sharded, as :func:`missing_parts` counts them), and the preset's LoRA file when it has one: [] when complete."""
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not _has_weights(folder, ADAPTER_STEM):
+        missing.append("motion adapter weights")
+    lora = getattr(preset, "lora", None)
+    if lora is not None and not (folder / lora).is_file():
+        missing.append(lora)
+    return missing
 
 
 def missing_parts(folder: Path) -> list[str]:
@@ -253,7 +290,7 @@ def find_local(source: ModelSource, weights: Path | None = None, cache: Path | N
         return Lookup(None, target, f"{local} is not there")
     problem = f"{target} is not there"
     if target.is_dir():
-        missing = missing_parts(target)
+        missing = _missing(source, target)
         if not missing:
             return Lookup(target, target, "")
         single = _single_file_in(target) if source.preset is None else None
@@ -262,9 +299,14 @@ def find_local(source: ModelSource, weights: Path | None = None, cache: Path | N
         problem = f"{target} is incomplete (no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
     for repo in source.cached_repos:
         snapshot = cached_snapshot(repo, source.revision, cache)
-        if snapshot is not None and not missing_parts(snapshot):
+        if snapshot is not None and not _missing(source, snapshot):
             return Lookup(snapshot, target, "")
     return Lookup(None, target, problem)
+
+
+def _missing(source: ModelSource, folder: Path) -> list[str]:
+    """What ``folder`` lacks to hold ``source``: a motion adapter's parts, or a model's."""
+    return missing_adapter_parts(folder, source.preset) if source.layout == ADAPTER_LAYOUT else missing_parts(folder)
 
 
 # -- resolution -----------------------------------------------------------------------------------------------
@@ -300,6 +342,22 @@ def download_prompt(source: ModelSource, target: Path) -> str:
     return f"download {source.name} ({about}) to {target}?"
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What a name is looked up as: a model or a motion adapter (its presets, its sources, its words)."""
+
+    noun: str  # in messages: "no model at ..."
+    presets: dict[str, ModelPreset]
+    source: Callable[[str], ModelSource]
+    hint: str  # what to give instead, for a name found nowhere
+    option: str  # the option that takes it
+
+
+MODELS = _Kind("model", PRESETS, model_source, MISSING_MODEL_HINT, "--model")
+MOTION_ADAPTERS = _Kind("motion adapter", MOTION_ADAPTER_PRESETS, motion_adapter_source, MISSING_ADAPTER_HINT,
+                        "--motion-adapter")
+
+
 def resolve_model(name_or_path: str | Path, *, weights_dir: str | Path | None = None, allow_download: bool = False,
                   offline: bool | None = None, confirm: Callable[[str], bool] | None = None,
                   progress: "DownloadProgress | None" = None, endpoint: str | None = None,
@@ -311,13 +369,36 @@ def resolve_model(name_or_path: str | Path, *, weights_dir: str | Path | None = 
     the command to run. ``offline`` (default: ``$HF_HUB_OFFLINE``) never downloads. Other names found nowhere
     raise :class:`ModelNotFoundError`.
     """
+    return _resolve(name_or_path, MODELS, weights_dir=weights_dir, allow_download=allow_download, offline=offline,
+                    confirm=confirm, progress=progress, endpoint=endpoint, token=token, cache=cache)
+
+
+def resolve_motion_adapter(name_or_path: str | Path, *, weights_dir: str | Path | None = None,
+                           allow_download: bool = False, offline: bool | None = None,
+                           confirm: Callable[[str], bool] | None = None, progress: "DownloadProgress | None" = None,
+                           endpoint: str | None = None, token: str | None = None, cache: Path | None = None) -> Path:
+    """The path of the motion adapter ``name_or_path`` names: an existing path, a motion-adapter preset, a Hub repo
+    id (a diffusers MotionAdapter repository) or a folder under the weights dir, looked up and downloaded exactly as
+    :func:`resolve_model` does for models."""
+    return _resolve(name_or_path, MOTION_ADAPTERS, weights_dir=weights_dir, allow_download=allow_download,
+                    offline=offline, confirm=confirm, progress=progress, endpoint=endpoint, token=token, cache=cache)
+
+
+def _resolve(name_or_path: str | Path, kind: _Kind, *, weights_dir: str | Path | None, allow_download: bool,
+             offline: bool | None, confirm: Callable[[str], bool] | None, progress: "DownloadProgress | None",
+             endpoint: str | None, token: str | None, cache: Path | None) -> Path:
+    """:func:`resolve_model` for either kind of name."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
         return path
+    for other in (MODELS, MOTION_ADAPTERS):
+        if other is not kind and text in other.presets:
+            raise ModelNotFoundError(f"{text} is a {other.noun} preset, not a {kind.noun}: give it to "
+                                     f"{other.option}; {kind.noun} presets: {', '.join(kind.presets)}")
     weights = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
-    if text in PRESETS or (is_repo_id(text) and not _names_local_folder(text)):
-        source = model_source(text)
+    if text in kind.presets or (is_repo_id(text) and not _names_local_folder(text)):
+        source = kind.source(text)
         found = find_local(source, weights, cache)
         if found.path is not None:
             return found.path
@@ -337,9 +418,9 @@ def resolve_model(name_or_path: str | Path, *, weights_dir: str | Path | None = 
         named = weights / path
         if named.exists():
             return named
-        raise ModelNotFoundError(f"no model at {path} (nor at {named}), and {text!r} is not a preset "
-                                 f"({', '.join(MODEL_PRESETS)}): {MISSING_MODEL_HINT}")
-    raise ModelNotFoundError(f"no model at {path}: {MISSING_MODEL_HINT}")
+        raise ModelNotFoundError(f"no {kind.noun} at {path} (nor at {named}), and {text!r} is not a preset "
+                                 f"({', '.join(kind.presets)}): {kind.hint}")
+    raise ModelNotFoundError(f"no {kind.noun} at {path}: {kind.hint}")
 
 
 def _names_local_folder(text: str) -> bool:
@@ -357,6 +438,35 @@ def open_checkpoint(model: str | Path, variant: str | None = None) -> Checkpoint
     """Open the model ``model`` names (a path, a preset or a repo id, never downloading: :func:`find_model`) as
     the model family that recognises it."""
     return open_path(find_model(model), variant)
+
+
+def motion_adapter_preset(name_or_path: str | Path) -> MotionAdapterPreset | None:
+    """The motion-adapter preset ``name_or_path`` is: a preset name (that is no existing path), the preset's
+    repository id (for a MotionAdapter folder preset), or a path that is one's download: ``<dir>/<preset>`` as
+    ``sdcli download`` fills it, a single-file preset's file, or a Hugging Face cache snapshot of its repository.
+    None for any other adapter."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text in MOTION_ADAPTER_PRESETS and not path.exists():
+        return MOTION_ADAPTER_PRESETS[text]
+    for preset in MOTION_ADAPTER_PRESETS.values():
+        if preset.layout == ADAPTER_LAYOUT and text == preset.repo_id and not path.exists():
+            return preset
+        if preset.layout == "single-file" and path.name == preset.filename:
+            return preset
+        if path.is_dir() and (path.name == preset.name or (
+                path.parent.name == "snapshots"
+                and path.parent.parent.name == "models--" + preset.repo_id.replace("/", "--"))):
+            return preset
+    return None
+
+
+def open_motion_adapter(motion_adapter: str | Path, variant: str | None = None) -> OpenedAdapter:
+    """Open the motion adapter ``motion_adapter`` names (a path, a preset or a repo id, never downloading), with
+    the preset it is (:func:`motion_adapter_preset`), whose settings the video pipeline applies."""
+    path = resolve_motion_adapter(motion_adapter)
+    preset = motion_adapter_preset(motion_adapter) or motion_adapter_preset(path)
+    return animatediff.open_motion_adapter(path, variant, preset)
 
 
 def model_family(model: str | Path) -> Family | None:
@@ -396,12 +506,14 @@ def download_model(model: str | ModelSource, *, weights_dir: str | Path | None =
                    variant: str | None = None, include: Iterable[str] = (), token: str | None = None,
                    endpoint: str | None = None, progress: "DownloadProgress | None" = None,
                    client: "HubClient | None" = None, offline: bool | None = None) -> DownloadOutcome:
-    """Fetch a preset or repo id from the Hub into ``<weights>/<preset>`` (or ``<weights>/org--name``).
+    """Fetch a preset (of a model or a motion adapter) or repo id from the Hub into ``<weights>/<preset>`` (or
+    ``<weights>/org--name``).
 
     Lists the repository, keeps the files sdcli reads (the preset's, or ``include``'s patterns) with the variant
-    rule, checks that a diffusers selection holds a whole model, then downloads (resuming, verifying, skipping
-    what is already there and verified). ``progress`` gets the hub's per-file calls; if it also has
-    ``begin(files)``, that is called first with the selected files (for an overall total).
+    rule, checks that a diffusers selection holds a whole model (or motion adapter: a repo id whose listing holds a
+    MotionAdapter rather than a model is fetched as one), then downloads (resuming, verifying, skipping what is
+    already there and verified). ``progress`` gets the hub's per-file calls; if it also has ``begin(files)``, that
+    is called first with the selected files (for an overall total).
     """
     from . import hub
 
@@ -414,6 +526,8 @@ def download_model(model: str | ModelSource, *, weights_dir: str | Path | None =
     folder = weights / source.folder_name
     client = client or hub.HubClient(endpoint=endpoint, token=token)
     commit, listing = client.list_files(source.repo_id, source.revision)
+    if source.preset is None and source.layout == "diffusers" and holds_motion_adapter(listing):
+        source = replace(source, layout=ADAPTER_LAYOUT, patterns=ADAPTER_FILES)
     selected = hub.select_files(listing, list(source.patterns), source.variant)
     check_selection(source, selected, listing)
     selected = sorted(selected, key=lambda f: (f.size or 0, f.path))  # configs first, the big weights last
@@ -422,7 +536,7 @@ def download_model(model: str | ModelSource, *, weights_dir: str | Path | None =
     folder.mkdir(parents=True, exist_ok=True)
     result = client.download(source.repo_id, [f.path for f in selected], folder, revision=source.revision,
                              progress=progress)
-    path = folder / source.preset.filename if source.layout == "single-file" else folder
+    path = folder / source.preset.filename if source.layout == "single-file" else folder  # or an adapter's folder
     if source.layout == "custom":
         path = _single_file_in(folder) or folder
     outcome = DownloadOutcome(source, path, folder, selected, result)
@@ -430,8 +544,16 @@ def download_model(model: str | ModelSource, *, weights_dir: str | Path | None =
     return outcome
 
 
+def holds_motion_adapter(listing: list["RepoFile"]) -> bool:
+    """A repository listing that is a diffusers MotionAdapter (``config.json`` and its safetensors weights at the
+    top) rather than a model (``model_index.json`` and a folder per network)."""
+    paths = {f.path for f in listing}
+    return ("config.json" in paths and "model_index.json" not in paths
+            and any(p.startswith(ADAPTER_STEM) and p.endswith(".safetensors") for p in paths))
+
+
 def check_selection(source: ModelSource, selected: list["RepoFile"], listing: list["RepoFile"]) -> None:
-    """Refuse, before any transfer, a selection that would not make a model sdcli can load."""
+    """Refuse, before any transfer, a selection that would not make a model (or motion adapter) sdcli can load."""
     where = f"{source.repo_id}@{source.revision}"
     chosen = {f.path for f in selected}
     if source.layout == "custom":
@@ -442,6 +564,19 @@ def check_selection(source: ModelSource, selected: list["RepoFile"], listing: li
     if source.layout == "single-file":
         if source.preset.filename not in chosen:
             raise ModelNotFoundError(f"{where}: the repository has no {source.preset.filename}")
+        return
+    if source.layout == ADAPTER_LAYOUT:
+        missing = ["config.json"] if "config.json" not in chosen else []
+        if not any(p.startswith(ADAPTER_STEM) and p.endswith(".safetensors") for p in chosen):
+            pickled = any(f.path.startswith(ADAPTER_STEM) and f.path.endswith((".bin", ".ckpt", ".pt", ".pth"))
+                          for f in listing)
+            missing.append("motion adapter weights" + (" (only pickles, which sdcli refuses)" if pickled else ""))
+        lora = getattr(source.preset, "lora", None)
+        if lora is not None and lora not in chosen:
+            missing.append(lora)
+        if missing:
+            raise ModelNotFoundError(f"{where} is not a diffusers motion adapter sdcli can read: no "
+                                     f"{', '.join(missing)}")
         return
     families = [family_of(source.preset.family)] if source.preset else list(FAMILIES.values())
     family, missing = min(((family, _unselected(family, chosen, listing)) for family in families),
@@ -465,8 +600,10 @@ def _unselected(family: Family, chosen: set[str], listing: list["RepoFile"]) -> 
     return missing
 
 
-__all__ = ["AUTO_DOWNLOAD_ENV", "DownloadOutcome", "MODEL_PRESETS", "ModelNotDownloadedError", "ModelPreset",
-           "ModelSource", "PRESETS", "WEIGHTS_ENV", "auto_download", "cached_snapshot", "DIFFUSERS_FILES",
-           "download_command", "download_model", "download_prompt", "find_local", "find_model", "format_size",
-           "hf_cache_dir", "is_repo_id", "missing_parts", "model_family", "model_source", "open_checkpoint",
-           "resolve_model", "weights_dir"]
+__all__ = ["AUTO_DOWNLOAD_ENV", "DownloadOutcome", "MODEL_PRESETS", "MOTION_ADAPTER_PRESETS",
+           "ModelNotDownloadedError", "ModelPreset", "ModelSource", "MotionAdapterPreset", "PRESETS", "WEIGHTS_ENV",
+           "auto_download", "cached_snapshot", "DIFFUSERS_FILES", "download_command", "download_model",
+           "download_prompt", "find_local", "find_model", "format_size", "hf_cache_dir", "holds_motion_adapter",
+           "is_repo_id", "missing_adapter_parts", "missing_parts", "model_family", "model_source",
+           "motion_adapter_preset", "motion_adapter_source", "open_checkpoint", "open_motion_adapter",
+           "resolve_model", "resolve_motion_adapter", "weights_dir"]

@@ -9,6 +9,7 @@ at the fake Hub and no proxy, so neither the real home nor any other host is eve
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from hub_server import FakeHub
 from sdcli import cli, models
 from sdcli.cli import main
+from sdcli.families.animatediff import ADAPTER_FILES, MotionAdapterPreset, VideoDefaults
 from sdcli.models import ModelPreset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,38 @@ def repo_files(seed: int = 0) -> dict[str, bytes]:
             for path in NEEDED + WEIGHTS["fp16"] + WEIGHTS["fp32"] + EXTRAS}
 
 
+# The motion-adapter presets' repositories (their real file lists, small random contents) and a repo id that holds a
+# diffusers MotionAdapter: path -> expected on disk after 'sdcli download NAME'.
+LIGHTNING = "animatediff_lightning_4step_diffusers.safetensors"
+LCM_LORA = "AnimateLCM_sd15_t2v_lora.safetensors"
+ADAPTER_REPOS = {
+    "guoyww/animatediff-motion-adapter-v1-5-2": [".gitattributes", "README.md", "config.json",
+                                                 "diffusion_pytorch_model.fp16.safetensors",
+                                                 "diffusion_pytorch_model.safetensors"],
+    "ByteDance/AnimateDiff-Lightning": [".gitattributes", "LICENSE.md", "README.md", "comfyui/workflow.json",
+                                        "animatediff_lightning_report.pdf"]
+                                       + [f"animatediff_lightning_{n}step_{kind}.safetensors" for n in (2, 4, 8)
+                                          for kind in ("comfyui", "diffusers")],
+    "wangfuyun/AnimateLCM": [".gitattributes", "AnimateLCM_sd15_t2v.ckpt", LCM_LORA, "README.md", "config.json",
+                             "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+    "someone/adapter": ["README.md", "config.json", "diffusion_pytorch_model.bin",
+                        "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+}
+ADAPTER_DOWNLOADS = {  # name -> (folder under the weights dir, its files)
+    "animatediff-v1-5-2": ("animatediff-v1-5-2", {"config.json", "diffusion_pytorch_model.safetensors"}),
+    "animatediff-lightning": ("animatediff-lightning", {LIGHTNING}),
+    "animatelcm": ("animatelcm", {"config.json", "diffusion_pytorch_model.fp16.safetensors", LCM_LORA}),
+    "someone/adapter": ("someone--adapter", {"config.json", "diffusion_pytorch_model.fp16.safetensors"}),
+}
+
+
+def adapter_files(repo_id: str, seed: int = 0) -> dict[str, bytes]:
+    rng = random.Random(f"{repo_id}:{seed}")
+    return {path: (rng.randbytes(rng.randrange(20_000, 60_000)) if path.endswith((".safetensors", ".bin", ".ckpt"))
+                   else b'{"name": "%s"}' % path.encode())
+            for path in ADAPTER_REPOS[repo_id]}
+
+
 def on_disk(folder: Path) -> set[str]:
     """The model files in a folder, without the download's own records."""
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
@@ -62,6 +96,10 @@ def hub():
     with FakeHub() as server:
         server.add_repo("org/tiny", repo_files())
         server.add_repo("org/gated", repo_files(1), gated=True)
+        for repo_id in ADAPTER_REPOS:
+            server.add_repo(repo_id, adapter_files(repo_id))
+        server.add_repo("ByteDance/AnimateDiff-Lightning", adapter_files("ByteDance/AnimateDiff-Lightning", 1),
+                        revision="v1")
         server.tokens = {TOKEN: {"org/gated"}, "hf_otherToken42": {"org/elsewhere"}}
         yield server
 
@@ -163,9 +201,72 @@ def test_offline_never_touches_the_network(hub, tmp_path):
 def test_list_shows_every_preset(hub, tmp_path):
     result = sdcli_run(tmp_path, hub, "download", "--list")
     assert result.returncode == 0, result.stderr
-    for preset in models.PRESETS.values():
-        assert preset.name in result.stdout and preset.repo_id in result.stdout
+    lines = result.stdout.splitlines()
+    for option, presets in (("--model", models.PRESETS), ("--motion-adapter", models.MOTION_ADAPTER_PRESETS)):
+        for preset in presets.values():
+            assert any(line.split()[:3] == [preset.name, option, preset.repo_id] for line in lines), preset.name
     assert "2.1 GB" in result.stdout and "4.3 GB" in result.stdout and "CreativeML OpenRAIL-M" in result.stdout
+    assert "908 MB" in result.stdout and "motion-adapter" in result.stdout
+
+
+# -- motion adapters: presets and repo ids ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ADAPTER_DOWNLOADS))
+def test_motion_adapter_download_then_a_rerun_that_transfers_nothing(hub, tmp_path, name):
+    """Each adapter preset fetches only the files sdcli reads (the folder kind, the single file, AnimateLCM's LoRA
+    with its adapter), as model presets do; a repo id holding a MotionAdapter is fetched as one."""
+    folder_name, expected = ADAPTER_DOWNLOADS[name]
+    repo_id = models.model_source(name).repo_id
+    hub.clear_records()
+    result = sdcli_run(tmp_path, hub, "download", name)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "weights" / folder_name
+    assert on_disk(folder) == expected
+    files = adapter_files(repo_id)
+    assert all((folder / path).read_bytes() == files[path] for path in expected)
+    megabytes = sum(len(files[path]) for path in expected) / 1e6
+    assert result.stdout.strip() == (f"downloaded {len(expected)} files ({megabytes:.1f} MB) to weights/"
+                                     f"{folder_name}; skipped 0 already present")
+    assert sorted(line.split()[1] for line in result.stderr.strip().splitlines()) == sorted(expected)
+    assert hub.total_bytes_sent() == sum(len(files[path]) for path in expected)
+
+    hub.clear_records()
+    again = sdcli_run(tmp_path, hub, "download", name)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().endswith(f"skipped {len(expected)} already present")
+    assert hub.total_bytes_sent() == 0
+
+
+def test_motion_adapter_download_with_dir_and_revision(hub, tmp_path):
+    result = sdcli_run(tmp_path, hub, "download", "animatediff-lightning", "--dir", "models", "--revision", "v1", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    file = tmp_path / "models" / "animatediff-lightning" / LIGHTNING
+    assert file.read_bytes() == adapter_files("ByteDance/AnimateDiff-Lightning", 1)[LIGHTNING]
+    variant = sdcli_run(tmp_path, hub, "download", "animatelcm", "--variant", "fp32", "--dir", "fp32", "-q")
+    assert variant.returncode == 0, variant.stderr
+    assert on_disk(tmp_path / "fp32" / "animatelcm") == {"config.json", "diffusion_pytorch_model.safetensors",
+                                                         LCM_LORA}
+
+
+def test_video_with_a_missing_motion_adapter_in_a_script(hub, tmp_path):
+    """Not a terminal, no --yes: exit 2 with the exact command, after the outputs were checked, nothing fetched."""
+    hub.clear_records()
+    (tmp_path / "model").mkdir()  # a model that exists: the adapter is looked up before anything loads
+    result = sdcli_run(tmp_path, hub, "video", "--model", "model", "--motion-adapter", "animatediff-lightning",
+                       "-p", "a corgi", "-o", "corgi.mp4")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert line.startswith(f"error: animatediff-lightning is not downloaded (weights/animatediff-lightning/"
+                           f"{LIGHTNING} is not there")
+    assert line.endswith("; run: sdcli download animatediff-lightning")
+    taken = sdcli_run(tmp_path, hub, "video", "--model", "model", "--motion-adapter", "animatelcm", "-p", "a corgi",
+                      "-o", "clip.png", "--yes")
+    assert taken.returncode == 2 and "clip.png: a video is written as" in one_error_line(taken)
+    offline = sdcli_run(tmp_path, hub, "video", "--model", "model", "--motion-adapter", "animatelcm", "-p", "a corgi",
+                        "-o", "corgi.mp4", "--yes", "--offline")
+    assert offline.returncode == 2 and "downloads are off" in one_error_line(offline)
+    assert not hub.requests and not (tmp_path / "weights").exists()
 
 
 def test_generate_with_a_missing_preset_in_a_script(hub, tmp_path):
@@ -257,3 +358,35 @@ def test_clip_test_downloads_without_asking(in_tmp, monkeypatch, tiny_repo, how)
     assert result.exit_code == 0, result.output
     assert '"shape": [1, 77, 32]' in result.output and "[y/N]" not in result.output
     assert not models.missing_parts(in_tmp / "weights" / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_video_model(hub, tmp_path_factory, diffusers):
+    """A real tiny SD1 model (a local folder) and its tiny motion adapter, served as org/tiny-adapter."""
+    import tiny_pipeline
+
+    _, model, adapter = tiny_pipeline.make_tiny_video_model(tmp_path_factory.mktemp("tiny-video"))
+    files = {p.relative_to(adapter).as_posix(): p.read_bytes() for p in adapter.rglob("*") if p.is_file()}
+    hub.add_repo("org/tiny-adapter", files)
+    return model
+
+
+def test_video_fetches_a_motion_adapter_preset_with_yes_and_uses_its_settings(in_tmp, monkeypatch, tiny_video_model):
+    preset = MotionAdapterPreset(
+        name="tiny-adapter", repo_id="org/tiny-adapter", revision="main", layout="motion-adapter",
+        files=ADAPTER_FILES, variant=None, family="sd1", size_bytes=None, license="test",
+        description="a test adapter", page="https://huggingface.co/org/tiny-adapter",
+        defaults=VideoDefaults("euler", {"timestep_spacing": "trailing", "beta_schedule": "linear"}, steps=2,
+                               guidance_scale=1.0))
+    monkeypatch.setitem(models.MOTION_ADAPTER_PRESETS, "tiny-adapter", preset)
+    args = ["video", "-m", tiny_video_model, "--motion-adapter", "tiny-adapter", "-p", "a cat", "--frames", "2",
+            "-W", "64", "-H", "64", "--seed", "1", "-q", "--json"]
+    refused = invoke(*args, "-o", "no.gif")
+    assert refused.exit_code == 2 and "run: sdcli download tiny-adapter" in refused.output
+    result = invoke(*args, "-o", "clip.gif", "--yes")
+    assert result.exit_code == 0, result.output
+    assert on_disk(in_tmp / "weights" / "tiny-adapter") == {"config.json", "diffusion_pytorch_model.safetensors"}
+    parameters = json.loads(result.output.strip().splitlines()[-1])["parameters"]
+    assert (parameters["sampler"], parameters["steps"], parameters["guidance_scale"],
+            parameters["timestep_spacing"]) == ("euler", 2, 1.0, "trailing")
+    assert (in_tmp / "clip.gif").is_file() and not (in_tmp / "no.gif").exists()

@@ -14,9 +14,12 @@ import pytest
 
 from sdcli import models
 from sdcli.errors import ModelNotFoundError, SdcliError
+from sdcli.families.animatediff import ANIMATEDIFF_SCHEDULER
 from sdcli.hub import RepoFile, select_files
-from sdcli.models import PRESETS, ModelNotDownloadedError, find_model, resolve_model
+from sdcli.models import (MOTION_ADAPTER_PRESETS, PRESETS, ModelNotDownloadedError, find_model, resolve_model,
+                          resolve_motion_adapter)
 from sdcli.registry import MODEL_PRESETS
+from sdcli.sampling.plans import SAMPLERS
 
 ENV = ("SDCLI_WEIGHTS", "SDCLI_AUTO_DOWNLOAD", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
        "HF_TOKEN", "HF_ENDPOINT")
@@ -361,3 +364,163 @@ def test_check_selection_explains_what_is_missing():
     custom = models.model_source("org/name", include=["*.ckpt"])
     with pytest.raises(ModelNotFoundError, match="no file matches"):
         models.check_selection(custom, select_files(single, list(custom.patterns), custom.variant), single)
+
+
+# -- motion-adapter presets ---------------------------------------------------------------------------------------
+
+LIGHTNING = "animatediff_lightning_4step_diffusers.safetensors"
+LCM_LORA = "AnimateLCM_sd15_t2v_lora.safetensors"
+# The repositories' file lists, as the Hub shows them.
+ADAPTER_LISTINGS = {
+    "animatediff-v1-5-2": [".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.fp16.safetensors",
+                           "diffusion_pytorch_model.safetensors"],
+    "animatediff-lightning": [".gitattributes", "LICENSE.md", "README.md", "comfyui/workflow.json",
+                              "animatediff_lightning_report.pdf", "animatediff_lightning_samples_t2v.mp4"]
+                             + [f"animatediff_lightning_{n}step_{kind}.safetensors" for n in (1, 2, 4, 8)
+                                for kind in ("comfyui", "diffusers")],
+    "animatelcm": [".gitattributes", "AnimateLCM_sd15_t2v.ckpt", LCM_LORA, "README.md", "config.json",
+                   "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+}
+
+
+def write_adapter(folder: Path, weights: str | None = "diffusion_pytorch_model.safetensors") -> Path:
+    """A MotionAdapter folder: config.json and the weights file (placeholders: only presence is looked at)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json",) + ((weights,) if weights else ()):
+        (folder / name).write_text("{}")
+    return folder
+
+
+def test_motion_adapter_presets_and_their_settings():
+    assert not set(MOTION_ADAPTER_PRESETS) & set(PRESETS)
+    assert list(MOTION_ADAPTER_PRESETS) == ["animatediff-v1-5-2", "animatediff-v1-5-3", "animatediff-lightning",
+                                            "animatelcm"]
+    for name, preset in MOTION_ADAPTER_PRESETS.items():
+        assert preset.name == name and models.is_repo_id(preset.repo_id) and preset.family == "sd1"
+        assert preset.layout in ("motion-adapter", "single-file") and preset.license and preset.description
+        assert preset.page == f"https://huggingface.co/{preset.repo_id}" and preset.size_bytes > 100_000_000
+        assert preset.defaults.sampler in SAMPLERS
+    for name in ("animatediff-v1-5-2", "animatediff-v1-5-3"):
+        defaults = MOTION_ADAPTER_PRESETS[name].defaults
+        assert (defaults.sampler, dict(defaults.scheduler), defaults.steps, defaults.guidance_scale) == \
+            ("ddim", ANIMATEDIFF_SCHEDULER, None, 7.5)
+    lightning = MOTION_ADAPTER_PRESETS["animatediff-lightning"]
+    assert lightning.filename == LIGHTNING and lightning.repo_id == "ByteDance/AnimateDiff-Lightning"
+    assert (lightning.defaults.sampler, dict(lightning.defaults.scheduler), lightning.defaults.steps,
+            lightning.defaults.guidance_scale) == ("euler", {"timestep_spacing": "trailing",
+                                                             "beta_schedule": "linear"}, 4, 1.0)
+    lcm = MOTION_ADAPTER_PRESETS["animatelcm"]
+    assert (lcm.defaults.sampler, dict(lcm.defaults.scheduler), lcm.defaults.steps, lcm.defaults.guidance_scale) == \
+        ("lcm", {"beta_schedule": "linear"}, 6, 1.5)
+    assert (lcm.lora, lcm.lora_scale) == (LCM_LORA, 0.8)
+
+
+@pytest.mark.parametrize("name,variant,expected", [
+    ("animatediff-v1-5-2", None, {"config.json", "diffusion_pytorch_model.safetensors"}),
+    ("animatediff-lightning", None, {LIGHTNING}),
+    ("animatelcm", None, {"config.json", "diffusion_pytorch_model.fp16.safetensors", LCM_LORA}),
+    ("animatelcm", "fp32", {"config.json", "diffusion_pytorch_model.safetensors", LCM_LORA}),
+])
+def test_motion_adapter_presets_select_only_what_sdcli_reads(name, variant, expected):
+    source = models.model_source(name, variant=variant)
+    files = listing(ADAPTER_LISTINGS[name])
+    chosen = select_files(files, list(source.patterns), source.variant)
+    assert {f.path for f in chosen} == expected
+    models.check_selection(source, chosen, files)
+
+
+def test_motion_adapter_selection_checks():
+    with pytest.raises(SdcliError, match="animatediff-lightning is a single file; --variant applies to diffusers "
+                                         "models$"):
+        models.model_source("animatediff-lightning", variant="fp16")
+    lcm = models.model_source("animatelcm")
+    files = listing([p for p in ADAPTER_LISTINGS["animatelcm"] if p != LCM_LORA])
+    with pytest.raises(ModelNotFoundError, match=f"wangfuyun/AnimateLCM@main is not a diffusers motion adapter "
+                                                 f"sdcli can read: no {LCM_LORA}$"):
+        models.check_selection(lcm, select_files(files, list(lcm.patterns), lcm.variant), files)
+    repo = models.motion_adapter_source("someone/adapter")
+    files = listing(["config.json", "diffusion_pytorch_model.bin"])
+    with pytest.raises(ModelNotFoundError, match=r"no motion adapter weights \(only pickles, which sdcli refuses\)"):
+        models.check_selection(repo, select_files(files, list(repo.patterns), repo.variant), files)
+    assert models.holds_motion_adapter(listing(ADAPTER_LISTINGS["animatelcm"]))
+    assert not models.holds_motion_adapter(listing(SD15_LISTING))
+    assert not models.holds_motion_adapter(listing(ADAPTER_LISTINGS["animatediff-lightning"]))
+
+
+def test_a_missing_motion_adapter_names_its_download_command():
+    with pytest.raises(ModelNotDownloadedError) as error:
+        resolve_motion_adapter("animatediff-lightning", offline=False)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        f"animatediff-lightning is not downloaded (weights/animatediff-lightning/{LIGHTNING} is not there, nor in "
+        "the Hugging Face cache")
+    assert message.endswith("; run: sdcli download animatediff-lightning")
+    assert error.value.command == "sdcli download animatediff-lightning"
+    with pytest.raises(ModelNotDownloadedError, match="sdcli download someone/adapter$"):
+        resolve_motion_adapter("someone/adapter", offline=False)
+    with pytest.raises(ModelNotDownloadedError, match="downloads are off.*sdcli download animatelcm$"):
+        resolve_motion_adapter("animatelcm", allow_download=True, offline=True)
+    source = models.model_source("animatediff-lightning")
+    assert models.download_prompt(source, Path("weights/animatediff-lightning")) == \
+        "download animatediff-lightning (about 908 MB) to weights/animatediff-lightning?"
+
+
+def test_motion_adapter_presets_on_disk(tmp_path, monkeypatch):
+    (tmp_path / "weights" / "animatediff-lightning").mkdir(parents=True)
+    (tmp_path / "weights" / "animatediff-lightning" / LIGHTNING).write_bytes(b"x")
+    path = resolve_motion_adapter("animatediff-lightning")
+    assert path == Path("weights/animatediff-lightning") / LIGHTNING
+    assert models.motion_adapter_preset(path).name == "animatediff-lightning"
+    folder = write_adapter(tmp_path / "weights" / "animatediff-v1-5-2", weights=None)
+    with pytest.raises(ModelNotDownloadedError, match=r"weights/animatediff-v1-5-2 is incomplete \(no motion adapter "
+                                                      r"weights\)"):
+        resolve_motion_adapter("animatediff-v1-5-2", offline=False)
+    write_adapter(folder)
+    assert resolve_motion_adapter("animatediff-v1-5-2") == Path("weights/animatediff-v1-5-2")
+    lcm = write_adapter(tmp_path / "weights" / "animatelcm", "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(ModelNotDownloadedError, match=f"incomplete \\(no {LCM_LORA}\\)"):
+        resolve_motion_adapter("animatelcm", offline=False)
+    (lcm / LCM_LORA).write_bytes(b"x")
+    assert resolve_motion_adapter("animatelcm") == Path("weights/animatelcm")
+    assert models.motion_adapter_preset(lcm).name == "animatelcm"
+    assert models.motion_adapter_preset("wangfuyun/AnimateLCM").name == "animatelcm"
+    assert models.motion_adapter_preset(tmp_path / "elsewhere.safetensors") is None
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    snapshot = write_cache(tmp_path / "cache", "guoyww/animatediff-motion-adapter-v1-5-3",
+                           ["config.json", "diffusion_pytorch_model.fp16.safetensors"])
+    assert resolve_motion_adapter("animatediff-v1-5-3") == snapshot
+    assert models.motion_adapter_preset(snapshot).name == "animatediff-v1-5-3"
+    repo = write_adapter(tmp_path / "weights" / "someone--adapter")
+    assert resolve_motion_adapter("someone/adapter") == Path("weights/someone--adapter")
+    assert models.motion_adapter_preset(repo) is None
+    own = write_adapter(tmp_path / "my-adapter")
+    assert resolve_motion_adapter(str(own)) == own  # a path is a path
+    with pytest.raises(ModelNotFoundError, match="no motion adapter at nothing .*not a preset .*animatelcm"):
+        resolve_motion_adapter("nothing")
+
+
+def test_model_and_motion_adapter_presets_are_not_interchangeable():
+    with pytest.raises(ModelNotFoundError, match="sd15 is a model preset, not a motion adapter: give it to --model"):
+        resolve_motion_adapter("sd15")
+    with pytest.raises(ModelNotFoundError, match="animatelcm is a motion adapter preset, not a model: give it to "
+                                                 "--motion-adapter"):
+        resolve_model("animatelcm")
+
+
+def test_first_use_downloads_a_motion_adapter(tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_download(source, **options):
+        fetched.append((source.name, source.layout, source.patterns))
+        return models.DownloadOutcome(source, tmp_path / "weights" / source.folder_name, tmp_path, [], None)
+
+    monkeypatch.setattr(models, "download_model", fake_download)
+    questions = []
+    path = resolve_motion_adapter("animatelcm", offline=False, confirm=lambda q: questions.append(q) or True)
+    assert questions == ["download animatelcm (about 1.0 GB) to weights/animatelcm?"]
+    assert path == tmp_path / "weights" / "animatelcm"
+    assert resolve_motion_adapter("someone/adapter", offline=False, allow_download=True) == \
+        tmp_path / "weights" / "someone--adapter"
+    assert fetched == [("animatelcm", "motion-adapter", MOTION_ADAPTER_PRESETS["animatelcm"].files),
+                       ("someone/adapter", "motion-adapter", models.ADAPTER_FILES)]

@@ -1,9 +1,13 @@
 """Text to video against diffusers' AnimateDiffPipeline on a tiny random-weight SD 1.x model and motion adapter:
 the same initial latents give frames within 2/255 of diffusers' (output_type="np"), with DDIM as AnimateDiff's
 examples configure it (linspace spacing, where diffusers steps each timestep t to the noise level of t - T // N),
-Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM."""
+Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM. Then what the library does
+with a motion-adapter preset (its settings, and explicit values over them) and with a model or adapter of another
+base (refused in one line before anything loads)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -13,9 +17,11 @@ pytest.importorskip("diffusers")
 
 import tiny_pipeline  # noqa: E402
 
-from sdcli.errors import SdcliError  # noqa: E402
+from sdcli.config import MotionAdapterConfig, UNetConfig  # noqa: E402
+from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
 from sdcli.io.media import images_to_uint8  # noqa: E402
 from sdcli.pipelines.video import VideoParams, generate_video, load_video_pipeline  # noqa: E402
+from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 
 TOL = {
     # |ours - diffusers| per channel, in 8-bit steps (the issue's bound): both decode float32 frames and round
@@ -25,6 +31,12 @@ TOL = {
 ANIMATEDIFF_DDIM = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
                     "steps_offset": 1}
 LIGHTNING_EULER = {"timestep_spacing": "trailing", "beta_schedule": "linear"}
+# guoyww/animatediff-motion-adapter-sdxl-beta's config.json: three levels of SDXL's channels, no mid-block module
+SDXL_ADAPTER_CONFIG = {"block_out_channels": [320, 640, 1280], "motion_layers_per_block": 2,
+                       "motion_mid_block_layers_per_block": 1, "motion_max_seq_length": 32,
+                       "motion_norm_num_groups": 32, "motion_num_attention_heads": 8,
+                       "motion_transformer_layers_per_block": 1, "motion_transformer_layers_per_mid_block": 1,
+                       "use_motion_mid_block": False, "conv_in_channels": None}
 CASES = {
     # name: (sdcli sampler, diffusers scheduler class, scheduler options, steps, guidance, frames)
     "ddim": ("ddim", "DDIMScheduler", ANIMATEDIFF_DDIM, 4, 7.5, 5),
@@ -83,9 +95,106 @@ def test_decode_chunk_does_not_change_the_frames(tiny_video):
 def test_bad_video_parameters_are_refused(tiny_video):
     _, model_folder, adapter_folder = tiny_video
     pipeline = load_video_pipeline(model_folder, adapter_folder)
-    with pytest.raises(SdcliError, match="at most 32 at once"):
+    with pytest.raises(SdcliError, match="at most 32 frames at once; use --context-length for longer clips"):
         pipeline.prepare(VideoParams("a cat", frames=33))
     with pytest.raises(SdcliError, match="frames must be a positive integer"):
         pipeline.prepare(VideoParams("a cat", frames=0))
     with pytest.raises(SdcliError, match="width must be a positive multiple of 8"):
         pipeline.prepare(VideoParams("a cat", width=60))
+
+
+# -- motion-adapter presets: their settings, from the library ------------------------------------------------------
+
+@pytest.fixture
+def preset_weights(tiny_video, tmp_path, monkeypatch):
+    """A weights folder ($SDCLI_WEIGHTS) holding the tiny adapter as the animatediff-lightning and animatelcm
+    presets are downloaded, and a copy of the lightning file under a name that is no preset's."""
+    _, _, adapter_folder = tiny_video
+    monkeypatch.setenv("SDCLI_WEIGHTS", str(tmp_path / "weights"))
+    lightning = tiny_pipeline.install_adapter_preset(adapter_folder, tmp_path / "weights", "animatediff-lightning")
+    tiny_pipeline.install_adapter_preset(adapter_folder, tmp_path / "weights", "animatelcm")
+    plain = tmp_path / "plain.safetensors"
+    plain.write_bytes(lightning.read_bytes())
+    return plain
+
+
+def test_a_preset_brings_its_sampler_steps_guidance_and_scheduler(tiny_video, preset_weights):
+    """animatediff-lightning by name: Euler over trailing timesteps and linear betas, 4 steps, no guidance, as its
+    model card runs it; the same clip as the same file under another name with all of that given explicitly."""
+    _, model_folder, _ = tiny_video
+    pipeline = load_video_pipeline(model_folder, "animatediff-lightning")
+    assert pipeline.motion_adapter.preset.name == "animatediff-lightning"
+    params, plan = pipeline.prepare(VideoParams("a corgi", frames=3, width=64, height=64, seed=5))
+    assert (params.sampler, params.steps, params.guidance_scale, params.timestep_spacing) == ("euler", 4, 1.0,
+                                                                                           "trailing")
+    assert pipeline.scheduler_config["beta_schedule"] == "linear"
+    expected = SAMPLERS["euler"].plan({**tiny_pipeline.scheduler_config(tiny_pipeline.CONFIGS / "sd15"),
+                                       **LIGHTNING_EULER}, 4)
+    assert np.array_equal(plan.sigmas, expected.sigmas) and np.array_equal(plan.timesteps, expected.timesteps)
+
+    clip = generate_video(pipeline, VideoParams("a corgi", frames=3, width=64, height=64, seed=5))
+    explicit = load_video_pipeline(model_folder, preset_weights, scheduler_options=LIGHTNING_EULER)
+    assert explicit.motion_adapter.preset is None
+    same = generate_video(explicit, VideoParams("a corgi", frames=3, width=64, height=64, seed=5, sampler="euler",
+                                                steps=4, guidance_scale=1.0))
+    assert np.array_equal(clip.frames, same.frames)
+    plain, _ = explicit.prepare(VideoParams("a corgi"))  # a file that is no preset: AnimateDiff's DDIM
+    assert (plain.sampler, plain.steps, plain.guidance_scale) == ("ddim", 50, 7.5)
+
+
+def test_explicit_values_override_a_presets(tiny_video, preset_weights):
+    _, model_folder, _ = tiny_video
+    pipeline = load_video_pipeline(model_folder, "animatediff-lightning")
+    params, _ = pipeline.prepare(VideoParams("a corgi", steps=2, guidance_scale=1.5, timestep_spacing="linspace"))
+    assert (params.sampler, params.steps, params.guidance_scale, params.timestep_spacing) == ("euler", 2, 1.5,
+                                                                                           "linspace")
+    params, _ = pipeline.prepare(VideoParams("a corgi", sampler="ddim"))
+    assert (params.sampler, params.steps, params.guidance_scale) == ("ddim", 4, 1.0)  # the distilled step count
+    lcm = load_video_pipeline(model_folder, "animatelcm")
+    params, _ = lcm.prepare(VideoParams("a corgi"))
+    assert (params.sampler, params.steps, params.guidance_scale) == ("lcm", 6, 1.5)
+    assert lcm.scheduler_config["beta_schedule"] == "linear"
+    assert lcm.motion_adapter.lora_path == preset_weights.parent / "weights" / "animatelcm" / \
+        "AnimateLCM_sd15_t2v_lora.safetensors"
+    assert lcm.motion_adapter.preset.lora_scale == 0.8
+
+
+def test_an_sd2_model_is_refused(tiny_video, tmp_path):
+    _, model_folder, adapter_folder = tiny_video
+    sd2 = tiny_pipeline.as_sd2_folder(model_folder, tmp_path / "sd2")
+    with pytest.raises(SdcliError, match=r"is an SD 2\.x model; AnimateDiff's motion adapters animate SD 1\.x"):
+        load_video_pipeline(sd2, adapter_folder)
+
+
+def test_an_adapter_for_another_unet_is_refused_before_anything_loads(tiny_video, tmp_path, monkeypatch):
+    """An SDXL adapter's config (guoyww/animatediff-motion-adapter-sdxl-beta: three levels, no mid block) on an
+    SD 1.x UNet, and an adapter whose channels are not the UNet's: one line, before any network is built."""
+    _, model_folder, adapter_folder = tiny_video
+    import sdcli.pipelines.video as video
+
+    monkeypatch.setattr(video, "load_prompt_encoder", lambda *a, **k: pytest.fail("loaded before the check"))
+    cases = {"sdxl": (SDXL_ADAPTER_CONFIG, "[320, 640, 1280] channels and [2, 2, 2] layers per level (3 levels, an "
+                                           "SDXL motion adapter)"),
+             "narrow": ({**tiny_pipeline.TINY_ADAPTER_CONFIG, "block_out_channels": [32, 32]},
+                        "[32, 32] channels and [1, 1] layers per level (2 levels)")}
+    for name, (config, adapter_layout) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"_class_name": "MotionAdapter", **config}))
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(
+            (adapter_folder / "diffusion_pytorch_model.safetensors").read_bytes())
+        with pytest.raises(CheckpointError) as error:
+            load_video_pipeline(model_folder, folder)
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(f"{folder} was made for a UNet with {adapter_layout}, ")
+        assert "this model's UNet has [32, 64] channels and 1 layers per level (2 levels)" in message
+
+
+def test_an_sdxl_adapter_on_sd15_is_named():
+    unet = UNetConfig.from_diffusers(json.loads((tiny_pipeline.CONFIGS / "sd15" / "unet" / "config.json").read_text()))
+    with pytest.raises(CheckpointError) as error:
+        MotionAdapterConfig.from_diffusers(SDXL_ADAPTER_CONFIG).for_unet(unet, source="sdxl-beta")
+    assert str(error.value) == (
+        "sdxl-beta was made for a UNet with [320, 640, 1280] channels and [2, 2, 2] layers per level (3 levels, an "
+        "SDXL motion adapter), this model's UNet has [320, 640, 1280, 1280] channels and 2 layers per level (4 "
+        "levels): use an adapter made for this base model (AnimateDiff's for SD 1.5: sdcli download --list)")

@@ -133,3 +133,36 @@ def make_tiny_video_model(folder: Path, seed: int = 0):
                                     motion_adapter=adapter, scheduler=image_pipeline.scheduler)
     reference.set_progress_bar_config(disable=True)
     return reference, model_folder, folder / "adapter"
+
+
+def install_adapter_preset(adapter_folder: Path, weights: Path, name: str) -> Path:
+    """The tiny adapter (a diffusers folder) laid out in ``weights`` as ``sdcli download NAME`` leaves the
+    motion-adapter preset NAME: its one file, or its folder (config and weights, and an empty stand-in for the
+    preset's LoRA file, which nothing reads yet). Returns what the preset resolves to."""
+    from safetensors.numpy import save_file
+
+    from sdcli.models import MOTION_ADAPTER_PRESETS
+
+    preset = MOTION_ADAPTER_PRESETS[name]
+    folder = weights / preset.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if preset.layout == "single-file":
+        shutil.copy(adapter_folder / "diffusion_pytorch_model.safetensors", folder / preset.filename)
+        return folder / preset.filename
+    shutil.copy(adapter_folder / "config.json", folder / "config.json")
+    weights_name = "diffusion_pytorch_model.fp16.safetensors" if preset.variant == "fp16" else \
+        "diffusion_pytorch_model.safetensors"
+    shutil.copy(adapter_folder / "diffusion_pytorch_model.safetensors", folder / weights_name)
+    if preset.lora is not None:
+        save_file({}, str(folder / preset.lora))
+    return folder
+
+
+def as_sd2_folder(model_folder: Path, folder: Path) -> Path:
+    """A copy of a tiny model folder that sdcli opens as SD 2.x: its text encoder config says 1024 wide (what the
+    family is read from). Its weights no longer fit it: only for what is refused before anything loads."""
+    shutil.copytree(model_folder, folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "hidden_size": 1024}))
+    return folder

@@ -19,6 +19,11 @@ Clips longer than the adapter's frame window run with FreeNoise (``context_lengt
 frames past the first window repeats shuffled groups of earlier frames. ``initial_noise`` is used as it is, as
 diffusers uses a full-length ``latents=``. The prompt is encoded once for the whole clip; diffusers interpolates a
 prompt per frame, which for one prompt gives the same embedding up to float32 rounding.
+
+What the caller leaves unset (sampler, steps, guidance scale, the scheduler settings laid over the model's) comes
+from the motion adapter: a preset's settings (``animatediff-lightning``: Euler, trailing timesteps, 4 steps, no
+guidance), or AnimateDiff's (DDIM over linear betas, 50 steps, guidance 7.5) for any other adapter. The CLI and a
+Python caller get the same clip from the same arguments.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..config import TIMESTEP_SPACINGS
 from ..errors import SdcliError
-from ..families.animatediff import CONTEXT_WEIGHTINGS, OpenedAdapter, load_motion_unet, open_motion_adapter
+from ..families.animatediff import (ANIMATEDIFF_DEFAULTS, ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, OpenedAdapter,
+                                    VideoDefaults, load_motion_unet)
 from ..io.checkpoint import Checkpoint
-from ..models import open_checkpoint
+from ..models import open_checkpoint, open_motion_adapter
 from ..ops import get_ops
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
 from ..sampling.denoisers import Denoiser, guided_network
@@ -47,17 +54,15 @@ log = logging.getLogger("sdcli")
 DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8
 DEFAULT_DECODE_CHUNK = 8  # frames the VAE decodes at once
-DEFAULT_SAMPLER = "ddim"
 DEFAULT_CONTEXT_STRIDE = 4  # diffusers' enable_free_noise default
-# The scheduler settings of diffusers' AnimateDiff examples (DDIMScheduler.from_pretrained(model, subfolder=
-# "scheduler", ...)), applied over the model's own scheduler config unless the caller gives others.
-ANIMATEDIFF_SCHEDULER = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
-                         "steps_offset": 1}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}  # Checkpoint.family in messages
 
 
 @dataclass(frozen=True)
 class VideoParams:
-    """What one clip (or a batch of clips of one prompt) is made from. None: the model's or adapter's default."""
+    """What one clip (or a batch of clips of one prompt) is made from. None: the model's or adapter's default
+    (``sampler``, ``steps``, ``guidance_scale`` and ``timestep_spacing``: the motion adapter preset's, see the
+    module docstring; ``width``/``height``: the model's native size; ``seed``: a random one)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -65,7 +70,8 @@ class VideoParams:
     fps: int = DEFAULT_FPS
     steps: int | None = None
     sampler: str | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
+    timestep_spacing: str | None = None  # over the scheduler config's (and the adapter preset's)
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -108,8 +114,11 @@ class VideoParams:
                 raise SdcliError(f"{name} must be a positive multiple of 8, got {value!r}")
         for name in ("guidance_scale", "eta"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
+            if value is not None and (not math.isfinite(value) or value < 0):
                 raise SdcliError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise SdcliError(f"unknown timestep spacing {self.timestep_spacing!r}; choose one of: "
+                             f"{', '.join(TIMESTEP_SPACINGS)}")
         return self
 
 
@@ -126,15 +135,18 @@ class GeneratedVideo:
 
 
 class TextToVideo:
-    """A loaded SD 1.x model with a motion adapter: prompt encoder, UNet with motion modules, VAE decoder and the
-    scheduler config (the model's, with the adapter preset's overrides)."""
+    """A loaded SD 1.x model with a motion adapter: prompt encoder, UNet with motion modules, VAE decoder, the
+    scheduler config (the model's, with the adapter preset's overrides) and what a clip is made with where its
+    parameters do not say (``defaults``: the adapter preset's)."""
 
     def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder,
-                 scheduler_config: dict, backend: str, precision: str):
+                 scheduler_config: dict, backend: str, precision: str,
+                 defaults: VideoDefaults = ANIMATEDIFF_DEFAULTS, motion_adapter: OpenedAdapter | None = None):
         self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
         self.family = checkpoint.model_family
         self.scheduler_config = scheduler_config
         self.backend, self.precision = backend, precision
+        self.defaults, self.motion_adapter = defaults, motion_adapter
         self.timings: dict[str, float] = {}
 
     @property
@@ -142,22 +154,35 @@ class TextToVideo:
         return self.network.max_frames
 
     def prepare(self, params: VideoParams) -> tuple[VideoParams, SamplerPlan]:
-        """``params`` with the model's defaults filled in and validated, and its sampler plan."""
-        sampler = params.sampler or DEFAULT_SAMPLER
+        """``params`` with the defaults filled in (the adapter's for what a given value does not set, the model's
+        size) and validated, and its sampler plan."""
+        defaults = self.defaults
+        sampler = params.sampler or defaults.sampler
         if sampler not in SAMPLERS:
             raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        steps = params.steps if params.steps is not None else defaults.steps or default_steps(sampler)
         native = self.family.image.native_size(self.network.unet)
-        params = params.with_(sampler=sampler, steps=default_steps(sampler) if params.steps is None else params.steps,
+        config = self.scheduler_config_for(params)
+        params = params.with_(sampler=sampler, steps=steps,
+                              guidance_scale=(defaults.guidance_scale if params.guidance_scale is None
+                                              else params.guidance_scale),
+                              timestep_spacing=config.get("timestep_spacing"),
                               width=native if params.width is None else params.width,
                               height=native if params.height is None else params.height,
                               seed=random_seed() if params.seed is None else params.seed).validate()
         if params.context_length is None and params.frames > self.max_frames:
-            raise SdcliError(f"{params.frames} frames: the motion adapter makes at most {self.max_frames} at once; "
-                             f"give a context length (--context-length {min(16, self.max_frames)}) for longer clips")
+            raise SdcliError(f"{params.frames} frames: the motion adapter makes at most {self.max_frames} frames at "
+                             "once; use --context-length for longer clips")
         if params.context_length is not None and params.context_length > self.max_frames:
             raise SdcliError(f"a context length of {params.context_length} frames is longer than the motion "
                              f"adapter's {self.max_frames}-frame window")
-        return params, SAMPLERS[sampler].plan(self.scheduler_config, params.steps)
+        return params, SAMPLERS[sampler].plan(config, params.steps)
+
+    def scheduler_config_for(self, params: VideoParams) -> dict[str, Any]:
+        """The scheduler config a run of ``params`` plans with: the pipeline's, with its timestep spacing."""
+        if params.timestep_spacing is None:
+            return self.scheduler_config
+        return {**self.scheduler_config, "timestep_spacing": params.timestep_spacing}
 
     def latent_shape(self, params: VideoParams) -> tuple[int, ...]:
         """(4, F, h, w) of one clip."""
@@ -244,26 +269,40 @@ class TextToVideo:
 def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
                         precision: str = "fp32", backend: str = "cpu",
                         scheduler_options: dict[str, Any] | None = None) -> TextToVideo:
-    """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter, and load what text to video
-    needs. ``scheduler_options`` override the model's scheduler config: by default ANIMATEDIFF_SCHEDULER, the
-    settings of diffusers' AnimateDiff examples (DDIM with ``beta_schedule="linear"``, ``clip_sample=False``,
-    ``timestep_spacing="linspace"``, ``steps_offset=1``); AnimateDiff-Lightning's card asks for Euler with
-    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``."""
+    """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter (a path, a motion-adapter preset
+    or a repo id; never downloading: see ``sdcli.resolve_motion_adapter``), check that they fit, and load what
+    text to video needs.
+
+    The adapter brings its settings (``pipeline.defaults``): a preset's, or ANIMATEDIFF_SCHEDULER's DDIM (the
+    settings of diffusers' AnimateDiff examples: ``beta_schedule="linear"``, ``clip_sample=False``,
+    ``timestep_spacing="linspace"``, ``steps_offset=1``). ``scheduler_options``, when given, replace the adapter's
+    scheduler settings over the model's scheduler config (AnimateDiff-Lightning's card asks for
+    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``, which its preset sets)."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
-        raise SdcliError(f"{checkpoint.path} is an {checkpoint.family.upper()} model; AnimateDiff's motion adapters "
-                         "animate SD 1.x models (SD 1.5 and its fine-tunes)")
+        name = FAMILY_NAMES.get(checkpoint.family, checkpoint.family.upper())
+        raise SdcliError(f"{checkpoint.path} is an {name} model; AnimateDiff's motion adapters animate SD 1.x models "
+                         "(SD 1.5 and its fine-tunes)")
     adapter = motion_adapter if isinstance(motion_adapter, OpenedAdapter) else open_motion_adapter(motion_adapter)
+    adapter.config.check_fits(checkpoint.config("unet"), source=str(adapter.path))  # before anything loads
+    defaults = adapter.defaults
+    if adapter.preset is not None:
+        log.info("motion adapter preset %s: %s, %s steps, guidance %g", adapter.preset.name, defaults.sampler,
+                 defaults.steps or "default", defaults.guidance_scale)
+        if adapter.preset.lora is not None:
+            log.warning("%s is made to run with its LoRA %s merged into the UNet at %g; sdcli does not merge it yet",
+                        adapter.preset.name, adapter.lora_path, adapter.preset.lora_scale)
     ops = get_ops(backend)
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     unet = stages.load_denoiser(checkpoint, ops, precision, stream=False)
     network = load_motion_unet(unet, adapter, ops, precision)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=False)
-    options = ANIMATEDIFF_SCHEDULER if scheduler_options is None else scheduler_options
+    options = defaults.scheduler if scheduler_options is None else scheduler_options
     scheduler_config = {**stages.scheduler_config(checkpoint), **options}
-    pipeline = TextToVideo(checkpoint, prompt_encoder, network, decoder, scheduler_config, backend, precision)
+    pipeline = TextToVideo(checkpoint, prompt_encoder, network, decoder, scheduler_config, backend, precision,
+                           defaults, adapter)
     pipeline.timings["load_s"] = time.perf_counter() - start
     log.info("loaded %s with the motion adapter %s in %.2f s", checkpoint.path, adapter.path,
              pipeline.timings["load_s"])
@@ -280,4 +319,4 @@ def generate_video(pipeline: TextToVideo, params: VideoParams,
 
 
 __all__ = ["ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
-           "VideoParams", "generate_video", "load_video_pipeline"]
+           "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline"]
