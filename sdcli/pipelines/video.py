@@ -19,13 +19,14 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import SdcliError
 from ..families.animatediff import OpenedAdapter, load_motion_unet, open_motion_adapter
 from ..io.checkpoint import Checkpoint
+from ..io.lora import LoraSpec
 from ..models import open_checkpoint
 from ..ops import get_ops
 from ..rng import BatchNoise, image_seeds, random_seed
@@ -202,12 +203,17 @@ class TextToVideo:
 
 def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
                         precision: str = "fp32", backend: str = "cpu",
-                        scheduler_options: dict[str, Any] | None = None) -> TextToVideo:
+                        scheduler_options: dict[str, Any] | None = None,
+                        loras: Sequence[LoraSpec] = ()) -> TextToVideo:
     """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter, and load what text to video
     needs. ``scheduler_options`` override the model's scheduler config: by default ANIMATEDIFF_SCHEDULER, the
     settings of diffusers' AnimateDiff examples (DDIM with ``beta_schedule="linear"``, ``clip_sample=False``,
     ``timestep_spacing="linspace"``, ``steps_offset=1``); AnimateDiff-Lightning's card asks for Euler with
-    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``."""
+    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``.
+
+    ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
+    SD UNet's weights before the motion modules join it: AnimateLCM's ``AnimateLCM_sd15_t2v_lora.safetensors`` at
+    0.8, as its model card's ``load_lora_weights(...)``, ``set_adapters(["lcm-lora"], [0.8])``."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
@@ -217,7 +223,8 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     ops = get_ops(backend)
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
-    unet = stages.load_denoiser(checkpoint, ops, precision, stream=False)
+    lora_option = {"loras": loras} if loras else {}
+    unet = stages.load_denoiser(checkpoint, ops, precision, stream=False, **lora_option)
     network = load_motion_unet(unet, adapter, ops, precision)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=False)
     options = ANIMATEDIFF_SCHEDULER if scheduler_options is None else scheduler_options
