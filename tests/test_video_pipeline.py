@@ -1,7 +1,8 @@
 """Text to video against diffusers' AnimateDiffPipeline on a tiny random-weight SD 1.x model and motion adapter:
 the same initial latents give frames within 2/255 of diffusers' (output_type="np"), with DDIM as AnimateDiff's
 examples configure it (linspace spacing, where diffusers steps each timestep t to the noise level of t - T // N),
-Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM."""
+Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM; and with a UNet LoRA merged, as
+AnimateLCM uses its own."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch/diffusers are the video reference")
 pytest.importorskip("diffusers")
 
+import reference_models  # noqa: E402
 import tiny_pipeline  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 
 from sdcli.errors import SdcliError  # noqa: E402
+from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.io.media import images_to_uint8  # noqa: E402
 from sdcli.pipelines.video import VideoParams, generate_video, load_video_pipeline  # noqa: E402
 
@@ -89,3 +93,32 @@ def test_bad_video_parameters_are_refused(tiny_video):
         pipeline.prepare(VideoParams("a cat", frames=0))
     with pytest.raises(SdcliError, match="width must be a positive multiple of 8"):
         pipeline.prepare(VideoParams("a cat", width=60))
+
+
+def test_a_unet_lora_merges_as_diffusers_applies_it(tiny_video, tmp_path):
+    """AnimateLCM's use of its UNet LoRA: ``load_lora_weights(file)``, ``set_adapters(["lcm-lora"], [0.8])`` and
+    LCM sampling in diffusers; sdcli merges the same file (kohya names, as AnimateLCM's) into the UNet's weights."""
+    pytest.importorskip("peft", reason="diffusers loads LoRA files with peft")
+    reference, model_folder, adapter_folder = tiny_video
+    source = open_checkpoint(model_folder).source("unet")
+    shapes = {name: tuple(source.shape(name)) for name in source.keys()}
+    path = tmp_path / "lcm_lora.safetensors"
+    save_file(reference_models.kohya_lora(shapes, reference_models.lora_targets(shapes), alphas="same"), str(path))
+    sampler, scheduler_class, options, steps, guidance, frames = CASES["lcm"]
+    latents = np.random.default_rng(8).standard_normal((1, 4, frames, 8, 8)).astype(np.float32)
+    reference.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="lcm-lora")
+    try:
+        reference.set_adapters(["lcm-lora"], [0.8])
+        expected = reference_frames(reference, scheduler_class, options, "a corgi", "", steps, guidance, latents)
+    finally:
+        reference.unload_lora_weights()
+    params = VideoParams("a corgi", frames=frames, steps=steps, sampler=sampler, guidance_scale=guidance, seed=0,
+                         width=64, height=64)
+    frames_of = {}
+    for loras in ([(path, 0.8)], []):
+        pipeline = load_video_pipeline(model_folder, adapter_folder, scheduler_options=options, loras=loras)
+        video = generate_video(pipeline, params, initial_noise=latents)
+        frames_of[bool(loras)] = np.stack([images_to_uint8(clip) for clip in video.frames]).astype(np.int16)
+    theirs = np.round(expected * 255).astype(np.int16)
+    assert np.max(np.abs(frames_of[True] - theirs)) <= TOL["frame_levels"]
+    assert np.max(np.abs(frames_of[False] - theirs)) > 10 * TOL["frame_levels"]  # the LoRA changed the frames
