@@ -1,6 +1,7 @@
 # sdcli: build, install and test.
 #   make install     build the compiled kernels and install sdcli (editable)
-#   make test        install sdcli with the test references (torch CPU, diffusers, transformers) and run every test
+#   make test        install sdcli with the test references (torch CPU, diffusers, transformers, peft) and run
+#                    every test
 #   make test-core   install sdcli with pytest only and run the tests that need no reference library (no torch)
 
 PYTHON ?= python3

@@ -25,3 +25,7 @@ class ModelNotFoundError(SdcliError):
 
 class BackendError(SdcliError):
     """An op backend that was asked for but is not available (extension not built, no GPU)."""
+
+
+class LoraError(SdcliError):
+    """A LoRA file that cannot be read, or that does not fit the network it is merged into."""

@@ -3,7 +3,7 @@
 Every file a test reads is in the repository (``tests/data``, or the package's own ``sdcli/data``; see
 ``data_paths.py``).
 
-A test that needs a reference library (torch, diffusers, transformers) is marked ``reference``, so that
+A test that needs a reference library (torch, diffusers, transformers, peft) is marked ``reference``, so that
 ``pytest -m "not reference"`` runs every other test in an environment without them. The mark is given here, not
 by hand: to every test of a module that imports a reference library (or a test helper built on one) at its top,
 and to every test that asks for the ``torch``, ``diffusers`` or ``transformers`` fixture, which import the
@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-REFERENCE_LIBRARIES = ("torch", "diffusers", "transformers")
+REFERENCE_LIBRARIES = ("torch", "diffusers", "transformers", "peft")
 """The reference implementations the tests compare against; never imported by sdcli itself."""
 
 REFERENCE_HELPERS = ("tiny_pipeline",)
@@ -82,3 +82,8 @@ def diffusers(torch) -> ModuleType:
 def transformers() -> ModuleType:
     return _import_reference("transformers")
 
+
+@pytest.fixture(scope="session")
+def peft(torch) -> ModuleType:
+    """peft, which diffusers' LoRA loading runs on."""
+    return _import_reference("peft")

@@ -274,3 +274,36 @@ def vae_single_file_state(state: dict[str, np.ndarray], config: dict) -> dict[st
         out[key.name] = value.reshape(*value.shape, 1, 1) if key.shape is not None else value
     out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     return out
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------------
+
+def lora_targets(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Every Linear and convolution weight of a network (its tensor shapes by canonical name): what a LoRA can
+    update."""
+    return [name for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 2]
+
+
+def kohya_lora(shapes: dict[str, tuple[int, ...]], names: list[str], seed: int = 0,
+               spelled: dict[str, str] | None = None, alphas: str = "varied") -> dict[str, np.ndarray]:
+    """A random LoRA over the UNet weights ``names`` in kohya's (A1111's) naming, written out by hand:
+    ``lora_unet_<module, dots as underscores>`` with ``lora_down`` (rank, in[, kh, kw]), ``lora_up`` (out, rank[,
+    1, 1]) and ``alpha``, ranks 2 and 4 in turn. ``alphas``: "varied" gives factors alpha / rank of 0.5, 1 and 1.5
+    in turn, so that a layer read with another's rank or alpha shows; "same" alpha 2 for every layer (diffusers
+    gives the attention projections of a kohya file the most common alpha, not their own); "none" no alphas.
+    ``spelled`` gives other names for some weights (their LDM names)."""
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for i, name in enumerate(names):
+        shape = shapes[name]
+        rank = (2, 4)[i % 2]
+        module = (spelled or {}).get(name, name).removesuffix(".weight").replace(".", "_")
+        fan_in = int(np.prod(shape[1:]))
+        lora[f"lora_unet_{module}.lora_down.weight"] = (
+            rng.standard_normal((rank, *shape[1:])) / np.sqrt(fan_in)).astype(np.float32)
+        lora[f"lora_unet_{module}.lora_up.weight"] = (
+            0.1 * rng.standard_normal((shape[0], rank, *(1,) * (len(shape) - 2)))).astype(np.float32)
+        if alphas != "none":
+            alpha = rank * (1 + i % 3) / 2 if alphas == "varied" else 2.0
+            lora[f"lora_unet_{module}.alpha"] = np.array(alpha, np.float32)
+    return lora

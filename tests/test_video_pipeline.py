@@ -1,9 +1,9 @@
 """Text to video against diffusers' AnimateDiffPipeline on a tiny random-weight SD 1.x model and motion adapter:
 the same initial latents give frames within 2/255 of diffusers' (output_type="np"), with DDIM as AnimateDiff's
 examples configure it (linspace spacing, where diffusers steps each timestep t to the noise level of t - T // N),
-Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM. Then what the library does
-with a motion-adapter preset (its settings, and explicit values over them) and with a model or adapter of another
-base (refused in one line before anything loads)."""
+Euler with trailing spacing and no guidance (AnimateDiff-Lightning's settings) and LCM, also with a UNet LoRA merged
+as AnimateLCM uses its own. Then what the library does with a motion-adapter preset (its settings, and explicit
+values over them) and with a model or adapter of another base (refused in one line before anything loads)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch/diffusers are the video reference")
 pytest.importorskip("diffusers")
 
+import reference_models  # noqa: E402
 import tiny_pipeline  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 
 from sdcli.config import MotionAdapterConfig, UNetConfig  # noqa: E402
 from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
+from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.io.media import images_to_uint8  # noqa: E402
 from sdcli.pipelines.video import VideoParams, generate_video, load_video_pipeline  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
@@ -112,7 +115,8 @@ def preset_weights(tiny_video, tmp_path, monkeypatch):
     _, _, adapter_folder = tiny_video
     monkeypatch.setenv("SDCLI_WEIGHTS", str(tmp_path / "weights"))
     lightning = tiny_pipeline.install_adapter_preset(adapter_folder, tmp_path / "weights", "animatediff-lightning")
-    tiny_pipeline.install_adapter_preset(adapter_folder, tmp_path / "weights", "animatelcm")
+    tiny_pipeline.install_adapter_preset(adapter_folder, tmp_path / "weights", "animatelcm",
+                                         tiny_unet_lora(tiny_video))
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(lightning.read_bytes())
     return plain
@@ -140,6 +144,26 @@ def test_a_preset_brings_its_sampler_steps_guidance_and_scheduler(tiny_video, pr
     assert np.array_equal(clip.frames, same.frames)
     plain, _ = explicit.prepare(VideoParams("a corgi"))  # a file that is no preset: AnimateDiff's DDIM
     assert (plain.sampler, plain.steps, plain.guidance_scale) == ("ddim", 50, 7.5)
+
+
+def tiny_unet_lora(tiny_video) -> dict[str, np.ndarray]:
+    """A random kohya-named LoRA over every linear and convolution weight of the tiny UNet (AnimateLCM's naming)."""
+    _, model_folder, _ = tiny_video
+    source = open_checkpoint(model_folder).source("unet")
+    shapes = {name: tuple(source.shape(name)) for name in source.keys()}
+    return reference_models.kohya_lora(shapes, reference_models.lora_targets(shapes), alphas="same")
+
+
+def test_the_animatelcm_preset_merges_its_lora(tiny_video, preset_weights):
+    """animatelcm by name merges its LoRA file at 0.8: the clip of loras=[(file, 0.8)], not that of no LoRA."""
+    _, model_folder, _ = tiny_video
+    params = VideoParams("a corgi", frames=3, width=64, height=64, seed=5, steps=2)
+    by_name = generate_video(load_video_pipeline(model_folder, "animatelcm"), params)
+    lora = preset_weights.parent / "weights" / "animatelcm" / "AnimateLCM_sd15_t2v_lora.safetensors"
+    explicit = generate_video(load_video_pipeline(model_folder, "animatelcm", loras=[(lora, 0.8)]), params)
+    plain = generate_video(load_video_pipeline(model_folder, "animatelcm", loras=()), params)
+    assert np.array_equal(by_name.frames, explicit.frames)
+    assert not np.array_equal(by_name.frames, plain.frames)
 
 
 def test_explicit_values_override_a_presets(tiny_video, preset_weights):
@@ -198,3 +222,32 @@ def test_an_sdxl_adapter_on_sd15_is_named():
         "sdxl-beta was made for a UNet with [320, 640, 1280] channels and [2, 2, 2] layers per level (3 levels, an "
         "SDXL motion adapter), this model's UNet has [320, 640, 1280, 1280] channels and 2 layers per level (4 "
         "levels): use an adapter made for this base model (AnimateDiff's for SD 1.5: sdcli download --list)")
+
+
+def test_a_unet_lora_merges_as_diffusers_applies_it(tiny_video, tmp_path):
+    """AnimateLCM's use of its UNet LoRA: ``load_lora_weights(file)``, ``set_adapters(["lcm-lora"], [0.8])`` and
+    LCM sampling in diffusers; sdcli merges the same file (kohya names, as AnimateLCM's) into the UNet's weights."""
+    pytest.importorskip("peft", reason="diffusers loads LoRA files with peft")
+    reference, model_folder, adapter_folder = tiny_video
+    source = open_checkpoint(model_folder).source("unet")
+    shapes = {name: tuple(source.shape(name)) for name in source.keys()}
+    path = tmp_path / "lcm_lora.safetensors"
+    save_file(reference_models.kohya_lora(shapes, reference_models.lora_targets(shapes), alphas="same"), str(path))
+    sampler, scheduler_class, options, steps, guidance, frames = CASES["lcm"]
+    latents = np.random.default_rng(8).standard_normal((1, 4, frames, 8, 8)).astype(np.float32)
+    reference.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="lcm-lora")
+    try:
+        reference.set_adapters(["lcm-lora"], [0.8])
+        expected = reference_frames(reference, scheduler_class, options, "a corgi", "", steps, guidance, latents)
+    finally:
+        reference.unload_lora_weights()
+    params = VideoParams("a corgi", frames=frames, steps=steps, sampler=sampler, guidance_scale=guidance, seed=0,
+                         width=64, height=64)
+    frames_of = {}
+    for loras in ([(path, 0.8)], []):
+        pipeline = load_video_pipeline(model_folder, adapter_folder, scheduler_options=options, loras=loras)
+        video = generate_video(pipeline, params, initial_noise=latents)
+        frames_of[bool(loras)] = np.stack([images_to_uint8(clip) for clip in video.frames]).astype(np.int16)
+    theirs = np.round(expected * 255).astype(np.int16)
+    assert np.max(np.abs(frames_of[True] - theirs)) <= TOL["frame_levels"]
+    assert np.max(np.abs(frames_of[False] - theirs)) > 10 * TOL["frame_levels"]  # the LoRA changed the frames

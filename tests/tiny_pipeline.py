@@ -135,10 +135,10 @@ def make_tiny_video_model(folder: Path, seed: int = 0):
     return reference, model_folder, folder / "adapter"
 
 
-def install_adapter_preset(adapter_folder: Path, weights: Path, name: str) -> Path:
+def install_adapter_preset(adapter_folder: Path, weights: Path, name: str, lora: dict | None = None) -> Path:
     """The tiny adapter (a diffusers folder) laid out in ``weights`` as ``sdcli download NAME`` leaves the
-    motion-adapter preset NAME: its one file, or its folder (config and weights, and an empty stand-in for the
-    preset's LoRA file, which nothing reads yet). Returns what the preset resolves to."""
+    motion-adapter preset NAME: its one file, or its folder (config and weights, and the preset's LoRA file with
+    the tensors ``lora``, a LoRA for the tiny UNet). Returns what the preset resolves to."""
     from safetensors.numpy import save_file
 
     from sdcli.models import MOTION_ADAPTER_PRESETS
@@ -154,7 +154,9 @@ def install_adapter_preset(adapter_folder: Path, weights: Path, name: str) -> Pa
         "diffusion_pytorch_model.safetensors"
     shutil.copy(adapter_folder / "diffusion_pytorch_model.safetensors", folder / weights_name)
     if preset.lora is not None:
-        save_file({}, str(folder / preset.lora))
+        if lora is None:
+            raise ValueError(f"the {name} preset ships a LoRA: give its tensors")
+        save_file(lora, str(folder / preset.lora))
     return folder
 
 

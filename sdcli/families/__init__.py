@@ -108,7 +108,9 @@ class ImageStages:
     pages the pipeline releases when the next stage starts."""
 
     load_prompt_encoder: Callable[..., Any]  # (checkpoint, ops, precision) -> prompt encoder
-    load_denoiser: Callable[..., Any]  # (checkpoint, ops, precision, stream) -> network(x_in, timesteps, context)
+    # (checkpoint, ops, precision, stream[, loras]) -> network(x_in, timesteps, context); loras: (LoRA, scale) pairs
+    # merged into its weights, passed only when some are asked for
+    load_denoiser: Callable[..., Any]
     load_decoder: Callable[..., Any]  # (checkpoint, ops, precision, vae, tiling, stream) -> decoder(latents)
     load_preview_decoder: Callable[..., Any]  # (ops) -> decoder(latents), cheap enough for previews
     scheduler_config: Callable[[Checkpoint], dict[str, Any]]  # the raw diffusers config, prediction type set

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..config import ClipConfig, SchedulerConfig, UNetConfig, VAEConfig, preset_
 from ..errors import CheckpointError
 from . import sd_names as names
 from ..io.checkpoint import Checkpoint, FolderSource, MappedSource, TensorSource
+from ..io.lora import LoraSpec
 from ..io.safetensors import SafetensorsFile
 from ..nn.clip import ClipTextEncoder
 from ..nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
@@ -168,9 +170,11 @@ def load_text_encoder(checkpoint: Checkpoint, ops: Ops, precision: str) -> ClipT
     return networks.load_text_encoder(checkpoint, precision, ops)
 
 
-def load_unet(checkpoint: Checkpoint, ops: Ops, precision: str, stream: bool = False) -> UNet2DConditionModel:
-    """The denoising UNet: (x_in (B, 4, h, w), timesteps (B,), context (B, 77, D)) -> prediction (B, 4, h, w)."""
-    return networks.load_unet(checkpoint, precision, ops, stream=stream)
+def load_unet(checkpoint: Checkpoint, ops: Ops, precision: str, stream: bool = False,
+              loras: Sequence[LoraSpec] = ()) -> UNet2DConditionModel:
+    """The denoising UNet: (x_in (B, 4, h, w), timesteps (B,), context (B, 77, D)) -> prediction (B, 4, h, w);
+    with the UNet layers of ``loras`` (``(LoRA or its path, scale)`` pairs) merged into its weights."""
+    return networks.load_unet(checkpoint, precision, ops, stream=stream, loras=loras)
 
 
 def load_image_decoder(checkpoint: Checkpoint, ops: Ops, precision: str, tiling: bool = False,

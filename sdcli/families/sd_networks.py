@@ -9,10 +9,12 @@ returns it; the network classes in :mod:`sdcli.nn` never see a file.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ModelNotFoundError
 from ..io.checkpoint import Checkpoint, FolderSource, open_checkpoint
+from ..io.lora import LoraMergedSource, LoraSpec, read_loras
 from ..io.safetensors import SafetensorsFile
 from ..io.weights import load_network
 from ..nn.clip import ClipTextEncoder
@@ -20,6 +22,7 @@ from ..nn.taesd import SHIPPED_FILES, TaesdDecoder, TaesdEncoder, shipped_taesd_
 from ..nn.unet import UNet2DConditionModel
 from ..nn.vae import Autoencoder, VaeDecoder, VaeEncoder
 from ..ops import Ops, get_ops
+from . import sd_names
 
 log = logging.getLogger("sdcli")
 
@@ -43,12 +46,40 @@ def load_text_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp3
 
 
 def load_unet(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str | Ops = "cpu",
-              stream: bool = False) -> UNet2DConditionModel:
-    """The UNet of ``checkpoint``; ``stream``: see :func:`~sdcli.io.weights.load_network`."""
+              stream: bool = False, loras: Sequence[LoraSpec] = ()) -> UNet2DConditionModel:
+    """The UNet of ``checkpoint``; ``stream``: see :func:`~sdcli.io.weights.load_network`.
+
+    ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file), whose UNet
+    layers are merged into copies of the weights they touch (:class:`~sdcli.io.lora.LoraMergedSource`), as
+    diffusers' ``load_lora_weights(file)`` and ``set_adapters([...], [scale])`` do; their other layers (a text
+    encoder's) are not applied, with a warning.
+    """
     checkpoint = _opened(checkpoint)
     config = checkpoint.config("unet")
-    return load_network(lambda params: UNet2DConditionModel(params, config), checkpoint.source("unet"),
-                        _backend(backend), precision, stream=stream)
+    source = checkpoint.source("unet")
+    if loras:
+        pairs = read_loras(loras)
+        source = LoraMergedSource(source, pairs, "unet", aliases=_original_unet_names(checkpoint))
+        for lora, _ in pairs:
+            others = [component for component in lora.components() if component != "unet"]
+            if others:
+                log.warning("%s: its %s layers are not applied (only the UNet's are, so far)", lora.path,
+                            " and ".join(others))
+        log.info("merged %d UNet weights from %s", len(source.merged),
+                 ", ".join(f"{lora.path.name} x{scale:g}" for lora, scale in pairs))
+    return load_network(lambda params: UNet2DConditionModel(params, config), source, _backend(backend), precision,
+                        stream=stream)
+
+
+def _original_unet_names(checkpoint: Checkpoint) -> dict[str, str]:
+    """The original (LDM) name of each UNet tensor without ``model.diffusion_model.`` -> its canonical name: LoRA
+    files trained on the original code name their layers so (LyCORIS's ``lora_unet_input_blocks_4_1_proj_in``).
+    Empty for a UNet the single-file map does not cover."""
+    try:
+        mapping = sd_names.unet_names(checkpoint.component_config("unet"))
+    except (ValueError, KeyError):
+        return {}
+    return {key.name.removeprefix(sd_names.UNET_PREFIX): canonical for canonical, key in mapping.items()}
 
 
 def load_vae_decoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str | Ops = "cpu",

@@ -44,7 +44,9 @@ class TensorSource(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
-    def read(self, name: str) -> np.ndarray: ...
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as stored: a read-only view of the mapped file, or a new writeable array the source made for
+        this read (a LoRA-merged layer), which the network then holds as its own copy."""
 
     def unexpected(self) -> list[str]: ...
 
@@ -134,8 +136,9 @@ class WeightBuilder:
             return taken.ops.prepare(Weight.from_stored(values, "F32", taken.precision, taken.ops))
         stored = source.read(full)
         weight = Weight.from_stored(stored, source.dtype(full), taken.precision, taken.ops)
-        if weight.data is not stored:
-            source.release(full)  # only the converted copy stays resident
+        if weight.data is not stored or stored.flags.writeable:
+            # a converted copy, or a copy the source made (a LoRA-merged layer): it alone stays resident
+            source.release(full)
         else:
             weight = replace(weight, release=partial(source.release, full), stream=taken.stream)
         return taken.ops.prepare(weight)
@@ -162,6 +165,7 @@ def load_network(build: Callable[[WeightBuilder], Network], source: TensorSource
     A tensor converted to another type leaves the file's pages at once. A tensor held as a view of the file
     stays mapped; with ``stream`` its pages are dropped again after each use, so that resident memory holds
     about one layer's weights instead of the model's, for the cost of mapping them again from the page cache.
+    A tensor the source computed for the read (a writeable array: a LoRA-merged layer) is held as a converted one.
     """
     listing = WeightBuilder(None, ops)
     build(listing)
@@ -183,13 +187,20 @@ ARRAY_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dty
                 np.dtype(np.float64): "F64"}
 
 
+def _read_only(array) -> np.ndarray:
+    view = np.asarray(array).view()  # the caller's array stays as it was
+    view.flags.writeable = False
+    return view
+
+
 class ArraySource:
     """A tensor source over arrays in memory (a state dict): float32, float16, float64, or bf16 bits in uint16.
-    For networks built from tensors that no file holds (tests, conversions)."""
+    For networks built from tensors that no file holds (tests, conversions). Held as read-only views, as a file's
+    tensors are: a network keeps them as they are and prepares them again after an unload."""
 
     def __init__(self, arrays: dict[str, np.ndarray], description: str = "arrays in memory"):
         self.description = description
-        self._arrays = {name: np.asarray(array) for name, array in arrays.items()}
+        self._arrays = {name: _read_only(array) for name, array in arrays.items()}
         for name, array in self._arrays.items():
             if array.dtype not in ARRAY_DTYPES:
                 raise ValueError(f"{name}: arrays of {array.dtype} cannot be held as weights")

@@ -18,8 +18,9 @@ What a pipeline asks of a family (``checkpoint.model_family``, an :class:`~sdcli
   - ``load_prompt_encoder(checkpoint, ops, precision)``: an object with ``tokenize(prompts)``,
     ``encode(prompts, clip_skip) -> (B, S, D)``, ``release()`` (drop its mapped weights' pages), ``timings`` and
     its ``text_encoder`` network;
-  - ``load_denoiser(checkpoint, ops, precision, stream)``: ``network(x_in (B, C, h, w), timesteps (B,),
-    context (B, S, D)) -> (B, C, h, w)``, the prediction the scheduler config's ``prediction_type`` names;
+  - ``load_denoiser(checkpoint, ops, precision, stream[, loras])``: ``network(x_in (B, C, h, w), timesteps (B,),
+    context (B, S, D)) -> (B, C, h, w)``, the prediction the scheduler config's ``prediction_type`` names, with
+    ``loras`` (``(LoRA, scale)`` pairs, passed only when some are asked for) merged into its weights;
   - ``load_decoder(checkpoint, ops, precision, vae, tiling, stream)`` and ``load_preview_decoder(ops)``:
     ``decoder(latents (B, C, h, w)) -> images (B, 3, H, W)`` in [-1, 1];
   - ``scheduler_config(checkpoint)``: the diffusers scheduler config the sampler plans read;
@@ -47,6 +48,7 @@ import numpy as np
 from ..errors import SdcliError
 from ..families import Family, LatentGeometry
 from ..io.checkpoint import Checkpoint
+from ..io.lora import LoraSpec
 from ..io.prompts_file import PromptLine
 from ..memory import return_freed_memory
 from ..models import open_checkpoint
@@ -409,7 +411,8 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
 
 
 def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
-                  vae: str = "full", vae_tiling: bool = False, low_memory: bool = False) -> TextToImage:
+                  vae: str = "full", vae_tiling: bool = False, low_memory: bool = False,
+                  loras: Sequence[LoraSpec] = ()) -> TextToImage:
     """Open ``model`` and load everything text-to-image needs, as its family says: tokenizer and text encoder,
     denoising network, image decoder (``vae="taesd"``: the shipped tiny autoencoder instead of the model's VAE)
     and the scheduler config.
@@ -418,6 +421,9 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     (TAESD always decodes whole). ``low_memory`` turns tiling on and streams the denoiser's and decoder's weights
     (their mapped pages leave resident memory after each layer's use); the caller then encodes its prompts ahead
     and releases the text encoder (see :class:`TextToImage`).
+
+    ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
+    denoiser's weights, as diffusers' ``load_lora_weights`` and ``set_adapters`` do.
     """
     if vae not in VAE_CHOICES:
         raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
@@ -426,7 +432,8 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     ops = get_ops(backend)
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
-    network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory)
+    lora_option = {"loras": loras} if loras else {}  # only when asked for: the stages of every family take it
+    network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,
                                   stream=low_memory)
     pipeline = TextToImage(checkpoint, prompt_encoder, network, decoder, stages.scheduler_config(checkpoint),

@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from ..errors import SdcliError
 from ..families.animatediff import (ANIMATEDIFF_DEFAULTS, ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, OpenedAdapter,
                                     VideoDefaults, load_motion_unet)
 from ..io.checkpoint import Checkpoint
+from ..io.lora import LoraSpec
 from ..models import open_checkpoint, open_motion_adapter
 from ..ops import get_ops
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
@@ -268,7 +269,8 @@ class TextToVideo:
 
 def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
                         precision: str = "fp32", backend: str = "cpu",
-                        scheduler_options: dict[str, Any] | None = None) -> TextToVideo:
+                        scheduler_options: dict[str, Any] | None = None,
+                        loras: Sequence[LoraSpec] | None = None) -> TextToVideo:
     """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter (a path, a motion-adapter preset
     or a repo id; never downloading: see ``sdcli.resolve_motion_adapter``), check that they fit, and load what
     text to video needs.
@@ -277,7 +279,12 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     settings of diffusers' AnimateDiff examples: ``beta_schedule="linear"``, ``clip_sample=False``,
     ``timestep_spacing="linspace"``, ``steps_offset=1``). ``scheduler_options``, when given, replace the adapter's
     scheduler settings over the model's scheduler config (AnimateDiff-Lightning's card asks for
-    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``, which its preset sets)."""
+    ``timestep_spacing="trailing"`` and ``beta_schedule="linear"``, which its preset sets).
+
+    ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
+    SD UNet's weights (copies of the layers they touch) before the motion modules join it; None: the adapter
+    preset's own (AnimateLCM's ``AnimateLCM_sd15_t2v_lora.safetensors`` at 0.8, as its model card's
+    ``set_adapters(["lcm-lora"], [0.8])``), () for none."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
@@ -290,13 +297,16 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     if adapter.preset is not None:
         log.info("motion adapter preset %s: %s, %s steps, guidance %g", adapter.preset.name, defaults.sampler,
                  defaults.steps or "default", defaults.guidance_scale)
-        if adapter.preset.lora is not None:
-            log.warning("%s is made to run with its LoRA %s merged into the UNet at %g; sdcli does not merge it yet",
-                        adapter.preset.name, adapter.lora_path, adapter.preset.lora_scale)
+    if loras is None:  # the preset's own LoRA (AnimateLCM's), else none
+        loras = [] if adapter.preset is None or adapter.preset.lora is None else \
+            [(adapter.lora_path, adapter.preset.lora_scale)]
+    for lora, scale in loras:
+        log.info("merging the LoRA %s into the UNet at %g", lora, scale)
     ops = get_ops(backend)
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
-    unet = stages.load_denoiser(checkpoint, ops, precision, stream=False)
+    lora_option = {"loras": loras} if loras else {}
+    unet = stages.load_denoiser(checkpoint, ops, precision, stream=False, **lora_option)
     network = load_motion_unet(unet, adapter, ops, precision)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=False)
     options = defaults.scheduler if scheduler_options is None else scheduler_options
