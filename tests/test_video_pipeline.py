@@ -251,3 +251,16 @@ def test_a_unet_lora_merges_as_diffusers_applies_it(tiny_video, tmp_path):
     theirs = np.round(expected * 255).astype(np.int16)
     assert np.max(np.abs(frames_of[True] - theirs)) <= TOL["frame_levels"]
     assert np.max(np.abs(frames_of[False] - theirs)) > 10 * TOL["frame_levels"]  # the LoRA changed the frames
+
+
+def test_each_stage_lets_its_weights_go_and_the_next_clip_is_the_same(tiny_video):
+    """As for images: after a clip the UNet with its motion modules holds no prepared weights (they are made again
+    from the mapped files on the next call), and the next clip with the same settings is the same."""
+    from sdcli.ops.parameter import unprepared_bytes
+
+    _, model_folder, adapter_folder = tiny_video
+    pipeline = load_video_pipeline(model_folder, adapter_folder)
+    params = VideoParams("a corgi", frames=3, steps=2, width=64, height=64, seed=4)
+    first = generate_video(pipeline, params)
+    assert unprepared_bytes(pipeline.network) > 0
+    assert np.array_equal(generate_video(pipeline, params).frames, first.frames)

@@ -219,6 +219,20 @@ class GeneratedBatch:
     timings: dict[str, float]  # seconds (text_encoding_s, denoising_s, s_per_step, decode_s) and steps
 
 
+def leave_stage(checkpoint: Checkpoint, stages, component: str, network, *sources) -> None:
+    """Let the weights of the checkpoint's ``component`` and its ``network`` leave resident memory: the layers
+    drop the weights they prepared from the mapped file (the family's ``unload``: about 1.7 GB for the SD1.5 UNet in
+    fp16, remade in about a second when it runs again), the file's pages are released (they map again from the page
+    cache when needed), and those of ``sources`` (other files the network read, a motion adapter's), and the freed
+    memory goes back to the system."""
+    if network is not None:
+        stages.unload(network)
+    checkpoint.release(component)
+    for source in sources:
+        source.release()
+    return_freed_memory()
+
+
 def on_host(network, arrays: tuple[int, ...] = (0,)):
     """``network`` as a function of host arrays: the positional arguments at ``arrays`` go to its backend
     (``ops.from_host``) and its result comes back (``ops.to_host``): the host boundary of every network call.
@@ -318,14 +332,9 @@ class TextToImage:
         return_freed_memory()  # what its layers had prepared
 
     def leave_stage(self, component: str, network) -> None:
-        """Let the weights of the checkpoint's ``component`` and its ``network`` leave resident memory: the layers
-        drop the weights they prepared from the mapped file (the family's ``unload``: about 1.7 GB for the SD1.5
-        UNet in fp16, remade in about a second when it runs again), the file's pages are released (they map again
-        from the page cache when needed) and the freed memory goes back to the system."""
-        if network is not None:
-            self.stages.unload(network)
-        self.checkpoint.release(component)
-        return_freed_memory()
+        """Let the weights of the checkpoint's ``component`` and its ``network`` leave resident memory (see
+        :func:`leave_stage`)."""
+        leave_stage(self.checkpoint, self.stages, component, network)
 
     def preview_decoder(self):
         if self._preview_decoder is None:

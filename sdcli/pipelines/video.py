@@ -48,7 +48,7 @@ from ..ops import get_ops
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
-from .image import StepRecord, default_steps, load_prompt_encoder, on_host
+from .image import StepRecord, default_steps, leave_stage, load_prompt_encoder, on_host
 
 log = logging.getLogger("sdcli")
 
@@ -227,6 +227,9 @@ class TextToVideo:
             uncond_context = np.repeat(self.prompt_encoder.encode([params.negative_prompt],
                                                                   clip_skip=params.clip_skip), batch, axis=0)
         timings["text_encoding_s"] = time.perf_counter() - start
+        # each stage's weights leave resident memory when the next starts, as for images (TextToImage.run)
+        stages = self.family.image
+        leave_stage(self.checkpoint, stages, stages.text_component, self.prompt_encoder.text_encoder)
 
         spec = SAMPLERS[params.sampler]
         unet = self.network.with_frames_at_once(params.unet_frames)
@@ -251,9 +254,12 @@ class TextToVideo:
         timings["steps"] = total
 
         latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, 4, F, h, w)
+        leave_stage(self.checkpoint, stages, stages.denoiser_component, self.network,
+                    *([self.motion_adapter.source] if self.motion_adapter is not None else []))
         start = time.perf_counter()
         frames = self.decode(latents, params.decode_chunk)
         timings["decode_s"] = time.perf_counter() - start
+        leave_stage(self.checkpoint, stages, stages.decoder_component, self.decoder)
         yield GeneratedVideo(frames, latents, seeds, params, timings)
 
     def decode(self, latents: np.ndarray, chunk: int) -> np.ndarray:
