@@ -271,8 +271,7 @@ folder, adapter_folder, prompt, frames, steps, size, output, timings_path = sys.
 frames, steps, size = int(frames), int(steps), int(size)
 loading = time.perf_counter()
 adapter = diffusers.MotionAdapter.from_pretrained(adapter_folder)
-pipe = diffusers.AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter, safety_checker=None,
-                                                     feature_extractor=None)
+pipe = diffusers.AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter)
 pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
                                                               beta_schedule="linear")
 pipe.set_progress_bar_config(disable=True)
