@@ -438,8 +438,9 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 @click.option("--decode-chunk", type=click.IntRange(min=1), help="Frames the VAE decodes at once (memory)  "
                                                                   "[default: 8; 1 with --low-memory]")
 @click.option("--low-memory", is_flag=True,
-              help=f"Run the UNet's spatial layers over {LOW_MEMORY_UNET_FRAMES} frames at a time and decode one "
-                   "frame at a time: less memory, the same clip.")
+              help=f"Stream the weights from their files instead of holding them prepared, run the UNet's spatial "
+                   f"layers over {LOW_MEMORY_UNET_FRAMES} frames at a time and decode one frame at a time: less "
+                   "memory, slower, the same clip.")
 @model_options
 @click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),
               help="Initial noise, unit variance, (1, 4, frames, height/8, width/8) .npy.")
@@ -501,7 +502,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
     model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
-    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend)
+    pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
+                                         low_memory=low_memory)
     # the model's and the adapter's defaults, every clip checked before the first step
     clips = [pipeline.prepare(clip)[0] for clip in clips]
     reporter = Progress(quiet, status, unit="clip")

@@ -225,13 +225,15 @@ def _config_from_tensors(file: SafetensorsFile, description: str) -> MotionAdapt
     return MotionAdapterConfig.from_diffusers(data, source=description)
 
 
-def load_motion_adapter(adapter: OpenedAdapter, unet: UNetConfig, ops: Ops, precision: str = "fp32") -> MotionAdapter:
+def load_motion_adapter(adapter: OpenedAdapter, unet: UNetConfig, ops: Ops, precision: str = "fp32",
+                        stream: bool = False) -> MotionAdapter:
     """The adapter's network for a UNet of config ``unet`` (a one-line error for an adapter of another layout),
-    its weights held at ``precision``."""
+    its weights held at ``precision``; ``stream``: see :func:`~sdcli.io.weights.load_network`."""
     config = adapter.config.for_unet(unet, source=str(adapter.path))
-    return load_network(lambda params: MotionAdapter(params, config), adapter.source, ops, precision)
+    return load_network(lambda params: MotionAdapter(params, config), adapter.source, ops, precision, stream=stream)
 
 
-def load_motion_unet(unet, adapter: OpenedAdapter, ops: Ops, precision: str = "fp32") -> UNetMotionModel:
+def load_motion_unet(unet, adapter: OpenedAdapter, ops: Ops, precision: str = "fp32",
+                     stream: bool = False) -> UNetMotionModel:
     """An SD 1.x UNet network (loaded by the sd family) with the adapter's motion modules."""
-    return UNetMotionModel(unet, load_motion_adapter(adapter, unet.config, ops, precision))
+    return UNetMotionModel(unet, load_motion_adapter(adapter, unet.config, ops, precision, stream))

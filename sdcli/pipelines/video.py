@@ -276,7 +276,7 @@ class TextToVideo:
 def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
                         precision: str = "fp32", backend: str = "cpu",
                         scheduler_options: dict[str, Any] | None = None,
-                        loras: Sequence[LoraSpec] | None = None) -> TextToVideo:
+                        loras: Sequence[LoraSpec] | None = None, low_memory: bool = False) -> TextToVideo:
     """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter (a path, a motion-adapter preset
     or a repo id; never downloading: see ``sdcli.resolve_motion_adapter``), check that they fit, and load what
     text to video needs.
@@ -290,7 +290,11 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
     SD UNet's weights (copies of the layers they touch) before the motion modules join it; None: the adapter
     preset's own (AnimateLCM's ``AnimateLCM_sd15_t2v_lora.safetensors`` at 0.8, as its model card's
-    ``set_adapters(["lcm-lora"], [0.8])``), () for none."""
+    ``set_adapters(["lcm-lora"], [0.8])``), () for none.
+
+    ``low_memory``: the UNet's, the motion modules' and the VAE's weights stream from the mapped files (each
+    layer's pages dropped after use) instead of being held prepared, as ``load_pipeline(low_memory=True)`` loads
+    them for images: the resident weights are about one layer's, for some speed."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
@@ -312,9 +316,9 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     lora_option = {"loras": loras} if loras else {}
-    unet = stages.load_denoiser(checkpoint, ops, precision, stream=False, **lora_option)
-    network = load_motion_unet(unet, adapter, ops, precision)
-    decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=False)
+    unet = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
+    network = load_motion_unet(unet, adapter, ops, precision, stream=low_memory)
+    decoder = stages.load_decoder(checkpoint, ops, precision, vae="full", tiling=False, stream=low_memory)
     options = defaults.scheduler if scheduler_options is None else scheduler_options
     scheduler_config = {**stages.scheduler_config(checkpoint), **options}
     pipeline = TextToVideo(checkpoint, prompt_encoder, network, decoder, scheduler_config, backend, precision,
