@@ -320,11 +320,15 @@ def test_split_heads(backend, bf16):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_split_heads_layout(cpu, bf16):
-    """The cpu backend lays the heads out for its attention kernels: a contiguous copy for the float32 kernel, a
-    view for the bf16 one (cpu only: the layout is its kernels', the values are every backend's)."""
-    got = cpu.split_heads(random((2, 7, 12)), 3, precision="bf16" if bf16 else "fp32")
-    assert got.flags.c_contiguous != bf16
+@pytest.mark.parametrize("tokens", [7, 4096])
+def test_split_heads_layout(cpu, bf16, tokens):
+    """The cpu backend lays the heads out for its attention kernels: a view of the projection, read in place, but
+    for the float32 kernel over many tokens a contiguous copy (cpu only: the layout is its kernels', the values
+    are every backend's)."""
+    x = random((1, tokens, 12))
+    got = cpu.split_heads(x, 3, precision="bf16" if bf16 else "fp32")
+    np.testing.assert_array_equal(got, numpy_ops.split_heads(x, 3))
+    assert np.shares_memory(got, x) == (bf16 or tokens < cpu.CONTIGUOUS_HEADS_TOKENS)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 64, 33, 31), (3, 40, 1, 1), (0, 4, 2, 2)], ids=str)
