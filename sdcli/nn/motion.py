@@ -104,9 +104,7 @@ def attend_in_windows(block: BasicTransformerBlock, x, windows: ContextWindows):
     by each frame's total weight; then the feed-forward over all frames (diffusers' FreeNoiseTransformerBlock)."""
     ops = block.ops
     frames = x.shape[1]
-    positions = block.positions(windows.length)  # (1, L, C)
-    norm1 = lambda tokens: ops.add_(block.norm1(tokens), positions)  # noqa: E731
-    norm2 = lambda tokens: ops.add_(block.norm2(tokens), positions)  # noqa: E731
+    norm1, norm2 = block.attention_norms(windows.length)  # each window's frames at positions 0 .. L-1
     weights = ops.from_host(windows.weights().reshape(1, -1, 1))  # (1, L, 1)
     total = None
     for start, stop, kept in windows.spans(frames):

@@ -166,14 +166,19 @@ class BasicTransformerBlock:
     def __call__(self, x, context):
         """x (B, T, C), updated in place (the transformer's own array) and returned."""
         ops = self.ops
-        norm1, norm2 = self.norm1, self.norm2
-        if self.position_table is not None:
-            positions = self.positions(x.shape[1])  # (1, T, C)
-            norm1 = lambda tokens: ops.add_(self.norm1(tokens), positions)  # noqa: E731
-            norm2 = lambda tokens: ops.add_(self.norm2(tokens), positions)  # noqa: E731
+        norm1, norm2 = self.attention_norms(x.shape[1])
         x = ops.add_(x, self.attn1(x, norm=norm1))
         x = ops.add_(x, self.attn2(x, context, norm=norm2))
         return ops.add_(x, self.feed_forward(self.norm3(x)))
+
+    def attention_norms(self, tokens: int):
+        """The norms before attn1 and attn2 for sequences of ``tokens``: norm1 and norm2, each followed by adding
+        the first ``tokens`` position rows where the block has a table."""
+        if self.position_table is None:
+            return self.norm1, self.norm2
+        ops, positions = self.ops, self.positions(tokens)  # (1, T, C)
+        return (lambda x: ops.add_(self.norm1(x), positions),  # (B, T, C)
+                lambda x: ops.add_(self.norm2(x), positions))
 
     def positions(self, tokens: int):
         """The first ``tokens`` rows of the position table, (1, T, C): the table's one entry picked by the
