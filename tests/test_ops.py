@@ -385,6 +385,30 @@ def test_group_norm(backend, shape, groups, magnitude, silu):
                  numpy_ops.group_norm(x, groups, weight, bias, 1e-6, silu=silu), "group_norm")
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 8, 3, 4), (1, 3, 6, 1, 1), (2, 1, 4, 2, 3)], ids=str)  # (B, F, C, H, W)
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_of_video_frames(backend, shape, silu):
+    """A (B, C, F, H, W) view of frames laid out (B, F, C, H, W) (AnimateDiff's temporal norm): each group over
+    its channels, all frames and positions; the values the reference gives on a copy of the view."""
+    x = random(shape, magnitude=10.0) + np.float32(10.0)
+    channels, groups = shape[2], 2 if shape[2] % 2 == 0 else 1
+    weight, bias = random((channels,), seed=1), random((channels,), seed=2)
+    view = backend.permute(backend.from_host(x), (0, 2, 1, 3, 4))  # (B, C, F, H, W)
+    got = backend.to_host(backend.group_norm(view, groups, weight, bias, 1e-6, silu=silu))
+    want = numpy_ops.group_norm(np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4)), groups, weight, bias, 1e-6,
+                                silu=silu)
+    assert_close(got, want, "group_norm")
+
+
+def test_group_norm_keeps_the_layout_of_a_view_of_frames(cpu):
+    """The cpu backend reads a (B, C, F, H, W) view of (B, F, C, H, W) frames in place and writes its result in
+    that layout, so that permuting it back is free (cpu only: the layout is its kernels')."""
+    x = random((2, 3, 4, 5, 6))  # (B, F, C, H, W)
+    weight, bias = np.ones(4, np.float32), np.zeros(4, np.float32)
+    out = cpu.group_norm(x.transpose(0, 2, 1, 3, 4), 2, weight, bias, 1e-6)  # (B, C, F, H, W)
+    assert out.transpose(0, 2, 1, 3, 4).flags.c_contiguous
+
+
 def test_group_norm_rejects_groups_that_do_not_divide_the_channels(cpu):
     """The cpu backend checks that the groups divide the channels (cpu only: numpy_ops states it as a precondition
     and does not check it)."""

@@ -201,43 +201,73 @@ def softmax(const float[:, ::1] x, float[:, ::1] out):
             _softmax_row(&x[r, 0], &out[r, 0], width)
 
 
-cdef void _group_norm_group(const float* x, const float* weight, const float* bias, double eps, bint silu,
-                            Py_ssize_t channels, Py_ssize_t positions, float* y) noexcept nogil:
-    # One group: x (channels, positions) -> y, in double as numpy_ops.group_norm: the mean, the biased variance of
-    # the values centred on it, and per channel y = (x - mean) weight / std + bias, rounded to float once; then SiLU
-    # (in float) when asked. A float mean, or y = x scale + (bias - mean scale) in float, would lose ulps of the
-    # mean divided by the standard deviation in groups whose spread is small against their mean.
-    cdef Py_ssize_t size = channels * positions, c
-    cdef double mean, inverse_std
-    if size == 0:
-        return
-    mean = sdcli_sum_shifted(x, size, 0, False) / size
-    inverse_std = 1.0 / sqrt(sdcli_sum_centred_squares(x, size, mean) / size + eps)
+cdef inline double _run_sum(const float* x, Py_ssize_t n, bint centred, double mean) noexcept nogil:
+    # x[0:n] summed in double, or its squares centred on mean
+    return sdcli_sum_centred_squares(x, n, mean) if centred else sdcli_sum_shifted(x, n, 0, False)
+
+
+cdef double _group_sum(const float* x, Py_ssize_t channels, Py_ssize_t frames, Py_ssize_t positions,
+                       Py_ssize_t channel_stride, Py_ssize_t frame_stride, bint centred, double mean) noexcept nogil:
+    # The sum in double of one group's values (channels, frames, positions), or of their squares centred on mean:
+    # over one run where the group is contiguous (images: the same order as always), else over the longest runs
+    # its layout has (a video's frames lie apart: the channels of one frame, or one channel's positions).
+    cdef Py_ssize_t c, f
+    cdef double total = 0
+    if (frames == 1 and channel_stride == positions
+            or channel_stride == frames * positions and frame_stride == positions):
+        return _run_sum(x, channels * frames * positions, centred, mean)
+    if channel_stride == positions:
+        for f in range(frames):
+            total += _run_sum(x + f * frame_stride, channels * positions, centred, mean)
+        return total
     for c in range(channels):
-        sdcli_normalize_shift(x + c * positions, positions, mean, weight[c] * inverse_std, bias[c], silu,
-                              y + c * positions)
+        for f in range(frames):
+            total += _run_sum(x + c * channel_stride + f * frame_stride, positions, centred, mean)
+    return total
 
 
-def group_norm(const float[:, :, ::1] x, Py_ssize_t groups, const float[::1] weight, const float[::1] bias,
-               double eps, bint silu, float[:, :, ::1] out):
-    """GroupNorm of x (B, C, positions) with ``groups`` groups of C / groups channels, scaled by weight (C,) and
-    shifted by bias (C,), then SiLU when ``silu``, into out. Groups of all images run in parallel."""
-    cdef Py_ssize_t batch = x.shape[0], channels = x.shape[1], positions = x.shape[2], per_group, task, b, g
-    _check_out("group_norm", (out.shape[0], out.shape[1], out.shape[2]), (batch, channels, positions))
+def group_norm(const float[:, :, :, :] x, Py_ssize_t groups, const float[::1] weight, const float[::1] bias,
+               double eps, bint silu, float[:, :, :, :] out):
+    """GroupNorm of x (B, C, F, positions) with ``groups`` groups of C / groups channels, each normalised over its
+    channels, the F frames and the positions, scaled by weight (C,) and shifted by bias (C,), then SiLU when
+    ``silu``, into out (the same shape). x and out may be views whose rows of positions lie apart: a (B, C, F, P)
+    view of video frames (B, F, C, P) is read and written in place. Groups of all entries run in parallel.
+
+    In double as numpy_ops.group_norm: the mean, the biased variance of the values centred on it, and per channel
+    y = (x - mean) weight / std + bias, rounded to float once; then SiLU (in float) when asked. A float mean, or
+    y = x scale + (bias - mean scale) in float, would lose ulps of the mean divided by the standard deviation in
+    groups whose spread is small against their mean."""
+    cdef Py_ssize_t batch = x.shape[0], channels = x.shape[1], frames = x.shape[2], positions = x.shape[3]
+    cdef Py_ssize_t per_group, task, b, g, c, f, size
+    cdef Py_ssize_t x_channel = x.strides[1] // sizeof(float), x_frame = x.strides[2] // sizeof(float)
+    cdef double mean, inverse_std
+    _check_out("group_norm", (out.shape[0], out.shape[1], out.shape[2], out.shape[3]),
+               (batch, channels, frames, positions))
     if groups <= 0 or channels % groups:
         raise ValueError(f"group_norm: {channels} channels do not split into {groups} groups")
     if weight.shape[0] != channels or bias.shape[0] != channels:
         raise ValueError(f"group_norm: weight {weight.shape[0]} and bias {bias.shape[0]} must match the {channels} "
                          "channels")
+    if positions > 1 and (x.strides[3] != sizeof(float) or out.strides[3] != sizeof(float)):
+        raise ValueError("group_norm: the positions of x and out must be contiguous")
+    if x.strides[1] % sizeof(float) or x.strides[2] % sizeof(float):
+        raise ValueError("group_norm: x must be laid out in whole floats")
     per_group = channels // groups
-    if batch == 0 or channels == 0 or positions == 0:
+    size = per_group * frames * positions
+    if batch == 0 or size == 0:
         return
     with nogil:
         for task in prange(batch * groups, schedule="static"):
             b = task // groups
             g = task % groups
-            _group_norm_group(&x[b, g * per_group, 0], &weight[g * per_group], &bias[g * per_group], eps, silu,
-                              per_group, positions, &out[b, g * per_group, 0])
+            mean = _group_sum(&x[b, g * per_group, 0, 0], per_group, frames, positions, x_channel, x_frame, False,
+                              0) / size
+            inverse_std = 1.0 / sqrt(_group_sum(&x[b, g * per_group, 0, 0], per_group, frames, positions, x_channel,
+                                                x_frame, True, mean) / size + eps)
+            for c in range(g * per_group, (g + 1) * per_group):
+                for f in range(frames):
+                    sdcli_normalize_shift(&x[b, c, f, 0], positions, mean, weight[c] * inverse_std, bias[c], silu,
+                                          &out[b, c, f, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,12 +143,14 @@ class TemporalTransformer:
         batch = batch_frames // frames
         h = ops.permute(ops.reshape(x, (batch, frames, channels, height, width)), (0, 2, 1, 3, 4))  # (B, C, F, h, w)
         h = self.norm(h)  # groups of channels over all frames and positions of a video
-        h = ops.reshape(ops.permute(h, (0, 3, 4, 2, 1)), (batch * height * width, frames, channels))  # (B h w, F, C)
+        h = ops.reshape(ops.permute(h, (0, 2, 1, 3, 4)), (batch, frames * channels, height, width))  # (B, F C, h, w)
+        h = ops.reshape(ops.channels_last(h), (batch * height * width, frames, channels))  # (B h w, F, C)
         h = self.proj_in(h)
         for block in self.transformer_blocks:  # self-attention over the frames (or over windows of them)
             h = block(h, None) if windows is None else attend_in_windows(block, h, windows)
         h = self.proj_out(h)
-        h = ops.permute(ops.reshape(h, (batch, height, width, frames, channels)), (0, 3, 4, 1, 2))  # (B, F, C, h, w)
+        h = ops.reshape(h, (batch, height * width, frames * channels))  # (B, h w, F C)
+        h = ops.channels_first(h, height, width)  # (B, F C, h, w)
         return ops.add(ops.reshape(h, (batch_frames, channels, height, width)), x)
 
 

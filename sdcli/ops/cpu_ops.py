@@ -295,15 +295,28 @@ def group_norm(x: np.ndarray, num_groups: int, weight, bias, eps: float, *, silu
     """Normalise each of ``num_groups`` channel groups over its channels and all spatial positions (biased
     variance), then scale and shift per channel; then SiLU when ``silu``, in the same pass. Statistics,
     normalisation, scale and shift in double, rounded to float32 once, as numpy_ops.group_norm.
-    x (B, C, ...) with C divisible by num_groups; weight/bias (C,)."""
-    x = _float32(x)
+    x (B, C, ...) with C divisible by num_groups; weight/bias (C,). A video's (B, C, F, H, W) view of frames laid
+    out (B, F, C, H, W) is read in place, and the result has x's layout (so permuting it back is free)."""
+    x = np.asarray(x, dtype=np.float32)
     batch, channels = x.shape[:2]
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(f"group_norm: {channels} channels do not split into {num_groups} groups")
-    out = np.empty_like(x)
-    kernels.group_norm(x.reshape(batch, channels, -1), num_groups, _vector(weight), _vector(bias), eps, silu,
-                       out.reshape(batch, channels, -1))  # (B, C, positions)
+    frames = math.prod(x.shape[2:-2])  # the axes between the channels and the last two (1 for images)
+    shape = (batch, channels, frames, math.prod(x.shape[max(2, x.ndim - 2):]))  # (B, C, F, positions)
+    if _view_as(x, shape) is None:
+        x = _float32(x)
+    out = np.empty_like(x)  # x's layout
+    kernels.group_norm(_view_as(x, shape), num_groups, _vector(weight), _vector(bias), eps, silu, _view_as(out, shape))
     return out
+
+
+def _view_as(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """x reshaped to ``shape`` as a view whose last axis is contiguous, or None where that needs a copy."""
+    try:
+        view = np.reshape(x, shape, copy=False)
+    except ValueError:
+        return None
+    return view if view.shape[-1] <= 1 or view.strides[-1] == view.itemsize else None
 
 
 def conv2d(x: np.ndarray, weight, bias=None, *, stride: int = 1, padding: int = 0) -> np.ndarray:
