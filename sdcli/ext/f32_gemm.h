@@ -166,15 +166,19 @@ SDCLI_F32_TARGET static void sdcli_f32_widen(const uint16_t *src, float *dst, pt
 
 /* ------------------------------------------------------------------------------------------ the microkernel */
 
-/* One part of a tile's sum: A (MR rows KC apart, kc of k) @ B (kc rows of NR), kc <= KSUM, plus the sum of the
- * parts before it held in `parts` (when `earlier`). Unless `last`, the sum goes back to `parts` (on the stack, in
- * L1). The last part writes C[0:mr, 0:nr] = (C if accumulate, else 0) + the sum, then plus bias_row[r] (per row)
- * and bias_col[j] (per column) when add_bias, either NULL for none; mr <= MR, nr <= NR. Its C lines are asked for
- * at its start and added after its sum. */
-SDCLI_F32_TARGET static void sdcli_f32_tile_part(const float *a, const float *b, ptrdiff_t kc, __m512 parts[][2],
-                                                 int earlier, int last, float *c, ptrdiff_t ldc, int mr, int nr,
-                                                 int accumulate, int add_bias, const float *bias_row,
-                                                 const float *bias_col) {
+/* One part of a tile's sum: A (`rows` rows KC apart, kc of k) @ B (kc rows of NR), kc <= KSUM, plus the sum of
+ * the parts before it held in `parts` (when `earlier`). Unless `last`, the sum goes back to `parts` (on the stack,
+ * in L1). The last part writes C[0:mr, 0:nr] = (C if accumulate, else 0) + the sum, then plus bias_row[r] (per
+ * row) and bias_col[j] (per column) when add_bias, either NULL for none; mr <= rows <= MR, nr <= NR. Its C lines
+ * are asked for at its start and added after its sum. `rows` is a constant where this is inlined: MR for whole
+ * panels, mr for the last panel of a matrix, whose rows past m are then not computed at all (a Cout of 128 is 9
+ * panels and 2 rows: the 10th panel cost as much as the others, 8% of the product). Each row's sum is the same
+ * whatever the rows computed beside it. */
+SDCLI_F32_TARGET SDCLI_F32_INLINE void sdcli_f32_tile_part(const float *a, const float *b, ptrdiff_t kc,
+                                                           __m512 parts[][2], int earlier, int last, float *c,
+                                                           ptrdiff_t ldc, int mr, int nr, int accumulate, int add_bias,
+                                                           const float *bias_row, const float *bias_col,
+                                                           const int rows) {
     enum { MR = SDCLI_F32_MR, KC = SDCLI_F32_KC };
     __m512 acc[MR][2];
     if (last) {
@@ -184,11 +188,11 @@ SDCLI_F32_TARGET static void sdcli_f32_tile_part(const float *a, const float *b,
         }
     }
 #pragma GCC unroll 14
-    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (ptrdiff_t k = 0; k < kc; k++, a++, b += SDCLI_F32_NR) {
         const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
 #pragma GCC unroll 14
-        for (int r = 0; r < MR; r++) {
+        for (int r = 0; r < rows; r++) {
             const __m512 av = _mm512_set1_ps(a[r * KC]);
             acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
@@ -196,14 +200,14 @@ SDCLI_F32_TARGET static void sdcli_f32_tile_part(const float *a, const float *b,
     }
     if (earlier) {
 #pragma GCC unroll 14
-        for (int r = 0; r < MR; r++) {
+        for (int r = 0; r < rows; r++) {
             acc[r][0] = _mm512_add_ps(parts[r][0], acc[r][0]);
             acc[r][1] = _mm512_add_ps(parts[r][1], acc[r][1]);
         }
     }
     if (!last) {
 #pragma GCC unroll 14
-        for (int r = 0; r < MR; r++) parts[r][0] = acc[r][0], parts[r][1] = acc[r][1];
+        for (int r = 0; r < rows; r++) parts[r][0] = acc[r][0], parts[r][1] = acc[r][1];
         return;
     }
     const __mmask16 m0 = sdcli_f32_mask(nr), m1 = sdcli_f32_mask(nr - 16);
@@ -213,7 +217,7 @@ SDCLI_F32_TARGET static void sdcli_f32_tile_part(const float *a, const float *b,
         col1 = _mm512_maskz_loadu_ps(m1, bias_col + 16);
     }
 #pragma GCC unroll 14
-    for (int r = 0; r < MR; r++) {
+    for (int r = 0; r < rows; r++) {
         if (r >= mr) break;
         float *row = c + r * ldc;
         __m512 sum0 = acc[r][0], sum1 = acc[r][1];
@@ -235,21 +239,43 @@ SDCLI_F32_TARGET static void sdcli_f32_tile_part(const float *a, const float *b,
     }
 }
 
-/* C[0:mr, 0:nr] = (C if accumulate, else 0) + A (MR rows KC apart, kc of k) @ B (kc rows of NR), then plus the
- * bias (see sdcli_f32_tile_part) when add_bias; mr <= MR, nr <= NR. The sum over k runs in parts of at most KSUM
- * steps, each added to the sum of those before it. */
-SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrdiff_t kc, float *c, ptrdiff_t ldc,
-                                            int mr, int nr, int accumulate, int add_bias, const float *bias_row,
-                                            const float *bias_col) {
+/* C[0:mr, 0:nr] = (C if accumulate, else 0) + A (`rows` rows KC apart, kc of k) @ B (kc rows of NR), then plus
+ * the bias (see sdcli_f32_tile_part) when add_bias; mr <= rows <= MR, nr <= NR. The sum over k runs in parts of at
+ * most KSUM steps, each added to the sum of those before it. */
+SDCLI_F32_TARGET SDCLI_F32_INLINE void sdcli_f32_tile_rows(const float *a, const float *b, ptrdiff_t kc, float *c,
+                                                           ptrdiff_t ldc, int mr, int nr, int accumulate, int add_bias,
+                                                           const float *bias_row, const float *bias_col,
+                                                           const int rows) {
     __m512 parts[SDCLI_F32_MR][2];
-    add_bias = add_bias && (bias_row != NULL || bias_col != NULL);
     ptrdiff_t k = 0;
     do {
         const ptrdiff_t steps = sdcli_f32_min(SDCLI_F32_KSUM, kc - k);
         sdcli_f32_tile_part(a + k, b + k * SDCLI_F32_NR, steps, parts, k > 0, k + steps >= kc, c, ldc, mr, nr,
-                            accumulate, add_bias, bias_row, bias_col);
+                            accumulate, add_bias, bias_row, bias_col, rows);
         k += steps;
     } while (k < kc);
+}
+
+/* sdcli_f32_tile_rows for all MR rows of a panel, or for only the mr rows of a matrix's last panel (a constant in
+ * each case, for which the loops over the rows unroll). */
+SDCLI_F32_TARGET static void sdcli_f32_tile(const float *a, const float *b, ptrdiff_t kc, float *c, ptrdiff_t ldc,
+                                            int mr, int nr, int accumulate, int add_bias, const float *bias_row,
+                                            const float *bias_col) {
+    add_bias = add_bias && (bias_row != NULL || bias_col != NULL);
+    switch (mr) {
+#define SDCLI_F32_ROWS_CASE(n)                                                                                     \
+    case n:                                                                                                        \
+        sdcli_f32_tile_rows(a, b, kc, c, ldc, mr, nr, accumulate, add_bias, bias_row, bias_col,                    \
+                            (n) < SDCLI_F32_MR ? (n) : SDCLI_F32_MR);                                              \
+        break;
+        SDCLI_F32_ROWS_CASE(1) SDCLI_F32_ROWS_CASE(2) SDCLI_F32_ROWS_CASE(3) SDCLI_F32_ROWS_CASE(4)
+        SDCLI_F32_ROWS_CASE(5) SDCLI_F32_ROWS_CASE(6) SDCLI_F32_ROWS_CASE(7) SDCLI_F32_ROWS_CASE(8)
+        SDCLI_F32_ROWS_CASE(9) SDCLI_F32_ROWS_CASE(10) SDCLI_F32_ROWS_CASE(11) SDCLI_F32_ROWS_CASE(12)
+        SDCLI_F32_ROWS_CASE(13)
+#undef SDCLI_F32_ROWS_CASE
+    default:
+        sdcli_f32_tile_rows(a, b, kc, c, ldc, mr, nr, accumulate, add_bias, bias_row, bias_col, SDCLI_F32_MR);
+    }
 }
 
 /* One chunk of k: C[0:m, 0:n] = (C if accumulate, else 0) + A @ B, plus the bias when add_bias (the last chunk). a: the chunk of the first panel, panels a_stride values apart,
