@@ -164,8 +164,7 @@ if side == "sdcli":
                                 get_ops("cpu"), precision)
         run = lambda: unet(inputs["sample"], inputs["timesteps"], inputs["context"])
     else:
-        from sdcli.pipelines.image import decoder_on_host
-        decoder = decoder_on_host(load_vae_decoder(folder, precision=precision))  # as the pipelines decode
+        decoder = load_vae_decoder(folder, precision=precision)
         run = lambda: decoder(inputs["latents"])
     load = time.perf_counter() - start
     _, warmup = timed(run)

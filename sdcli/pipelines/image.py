@@ -50,7 +50,7 @@ from ..families import Family, LatentGeometry
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraSpec
 from ..io.prompts_file import PromptLine
-from ..memory import return_freed_memory, small_pages
+from ..memory import return_freed_memory
 from ..models import open_checkpoint
 from ..ops import get_ops
 from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
@@ -245,19 +245,6 @@ def on_host(network, arrays: tuple[int, ...] = (0,)):
     return call
 
 
-def decoder_on_host(decoder):
-    """``decoder`` (latents -> images) as a function of host arrays (:func:`on_host`) that runs with ordinary memory
-    pages: a decoder's activations grow from block to block, and huge pages for each new size can cost a tenth of
-    the decode (:func:`sdcli.memory.small_pages`)."""
-    call = on_host(decoder)
-
-    def decode(latents):
-        with small_pages():
-            return call(latents)
-
-    return decode
-
-
 class TextToImage:
     """A loaded model: prompt encoder, denoising network, image decoder and scheduler config of its family's
     stages. ``prepare`` resolves a batch against the model, ``run`` generates it.
@@ -414,7 +401,7 @@ class TextToImage:
         latents = (x * np.float32(plan.final_scale)).astype(np.float32)  # (B, C, h, w) what diffusers decodes
         self.leave_stage(self.stages.denoiser_component, self.network)
         start = time.perf_counter()
-        images = decoder_on_host(self.decoder)(latents)  # (B, 3, H, W)
+        images = on_host(self.decoder)(latents)  # (B, 3, H, W)
         timings["decode_s"] = time.perf_counter() - start
         self.leave_stage(self.stages.decoder_component, self.decoder)
         yield GeneratedBatch(images, latents, seeds, params, timings)

@@ -48,7 +48,7 @@ from ..ops import get_ops
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
-from .image import StepRecord, decoder_on_host, default_steps, leave_stage, load_prompt_encoder, on_host
+from .image import StepRecord, default_steps, leave_stage, load_prompt_encoder, on_host
 
 log = logging.getLogger("sdcli")
 
@@ -267,7 +267,7 @@ class TextToVideo:
         batch, channels, frames, height, width = latents.shape
         flat = np.ascontiguousarray(latents.transpose(0, 2, 1, 3, 4)).reshape(batch * frames, channels, height,
                                                                                width)
-        decode = decoder_on_host(self.decoder)
+        decode = on_host(self.decoder)
         pieces = [decode(flat[i:i + chunk]) for i in range(0, len(flat), chunk)]  # (n, 3, H, W) each
         images = np.concatenate(pieces)
         return images.reshape(batch, frames, *images.shape[1:])
