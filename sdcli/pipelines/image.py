@@ -50,7 +50,7 @@ from ..families import Family, LatentGeometry
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraSpec
 from ..io.prompts_file import PromptLine
-from ..memory import return_freed_memory
+from ..memory import return_freed_memory, reuse_large_arrays
 from ..models import open_checkpoint
 from ..ops import get_ops
 from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
@@ -388,12 +388,13 @@ class TextToImage:
 
         start = time.perf_counter()
         total = len(plan.sigmas) - 1
-        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, C, h, w)
-            x = step.x
-            preview = None
-            if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
-                preview = on_host(self.preview_decoder())(step.denoised)
-            yield StepRecord(step.index, total, float(step.sigma), x, preview, time.perf_counter() - start)
+        with reuse_large_arrays():  # the network's activations come back at every step: their memory stays
+            for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, C, h, w)
+                x = step.x
+                preview = None
+                if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
+                    preview = on_host(self.preview_decoder())(step.denoised)
+                yield StepRecord(step.index, total, float(step.sigma), x, preview, time.perf_counter() - start)
         timings["denoising_s"] = time.perf_counter() - start
         timings["steps"] = total
         timings["s_per_step"] = timings["denoising_s"] / max(total, 1)

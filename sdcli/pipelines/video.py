@@ -43,6 +43,7 @@ from ..families.animatediff import (ANIMATEDIFF_DEFAULTS, ANIMATEDIFF_SCHEDULER,
                                     VideoDefaults, load_motion_unet)
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraSpec
+from ..memory import reuse_large_arrays
 from ..models import open_checkpoint, open_motion_adapter
 from ..ops import get_ops
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
@@ -247,9 +248,10 @@ class TextToVideo:
 
         start = time.perf_counter()
         total = len(plan.sigmas) - 1
-        for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, 4, F, h, w)
-            x = step.x
-            yield StepRecord(step.index, total, float(step.sigma), x, None, time.perf_counter() - start)
+        with reuse_large_arrays():  # the network's activations come back at every step: their memory stays
+            for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, 4, F, h, w)
+                x = step.x
+                yield StepRecord(step.index, total, float(step.sigma), x, None, time.perf_counter() - start)
         timings["denoising_s"] = time.perf_counter() - start
         timings["steps"] = total
 
