@@ -57,7 +57,7 @@ def reuse_large_arrays():
     of that size costs a page fault and a page of zeros from the kernel per 4 KB on its first write, every time. A
     network call allocates the same large activations over and over: the motion UNet at 16 frames x 32x32 latents
     (level-0 activations of 42 MB) spends about a tenth of its time in those faults. Measured on 2 cores (Zen 4),
-    fresh processes: its call took 45.3-45.6 s rather than 53.0 s, with a peak 3% higher (5.85 GB rather than
+    fresh processes: its call took 46.6 s rather than 53.0 s, with a peak 3% higher (5.84 GB rather than
     5.66 GB: the heap's free gaps stay resident). Decoders, whose activations grow from block to block and are not
     reused, stay outside: a 512x512 VAE decode inside would be 10% faster but peak 21% higher.
     """
