@@ -48,20 +48,24 @@ _reuse_depth = 0
 
 
 @contextlib.contextmanager
-def reuse_large_arrays():
-    """Inside: arrays of any size up to 1 GiB are carved from the C heap, and memory freed there is kept mapped for
-    the next array rather than handed back to the system (glibc; elsewhere nothing changes). On leaving, glibc's
-    settled thresholds (32 MB, trimming past 64 MB) apply. Re-entrant.
+def reuse_large_arrays(enabled: bool = True):
+    """Inside (when ``enabled``): arrays of any size up to 1 GiB are carved from the C heap, and memory freed
+    there is kept mapped for the next array rather than handed back to the system (glibc; elsewhere nothing
+    changes). On leaving, glibc's settled thresholds (32 MB, trimming past 64 MB) apply. Re-entrant.
 
     glibc maps every block above its threshold (at most 32 MB) afresh and unmaps it when freed, so each new array
     of that size costs a page fault and a page of zeros from the kernel per 4 KB on its first write, every time. A
-    network call allocates the same large activations over and over: the motion UNet at 16 frames x 32x32 latents
-    (level-0 activations of 42 MB) spends about a tenth of its time in those faults. Measured on 2 cores (Zen 4),
-    fresh processes: its call took 46.6 s rather than 53.0 s, with a peak 3% higher (5.84 GB rather than
-    5.66 GB: the heap's free gaps stay resident). Decoders, whose activations grow from block to block and are not
-    reused, stay outside: a 512x512 VAE decode inside would be 10% faster but peak 21% higher.
+    network call allocates the same large activations over and over, and so does every step of a sampling loop:
+    the image and video pipelines run their loops inside, unless loaded with ``low_memory``. The motion UNet at
+    16 frames x 32x32 latents (level-0 activations of 42 MB) spent about a tenth of its time in those faults.
+    Measured on 2 cores (Zen 4), fresh processes: its call took 46.6 s rather than 53.0 s, with a peak 3% higher
+    (5.84 GB rather than 5.66 GB: the heap's free gaps stay resident). Decoders, whose activations grow from block
+    to block and are not reused, stay outside: a 512x512 VAE decode inside would be 10% faster but peak 21% higher.
     """
     global _reuse_depth
+    if not enabled:
+        yield
+        return
     mallopt = _mallopt()
     if mallopt is not None and _reuse_depth == 0:
         mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD)

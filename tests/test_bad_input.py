@@ -160,6 +160,7 @@ def test_unprepared_bytes_follow_what_the_layers_hold():
     assert unprepared_bytes(converted.network) == 0
     streamed = sdcli.load_pipeline(str(MODEL), precision="fp16", low_memory=True)
     assert unprepared_bytes(streamed.network) == max(matrix.data.size for matrix in matrices) * 4
+    assert converted.reuse_memory and not streamed.reuse_memory  # its sampling loop hands large arrays back at once
 
 
 def layers_of(network) -> list:

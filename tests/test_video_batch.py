@@ -110,6 +110,12 @@ def test_low_memory_gives_the_same_clip(tiny_video, tmp_path):
     assert np.max(np.abs(plain.astype(np.int16) - low)) <= 1  # the same to float32 rounding, usually bit for bit
 
 
+def test_low_memory_sampling_loop_keeps_no_freed_arrays(tiny_video):
+    model, adapter = tiny_video
+    assert sdcli.load_video_pipeline(str(model), str(adapter)).reuse_memory
+    assert not sdcli.load_video_pipeline(str(model), str(adapter), low_memory=True).reuse_memory
+
+
 def test_unet_frames_at_once_give_the_same_network_output(tiny_video):
     model, adapter = tiny_video
     pipeline = sdcli.load_video_pipeline(str(model), str(adapter))

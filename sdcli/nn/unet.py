@@ -25,7 +25,6 @@ import numpy as np
 
 from ..config import UNetConfig
 from ..errors import SdcliError
-from ..memory import reuse_large_arrays
 from .layers import Conv2d, GroupNorm, LayerNorm, Linear, ParameterSource
 
 # Fixed by diffusers' building blocks rather than by the config: Transformer2DModel's GroupNorm uses eps 1e-6 and
@@ -370,7 +369,6 @@ class UNet2DConditionModel:
         return ops.concat([layer(*(ops.narrow(array, 0, start, min(start + piece, batch)) for array in (x, *per_entry)))
                            for start in range(0, batch, piece)], axis=0)
 
-    @reuse_large_arrays()  # the same activations again and again: their memory is kept rather than mapped anew
     def __call__(self, sample, timesteps: np.ndarray | float, encoder_hidden_states,
                  temporal: TemporalLayers | None = None, piece: int | None = None):
         """sample (B, in_channels, h, w), host timesteps (B,) or a scalar, encoder_hidden_states (B, S, D)

@@ -258,8 +258,9 @@ class TextToImage:
     """
 
     def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder, scheduler_config: dict,
-                 backend: str, precision: str, vae: str):
+                 backend: str, precision: str, vae: str, reuse_memory: bool = True):
         self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
+        self.reuse_memory = reuse_memory  # the sampling loop keeps large freed arrays for the next step
         self.family: Family = checkpoint.model_family
         self.stages = self.family.image
         self.scheduler_config = scheduler_config
@@ -388,7 +389,7 @@ class TextToImage:
 
         start = time.perf_counter()
         total = len(plan.sigmas) - 1
-        with reuse_large_arrays():  # the network's activations come back at every step: their memory stays
+        with reuse_large_arrays(self.reuse_memory):  # the network's activations come back at every step
             for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, C, h, w)
                 x = step.x
                 preview = None
@@ -429,8 +430,9 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
 
     ``vae_tiling``: the full VAE decodes large images in overlapping tiles, as diffusers' ``enable_tiling()``
     (TAESD always decodes whole). ``low_memory`` turns tiling on and streams the denoiser's and decoder's weights
-    (their mapped pages leave resident memory after each layer's use); the caller then encodes its prompts ahead
-    and releases the text encoder (see :class:`TextToImage`).
+    (their mapped pages leave resident memory after each layer's use), and the sampling loop hands large freed
+    arrays back at once rather than keeping them for the next step (:func:`sdcli.memory.reuse_large_arrays`); the
+    caller then encodes its prompts ahead and releases the text encoder (see :class:`TextToImage`).
 
     ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
     denoiser's weights, as diffusers' ``load_lora_weights`` and ``set_adapters`` do.
@@ -447,7 +449,7 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,
                                   stream=low_memory)
     pipeline = TextToImage(checkpoint, prompt_encoder, network, decoder, stages.scheduler_config(checkpoint),
-                           backend, precision, vae)
+                           backend, precision, vae, reuse_memory=not low_memory)
     pipeline.timings["load_s"] = time.perf_counter() - start
     log.info("loaded %s (%s, %s) in %.2f s", checkpoint.path, checkpoint.family, checkpoint.prediction_type,
              pipeline.timings["load_s"])

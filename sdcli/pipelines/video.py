@@ -143,8 +143,10 @@ class TextToVideo:
 
     def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder,
                  scheduler_config: dict, backend: str, precision: str,
-                 defaults: VideoDefaults = ANIMATEDIFF_DEFAULTS, motion_adapter: OpenedAdapter | None = None):
+                 defaults: VideoDefaults = ANIMATEDIFF_DEFAULTS, motion_adapter: OpenedAdapter | None = None,
+                 reuse_memory: bool = True):
         self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
+        self.reuse_memory = reuse_memory  # the sampling loop keeps large freed arrays for the next step
         self.family = checkpoint.model_family
         self.scheduler_config = scheduler_config
         self.backend, self.precision = backend, precision
@@ -248,7 +250,7 @@ class TextToVideo:
 
         start = time.perf_counter()
         total = len(plan.sigmas) - 1
-        with reuse_large_arrays():  # the network's activations come back at every step: their memory stays
+        with reuse_large_arrays(self.reuse_memory):  # the network's activations come back at every step
             for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, 4, F, h, w)
                 x = step.x
                 yield StepRecord(step.index, total, float(step.sigma), x, None, time.perf_counter() - start)
@@ -296,7 +298,8 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
 
     ``low_memory``: the UNet's, the motion modules' and the VAE's weights stream from the mapped files (each
     layer's pages dropped after use) instead of being held prepared, as ``load_pipeline(low_memory=True)`` loads
-    them for images: the resident weights are about one layer's, for some speed."""
+    them for images: the resident weights are about one layer's, for some speed; and, as there, the sampling loop
+    does not keep large freed arrays for the next step."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
@@ -324,7 +327,7 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     options = defaults.scheduler if scheduler_options is None else scheduler_options
     scheduler_config = {**stages.scheduler_config(checkpoint), **options}
     pipeline = TextToVideo(checkpoint, prompt_encoder, network, decoder, scheduler_config, backend, precision,
-                           defaults, adapter)
+                           defaults, adapter, reuse_memory=not low_memory)
     pipeline.timings["load_s"] = time.perf_counter() - start
     log.info("loaded %s with the motion adapter %s in %.2f s", checkpoint.path, adapter.path,
              pipeline.timings["load_s"])
