@@ -39,6 +39,9 @@ TOL = {
     "gelu": (1e-6, 1e-7),
     # the same float32 formula; the kernel's exp polynomial and numpy's exp are each within an ulp or two.
     "quick_gelu": (2e-6, 0.0),
+    # tanh (numpy) against the kernel's exp in the sigmoid form of the same function: a few ulp, plus the float32
+    # rounding of x^3 near the origin's cancellation.
+    "gelu_tanh": (4e-6, 1e-7),
     # exp within 1 ulp (the kernel's polynomial, numpy's SIMD exp), the row sum in double vs float32.
     "softmax": (2e-6, 1e-7),
     # a convolution is a sum of Cin*kh*kw products: tap-by-tap GEMMs (cpu), im2col (strided cpu), einsum (numpy)
@@ -167,7 +170,7 @@ ACTIVATION_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("op", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "quick_gelu"])
 @pytest.mark.parametrize("case", range(len(ACTIVATION_INPUTS)))
 def test_activations(backend, op, case):
     x = ACTIVATION_INPUTS[case]
@@ -176,7 +179,7 @@ def test_activations(backend, op, case):
     assert_close(got, expected, op)
 
 
-@pytest.mark.parametrize("op", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "quick_gelu"])
 def test_activations_special_values(backend, op):
     """Element by element (no shared scale): zeros, tiny and huge values, infinities and nan as in numpy_ops."""
     x = np.array([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38, np.inf, -np.inf, np.nan], dtype=np.float32)
@@ -459,6 +462,13 @@ def test_reference_geglu_against_torch(torch):
     x = random((2, 7, 64), magnitude=3.0)
     value, gate = torch.from_numpy(x).chunk(2, dim=-1)  # diffusers' GEGLU: hidden, gate = proj(x).chunk(2)
     assert_close(numpy_ops.geglu(x), (value * F.gelu(gate)).numpy(), "gelu")
+
+
+def test_reference_gelu_tanh_against_torch(torch):
+    F = torch.nn.functional
+    x = np.concatenate([np.linspace(-12.0, 12.0, 4001, dtype=np.float32), random((1000,), magnitude=4.0)])
+    expected = F.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+    assert_close(numpy_ops.gelu_tanh(x), expected, "gelu_tanh")
 
 
 def test_reference_quick_gelu_against_torch(torch):

@@ -37,6 +37,8 @@ cdef extern from "vec.h" nogil:
     double sdcli_exp_shifted(const float* x, float shift, ptrdiff_t n, float* y)
     # y[j] = x[j] / (1 + exp(-1.702 x[j])) for j < n
     void sdcli_quick_gelu(const float* x, ptrdiff_t n, float* y)
+    # y[j] = x[j] sigmoid(2 sqrt(2/pi) (x[j] + 0.044715 x[j]^3)), GELU's tanh approximation, for j < n
+    void sdcli_gelu_tanh(const float* x, ptrdiff_t n, float* y)
     # y[j] = x[j] Phi(x[j]), exact GELU, for j < n
     void sdcli_gelu(const float* x, ptrdiff_t n, float* y)
     # y[j] = value[j] gelu(gate[j]) for j < n
@@ -174,6 +176,15 @@ def quick_gelu(const float[::1] x, float[::1] out):
     with nogil:
         for chunk in prange((n + CHUNK - 1) // CHUNK, schedule="static"):
             sdcli_quick_gelu(&x[chunk * CHUNK], min(<Py_ssize_t>CHUNK, n - chunk * CHUNK), &out[chunk * CHUNK])
+
+
+def gelu_tanh(const float[::1] x, float[::1] out):
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), element-wise."""
+    cdef Py_ssize_t n = x.shape[0], chunk
+    _check_out("gelu_tanh", (out.shape[0],), (n,))
+    with nogil:
+        for chunk in prange((n + CHUNK - 1) // CHUNK, schedule="static"):
+            sdcli_gelu_tanh(&x[chunk * CHUNK], min(<Py_ssize_t>CHUNK, n - chunk * CHUNK), &out[chunk * CHUNK])
 
 
 cdef void _softmax_row(const float* x, float* y, Py_ssize_t n) noexcept nogil:

@@ -4,6 +4,7 @@
  *   sdcli_max          the largest of x[0:n] (nan entries ignored; -inf when n is 0)
  *   sdcli_exp_shifted  y[j] = exp(x[j] - shift) for j < n, returning the sum (in double): the softmax numerator
  *   sdcli_quick_gelu   y[j] = x[j] / (1 + exp(-1.702 x[j])) for j < n
+ *   sdcli_gelu_tanh    y[j] = x[j] / (1 + exp(-2 sqrt(2/pi) (x[j] + 0.044715 x[j]^3))), GELU's tanh form, j < n
  *   sdcli_gelu         y[j] = x[j] Phi(x[j]) (exact GELU, Numerical Recipes' erfc) for j < n
  *   sdcli_geglu        y[j] = value[j] gelu(gate[j]) for j < n
  *   sdcli_sum_shifted  the sum of (x[j] - shift), or of its squares, for j < n, accumulated in double
@@ -174,6 +175,20 @@ static inline void sdcli_quick_gelu(const float *x, ptrdiff_t n, float *y) {
     }
 #endif
     sdcli_quick_gelu_w4(x, n, y);
+}
+
+static inline void sdcli_gelu_tanh(const float *x, ptrdiff_t n, float *y) {
+#ifdef SDCLI_X86_DISPATCH
+    if (sdcli_has_avx512()) {
+        sdcli_gelu_tanh_w16(x, n, y);
+        return;
+    }
+    if (sdcli_has_avx2()) {
+        sdcli_gelu_tanh_w8(x, n, y);
+        return;
+    }
+#endif
+    sdcli_gelu_tanh_w4(x, n, y);
 }
 
 static inline void sdcli_gelu(const float *x, ptrdiff_t n, float *y) {

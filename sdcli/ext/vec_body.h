@@ -94,6 +94,17 @@ SDCLI_TARGET static void SDCLI_FN(quick_gelu)(const float *x, ptrdiff_t n, float
     }
 }
 
+/* GELU's tanh approximation, 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), written as
+ * x sigmoid(2 u) = x / (1 + exp(-2 u)), the same function. */
+SDCLI_TARGET static void SDCLI_FN(gelu_tanh)(const float *x, ptrdiff_t n, float *y) {
+    for (ptrdiff_t j = 0; j < n; j += SDCLI_W) {
+        const ptrdiff_t lanes = n - j < SDCLI_W ? n - j : SDCLI_W;
+        const SDCLI_F v = lanes == SDCLI_W ? SDCLI_FN(load)(x + j) : SDCLI_FN(load_part)(x + j, lanes, 0.0f);
+        const SDCLI_F twice_u = v * (1.5957691216057308f + 0.0713548162726009f * (v * v));
+        SDCLI_FN(store)(y + j, v / (1.0f + SDCLI_FN(exp)(-twice_u)), lanes);
+    }
+}
+
 /* GELU, x Phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2 from Numerical Recipes' erfcc (as numpy_ops.erf): for
  * z = |x| / sqrt 2, erfc(z) = t exp(P(t) - z^2) with t = 1 / (1 + z / 2), relative error below 1.2e-7, and
  * erfc(-z) = 2 - erfc(z). Infinities and nan come out as the reference's formula gives them (-inf: nan). */

@@ -5,7 +5,7 @@ float16 widened a panel at a time) run the AVX-512 kernels of :mod:`sdcli.ext.f3
 ``linear`` is numpy's matmul and ``conv2d`` blocked im2col with one sgemm per block in C through
 :mod:`sdcli.ext.blas_kernels` (OpenBLAS or Accelerate), or in numpy where that module is not built. bf16 weights
 run :mod:`sdcli.ext.bf16_kernels` (AMX or AVX512_BF16). layer_norm, group_norm (with the SiLU after it fused in),
-gelu, geglu, quick_gelu, softmax, the fused attention (never forming the (Tq, Tk) score matrix), the
+gelu, gelu_tanh, geglu, quick_gelu, softmax, the fused attention (never forming the (Tq, Tk) score matrix), the
 channels-first/last transposes and nearest upsampling run in :mod:`sdcli.ext.cpu_kernels`, parallel when the
 extension was built with OpenMP; silu and relu are vectorised numpy.
 What runs where follows the CPU level (``sdcli.ext.cpu_level()``: the CPU's best, capped by SDCLI_CPU_LEVEL): below
@@ -171,6 +171,12 @@ def layer_norm(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
 def gelu(x: np.ndarray) -> np.ndarray:
     """Exact GELU, ``x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`` (PyTorch's default, approximate='none')."""
     return _elementwise(kernels.gelu, x)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, computed as the same
+    function ``x / (1 + exp(-2 sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    return _elementwise(kernels.gelu_tanh, x)
 
 
 def geglu(x: np.ndarray) -> np.ndarray:

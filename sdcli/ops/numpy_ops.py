@@ -117,6 +117,13 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016), PyTorch's approximate='tanh', T5's "gelu_new", the
+    Wan DiT's feed-forward: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, in float32."""
+    inner = np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return (np.float32(0.5) * x * (np.float32(1) + np.tanh(inner))).astype(np.float32)
+
+
 def geglu(x: np.ndarray) -> np.ndarray:
     """GEGLU (Shazeer 2020): the first half of the last axis gated by the GELU of the second.
     (..., 2 C) -> (..., C)."""
