@@ -292,7 +292,7 @@ def print_noise_table(config, tables, timesteps) -> None:
 @click.argument("model", required=False)
 @click.option("--revision", help="A branch, tag or commit of the repository  [default: the preset's, or main]")
 @click.option("--variant", type=click.Choice(sdcli.VARIANTS),
-              help="fp16: the half-size weight files where the repository has them; fp32: the plain ones  "
+              help="fp16 / bf16: the half-size weight files where the repository has them; fp32: the plain ones  "
                    "[default: the preset's; fp16 for a repo id]")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Fetch the repository files matching GLOB instead of the ones sdcli reads (repeatable).")

@@ -485,3 +485,55 @@ class VAEConfig:
     def downscale(self) -> int:
         """Pixels per latent along each side: 2 per level after the first (8 for SD)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class WanTransformerConfig:
+    """The Wan2.1 diffusion transformer (diffusers ``WanTransformer3DModel``, ``transformer/config.json``).
+
+    The defaults are Wan2.1-T2V-1.3B's: 30 blocks of width 1536 (12 heads of 128), feed-forward 8960, text
+    embeddings of 4096 (UMT5-XXL), sinusoidal timestep features of 256, (1, 2, 2) patches of 16 latent channels.
+    Image conditioning (``image_dim``, ``added_kv_proj_dim``: the image-to-video models) is refused by name.
+    """
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+    @classmethod
+    def from_diffusers(cls, data: dict[str, Any], source: str = "transformer/config.json") -> "WanTransformerConfig":
+        for option in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            if data.get(option) is not None:
+                raise CheckpointError(f"{source}: {option}={data[option]!r} (image conditioning) is not supported; "
+                                      "sdcli runs the text-to-video Wan transformer")
+        if data.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+            raise CheckpointError(f"{source}: qk_norm={data['qk_norm']!r} is not supported "
+                                  "(sdcli implements 'rms_norm_across_heads')")
+        data = dict(data)
+        if data.get("out_channels") is None:
+            data["out_channels"] = data.get("in_channels", cls.in_channels)
+        if data.get("patch_size") is not None:
+            data["patch_size"] = tuple(data["patch_size"])
+        config = _pick(cls, data, source)
+        sizes = (config.num_attention_heads, config.attention_head_dim, config.in_channels, config.out_channels,
+                 config.text_dim, config.freq_dim, config.ffn_dim, config.num_layers, *config.patch_size)
+        if len(config.patch_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                  for v in sizes):
+            raise CheckpointError(f"{source}: sizes and the 3-D patch_size must be positive integers")
+        if config.attention_head_dim % 2 or config.freq_dim % 2:
+            raise CheckpointError(f"{source}: attention_head_dim and freq_dim must be even")
+        return config
+
+    @property
+    def inner_dim(self) -> int:
+        """The transformer's width: heads times head size (1536)."""
+        return self.num_attention_heads * self.attention_head_dim

@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # sdcli.hub imports requests; it is imported only when a down
 logger = logging.getLogger("sdcli")
 
 AUTO_DOWNLOAD_ENV = "SDCLI_AUTO_DOWNLOAD"
-VARIANTS = ("fp16", "fp32")  # what --variant offers; fp32 means the plain (unsuffixed) weight files
+VARIANTS = ("fp16", "bf16", "fp32")  # what --variant offers; fp32 means the plain (unsuffixed) weight files
 
 WEIGHTS_ENV = "SDCLI_WEIGHTS"
 
@@ -127,7 +127,7 @@ def is_repo_id(text: str) -> bool:
 
 
 def variant_option(variant: str | None, default: str | None) -> str | None:
-    """``--variant`` as the Hub's selection takes it: "fp16", or None for the plain weights ("fp32")."""
+    """``--variant`` as the Hub's selection takes it: "fp16", "bf16", or None for the plain weights ("fp32")."""
     if variant is None:
         return default
     if variant not in VARIANTS:

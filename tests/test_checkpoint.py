@@ -129,7 +129,7 @@ def test_newer_families_are_refused(tmp_path, key, family):
 def test_not_a_stable_diffusion_file(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(path, {"weight": np.zeros(2, np.float32)})
-    with pytest.raises(CheckpointError, match="not a Stable Diffusion"):
+    with pytest.raises(CheckpointError, match="nor a Stable Diffusion"):
         open_checkpoint(path)
 
 

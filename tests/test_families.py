@@ -26,13 +26,18 @@ TOY_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps":
                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
 
 
-def test_the_registry_holds_sd_and_what_it_declares():
-    assert list(FAMILIES) == ["sd"]
+def test_the_registry_holds_wan_and_sd_and_what_they_declare():
+    assert list(FAMILIES) == ["wan", "sd"]  # sd reads any diffusers folder, so it is asked last
     assert family_of("sd1") is family_of("sd2") is SD
     assert SD.latents == LatentGeometry(channels=4, downscale=8)
     assert set(SD.components) == {"text_encoder", "unet", "vae"}
-    assert [preset.name for preset in SD.presets] == list(models.PRESETS) == list(sdcli.MODEL_PRESETS)
-    assert models.DIFFUSERS_FILES == SD.diffusers_files
+    wan = FAMILIES["wan"]
+    assert family_of("wan21") is wan and wan.image is None  # a video family: no image stages
+    assert wan.latents == LatentGeometry(channels=16, downscale=8)
+    assert set(wan.components) == {"text_encoder", "transformer", "vae"}
+    assert [preset.name for family in (wan, SD) for preset in family.presets] == list(models.PRESETS) \
+        == list(sdcli.MODEL_PRESETS)
+    assert set(models.DIFFUSERS_FILES) == set(SD.diffusers_files) | set(wan.diffusers_files)  # for a repo id
     assert sdcli.PRECISIONS == SD.precisions == ("fp32", "fp16", "bf16")
     with pytest.raises(CheckpointError, match="no model family reads 'sdxl'"):
         family_of("sdxl")
@@ -110,7 +115,7 @@ def test_a_registered_family_recognises_its_files(toy):
 def test_an_unrecognised_file_names_every_family(toy, tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(path, {"weight": np.zeros(2, np.float32)})
-    with pytest.raises(CheckpointError, match="not a toy checkpoint nor a Stable Diffusion 1.x/2.x checkpoint"):
+    with pytest.raises(CheckpointError, match="not a toy checkpoint nor a Wan2.1 transformer file .* nor a Stable Diffusion 1.x/2.x checkpoint"):
         recognise(path)
 
 
@@ -118,7 +123,7 @@ def test_not_yet_read_markers_give_way_to_a_family_of_that_name(monkeypatch, tmp
     marker, name = next(iter(NOT_YET_READ.items()))
     path = tmp_path / "new.safetensors"
     save_file(path, {marker + "x": np.zeros(2, np.float32)})
-    with pytest.raises(CheckpointError, match=f"this is a {name} checkpoint; sdcli reads SD 1.x and 2.x so far"):
+    with pytest.raises(CheckpointError, match=f"this is a {name} checkpoint; sdcli reads Wan2.1 text to video and SD 1.x and 2.x so far"):
         recognise(path)
     family = replace(stub_family([]), name=name.lower(), recognise_file=lambda file, path: "claimed")
     monkeypatch.setattr("sdcli.families.FAMILIES", {family.name: family, **FAMILIES})

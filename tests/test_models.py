@@ -91,8 +91,8 @@ def test_preset_table_is_sane():
     for name, preset in PRESETS.items():
         assert preset.name == name and "/" not in name
         assert models.is_repo_id(preset.repo_id)
-        assert preset.layout in ("diffusers", "single-file") and preset.family in ("sd1", "sd2")
-        assert preset.variant in ("fp16", None) and preset.revision
+        assert preset.layout in ("diffusers", "single-file") and preset.family in ("sd1", "sd2", "wan21")
+        assert preset.variant in ("fp16", "bf16", None) and preset.revision
         assert preset.page == f"https://huggingface.co/{preset.repo_id}"
         assert preset.size_bytes is None or preset.size_bytes > 100_000_000
         assert preset.license and preset.description
@@ -148,7 +148,7 @@ def test_model_source_options():
     with pytest.raises(SdcliError, match="single file"):
         models.model_source("sd15-single", variant="fp16")
     with pytest.raises(SdcliError, match="unknown variant"):
-        models.model_source("sd15", variant="bf16")
+        models.model_source("sd15", variant="fp8")
     with pytest.raises(ModelNotFoundError, match="unknown model 'nonsense'.*sd15"):
         models.model_source("nonsense")
 

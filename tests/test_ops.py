@@ -644,3 +644,15 @@ def test_reference_bf16_attention_against_torch(torch):
     expected = F.scaled_dot_product_attention(*(torch.from_numpy(a).bfloat16() for a in (q, k, v))).float().numpy()
     got = numpy_ops.attention(q, k, v, precision="bf16")
     np.testing.assert_allclose(got, expected, rtol=0, atol=2 * BF16_ATTENTION_ULPS * float(np.abs(v).max()))
+
+
+def test_streamed_bf16_weight_is_never_kept_prepared(backend):
+    """A streamed bf16 weight (a text encoder too large to hold packed) is packed for each call and its file
+    pages released after it; the products are the kept weight's, to the bit."""
+    x, bits = random((5, 48)), bf16_bits((19, 48), 3)
+    released = []
+    streamed = backend.prepare(Weight(bits, "bf16", release=lambda: released.append(1), stream=True))
+    kept = backend.prepare(Weight(bits, "bf16"))
+    for call in (1, 2):
+        np.testing.assert_array_equal(backend.linear(x, streamed), backend.linear(x, kept))
+        assert not streamed.is_prepared and len(released) == call

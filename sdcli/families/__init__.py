@@ -137,7 +137,7 @@ class Family:
     presets: tuple[ModelPreset, ...]
     precisions: tuple[str, ...]  # what its networks can hold weights as
     latents: LatentGeometry
-    image: ImageStages
+    image: ImageStages | None  # None: a family that makes no images (Wan makes videos)
     recognise_folder: Callable[[Path, str | None], Checkpoint | None]
     recognise_file: Callable[[SafetensorsFile, Path], Checkpoint | None]
     shipped_configs: Callable[[str], Path]  # architecture -> the config folders a single file borrows
@@ -203,6 +203,7 @@ def recognise(path: str | Path, variant: str | None = None) -> Checkpoint:
 
 # -- the registry: one line per family ---------------------------------------------------------------------------
 
+register(import_module("sdcli.families.wan").FAMILY)  # Wan2.1: WanPipeline folders only
 register(import_module("sdcli.families.sd").FAMILY)  # SD 1.x and 2.x: reads any diffusers folder, so last
 
 checkpoint_io.set_recogniser(recognise)  # sdcli.io.checkpoint.open_checkpoint opens paths through the families

@@ -243,11 +243,12 @@ class Checkpoint:
 def component_weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
     """The safetensors file(s) of one diffusers component, honouring ``variant`` ("fp16", ...).
 
-    Without a variant the plain file wins, then the fp16 variant. Shards come from ``*.safetensors.index.json``.
+    Without a variant the plain file wins, then the fp16 variant, then the bf16 one. Shards come from
+    ``*.safetensors.index.json``.
     """
     if not folder.is_dir():
         raise ModelNotFoundError(f"{folder}: component folder missing from the diffusers model")
-    variants = [variant] if variant else [None, "fp16"]
+    variants = [variant] if variant else [None, "fp16", "bf16"]
     for candidate in variants:
         name = f"{stem}.{candidate}.safetensors" if candidate else f"{stem}.safetensors"
         if (folder / name).is_file():

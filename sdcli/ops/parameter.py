@@ -195,13 +195,17 @@ def unprepared_bytes(model) -> int:
 def run_matrix(weight: Parameter, float32_product, bf16_product, pack, pack_bf16, widen):
     """The one precision dispatch of the CPU backends' matrix ops (linear, convolutions).
 
-    A bf16 weight runs ``bf16_product(pack_bf16(bits))`` (prepared once, kept). An fp32 or fp16 weight runs
-    ``float32_product(pack(held array))`` (prepared once, kept), or when streamed
-    ``float32_product(widen(held array, precision))``, after which the file's pages are released (the prepared
-    copy a kept weight would make would stay resident).
+    A bf16 weight runs ``bf16_product(pack_bf16(bits))`` (prepared once, kept; when streamed, packed for this
+    call only). An fp32 or fp16 weight runs ``float32_product(pack(held array))`` (prepared once, kept), or when
+    streamed ``float32_product(widen(held array, precision))``. A streamed weight's file pages are released after
+    the call: the prepared copy a kept weight would make would stay resident.
     """
     if weight.precision == "bf16":
-        return bf16_product(weight.prepared(pack_bf16))
+        if not weight.streamed:
+            return bf16_product(weight.prepared(pack_bf16))
+        y = bf16_product(pack_bf16(weight.data))
+        weight.weight.release_pages()
+        return y
     if not weight.streamed:
         return float32_product(weight.prepared(pack))
     y = float32_product(widen(weight.data, weight.precision))

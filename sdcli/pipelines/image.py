@@ -46,7 +46,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import SdcliError
-from ..families import Family, LatentGeometry
+from ..families import Family, ImageStages, LatentGeometry
 from ..io.checkpoint import Checkpoint
 from ..io.lora import LoraSpec
 from ..io.prompts_file import PromptLine
@@ -409,12 +409,21 @@ class TextToImage:
         yield GeneratedBatch(images, latents, seeds, params, timings)
 
 
+def image_stages(checkpoint: Checkpoint) -> ImageStages:
+    """What text to image runs for ``checkpoint``'s family; a one-line error for a family that makes videos."""
+    stages = checkpoint.model_family.image
+    if stages is None:
+        raise SdcliError(f"{checkpoint.path} is a {checkpoint.model_family.title} video model, which makes no "
+                         f"images: make videos with 'sdcli video --model {checkpoint.path}'")
+    return stages
+
+
 def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu"):
     """Open ``model`` (a path, preset, repo id or an opened checkpoint) and load its tokenizer and text encoder:
     ``encoder.encode(prompts)`` gives the conditioning (B, S, D) the denoiser is guided by."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    encoder = checkpoint.model_family.image.load_prompt_encoder(checkpoint, get_ops(backend), precision)
+    encoder = image_stages(checkpoint).load_prompt_encoder(checkpoint, get_ops(backend), precision)
     encoder.timings["load_s"] = time.perf_counter() - start
     log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
              encoder.timings["load_s"])
@@ -442,7 +451,7 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     ops = get_ops(backend)
-    stages = checkpoint.model_family.image
+    stages = image_stages(checkpoint)
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
     lora_option = {"loras": loras} if loras else {}  # only when asked for: the stages of every family take it
     network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
