@@ -12,6 +12,7 @@ sigma^2); the docstrings say which and why, and tests/test_samplers.py checks it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -152,7 +153,8 @@ def sample_heun(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
 
 
 def sample_dpmpp_2m(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
-                    noise_sampler: NoiseSampler | None = None) -> Iterator[Step]:
+                    noise_sampler: NoiseSampler | None = None,
+                    alphas: Sequence[float] | None = None) -> Iterator[Step]:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the multistep second-order exponential
     integrator in data prediction, with t = -log(sigma) (the half log-SNR lambda) and h = t_next - t.
 
@@ -160,8 +162,14 @@ def sample_dpmpp_2m(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
     (dpmsolver++, solver_order 2, midpoint, final_sigmas_type "zero"): dividing its update by alpha_t leaves
     x_next = sigma_next / sigma x - expm1(-h) ((1 + 1/(2r)) denoised - 1/(2r) old_denoised), r = h_last / h.
     The scalar coefficients are computed in float64.
+
+    ``alphas`` (N + 1,) are the signal scales of latents written x = alpha x0 + sigma eps, for another
+    parametrisation than VE (None: alpha = 1). Then lambda = log(alpha / sigma) and the update is the paper's,
+    x_next = sigma_next / sigma x - alpha_next expm1(-h) (...); flow matching passes alpha = 1 - sigma
+    (``flow.sample_flow_dpmpp_2m``).
     """
     sigmas = _float32_sigmas(sigmas)
+    alphas = np.ones(len(sigmas)) if alphas is None else np.asarray(alphas, dtype=np.float64)
     old_denoised = None
     h_last = None
     for i in range(len(sigmas) - 1):
@@ -170,17 +178,28 @@ def sample_dpmpp_2m(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
         if sigma_next == 0:
             x = denoised
         else:
-            t, t_next = -np.log(np.float64(sigma)), -np.log(np.float64(sigma_next))
+            t, t_next = half_log_snr(alphas[i], sigma), half_log_snr(alphas[i + 1], sigma_next)
             h = t_next - t
             if old_denoised is None:
                 denoised_d = denoised
             else:
                 r = h_last / h
                 denoised_d = np.float32(1 + 1 / (2 * r)) * denoised - np.float32(1 / (2 * r)) * old_denoised
-            x = np.float32(sigma_next / np.float64(sigma)) * x - np.float32(np.expm1(-h)) * denoised_d
+            x = np.float32(sigma_next / np.float64(sigma)) * x - np.float32(alphas[i + 1] * np.expm1(-h)) * denoised_d
             h_last = h
         old_denoised = denoised
         yield Step(i, float(sigma), float(sigma_next), x, denoised)
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma) in float64, as log(alpha) - log(sigma) (exactly -log(sigma) at alpha = 1);
+    -inf at alpha = 0 (pure noise), +inf at sigma = 0."""
+    alpha, sigma = float(alpha), float(sigma)
+    if sigma == 0:
+        return math.inf
+    if alpha == 0:
+        return -math.inf
+    return math.log(alpha) - math.log(sigma)
 
 
 # Adams-Bashforth weights on the eps history, newest first, as (numerators, denominator) (Liu et al. 2022,

@@ -13,14 +13,15 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import SdcliError
-from .samplers import Step
+from .samplers import Step, half_log_snr
 
 SOLVER_TYPES = ("bh1", "bh2")
 
 
 def sample_unipc(model: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray, sigmas: Sequence[float], *,
                  noise_sampler: Callable | None = None, order: int = 2, solver_type: str = "bh2",
-                 lower_order_final: bool = True, disable_corrector: Sequence[int] = ()) -> Iterator[Step]:
+                 lower_order_final: bool = True, disable_corrector: Sequence[int] = (),
+                 alphas: Sequence[float] | None = None) -> Iterator[Step]:
     """UniPC-p (Zhao et al. 2023): a UniP-p predictor from the last ``order`` denoised estimates, and a UniC
     corrector that refines each prediction with the denoised estimate at the predicted point.
 
@@ -51,6 +52,11 @@ def sample_unipc(model: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray
     - ``disable_corrector``: indices of steps whose prediction is not corrected (diffusers' list of the same
       name; it helps against guidance-scale artefacts at large guidance).
 
+    - ``alphas`` (N + 1,): the signal scales of latents written x = alpha x0 + sigma eps, for another
+      parametrisation than VE (None: alpha = 1). Then lambda = log(alpha / sigma) and every term that
+      ``denoised`` enters is multiplied by alpha_next, as in the paper (Zhao et al. 2023, eq. 5-8 with alpha_t);
+      flow matching passes alpha = 1 - sigma (``flow.sample_flow_unipc``).
+
     A step to sigma_next = 0 (lambda = +inf, h = +inf) lands on ``denoised`` exactly; it is always first order,
     since a divided difference there has r_k = 0. (There diffusers returns non-finite latents with "bh1", whose
     B(h) = -h is infinite, and with ``lower_order_final=False``, which keeps the higher order.) UniPC is
@@ -61,7 +67,8 @@ def sample_unipc(model: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray
     if solver_type not in SOLVER_TYPES:
         raise SdcliError(f"unknown UniPC solver type {solver_type!r}; choose one of: {', '.join(SOLVER_TYPES)}")
     sigmas = [float(sigma) for sigma in sigmas]
-    lambdas = [-math.log(sigma) if sigma > 0 else math.inf for sigma in sigmas]
+    alphas = [1.0] * len(sigmas) if alphas is None else [float(alpha) for alpha in alphas]
+    lambdas = [half_log_snr(alpha, sigma) for alpha, sigma in zip(alphas, sigmas)]
     steps = len(sigmas) - 1
     history: list[np.ndarray] = []  # denoised estimates of the last `order` steps, newest last
     x_last = x  # the latents the previous prediction started from
@@ -71,14 +78,15 @@ def sample_unipc(model: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray
         """x at sigmas[target] from x and denoised at sigmas[i], with divided differences to the nodes [(index,
         estimate)]: UniP when the nodes are earlier estimates, UniC when the new estimate (index target) is
         the last node."""
-        sigma, sigma_next = sigmas[i], sigmas[target]
+        sigma, sigma_next, alpha_next = sigmas[i], sigmas[target], alphas[target]
         h = lambdas[target] - lambdas[i]
-        h_phi_1 = math.expm1(-h)  # e^{-h} - 1 = sigma_next / sigma - 1
+        h_phi_1 = math.expm1(-h)  # e^{-h} - 1 = (sigma_next / alpha_next) / (sigma / alpha) - 1
         b_h = -h if solver_type == "bh1" else h_phi_1
-        x_next = sigma_next / sigma * x - h_phi_1 * denoised
+        x_next = sigma_next / sigma * x - (alpha_next * h_phi_1) * denoised
         if not nodes:
             return x_next
-        rks = [(lambdas[k] - lambdas[i]) / h for k, _ in nodes]
+        # r = 1 for the new estimate by definition (h / h, also where h is infinite: a step from alpha = 0)
+        rks = [1.0 if k == target else (lambdas[k] - lambdas[i]) / h for k, _ in nodes]
         if len(nodes) == 1:
             rhos = [0.5]
         else:
@@ -92,7 +100,7 @@ def sample_unipc(model: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray
             vandermonde = np.vander(rks, increasing=True).T  # (K, K): row n holds r_k^n
             rhos = [float(rho) for rho in np.linalg.solve(vandermonde, b)]
         residual = sum(rho * (estimate - denoised) / rk for rho, rk, (_, estimate) in zip(rhos, rks, nodes))
-        return x_next - b_h * residual
+        return x_next - (alpha_next * b_h) * residual
 
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
