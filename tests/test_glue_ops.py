@@ -356,6 +356,8 @@ CONV3D_CASES = [  # (batch, in, out, (T, H, W), kernel, stride, padding)
 def test_conv3d(backend, case, causal, precision, torch):
     """conv3d is torch's F.conv3d with per-axis stride and padding; causal pads time by 2 * pt in front only."""
     F = torch.nn.functional
+    if precision == "bf16" and backend.name == "cpu" and backend.bf16_level() == "portable":
+        pytest.skip("this CPU has no bf16 instructions: conv3d runs conv2d's float32 fallback (tested with conv2d's)")
     batch, cin, cout, size, kernel, stride, padding = case
     x, weight, bias = random((batch, cin, *size)), random((cout, cin, *kernel), 1), random((cout,), 2)
     options = dict(stride=stride, padding=padding, causal=causal)
@@ -370,6 +372,23 @@ def test_conv3d(backend, case, causal, precision, torch):
         tensors[0] = F.pad(tensors[0], (pw, pw, ph, ph, 2 * pt, 0))
     reference = F.conv3d(*tensors, stride=stride, padding=0 if causal else padding).numpy()
     assert_close(expected, reference, "conv")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_conv3d_frames_in_groups_are_the_same_bits(monkeypatch, precision):
+    """The cpu backend's conv3d computes each output frame alike whatever the group of frames it goes through in
+    (a causal video decoder run frame by frame must equal the same run over all frames), where its products run
+    sdcli's own kernels (from the avx512 level up; below it the BLAS blocks a product by its size)."""
+    from sdcli.ext import cpu_level
+    from sdcli.ops import cpu_ops
+
+    if cpu_level()[0] not in ("avx512", "avx512_bf16", "amx"):
+        pytest.skip("below the avx512 level conv2d runs the BLAS, whose sums depend on the product's size")
+    cpu = get_ops("cpu")
+    x, weight = random((2, 5, 7, 9, 8)), random((6, 5, 3, 3, 3), 1)
+    whole = cpu.conv3d(x, held(cpu, weight, precision), padding=1, causal=True)
+    monkeypatch.setattr(cpu_ops, "CONV3D_GROUP_BYTES", 1)  # one output frame at a time
+    np.testing.assert_array_equal(cpu.conv3d(x, held(cpu, weight, precision), padding=1, causal=True), whole)
 
 
 @pytest.mark.parametrize("frame", [1, 3, 4])
@@ -400,6 +419,20 @@ def test_rms_norm(backend, shape, weight, torch):
     if weight != "none":  # the weight's values at its precision
         reference = reference * torch.from_numpy(scale).to(torch.float16 if weight == "fp16" else torch.float32).float()
     assert_close(expected, reference.numpy(), "rms_norm")
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 5, 4), (1, 96, 2, 3), (2, 1, 4)], ids=str)
+def test_channel_rms_norm(backend, shape, torch):
+    """channel_rms_norm is F.normalize over the channels times sqrt(C) times the per-channel scale (the Wan VAE's
+    norm); an all-zero position stays zero."""
+    x, scale = random(shape, magnitude=3), random(shape[1:2], 1)
+    x[0, :, 0] = 0  # a position whose channels are all zero
+    expected = numpy_ops.channel_rms_norm(x, scale)
+    assert_close(on(backend, "channel_rms_norm", x, scale), expected, tolerance(backend, "rms_norm", "rms_norm"))
+    reference = torch.nn.functional.normalize(torch.from_numpy(x), dim=1) * shape[1] ** 0.5
+    reference = reference * torch.from_numpy(scale).reshape(1, -1, *([1] * (len(shape) - 2)))
+    assert_close(expected, reference.numpy(), "rms_norm")
+    assert not expected[0, :, 0].any()
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 8), (1, 7, 6), (2, 1, 1, 2)], ids=str)

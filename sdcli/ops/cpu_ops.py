@@ -28,7 +28,7 @@ import numpy as np
 from ..ext import bf16_kernels
 from ..ext import cpu_kernels as kernels
 from ..ext import f32_kernels
-from .numpy_ops import (add, add_, add_into_, blend_, clip, concat, conv1d, conv3d, embedding, exp,  # noqa: F401
+from .numpy_ops import (add, add_, add_into_, blend_, channel_rms_norm, clip, concat, conv1d, embedding, exp,  # noqa: F401
                         map_rows, merge_heads, modulate, mul, div, narrow, pad, permute, reshape, resize_nearest,
                         rms_norm, rope, tanh, timestep_embedding)
 from .parameter import Parameter, Weight, as_parameter, run_matrix
@@ -372,6 +372,77 @@ def _conv2d(x: np.ndarray, weight, bias: np.ndarray | None, stride: int, padding
     if bias is not None:
         y += _float32(bias).reshape(1, out_channels, 1, 1)
     return y
+
+
+# Bytes of the stacked frames one conv3d call hands to conv2d at a time (see conv3d): the output frames go through
+# in groups that keep their stacked inputs below this.
+CONV3D_GROUP_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Conv3dWeight:
+    """A conv3d weight prepared for the conv2d kernels: ``weight`` (Cout, kt * Cin, kh, kw), the time taps as input
+    channels, tap-major (packed as conv2d packs, or plain), and ``shape`` the weight's own (Cout, Cin, kt, kh, kw)."""
+
+    weight: object
+    shape: tuple[int, ...]
+
+
+def _as_conv2d_weight(weight: np.ndarray) -> np.ndarray:
+    out_channels, in_channels, kt, kh, kw = weight.shape
+    return np.ascontiguousarray(np.swapaxes(weight, 1, 2)).reshape(out_channels, kt * in_channels, kh, kw)
+
+
+def _conv3d_frames(x: np.ndarray, prepared: Conv3dWeight, strides: tuple[int, ...], conv) -> np.ndarray:
+    """Every output frame of a padded x (B, Cin, T, H, W) as ``conv(stacked, prepared.weight)`` over its kt input
+    frames stacked along the channels, in groups of output frames whose stacked inputs stay below
+    CONV3D_GROUP_BYTES. -> (B, Cout, To, Ho, Wo)."""
+    batch, in_channels, frames, height, width = x.shape
+    out_channels, weight_channels, kt, kh, kw = prepared.shape
+    if in_channels != weight_channels:
+        raise ValueError(f"conv3d: x has {in_channels} channels, the weight takes {weight_channels}")
+    out_frames = (frames - kt) // strides[0] + 1
+    if out_frames < 1:
+        raise ValueError(f"conv3d: {frames} frames (padded) are fewer than the kernel's {kt}")
+    group = max(1, min(out_frames, CONV3D_GROUP_BYTES // (batch * kt * in_channels * height * width * 4 or 1)))
+    pieces = []
+    for first in range(0, out_frames, group):
+        count = min(group, out_frames - first)
+        stacked = np.empty((batch, count, kt, in_channels, height, width), dtype=np.float32)
+        for tap in range(kt):
+            start = first * strides[0] + tap
+            taken = x[:, :, start:start + strides[0] * (count - 1) + 1:strides[0]]  # (B, Cin, count, H, W)
+            stacked[:, :, tap] = taken.transpose(0, 2, 1, 3, 4)
+        y = conv(stacked.reshape(batch * count, kt * in_channels, height, width), prepared.weight)
+        pieces.append(y.reshape(batch, count, *y.shape[1:]))  # (B, count, Cout, Ho, Wo)
+    y = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+    return np.ascontiguousarray(y.transpose(0, 2, 1, 3, 4))  # (B, Cout, To, Ho, Wo)
+
+
+def conv3d(x: np.ndarray, weight, bias=None, *, stride: int | tuple[int, int, int] = 1,
+           padding: int | tuple[int, int, int] = 0, causal: bool = False) -> np.ndarray:
+    """3-D cross-correlation as ``numpy_ops.conv3d`` states it, on the conv2d kernels: each output frame is a 2-D
+    convolution of its kt input frames stacked along the channels, with the weight laid out (Cout, kt * Cin, kh, kw)
+    and prepared once like conv2d's (:class:`Conv3dWeight`). Each output frame is computed alike whatever the frames
+    around it. A spatial stride or padding that differs between height and width runs the reference."""
+    strides = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+    pads = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+    if strides[1] != strides[2] or pads[1] != pads[2]:
+        from .numpy_ops import conv3d as reference
+
+        return reference(_float32(x), weight, bias, stride=stride, padding=padding, causal=causal)
+    x = _float32(x)
+    time_pads = (2 * pads[0], 0) if causal else (pads[0], pads[0])
+    if any(time_pads):
+        x = np.pad(x, ((0, 0), (0, 0), time_pads, (0, 0), (0, 0)))
+    bias = _vector(bias)
+    return run_matrix(
+        as_parameter(weight),
+        lambda w: _conv3d_frames(x, w, strides, lambda s, w2: _conv2d(s, w2, bias, strides[1], pads[1])),
+        lambda w: _conv3d_frames(x, w, strides, lambda s, w2: _conv2d_bf16(s, w2, bias, strides[1], pads[1])),
+        lambda w: Conv3dWeight(pack_conv(_as_conv2d_weight(w)), w.shape),
+        lambda bits: Conv3dWeight(pack_conv_bf16(_as_conv2d_weight(bits)), bits.shape),
+        lambda w, precision: Conv3dWeight(_as_conv2d_weight(weight_float32(w, precision)), w.shape))
 
 
 # Bytes of one block of im2col columns: big enough for BLAS to run near its peak, small enough to stay cache- and

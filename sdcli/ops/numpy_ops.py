@@ -101,6 +101,16 @@ def rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:
     return y * _vector(weight) if weight is not None else y
 
 
+def channel_rms_norm(x: np.ndarray, weight, eps: float = 1e-12) -> np.ndarray:
+    """RMS norm over the channel axis of channels-first data (B, C, ...) with a per-channel scale (C,): in
+    F.normalize's form, ``x / max(||x||_C, eps) * sqrt(C) * weight`` (the Wan VAE's norm), the sum of squares in
+    float32 as torch sums it."""
+    channels = x.shape[1]
+    norm = np.sqrt(np.sum(x * x, axis=1, keepdims=True, dtype=np.float32))  # (B, 1, ...)
+    scale = _vector(weight).reshape(1, channels, *([1] * (x.ndim - 2))) * np.float32(math.sqrt(channels))
+    return (x / np.maximum(norm, np.float32(eps)) * scale).astype(np.float32)
+
+
 def erf(x: np.ndarray) -> np.ndarray:
     """The error function, to about 1.2e-7 absolute (Numerical Recipes' Chebyshev ``erfcc``, in float64)."""
     z = np.abs(x.astype(np.float64))
@@ -438,10 +448,21 @@ def map_rows(function, x: np.ndarray, rows: int) -> np.ndarray:
 
 def embedding(table, ids: np.ndarray) -> np.ndarray:
     """Rows of a (V, C) table picked by host integer ids (...,) -> (..., C) float32; only those rows are
-    converted from the table's precision."""
+    converted from the table's precision. A streamed table (``Weight.stream``) drops its file pages as the
+    matrix ops do, after every ``STREAMED_ROWS`` ids: each row read can map a whole 2 MB page of the file, and
+    512 ids spread over UMT5's 2 GB table would otherwise hold about 1 GB at once."""
     table = as_parameter(table)
-    rows = np.take(table.data, ids, axis=0)  # (..., C)
-    return Weight(rows, table.precision).float32()
+    if not table.streamed:
+        return Weight(np.take(table.data, ids, axis=0), table.precision).float32()  # (..., C)
+    flat = np.asarray(ids).reshape(-1)
+    rows = np.empty((flat.size, *table.shape[1:]), dtype=table.data.dtype)  # (N, C)
+    for start in range(0, flat.size, STREAMED_ROWS):
+        rows[start:start + STREAMED_ROWS] = np.take(table.data, flat[start:start + STREAMED_ROWS], axis=0)
+        table.weight.release_pages()
+    return Weight(rows.reshape(*np.shape(ids), *table.shape[1:]), table.precision).float32()  # (..., C)
+
+
+STREAMED_ROWS = 64  # of a streamed embedding table read between two releases of its pages
 
 
 MAX_PERIOD = 10000  # of the sinusoidal timestep embedding
