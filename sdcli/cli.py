@@ -401,22 +401,28 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 
 
 @main.command()
-@click.option("--model", "-m", default="sd15", show_default=True, help=MODEL_HELP + " An SD 1.x model.")
-@click.option("--motion-adapter", required=True,
-              help="An AnimateDiff motion adapter: a preset (" + ", ".join(sdcli.MOTION_ADAPTER_PRESETS) + "), a "
-                   "diffusers MotionAdapter folder, a .safetensors motion module in diffusers' or the original names, "
-                   "or a Hub repo id, looked up as --model is. A preset brings its sampler, steps and guidance.")
+@click.option("--model", "-m", default="sd15", show_default=True,
+              help=MODEL_HELP + " A video model (wan21-t2v-1.3b), or an SD 1.x model animated by --motion-adapter.")
+@click.option("--motion-adapter",
+              help="For an SD 1.x model, an AnimateDiff motion adapter: a preset (" +
+                   ", ".join(sdcli.MOTION_ADAPTER_PRESETS) + "), a diffusers MotionAdapter folder, a .safetensors "
+                   "motion module in diffusers' or the original names, or a Hub repo id, looked up as --model is. A "
+                   "preset brings its sampler, steps and guidance.")
 @click.option("--prompt", "-p", help="What to animate.")
-@click.option("--negative-prompt", "-n", default="", help="What to steer away from.")
+@click.option("--negative-prompt", "-n",
+              help="What to steer away from  [default: none; Wan: Wan's own negative prompt]")
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One clip per line: a prompt, optionally followed by --seed/--steps/--frames/--fps/... overrides.")
-@click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Frames of the clip (the adapter makes up to 32 at once, v1-5-2 and v1-5-3; more with "
-                   "--context-length).")
-@click.option("--fps", type=click.IntRange(min=1), default=8, show_default=True, help="Frames per second.")
+@click.option("--frames", type=click.IntRange(min=1),
+              help="Frames of the clip  [default: 16; Wan: 81, and Wan makes 4k+1 frames] (AnimateDiff adapters make "
+                   "up to 32 at once, more with --context-length).")
+@click.option("--fps", type=click.IntRange(min=1), help="Frames per second  [default: 8; Wan: 16]")
+@click.option("--flow-shift", type=FiniteFloat(min=0, min_open=True),
+              help="Flow-matching models (Wan): the shift of the noise schedule  [default: the model's, 3.0 for "
+                   "Wan2.1 at 480p; its authors use 5.0 at 720p]")
 @click.option("--context-length", type=click.IntRange(min=1),
-              help="Make clips longer than the adapter's window with FreeNoise: its motion modules attend over "
-                   "overlapping windows of this many frames (16 is usual).")
+              help="AnimateDiff: make clips longer than the adapter's window with FreeNoise: its motion modules "
+                   "attend over overlapping windows of this many frames (16 is usual).")
 @click.option("--context-stride", type=click.IntRange(min=1), default=4, show_default=True,
               help="Frames between the starts of two FreeNoise windows.")
 @click.option("--context-weighting", type=click.Choice(sdcli.CONTEXT_WEIGHTINGS), default="pyramid",
@@ -425,25 +431,28 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
               help="Denoising steps  [default: the adapter preset's (animatediff-lightning 4, animatelcm 6), else 50]")
 @click.option("--guidance", "--cfg-scale", "-g", type=FiniteFloat(min=0),
               help="Classifier-free guidance scale; 1 or less turns guidance off  [default: the adapter preset's "
-                   "(animatediff-lightning 1, animatelcm 1.5), else 7.5]")
+                   "(animatediff-lightning 1, animatelcm 1.5), Wan 5, else 7.5]")
 @click.option("--scheduler", "--sampler", "sampler", type=click.Choice(sdcli.SAMPLERS),
               help="Sampler  [default: the adapter preset's (animatediff-lightning euler, animatelcm lcm), else ddim "
-                   "with AnimateDiff's settings (linear betas, linspace timesteps)]")
+                   "with AnimateDiff's settings (linear betas, linspace timesteps); Wan: unipc (also euler, heun, "
+                   "dpmpp_2m)]")
 @click.option("--timestep-spacing", type=click.Choice(sdcli.TIMESTEP_SPACINGS),
-              help="Timestep spacing  [default: linspace; animatediff-lightning: trailing]")
+              help="AnimateDiff: timestep spacing  [default: linspace; animatediff-lightning: trailing]")
 @click.option("--eta", type=FiniteFloat(min=0), default=0.0, help="DDIM's noise (0: deterministic).")
 @click.option("--seed", type=click.IntRange(0, sdcli.MAX_SEED), help="Random seed  [default: random, printed]")
-@click.option("--width", "-W", type=int, help="Frame width, a multiple of 8  [default: 512]")
-@click.option("--height", "-H", type=int, help="Frame height, a multiple of 8  [default: 512]")
-@click.option("--decode-chunk", type=click.IntRange(min=1), help="Frames the VAE decodes at once (memory)  "
-                                                                  "[default: 8; 1 with --low-memory]")
+@click.option("--width", "-W", type=int, help="Frame width, a multiple of 8 (Wan: of 16)  [default: 512; Wan: 832]")
+@click.option("--height", "-H", type=int, help="Frame height, a multiple of 8 (Wan: of 16)  [default: 512; Wan: 480]")
+@click.option("--decode-chunk", type=click.IntRange(min=1), help="AnimateDiff: frames the VAE decodes at once "
+                                                                  "(memory)  [default: 8; 1 with --low-memory]; Wan "
+                                                                  "decodes one latent frame at a time")
 @click.option("--low-memory", is_flag=True,
-              help=f"Stream the weights from their files instead of holding them prepared, run the UNet's spatial "
-                   f"layers over {LOW_MEMORY_UNET_FRAMES} frames at a time and decode one frame at a time: less "
-                   "memory, slower, the same clip.")
+              help=f"Stream the weights from their files instead of holding them prepared; AnimateDiff also runs the "
+                   f"UNet's spatial layers over {LOW_MEMORY_UNET_FRAMES} frames at a time and decodes one frame at a "
+                   "time: less memory, slower, the same clip.")
 @model_options
 @click.option("--latents", "latents_file", type=click.Path(exists=True, dir_okay=False),
-              help="Initial noise, unit variance, (1, 4, frames, height/8, width/8) .npy.")
+              help="Initial noise, unit variance, .npy: (1, 4, frames, height/8, width/8), or for Wan (1, 16, "
+                   "1 + (frames-1)/4, height/8, width/8).")
 @click.option("--save-latents", type=click.Path(dir_okay=False),
               help="Write the final latents (what the VAE decodes) to FILE.npy.")
 @click.option("--output", "-o", default="sdcli-{seed}.mp4", show_default=True,
@@ -456,21 +465,39 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
               help="Print one JSON record per clip on stdout; everything else goes to stderr.")
 @download_options
 @reports_errors
-def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, context_length, context_stride,
-          context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height, decode_chunk,
-          low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet, as_json, yes,
-          offline):
-    """Generate short videos from text prompts with an AnimateDiff motion adapter on an SD 1.x model."""
+def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, flow_shift, context_length,
+          context_stride, context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height,
+          decode_chunk, low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet,
+          as_json, yes, offline):
+    """Generate short videos from text prompts: with a video model (Wan2.1), or with an AnimateDiff motion adapter
+    on an SD 1.x model."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
+    family = sdcli.model_family(model)  # known at once for a preset or a model already here
+    if family is None:
+        model = model_path(model, yes=yes, offline=offline, quiet=quiet)
+        family = sdcli.model_family(model)
+    is_wan = family is not None and family.name == "wan"
+    if is_wan and motion_adapter:
+        raise sdcli.SdcliError(f"{model} is a Wan2.1 model, a video model of its own: --motion-adapter applies to "
+                               "SD 1.x models")
+    if not is_wan and not motion_adapter:
+        raise sdcli.SdcliError(f"{model} is an image model: give it an AnimateDiff motion adapter (--motion-adapter "
+                               "animatediff-lightning, for one), or use a video model (--model wan21-t2v-1.3b)")
+    if not is_wan and flow_shift is not None:
+        raise sdcli.SdcliError(f"--flow-shift applies to flow-matching models (Wan); {model} is an SD model run by "
+                               "AnimateDiff's samplers")
+    if is_wan and decode_chunk is not None:
+        raise sdcli.SdcliError("--decode-chunk applies to AnimateDiff: Wan's VAE decodes one latent frame at a time")
+    default_frames = sdcli.WAN_DEFAULTS.frames if is_wan else sdcli.DEFAULT_FRAMES
     base = sdcli.VideoParams(prompt or "", negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
                              guidance_scale=guidance, timestep_spacing=timestep_spacing, seed=seed, width=width,
-                             height=height,
+                             height=height, flow_shift=flow_shift,
                              decode_chunk=decode_chunk or (1 if low_memory else sdcli.DEFAULT_DECODE_CHUNK),
                              clip_skip=clip_skip, eta=eta, context_length=context_length, context_stride=context_stride,
                              context_weighting=context_weighting,
-                             unet_frames=LOW_MEMORY_UNET_FRAMES if low_memory else None).validate()
+                             unet_frames=LOW_MEMORY_UNET_FRAMES if low_memory and not is_wan else None).validate()
     lines = [sdcli.PromptLine(base.prompt)]
     if prompts_file:
         lines = sdcli.read_prompts_file(prompts_file, samplers=sdcli.SAMPLERS, extra_options=sdcli.VIDEO_OPTIONS,
@@ -479,18 +506,25 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
     run_seed = base.with_seed().seed  # clip i: run_seed + i unless its line sets a seed, as images count
     clips = [base.with_(prompt=line.prompt, **{"seed": (run_seed + index) % (sdcli.MAX_SEED + 1), **line.overrides})
              for index, line in enumerate(lines)]
+    if is_wan:  # the frame counts, sides and options Wan can take, checked before anything loads
+        clips = [sdcli.check_wan_params(clip.with_(frames=clip.frames or default_frames,
+                                                   width=clip.width or sdcli.WAN_DEFAULTS.width,
+                                                   height=clip.height or sdcli.WAN_DEFAULTS.height))
+                 for clip in clips]
     latents = None
     if latents_file:
         if len(clips) > 1:
             raise sdcli.SdcliError("--latents holds one clip's noise; it cannot be used with a prompts file")
         latents = np.load(latents_file, allow_pickle=False)
-        if latents.ndim != 5 or latents.shape[:3] != (1, 4, frames):
-            raise sdcli.SdcliError(f"{latents_file}: video latents must be (1, 4, {frames}, height/8, width/8) for "
-                                   f"{frames} frames, got shape {latents.shape}")
+        clip_frames = clips[0].frames or default_frames
+        channels, latent_frames = (16, 1 + (clip_frames - 1) // 4) if is_wan else (4, clip_frames)
+        if latents.ndim != 5 or latents.shape[:3] != (1, channels, latent_frames):
+            raise sdcli.SdcliError(f"{latents_file}: video latents must be (1, {channels}, {latent_frames}, height/8, "
+                                   f"width/8) for {clip_frames} frames, got shape {latents.shape}")
         clips = [clips[0].with_(height=latents.shape[3] * 8, width=latents.shape[4] * 8)]
     # every output checked before the model loads
     paths = sdcli.plan_video_outputs(output, [clip.seed for clip in clips], [clip.prompt for clip in clips],
-                                     [clip.frames for clip in clips], overwrite)
+                                     [clip.frames or default_frames for clip in clips], overwrite)
     if save_latents:
         if len(clips) > 1:
             raise sdcli.SdcliError("--save-latents keeps one clip's latents; it cannot be used with a prompts file")
@@ -500,12 +534,16 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         status.print(f"seed {clips[0].seed}", highlight=False)
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
-    # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
-    model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
+    if motion_adapter:
+        # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
+        model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
     pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
                                          low_memory=low_memory)
     # the model's and the adapter's defaults, every clip checked before the first step
     clips = [pipeline.prepare(clip)[0] for clip in clips]
+    if is_wan:  # every prompt of the run encoded up front, then the text encoder goes
+        pipeline.encode_prompts(clips)
+        pipeline.release_text_encoder()
     reporter = Progress(quiet, status, unit="clip")
     for index, (params, path) in enumerate(zip(clips, paths)):
         result = None
@@ -518,8 +556,9 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                     reporter.step(record)
         finally:
             reporter.finish()
+        adapter = pipeline.motion_adapter
         record = {"path": path, "seed": result.seeds[0], "model": str(pipeline.checkpoint.path),
-                  "motion_adapter": str(motion_adapter), "motion_adapter_path": str(pipeline.motion_adapter.path),
+                  "motion_adapter": motion_adapter, "motion_adapter_path": str(adapter.path) if adapter else None,
                   "precision": precision, "backend": backend,
                   "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(result.params),
                   "timings": {key: round(value, 4) for key, value in result.timings.items()}}

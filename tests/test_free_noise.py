@@ -19,7 +19,7 @@ import tiny_pipeline  # noqa: E402
 from sdcli.errors import SdcliError  # noqa: E402
 from sdcli.io.media import images_to_uint8  # noqa: E402
 from sdcli.nn.motion import ContextWindows  # noqa: E402
-from sdcli.pipelines.video import VideoParams, generate_video, load_video_pipeline  # noqa: E402
+from sdcli import VideoParams, generate_video, load_video_pipeline  # noqa: E402
 from sdcli.rng import shuffle_context_frames  # noqa: E402
 
 TOL = {

@@ -23,7 +23,7 @@ from sdcli.config import MotionAdapterConfig, UNetConfig  # noqa: E402
 from sdcli.errors import CheckpointError, SdcliError  # noqa: E402
 from sdcli.io.checkpoint import open_checkpoint  # noqa: E402
 from sdcli.io.media import images_to_uint8  # noqa: E402
-from sdcli.pipelines.video import VideoParams, generate_video, load_video_pipeline  # noqa: E402
+from sdcli import VideoParams, generate_video, load_video_pipeline  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 
 TOL = {

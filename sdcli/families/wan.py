@@ -23,6 +23,9 @@ from ..io.checkpoint import Checkpoint, FolderSource, MappedSource, TensorSource
 from ..io.safetensors import SafetensorsFile
 from ..io.weights import load_network
 from ..nn.dit_wan import WanTransformer3DModel
+from ..nn.t5 import T5Config, T5Encoder, T5PromptEncoder, tied_embedding
+from ..nn.tokenizer import T5Tokenizer
+from ..nn.vae_wan import WanAutoencoder, WanVAEConfig
 from ..ops import Ops
 from . import HUB_PAGES, Family, LatentGeometry, ModelPreset
 from .wan_names import is_original_layout, wan_transformer_names
@@ -35,7 +38,6 @@ LATENTS = LatentGeometry(channels=16, downscale=8)
 FRAMES_PER_LATENT = 4  # the VAE's temporal compression: latent frame 0 is pixel frame 0, each later one 4 frames
 SIDE_MULTIPLE = 16  # the VAE's 8x times the transformer's 2x patches
 PRECISIONS = ("fp32", "fp16", "bf16")  # fp16 weights are multiplied in float32
-TEXT_ENCODER_PRECISION = "bf16"  # the text encoder's default, whatever the transformer's
 
 DIFFUSERS_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
                      "transformer/config.json", "vae/config.json")
@@ -82,12 +84,8 @@ def parse_config(checkpoint: Checkpoint, component: str) -> Any:
     if component == "transformer":
         return WanTransformerConfig.from_diffusers(data, source)
     if component == "text_encoder":
-        from ..nn.t5 import T5Config
-
         return T5Config.from_dict(data, source)
     if component == "vae":
-        from ..nn.vae_wan import WanVAEConfig
-
         return WanVAEConfig.from_dict(data, source)
     if component == "scheduler":
         return data
@@ -95,8 +93,13 @@ def parse_config(checkpoint: Checkpoint, component: str) -> Any:
 
 
 def open_source(checkpoint: Checkpoint, component: str) -> TensorSource:
-    """``component``'s tensors as the diffusers folder names them."""
-    return FolderSource(checkpoint.folder_files(component), str(checkpoint.path / component))
+    """``component``'s tensors as the diffusers folder names them; of the text encoder's tied token embedding
+    (``shared.weight``, ``encoder.embed_tokens.weight``: files hold one or both) only one is read."""
+    files, description = checkpoint.folder_files(component), str(checkpoint.path / component)
+    if component == "text_encoder":
+        _, ignored = tied_embedding(key for file in files for key in file.keys())
+        return FolderSource(files, description, ignored=ignored)
+    return FolderSource(files, description)
 
 
 def open_wan_transformer(path: str | Path, config: WanTransformerConfig) -> TensorSource:
@@ -117,6 +120,42 @@ def load_transformer(checkpoint: Checkpoint, ops: Ops, precision: str, stream: b
     config = checkpoint.config("transformer")
     return load_network(lambda params: WanTransformer3DModel(params, config), checkpoint.source("transformer"), ops,
                         precision, stream=stream)
+
+
+def scheduler_config(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The model's scheduler config as written (Wan-AI's: UniPC over flow sigmas, flow_shift 3.0)."""
+    return dict(checkpoint.component_config("scheduler"))
+
+
+def text_encoder_precision(checkpoint: Checkpoint) -> str:
+    """The precision the text encoder runs at: that of its files (bf16 where they are bf16; fp32 for the float32
+    files the Hub repository holds). Its weights stream from the mapped files a layer at a time; a conversion would
+    hold the whole converted encoder instead (11.4 GB in bf16)."""
+    source = checkpoint.source("text_encoder")
+    dtypes = {source.dtype(name) for name in source.keys() if len(source.shape(name)) >= 2}
+    return {"BF16": "bf16", "F16": "fp16"}.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
+
+
+def load_prompt_encoder(checkpoint: Checkpoint, ops: Ops, precision: str | None = None):
+    """The UMT5 encoder and its tokenizer: prompts -> (B, 512, 4096) conditioning, the positions past each prompt
+    zero (diffusers' ``WanPipeline._get_t5_prompt_embeds``). Its weights are always streamed; ``precision`` None:
+    its files' (:func:`text_encoder_precision`)."""
+    precision = precision or text_encoder_precision(checkpoint)
+    source, config = checkpoint.source("text_encoder"), checkpoint.config("text_encoder")
+    embedding, _ = tied_embedding(source.keys())
+    text_encoder = load_network(lambda params: T5Encoder(params, config, embedding), source, ops, precision,
+                                stream=True)
+    tokenizer = T5Tokenizer.from_folder(checkpoint.config_dir("tokenizer"))
+    return T5PromptEncoder(tokenizer, text_encoder, config, precision, source)
+
+
+def load_vae(checkpoint: Checkpoint, ops: Ops, precision: str, stream: bool = False):
+    """The Wan autoencoder, decoder only (the encoder's tensors checked, never read): latents (B, 16, T, h, w) ->
+    frames (B, 3, 1 + 4 (T - 1), 8h, 8w) in [-1, 1], a latent frame at a time through its causal cache."""
+    config = checkpoint.config("vae")
+    return load_network(lambda params: WanAutoencoder(params, config, with_encoder=False), checkpoint.source("vae"),
+                        ops, precision, stream=stream,
+                        also_checks=lambda params: WanAutoencoder(params, config, with_encoder=True))
 
 
 # -- presets -----------------------------------------------------------------------------------------------------

@@ -5,10 +5,17 @@ case; a split on CLIP's word pattern; byte-level BPE with the ``</w>`` end-of-wo
 and ``<|endoftext|>`` recognised as special tokens even inside the text. SD1.5's tables ship with sdcli
 (``sdcli/data/clip_tokenizer``, MIT, from OpenAI CLIP), so tokenising needs no download; a model folder's own
 ``tokenizer/`` tables are used when present.
+
+The T5 tokenizer (:class:`T5Tokenizer`, UMT5's for Wan2.1) reads a model's own ``tokenizer/tokenizer.json`` (a
+SentencePiece Unigram model converted for the `tokenizers` library) and reproduces transformers'
+``T5TokenizerFast``: the file's normalizer, pre-tokenizer and model as they are, ``</s>`` appended, truncation that
+keeps ``</s>`` last, padding with ``<pad>``. :func:`clean_prompt` is the text cleaning diffusers' Wan pipeline
+applies before it.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from dataclasses import dataclass
@@ -56,7 +63,7 @@ def shipped_tokenizer_dir() -> Path:
 class Tokenized:
     """One prompt's token ids: ``ids`` padded/truncated to ``max_length``; ``length`` counts BOS/EOS too."""
 
-    ids: np.ndarray  # (77,) int64
+    ids: np.ndarray  # (max_length,) int64: 77 for CLIP, 512 for T5
     length: int  # tokens before padding, including BOS and EOS, at most max_length
     truncated: int  # prompt tokens dropped to fit
 
@@ -164,3 +171,111 @@ def _pad_token_of(folder: Path) -> str | None:
     if isinstance(pad, dict):
         pad = pad.get("content")
     return pad if isinstance(pad, str) else None
+
+
+# -- T5 (UMT5) ------------------------------------------------------------------------------------------------------
+
+T5_EOS_TOKEN = "</s>"
+T5_PAD_TOKEN = "<pad>"
+T5_MAX_LENGTH = 512  # diffusers' WanPipeline max_sequence_length
+# Unicode White_Space: what the `regex` module's \s matches in diffusers' whitespace_clean (Python's \s would also
+# match U+001C..U+001F, which str.isspace() counts as whitespace and Unicode does not).
+UNICODE_WHITESPACE = re.compile("[ \t\n\v\f\r\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+
+
+def clean_prompt(text: str) -> str:
+    """diffusers' ``prompt_clean`` for Wan: HTML entities unescaped twice (``&amp;lt;`` -> ``<``), the ends
+    stripped, runs of Unicode whitespace folded to one space, the ends stripped again.
+
+    diffusers first runs ``ftfy.fix_text`` (mojibake repair, Unicode normalisation) when the ``ftfy`` package
+    happens to be installed; it is not a dependency of diffusers or of sdcli, and sdcli never applies it: a prompt
+    that ftfy would change encodes as diffusers encodes it without ftfy.
+    """
+    text = html.unescape(html.unescape(text)).strip()
+    return UNICODE_WHITESPACE.sub(" ", text).strip()
+
+
+class T5Tokenizer:
+    """Turns prompts into the (B, 512) id arrays a T5 / UMT5 encoder reads, from a ``tokenizer.json``.
+
+    The file's normalizer (SentencePiece's precompiled NFKC map), Metaspace pre-tokenizer, Unigram model and
+    added tokens (``<pad>``, ``</s>``, ``<unk>``, the ``<extra_id_N>`` sentinels, matched in the text) are used as
+    they are, as transformers' ``T5TokenizerFast(tokenizer_file=...)`` uses them. The end token is appended here,
+    as the post-processor transformers installs does, whatever post-processor, truncation or padding the file
+    names.
+
+    transformers 5's ``AutoTokenizer`` rebuilds a T5 tokenizer from the file's vocabulary instead: it maps a piece
+    missing from the vocabulary to id 2 whatever the file's ``unk_id`` (UMT5 has ``<s>`` at 2 and ``<unk>`` at 3),
+    keeps only a precompiled normalizer and splits on whitespace before Metaspace (a space next to a literal
+    special token then gives no ``▁``). sdcli follows the file, as the tokenizer the model was trained with did;
+    prompts of known characters without literal special tokens tokenize the same either way.
+    """
+
+    def __init__(self, tokenizer_file: Path, max_length: int = T5_MAX_LENGTH, eos_token: str = T5_EOS_TOKEN,
+                 pad_token: str = T5_PAD_TOKEN):
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the library raises plain Exceptions for unreadable or malformed files
+            raise CheckpointError(f"cannot read the T5 tokenizer {tokenizer_file}: "
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        ids = {token: tokenizer.token_to_id(token) for token in (eos_token, pad_token)}
+        for token, token_id in ids.items():
+            if token_id is None:
+                raise CheckpointError(f"{tokenizer_file}: the token {token!r} is not in the vocabulary")
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self._tokenizer = tokenizer
+        self.eos_id, self.pad_id = ids[eos_token], ids[pad_token]
+        self.max_length = max_length
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_length: int = T5_MAX_LENGTH) -> "T5Tokenizer":
+        """The ``tokenizer.json`` of ``folder`` (a model's ``tokenizer/``), with the end and pad tokens its
+        ``tokenizer_config.json`` names (``</s>`` and ``<pad>`` when it names none)."""
+        folder = Path(folder)
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise CheckpointError(f"{folder}: no tokenizer.json (the T5 tokenizer sdcli reads; a SentencePiece "
+                                  "spiece.model alone is not enough)")
+        config = _special_tokens_of(folder / "tokenizer_config.json")
+        return cls(tokenizer_file, max_length, eos_token=config.get("eos_token") or T5_EOS_TOKEN,
+                   pad_token=config.get("pad_token") or T5_PAD_TOKEN)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the end token, not padded or truncated."""
+        return [*self._tokenizer.encode(text, add_special_tokens=False).ids, self.eos_id]
+
+    def tokenize(self, text: str) -> Tokenized:
+        """Ids for the encoder: truncated to ``max_length`` keeping the end token last, then padded with the pad
+        id (``length`` is the count before padding: the positions the attention mask keeps)."""
+        ids = self.encode(text)
+        truncated = max(0, len(ids) - self.max_length)
+        if truncated:
+            ids = ids[: self.max_length - 1] + [self.eos_id]
+        padded = np.full(self.max_length, self.pad_id, dtype=np.int64)
+        padded[: len(ids)] = ids
+        return Tokenized(ids=padded, length=len(ids), truncated=truncated)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """(B, max_length) int64 ids for a batch of prompts (not cleaned: see :func:`clean_prompt`)."""
+        return np.stack([self.tokenize(p).ids for p in prompts])
+
+
+def _special_tokens_of(config_file: Path) -> dict[str, str]:
+    """The eos and pad tokens a ``tokenizer_config.json`` names (plain strings or AddedToken dicts)."""
+    if not config_file.is_file():
+        return {}
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise CheckpointError(f"{config_file}: not valid JSON") from None
+    found = {}
+    for key in ("eos_token", "pad_token"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            found[key] = value
+    return found

@@ -64,12 +64,15 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}  # Checkpoint.family in messag
 class VideoParams:
     """What one clip (or a batch of clips of one prompt) is made from. None: the model's or adapter's default
     (``sampler``, ``steps``, ``guidance_scale`` and ``timestep_spacing``: the motion adapter preset's, see the
-    module docstring; ``width``/``height``: the model's native size; ``seed``: a random one)."""
+    module docstring; ``width``/``height``: the model's native size; ``frames``/``fps``: 16 at 8 fps for
+    AnimateDiff, 81 at 16 fps for Wan; ``negative_prompt``: none for AnimateDiff, Wan's own for Wan; ``seed``: a
+    random one). ``flow_shift`` applies to flow-matching models (Wan) only; ``clip_skip``, ``eta``, the context
+    windows and ``unet_frames`` to AnimateDiff only."""
 
     prompt: str
-    negative_prompt: str = ""
-    frames: int = DEFAULT_FRAMES
-    fps: int = DEFAULT_FPS
+    negative_prompt: str | None = None
+    frames: int | None = None
+    fps: int | None = None
     steps: int | None = None
     sampler: str | None = None
     guidance_scale: float | None = None
@@ -85,6 +88,7 @@ class VideoParams:
     context_stride: int = DEFAULT_CONTEXT_STRIDE
     context_weighting: str = "pyramid"
     unet_frames: int | None = None  # frames through the UNet's own layers at a time (None: all; memory only)
+    flow_shift: float | None = None  # the flow schedule's shift (Wan: 3.0 at 480p, 5.0 at 720p)
 
     def with_(self, **changes: Any) -> "VideoParams":
         return replace(self, **changes)
@@ -96,18 +100,18 @@ class VideoParams:
 
     def validate(self) -> "VideoParams":
         """These parameters, or a one-line SdcliError naming the first bad one."""
-        for name in ("frames", "fps", "batch_size", "decode_chunk", "clip_skip", "context_stride"):
+        for name in ("batch_size", "decode_chunk", "clip_skip", "context_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SdcliError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("steps", "context_length", "unet_frames"):
+        for name in ("frames", "fps", "steps", "context_length", "unet_frames"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SdcliError(f"{name} must be a positive integer, got {value!r}")
         if self.context_weighting not in CONTEXT_WEIGHTINGS:
             raise SdcliError(f"unknown context weighting {self.context_weighting!r}; choose one of: "
                              f"{', '.join(CONTEXT_WEIGHTINGS)}")
-        if self.context_length is not None and self.frames < self.context_length:
+        if self.context_length is not None and self.frames is not None and self.frames < self.context_length:
             raise SdcliError(f"{self.frames} frames are fewer than the context length {self.context_length}: "
                              "give at least as many frames, or no context length")
         for name in ("width", "height"):
@@ -118,6 +122,8 @@ class VideoParams:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise SdcliError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.flow_shift is not None and (not math.isfinite(self.flow_shift) or self.flow_shift <= 0):
+            raise SdcliError(f"flow_shift must be a finite number > 0, got {self.flow_shift!r}")
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise SdcliError(f"unknown timestep spacing {self.timestep_spacing!r}; choose one of: "
                              f"{', '.join(TIMESTEP_SPACINGS)}")
@@ -161,6 +167,11 @@ class TextToVideo:
         """``params`` with the defaults filled in (the adapter's for what a given value does not set, the model's
         size) and validated, and its sampler plan."""
         defaults = self.defaults
+        if params.flow_shift is not None:
+            raise SdcliError("--flow-shift applies to flow-matching models (Wan); AnimateDiff's samplers have no shift")
+        params = params.with_(frames=DEFAULT_FRAMES if params.frames is None else params.frames,
+                              fps=DEFAULT_FPS if params.fps is None else params.fps,
+                              negative_prompt=params.negative_prompt or "")
         sampler = params.sampler or defaults.sampler
         if sampler not in SAMPLERS:
             raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -277,10 +288,10 @@ class TextToVideo:
         return images.reshape(batch, frames, *images.shape[1:])
 
 
-def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
-                        precision: str = "fp32", backend: str = "cpu",
-                        scheduler_options: dict[str, Any] | None = None,
-                        loras: Sequence[LoraSpec] | None = None, low_memory: bool = False) -> TextToVideo:
+def load_animatediff_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
+                              precision: str = "fp32", backend: str = "cpu",
+                              scheduler_options: dict[str, Any] | None = None,
+                              loras: Sequence[LoraSpec] | None = None, low_memory: bool = False) -> TextToVideo:
     """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter (a path, a motion-adapter preset
     or a repo id; never downloading: see ``sdcli.resolve_motion_adapter``), check that they fit, and load what
     text to video needs.
@@ -334,14 +345,5 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     return pipeline
 
 
-def generate_video(pipeline: TextToVideo, params: VideoParams,
-                   initial_noise: np.ndarray | None = None) -> GeneratedVideo:
-    """Run ``pipeline`` on ``params`` to the end and return the clips (the library call without progress)."""
-    for record in pipeline.run(params, initial_noise=initial_noise):
-        if isinstance(record, GeneratedVideo):
-            return record
-    raise AssertionError("the pipeline ended without a result")
-
-
-__all__ = ["ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
-           "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline"]
+__all__ = ["ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "DEFAULT_FPS", "DEFAULT_FRAMES",
+           "GeneratedVideo", "TextToVideo", "VideoDefaults", "VideoParams", "load_animatediff_pipeline"]

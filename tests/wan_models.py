@@ -1,0 +1,84 @@
+"""Tiny random Wan2.1 models for the tests: a SentencePiece-style UMT5 tokenizer built with the tokenizers library,
+and a whole diffusers ``WanPipeline`` (UMT5 encoder, transformer, autoencoder, UniPC over flow sigmas) of the tiny
+configs diffusers' own Wan tests use, saved as a diffusers folder that sdcli opens. torch, transformers and
+diffusers are imported by the functions that use them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = ["a photograph of an astronaut riding a horse on the moon", "the quick brown fox jumps over the lazy dog",
+          "a red fox trotting through fresh snow at dawn, cinematic", "waves breaking on a rocky shore at dusk",
+          "Bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality"]
+# The scheduler of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (scheduler/scheduler_config.json)
+WAN_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+                 "beta_start": 0.0001, "disable_corrector": [], "dynamic_thresholding_ratio": 0.995,
+                 "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True,
+                 "num_train_timesteps": 1000, "predict_x0": True, "prediction_type": "flow_prediction",
+                 "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "solver_order": 2, "solver_p": None,
+                 "solver_type": "bh2", "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace",
+                 "trained_betas": None, "use_beta_sigmas": False, "use_exponential_sigmas": False,
+                 "use_flow_sigmas": True, "use_karras_sigmas": False}
+# diffusers' tests/pipelines/wan/test_wan.py: the transformer (16 channels, text 32), the autoencoder
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+TINY_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+                 relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+                 is_gated_act=True, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def write_tokenizer(folder: Path, corpus: list[str] = CORPUS, vocab_size: int = 300) -> Path:
+    """A tokenizer.json laid out as UMT5's (<pad> 0, </s> 1, <s> 2, <unk> 3; a Unigram model; NFKC standing in for
+    SentencePiece's precompiled normaliser; Metaspace; the ``$A </s>`` post-processor; the <extra_id_N> sentinels)
+    and its tokenizer_config.json, in ``folder``, trained on ``corpus``."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from tokenizers.trainers import UnigramTrainer
+
+    tokenizer = Tokenizer(Unigram())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<s>", "<unk>"],
+                             unk_token="<unk>")
+    tokenizer.train_from_iterator(corpus * 20, trainer)
+    tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in range(99, -1, -1)])
+    tokenizer.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
+                                                             special_tokens=[("</s>", 1)])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "extra_ids": 100, "additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]}))
+    return folder
+
+
+def make_tiny_wan(folder: Path, seed: int = 0):
+    """A tiny random ``WanPipeline`` saved as a diffusers folder at ``folder``; returns the reference pipeline.
+    Norm scales and biases are random too, so that one read from the wrong tensor shows."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    import reference_models as ref
+
+    tokenizer_folder = write_tokenizer(folder.with_name(folder.name + "-tokenizer-source"))
+    tokenizer = transformers.T5TokenizerFast(tokenizer_file=str(tokenizer_folder / "tokenizer.json"))
+    generator = torch.Generator().manual_seed(seed + 100)
+    torch.manual_seed(seed)
+    text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(tokenizer), **TINY_UMT5)).eval()
+    transformer = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
+    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    ref.randomise_norms(text_encoder, generator, is_norm=lambda name: "layer_norm" in name, bias_scale=None)
+    ref.randomise_norms(transformer, generator, bias_scale=0.05)
+    ref.randomise_norms(vae, generator, is_norm=lambda name: "gamma" in name, bias_scale=0.05)
+    scheduler = UniPCMultistepScheduler.from_config(WAN_SCHEDULER)
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                           scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.save_pretrained(folder)
+    return pipeline
