@@ -15,8 +15,10 @@ Sections (``--only``):
 - ``video``: a whole ``sdcli video`` run as a user runs it, 16 frames at 256x256, 4 Euler steps with trailing
   timesteps and guidance 1 (AnimateDiff-Lightning's settings), fp32 weights, written to an mp4, against diffusers'
   ``AnimateDiffPipeline`` with the same scheduler, exported with ``export_to_video``;
-- ``wan``: Wan2.1 (scripts/bench_wan.py): one transformer step at 256x256, 17 frames, batch 2, fp32 and bf16,
-  against diffusers' ``WanTransformer3DModel``;
+- ``wan_transformer``, ``wan_text_encoder``, ``wan_vae``, ``wan_video``: Wan2.1 (scripts/bench_wan.py): one
+  transformer step at 256x256, 17 frames, batch 2, fp32 and bf16, against diffusers' ``WanTransformer3DModel``;
+  the UMT5-XXL encoding of one 512-token prompt in bf16 against transformers; the VAE decode of 17 frames at
+  256x256; a whole 256x256, 17-frame, 4-step ``sdcli video`` run in bf16 against diffusers' ``WanPipeline``;
 - ``generate``: a whole 512x512, 20-step txt2img run with fp16 weights as a user runs it
   (``sdcli generate ... --precision fp16``) against diffusers' StableDiffusionPipeline with
   ``torch_dtype=torch.float16`` on the CPU, same scheduler (the model's own, PNDM) and guidance 7.5:
@@ -28,8 +30,8 @@ one process fight over the cores), and each process's peak resident memory is it
 ``generate`` processes the rusage of a small spawning process, which a big parent would inflate). Inside a
 process: load, one warm-up call, then the timed call.
 
-    python scripts/bench.py [--only text_encoder,unet,vae,motion_unet,video,generate,wan] [--repeats 3]
-                            [--sizes 32,64]
+    python scripts/bench.py [--only text_encoder,unet,vae,motion_unet,video,generate,wan_transformer,
+                                   wan_text_encoder,wan_vae,wan_video] [--repeats 3] [--sizes 32,64]
                             [--precisions fp32,bf16] [--json bench-results/bench.json]
 
 The random-weight model folders are written once per run under the system temp dir (about 6.5 GB with every
@@ -63,7 +65,9 @@ sys.path.insert(0, str(ROOT))  # measure the sdcli of this checkout, in this pro
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 CONFIGS = ROOT / "sdcli" / "data" / "configs"
 
-SECTIONS = ("text_encoder", "unet", "vae", "motion_unet", "video", "generate", "wan")
+SECTIONS = ("text_encoder", "unet", "vae", "motion_unet", "video", "generate", "wan_transformer",
+            "wan_text_encoder", "wan_vae", "wan_video")
+WAN_SECTIONS = SECTIONS[6:]
 MOTION_FRAMES, MOTION_LATENT = 16, 32  # the motion sections' clips: 16 frames at 256x256
 # diffusers' MotionAdapter config of guoyww/animatediff-motion-adapter-v1-5-2
 MOTION_ADAPTER_CONFIG = {"block_out_channels": [320, 640, 1280, 1280], "motion_layers_per_block": 2,
@@ -962,7 +966,8 @@ def comma_list(text: str, allowed, convert=str) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=lambda text: comma_list(text, SECTIONS), default=list(SECTIONS),
-                        help="Comma-separated sections: text_encoder, unet, vae, motion_unet, video, generate, wan "
+                        help="Comma-separated sections: text_encoder, unet, vae, motion_unet, video, generate, "
+                             "wan_transformer, wan_text_encoder, wan_vae, wan_video "
                              "(default: all).")
     parser.add_argument("--repeats", type=int, default=3, help="Measurements per side (default 3).")
     parser.add_argument("--sizes", type=lambda text: comma_list(text, None, int), default=[32, 64],
@@ -987,7 +992,7 @@ def main() -> None:
                      "settings": {"only": only, "repeats": args.repeats, "sizes": args.sizes,
                                   "precisions": args.precisions, "generate_steps": args.generate_steps,
                                   "generate_size": args.generate_size, "reference": reference}}
-    if {"unet", "vae", "motion_unet", "wan"} & set(only):
+    if {"unet", "vae", "motion_unet", "wan_transformer"} & set(only):
         results["gemm_ceiling"] = gemm_ceilings(reference)
     components = [name for name, wanted in (("text_encoder", {"text_encoder", "video", "generate"}),
                                             ("unet", {"unet", "motion_unet", "video", "generate"}),
@@ -1016,11 +1021,12 @@ def main() -> None:
                     path.unlink()
             results["generate"] = bench_generate(work, sd15_fp16, sides, args.repeats, args.generate_steps,
                                                  args.generate_size)
-        if "wan" in only:
-            from bench_wan import bench_wan_transformer
+        if set(WAN_SECTIONS) & set(only):
+            from bench_wan import bench_wan
 
             shutil.rmtree(sd15, ignore_errors=True)  # the SD weights are not needed any more
-            results["wan"] = bench_wan_transformer(work, sides, args.repeats, args.precisions, reference)
+            results["wan"] = bench_wan(work, [name for name in only if name in WAN_SECTIONS], sides, args.repeats,
+                                       args.precisions, reference)
     report(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMP
                        VAE_CHOICES, VARIANTS)
 from .pipelines.text_to_video import generate_video, load_video_pipeline
 from .pipelines.video import (ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, DEFAULT_DECODE_CHUNK, DEFAULT_FRAMES,
-                              GeneratedVideo, TextToVideo, VideoDefaults, VideoParams)
+                              DecodeRecord, GeneratedVideo, TextToVideo, VideoDefaults, VideoParams)
 from .pipelines.wan import WAN_DEFAULTS, WanTextToVideo, check_wan_params
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 
@@ -49,7 +49,7 @@ __all__ = [
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
     "load_pipeline", "load_prompt_encoder", "plan_run",
     "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
-    "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline", "DEFAULT_FRAMES", "WAN_DEFAULTS",
+    "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline", "DEFAULT_FRAMES", "DecodeRecord", "WAN_DEFAULTS",
     "WanTextToVideo", "check_wan_params",
     # models and motion adapters
     "Checkpoint", "MOTION_ADAPTER_PRESETS", "PRESETS", "auto_download", "describe", "download_model", "format_size",

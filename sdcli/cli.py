@@ -552,6 +552,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
             for record in pipeline.run(params, initial_noise=latents):
                 if isinstance(record, sdcli.GeneratedVideo):
                     result = record
+                elif isinstance(record, sdcli.DecodeRecord):
+                    reporter.decode(record)
                 else:
                     reporter.step(record)
         finally:
@@ -748,6 +750,14 @@ class Progress:
             self.bar.update(self.task, completed=record.index + 1, total=record.total, rate=rate)
         elif not self.quiet:
             self.out.print(f"{self.label} step {record.index + 1}/{record.total}  {rate}", highlight=False)
+
+    def decode(self, record) -> None:
+        """Decoding progress after the steps (a decoder that goes a piece at a time)."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.label} decoding", completed=record.done,
+                            total=record.total, rate="")
+        elif not self.quiet:
+            self.out.print(f"{self.label} decoded {record.done}/{record.total}", highlight=False)
 
     def finish(self) -> None:
         if self.bar is not None:

@@ -524,3 +524,40 @@ def test_first_use_downloads_a_motion_adapter(tmp_path, monkeypatch):
         tmp_path / "weights" / "someone--adapter"
     assert fetched == [("animatelcm", "motion-adapter", MOTION_ADAPTER_PRESETS["animatelcm"].files),
                        ("someone/adapter", "motion-adapter", models.ADAPTER_FILES)]
+
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers as the Hub lists it (the weight shards and their indexes, configs, tokenizer)
+WAN_NEEDED = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+              "transformer/config.json", "vae/config.json", "tokenizer/tokenizer.json",
+              "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+              "text_encoder/model.safetensors.index.json", "transformer/diffusion_pytorch_model.safetensors.index.json",
+              "vae/diffusion_pytorch_model.safetensors"] + \
+             [f"text_encoder/model-{i:05d}-of-00005.safetensors" for i in range(1, 6)] + \
+             [f"transformer/diffusion_pytorch_model-{i:05d}-of-00002.safetensors" for i in range(1, 3)]
+WAN_EXTRAS = ["tokenizer/spiece.model", "README.md", ".gitattributes", "assets/logo.png", "examples/i2v_input.JPG"]
+
+
+def test_wan_preset_selects_its_shards_configs_and_tokenizer():
+    source = models.model_source("wan21-t2v-1.3b")
+    assert (source.repo_id, source.variant) == ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "bf16")
+    files = listing(WAN_NEEDED + WAN_EXTRAS + NEVER)
+    chosen = select_files(files, list(source.patterns), source.variant)
+    assert {f.path for f in chosen} == set(WAN_NEEDED)
+    models.check_selection(source, chosen, files)
+
+
+def test_wan_preset_prefers_bf16_files_where_a_component_has_them():
+    bf16 = ["transformer/diffusion_pytorch_model.bf16.safetensors"]
+    files = listing(WAN_NEEDED + bf16)
+    source = models.model_source("wan21-t2v-1.3b")
+    chosen = {f.path for f in select_files(files, list(source.patterns), source.variant)}
+    assert chosen == {p for p in WAN_NEEDED if not p.startswith("transformer/diffusion_pytorch_model")} | set(bf16)
+    plain = models.model_source("wan21-t2v-1.3b", variant="fp32")
+    assert {f.path for f in select_files(files, list(plain.patterns), plain.variant)} == set(WAN_NEEDED)
+
+
+def test_wan_selection_without_the_text_encoder_names_it():
+    source = models.model_source("wan21-t2v-1.3b")
+    files = listing([p for p in WAN_NEEDED if not p.startswith("text_encoder/model")])
+    with pytest.raises(ModelNotFoundError, match="text_encoder"):
+        models.check_selection(source, select_files(files, list(source.patterns), source.variant), files)

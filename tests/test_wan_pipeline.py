@@ -144,3 +144,27 @@ def test_command_line_end_to_end(tiny_wan, tmp_path):
     frames = iio.imread(output, index=None)
     assert frames.shape == (9, 32, 32, 3)
     assert iio.immeta(output)["fps"] == 16
+
+
+def test_a_truncated_text_encoder_shard_is_one_line(tiny_wan, tmp_path):
+    """The text encoder in shards (as the Hub's five), one of them cut short: a one-line error naming it, before
+    anything is generated."""
+    import shutil
+
+    reference, folder = tiny_wan
+    copy = tmp_path / "wan"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "text_encoder")
+    reference.text_encoder.save_pretrained(copy / "text_encoder", max_shard_size="40KB")
+    shards = sorted((copy / "text_encoder").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (copy / "text_encoder" / "model.safetensors.index.json").is_file()
+    sdcli.load_video_pipeline(str(copy))  # whole, the shards load
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) // 2])
+    output = tmp_path / "fox.mp4"
+    result = CliRunner().invoke(main, ["video", "--model", str(copy), "-p", PROMPT, "--frames", "5", "-W", "16",
+                                       "-H", "16", "--steps", "1", "--seed", "1", "-o", str(output)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and shards[-1].name in lines[0], result.output
+    assert not output.exists()

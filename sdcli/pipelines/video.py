@@ -130,6 +130,16 @@ class VideoParams:
         return self
 
 
+@dataclass(frozen=True)
+class DecodeRecord:
+    """Decoding progress after the denoising steps, for decoders that go a piece at a time (Wan's, one latent frame
+    at a time): ``done`` of ``total`` pieces decoded."""
+
+    done: int
+    total: int
+    elapsed_s: float
+
+
 @dataclass
 class GeneratedVideo:
     """A batch of clips: ``frames`` (B, F, 3, H, W) float32 in about [-1, 1], the final latents (B, 4, F, h, w)
@@ -346,4 +356,4 @@ def load_animatediff_pipeline(model: str | Checkpoint, motion_adapter: str | Pat
 
 
 __all__ = ["ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "DEFAULT_FPS", "DEFAULT_FRAMES",
-           "GeneratedVideo", "TextToVideo", "VideoDefaults", "VideoParams", "load_animatediff_pipeline"]
+           "DecodeRecord", "GeneratedVideo", "TextToVideo", "VideoDefaults", "VideoParams", "load_animatediff_pipeline"]

@@ -37,7 +37,7 @@ from ..ops.parameter import unload_prepared
 from ..rng import BatchNoise, image_seeds, random_seed
 from ..sampling.flow import FLOW_SAMPLERS, FlowDenoiser, flow_plan
 from .image import StepRecord
-from .video import GeneratedVideo, VideoParams
+from .video import DecodeRecord, GeneratedVideo, VideoParams
 
 log = logging.getLogger("sdcli")
 
@@ -186,9 +186,10 @@ class WanTextToVideo:
 
     # -- a clip ----------------------------------------------------------------------------------------------
     def run(self, params: VideoParams,
-            initial_noise: np.ndarray | None = None) -> Iterator[StepRecord | GeneratedVideo]:
-        """Make ``params.batch_size`` clips: a StepRecord per step, then the GeneratedVideo. ``initial_noise``
-        (B, 16, T, h, w) replaces the seeded starting noise (diffusers' ``latents=``)."""
+            initial_noise: np.ndarray | None = None) -> Iterator[StepRecord | DecodeRecord | GeneratedVideo]:
+        """Make ``params.batch_size`` clips: a StepRecord per step, a DecodeRecord per latent frame decoded, then
+        the GeneratedVideo. ``initial_noise`` (B, 16, T, h, w) replaces the seeded starting noise (diffusers'
+        ``latents=``)."""
         params, plan = self.prepare(params)
         batch = params.batch_size
         seeds = image_seeds(params.seed, batch)
@@ -243,19 +244,33 @@ class WanTextToVideo:
         return_freed_memory()
 
         start = time.perf_counter()
-        frames = self.decode(latents)  # (B, F, 3, H, W)
+        pieces = []
+        for pieces in self.decode_frames(latents):
+            yield DecodeRecord(len(pieces), latents.shape[2], time.perf_counter() - start)
+        frames = np.concatenate(pieces, axis=2).transpose(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
         timings["decode_s"] = time.perf_counter() - start
         unload_prepared(self.vae)
         self.checkpoint.release("vae")
         return_freed_memory()
         yield GeneratedVideo(frames, latents, seeds, params, timings)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents (B, 16, T, h, w) -> frames (B, 1 + 4 (T - 1), 3, H, W) in [-1, 1], one latent frame at a time."""
+    def decode_frames(self, latents: np.ndarray) -> Iterator[list[np.ndarray]]:
+        """Latents (B, 16, T, h, w) decoded one latent frame at a time through the autoencoder's cache: after each,
+        the host frames so far, (B, 3, n, H, W) pieces (1 frame for the first latent frame, 4 for each later)."""
         vae = self.vae
         ops = vae.ops
-        video = ops.to_host(vae.decode(vae.denormalize(ops.from_host(latents))))  # (B, 3, F, H, W)
-        return np.ascontiguousarray(video.transpose(0, 2, 1, 3, 4))
+        z = vae.denormalize(ops.from_host(latents))
+        cache, pieces = vae.decoder_cache(), []
+        for t in range(latents.shape[2]):
+            pieces.append(ops.to_host(vae.decode_chunk(ops.narrow(z, 2, t, t + 1), cache)))
+            yield pieces
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (B, 16, T, h, w) -> frames (B, 1 + 4 (T - 1), 3, H, W) in [-1, 1], one latent frame at a time."""
+        pieces: list[np.ndarray] = []
+        for pieces in self.decode_frames(latents):
+            pass
+        return np.ascontiguousarray(np.concatenate(pieces, axis=2).transpose(0, 2, 1, 3, 4))
 
 
 def load_wan_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
