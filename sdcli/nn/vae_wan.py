@@ -298,12 +298,25 @@ class WanDecoder:
                 self.layers.append(Resample(block.scope("upsamplers", 0), out_dim, up=True, temporal=temporal[i]))
         self.norm_out = ChannelRmsNorm(params.scope("norm_out"), dims[-1])
         self.conv_out = CausalConv3d(params.scope("conv_out"), dims[-1], config.out_channels)
+        # the layers after the last time upsampling: run a frame at a time (see __call__)
+        temporal_layers = [i for i, layer in enumerate(self.layers) if isinstance(layer, Resample) and layer.temporal]
+        self.frame_by_frame = temporal_layers[-1] + 1 if temporal_layers else 0
 
     def __call__(self, z, cache: CausalCache):
+        """The layers up to the last time upsampling take the chunk whole; the ones after it, at the two largest
+        sizes, take its frames one at a time through the same cache (a causal convolution continues from the
+        frames it kept, so the frames are the same), which bounds the largest activations to one frame's."""
+        ops = self.ops
         x = self.mid_block(self.conv_in(z, cache), cache)
-        for layer in self.layers:
+        for layer in self.layers[:self.frame_by_frame]:
             x = layer(x, cache)
-        return self.conv_out(self.norm_out(x, silu=True), cache)
+        frames = []
+        for t in range(x.shape[2]):
+            y = ops.narrow(x, 2, t, t + 1)  # (B, C, 1, H, W)
+            for layer in self.layers[self.frame_by_frame:]:
+                y = layer(y, cache)
+            frames.append(self.conv_out(self.norm_out(y, silu=True), cache))
+        return frames[0] if len(frames) == 1 else ops.concat(frames, 2)  # (B, 3, T, 8h, 8w)
 
 
 class WanEncoder:

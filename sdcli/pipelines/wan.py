@@ -115,6 +115,7 @@ class WanTextToVideo:
         self.motion_adapter = None  # a Wan model takes none
         self.timings: dict[str, float] = {}
         self._encoded: dict[str, np.ndarray] = {}  # text -> (1, 512, 4096)
+        self._unreported_text_s = 0.0  # encoding time not yet in a clip's timings (prompts encoded ahead)
 
     @property
     def family(self):
@@ -167,7 +168,9 @@ class WanTextToVideo:
         embeddings = self.prompt_encoder.encode(missing)  # (n, 512, 4096)
         for text, embedding in zip(missing, embeddings):
             self._encoded[text] = embedding[None]
-        self.timings["text_encoding_s"] = self.timings.get("text_encoding_s", 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.timings["text_encoding_s"] = self.timings.get("text_encoding_s", 0.0) + elapsed
+        self._unreported_text_s += elapsed
 
     def release_text_encoder(self) -> None:
         """Let the text encoder go for good (about 11 GB of bf16 weights, streamed: its mapped pages and what it
@@ -204,12 +207,12 @@ class WanTextToVideo:
             x = BatchNoise(seeds, shape[1:]).draw()  # (B, 16, T, h, w)
         timings: dict[str, float] = {}
 
-        start = time.perf_counter()
         guided = params.guidance_scale > 1
         texts = [params.negative_prompt, params.prompt] if guided else [params.prompt]
         self.encode_prompts([params])
         text = np.concatenate([self.conditioning(each, batch) for each in texts])  # (gB, 512, 4096)
-        timings["text_encoding_s"] = time.perf_counter() - start
+        # the encoding this clip's prompts took, here or ahead (the first clip's timings carry a run's ahead)
+        timings["text_encoding_s"], self._unreported_text_s = self._unreported_text_s, 0.0
 
         self.checkpoint.release("text_encoder")  # its streamed pages; the encoder stays usable
         return_freed_memory()
