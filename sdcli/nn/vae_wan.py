@@ -141,10 +141,10 @@ class CausalConv3d:
         history = 2 * pt
         if history and cache is not None:
             before = cache.take(self)
-            cache.keep(self, last_frames(ops, x if before is None else ops.concat([before, x], 2), CACHED_FRAMES))
             if before is not None:
                 x = ops.concat([before, x], 2)  # (B, C, c + T, H, W)
                 history -= before.shape[2]
+            cache.keep(self, last_frames(ops, x, CACHED_FRAMES))
         if history:
             x = ops.pad(x, ((0, 0), (0, 0), (history, 0), (0, 0), (0, 0)))
         return ops.conv3d(x, self.weight, self.bias, padding=(0, ph, pw))  # (B, Cout, T, H, W)
