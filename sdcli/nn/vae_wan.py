@@ -398,16 +398,14 @@ class WanAutoencoder:
         cache.chunks += 1
         return ops.clip(frames, -1.0, 1.0)
 
-    def decode(self, z, on_frame: Callable[[int, int], None] | None = None):
+    def decode(self, z):
         """Latents (B, z, T, h, w) -> frames (B, 3, 1 + 4 (T - 1), 8h, 8w) in [-1, 1], one latent frame at a time
-        through the cache (diffusers' ``_decode``). ``on_frame(done, total)`` after each."""
+        through the cache (diffusers' ``_decode``)."""
         ops = self.ops
         self.check_latents(z)
         cache, pieces, total = self.decoder_cache(), [], z.shape[2]
         for t in range(total):
             pieces.append(self.decode_chunk(ops.narrow(z, 2, t, t + 1), cache))
-            if on_frame is not None:
-                on_frame(t + 1, total)
         return pieces[0] if len(pieces) == 1 else ops.concat(pieces, 2)
 
     def check_latents(self, z) -> None:

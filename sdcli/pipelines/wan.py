@@ -35,6 +35,7 @@ from ..models import open_checkpoint
 from ..ops import get_ops
 from ..ops.parameter import unload_prepared
 from ..rng import BatchNoise, image_seeds, random_seed
+from ..sampling.denoisers import guided_network
 from ..sampling.flow import FLOW_SAMPLERS, FlowDenoiser, flow_plan
 from .image import StepRecord
 from .video import DecodeRecord, GeneratedVideo, VideoParams
@@ -172,14 +173,20 @@ class WanTextToVideo:
         self.timings["text_encoding_s"] = self.timings.get("text_encoding_s", 0.0) + elapsed
         self._unreported_text_s += elapsed
 
+    def leave_stage(self, component: str, network=None) -> None:
+        """Let ``component``'s weights leave resident memory: what ``network`` prepared from the mapped file, the
+        file's pages (they map again when needed), and the freed memory goes back to the system."""
+        if network is not None:
+            unload_prepared(network)
+        self.checkpoint.release(component)
+        return_freed_memory()
+
     def release_text_encoder(self) -> None:
         """Let the text encoder go for good (about 11 GB of bf16 weights, streamed: its mapped pages and what it
         prepared); prompts encoded before stay usable."""
         if self.prompt_encoder is not None:
-            unload_prepared(self.prompt_encoder.text_encoder)
-            self.checkpoint.release("text_encoder")
+            self.leave_stage("text_encoder", self.prompt_encoder.text_encoder)
             self.prompt_encoder = None
-            return_freed_memory()
 
     def conditioning(self, text: str, batch: int) -> np.ndarray:
         """(B, 512, 4096): the encoding of ``text`` repeated over the batch (encoded now if it was not)."""
@@ -214,23 +221,17 @@ class WanTextToVideo:
         # the encoding this clip's prompts took, here or ahead (the first clip's timings carry a run's ahead)
         timings["text_encoding_s"], self._unreported_text_s = self._unreported_text_s, 0.0
 
-        self.checkpoint.release("text_encoder")  # its streamed pages; the encoder stays usable
-        return_freed_memory()
+        self.leave_stage("text_encoder")  # its streamed pages; the encoder stays usable
 
         ops = self.transformer.ops
         context = self.transformer.text_context(ops.from_host(text))  # the cross-attention keys and values, once
-        scale = np.float32(params.guidance_scale)
 
-        def transformer(x_in: np.ndarray, timesteps: np.ndarray) -> np.ndarray:  # host arrays in and out
+        def transformer(x_in: np.ndarray, timesteps: np.ndarray, _text) -> np.ndarray:  # host arrays in and out
+            # the text is ``context``, prepared for the batch guided_network hands over ([uncond, cond] with
+            # guidance, cond alone without)
             return ops.to_host(self.transformer(ops.from_host(x_in), timesteps, context))
 
-        def velocity(x_in: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-            if not guided:
-                return transformer(x_in, timesteps)
-            both = transformer(np.concatenate([x_in, x_in]), np.concatenate([timesteps, timesteps]))  # (2B, ...)
-            uncond, cond = np.split(both, 2)
-            return uncond + scale * (cond - uncond)
-
+        velocity = guided_network(transformer, text[-batch:], text[:batch] if guided else None, params.guidance_scale)
         denoiser = FlowDenoiser(velocity, plan)
         start = time.perf_counter()
         total = plan.steps
@@ -241,10 +242,8 @@ class WanTextToVideo:
         timings["denoising_s"] = time.perf_counter() - start
         timings["steps"] = total
         latents = x.astype(np.float32)
-        del context, transformer
-        unload_prepared(self.transformer)
-        self.checkpoint.release("transformer")
-        return_freed_memory()
+        del context, transformer, velocity, denoiser
+        self.leave_stage("transformer", self.transformer)
 
         start = time.perf_counter()
         pieces = []
@@ -252,9 +251,7 @@ class WanTextToVideo:
             yield DecodeRecord(len(pieces), latents.shape[2], time.perf_counter() - start)
         frames = np.concatenate(pieces, axis=2).transpose(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
         timings["decode_s"] = time.perf_counter() - start
-        unload_prepared(self.vae)
-        self.checkpoint.release("vae")
-        return_freed_memory()
+        self.leave_stage("vae", self.vae)
         yield GeneratedVideo(frames, latents, seeds, params, timings)
 
     def decode_frames(self, latents: np.ndarray) -> Iterator[list[np.ndarray]]:
@@ -267,13 +264,6 @@ class WanTextToVideo:
         for t in range(latents.shape[2]):
             pieces.append(ops.to_host(vae.decode_chunk(ops.narrow(z, 2, t, t + 1), cache)))
             yield pieces
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents (B, 16, T, h, w) -> frames (B, 1 + 4 (T - 1), 3, H, W) in [-1, 1], one latent frame at a time."""
-        pieces: list[np.ndarray] = []
-        for pieces in self.decode_frames(latents):
-            pass
-        return np.ascontiguousarray(np.concatenate(pieces, axis=2).transpose(0, 2, 1, 3, 4))
 
 
 def load_wan_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
