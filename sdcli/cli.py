@@ -474,11 +474,16 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
-    family = sdcli.model_family(model)  # known at once for a preset or a model already here
+    try:
+        family = sdcli.model_family(model)  # known at once for a preset or a model already here
+    except sdcli.SdcliError:
+        if not motion_adapter:
+            raise
+        family = False  # with a motion adapter: the AnimateDiff path, which looks the adapter up first
     if family is None:
         model = model_path(model, yes=yes, offline=offline, quiet=quiet)
         family = sdcli.model_family(model)
-    is_wan = family is not None and family.name == "wan"
+    is_wan = bool(family) and family.name == "wan"
     if is_wan and motion_adapter:
         raise sdcli.SdcliError(f"{model} is a Wan2.1 model, a video model of its own: --motion-adapter applies to "
                                "SD 1.x models")
