@@ -95,7 +95,7 @@ class CausalCache:
     video (``decoder_cache()``/``encoder_cache()``) and handed to every chunk's call in order."""
 
     frames: dict[int, Any] = field(default_factory=dict)
-    chunks: int = 0  # chunks that went through
+    chunks: int = 0  # what went through: latent frames (decoder), chunks of 1 or 4 frames (encoder)
 
     def take(self, layer) -> Any:
         return self.frames.get(id(layer))
@@ -390,23 +390,22 @@ class WanAutoencoder:
 
     def decode_chunk(self, z, cache: CausalCache):
         """Latents (B, z, T, h, w), the next T latent frames of a video, -> their frames (B, 3, F, 8h, 8w) in
-        [-1, 1]: F = 1 + 4 (T - 1) for the video's first chunk, 4 T for the others. The same frames as one call
-        over the whole video."""
+        [-1, 1]: F = 1 + 4 (T - 1) for the video's first chunk, 4 T for the others. The latent frames go through
+        one at a time, as diffusers' ``_decode`` takes them, so every convolution sees the same shapes however the
+        video is cut into chunks, and the frames are those of one call over the whole video to the bit on any
+        backend (a BLAS may round a product differently when more images share it)."""
         ops = self.ops
         self.check_latents(z)
-        frames = self.decoder(self.post_quant_conv(z), cache)
-        cache.chunks += 1
-        return ops.clip(frames, -1.0, 1.0)
+        pieces = []
+        for t in range(z.shape[2]):
+            pieces.append(ops.clip(self.decoder(self.post_quant_conv(ops.narrow(z, 2, t, t + 1)), cache), -1.0, 1.0))
+            cache.chunks += 1
+        return pieces[0] if len(pieces) == 1 else ops.concat(pieces, 2)
 
     def decode(self, z):
         """Latents (B, z, T, h, w) -> frames (B, 3, 1 + 4 (T - 1), 8h, 8w) in [-1, 1], one latent frame at a time
         through the cache (diffusers' ``_decode``)."""
-        ops = self.ops
-        self.check_latents(z)
-        cache, pieces, total = self.decoder_cache(), [], z.shape[2]
-        for t in range(total):
-            pieces.append(self.decode_chunk(ops.narrow(z, 2, t, t + 1), cache))
-        return pieces[0] if len(pieces) == 1 else ops.concat(pieces, 2)
+        return self.decode_chunk(z, self.decoder_cache())
 
     def check_latents(self, z) -> None:
         if len(z.shape) != 5 or z.shape[1] != self.config.z_dim or min(z.shape[2:]) < 1:
