@@ -82,3 +82,25 @@ def make_tiny_wan(folder: Path, seed: int = 0):
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(folder)
     return pipeline
+
+
+def random_state(build, seed: int = 0, scale: float = 0.2) -> dict:
+    """Random float32 weights for every tensor ``build(params)`` takes (``sdcli.io.weights.tensor_shapes``),
+    without any reference library: normal with a standard deviation of ``scale / sqrt(fan-in)`` for matrices and
+    kernels, around 1 for norm scales, small for the rest."""
+    import numpy as np
+
+    from sdcli.io.weights import tensor_shapes
+
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in sorted(tensor_shapes(build).items()):
+        values = rng.standard_normal(shape)
+        if len(shape) >= 2:
+            values *= scale / np.sqrt(np.prod(shape[1:]))
+        elif "norm" in name or name.endswith("gamma"):
+            values = 1.0 + 0.1 * values
+        else:
+            values *= 0.05
+        state[name] = values.astype(np.float32)
+    return state

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -100,15 +101,19 @@ class WanAttention:
         v = ops.split_heads(self.to_v(source), self.heads, precision=self.precision)  # (B, nh, S, hs)
         return k, v
 
-    def __call__(self, x, keys_values=None, rope=None):
+    def __call__(self, x, keys_values=None, rope=None, attend=None):
         """x (B, T, C) attending to itself (``keys_values`` None, with ``rope`` (cos, sin) each (T, hs / 2)) or
-        to the given (keys, values) -> (B, T, C)."""
+        to the given (keys, values) -> (B, T, C). ``attend(q, k, v)`` replaces the attention over all of x's
+        tokens (block-causal masks, a key/value cache)."""
         ops = self.ops
         q = ops.split_heads(self.norm_q(self.to_q(x)), self.heads, precision=self.precision)  # (B, nh, T, hs)
         k, v = self.keys_values(x) if keys_values is None else keys_values
         if rope is not None:
             q, k = ops.rope(q, *rope), ops.rope(k, *rope)  # (B, nh, T, hs)
-        y = ops.attention(q, k, v, precision=self.precision)  # (B, nh, T, hs)
+        if attend is None:
+            y = ops.attention(q, k, v, precision=self.precision)  # (B, nh, T, hs)
+        else:
+            y = attend(q, k, v, self.precision)  # (B, nh, T, hs)
         return self.to_out(ops.merge_heads(y))  # (B, T, C)
 
 
@@ -136,19 +141,35 @@ class WanTransformerBlock:
         self.ffn = WanFeedForward(params.scope("ffn"), width, config.ffn_dim)
         self.scale_shift_table = params.take("scale_shift_table", (1, 6, width))
 
-    def __call__(self, x, text_keys_values, timestep_projection, rope):
-        """x (B, T, C); the cross-attention's (keys, values) of the text; timestep_projection (B, 6, C); rope
-        (cos, sin) -> (B, T, C)."""
+    def __call__(self, x, text_keys_values, timestep_projection, rope, attend=None):
+        """x (B, T, C); the cross-attention's (keys, values) of the text; timestep_projection (B, 6, C), or
+        (B, F, 6, C) with a timestep per latent frame (the T tokens then F frames of T / F each); rope (cos, sin);
+        ``attend`` as :class:`WanAttention` takes it -> (B, T, C)."""
         ops = self.ops
-        modulation = ops.add(timestep_projection, table_values(ops, self.scale_shift_table))  # (B, 6, C)
-        shift, scale, gate, ff_shift, ff_scale, ff_gate = (
-            ops.narrow(modulation, 1, i, i + 1) for i in range(6))  # (B, 1, C) each
-        normed = ops.modulate(ops.layer_norm(x, None, None, self.eps), scale, shift)  # (B, T, C)
-        x = ops.add(x, ops.mul(self.attn1(normed, rope=rope), gate))  # (B, T, C)
+        table = table_values(ops, self.scale_shift_table)  # (1, 6, C)
+        if len(timestep_projection.shape) == 4:  # per frame: the tokens as (B, F, T / F, C)
+            batch, frames, _, width = timestep_projection.shape
+            modulation = ops.add(timestep_projection, ops.reshape(table, (1, 1, 6, width)))  # (B, F, 6, C)
+            grouped = (batch, frames, x.shape[1] // frames, width)
+            shift, scale, gate, ff_shift, ff_scale, ff_gate = (
+                ops.narrow(modulation, 2, i, i + 1) for i in range(6))  # (B, F, 1, C) each
+        else:
+            modulation = ops.add(timestep_projection, table)  # (B, 6, C)
+            grouped = tuple(x.shape)
+            shift, scale, gate, ff_shift, ff_scale, ff_gate = (
+                ops.narrow(modulation, 1, i, i + 1) for i in range(6))  # (B, 1, C) each
+
+        def modulated_norm(y, scale, shift):  # (B, T, C)
+            normed = ops.reshape(ops.layer_norm(y, None, None, self.eps), grouped)
+            return ops.reshape(ops.modulate(normed, scale, shift), tuple(y.shape))
+
+        def gated(y, gate):  # (B, T, C)
+            return ops.reshape(ops.mul(ops.reshape(y, grouped), gate), tuple(y.shape))
+
+        x = ops.add(x, gated(self.attn1(modulated_norm(x, scale, shift), rope=rope, attend=attend), gate))
         normed = self.norm2(x) if self.norm2 is not None else x
         x = ops.add(x, self.attn2(normed, keys_values=text_keys_values))  # (B, T, C)
-        normed = ops.modulate(ops.layer_norm(x, None, None, self.eps), ff_scale, ff_shift)  # (B, T, C)
-        return ops.add(x, ops.mul(self.ffn(normed), ff_gate))  # (B, T, C)
+        return ops.add(x, gated(self.ffn(modulated_norm(x, ff_scale, ff_shift)), ff_gate))  # (B, T, C)
 
 
 @dataclass(frozen=True)
@@ -196,8 +217,12 @@ class WanTransformer3DModel:
                              f"of the patch {pt}x{ph}x{pw}")
         return frames // pt, height // ph, width // pw
 
-    def __call__(self, x, timesteps: np.ndarray, text):
-        """``text``: embeddings (B, S, text_dim) or their :meth:`text_context`. timesteps: host (B,)."""
+    def __call__(self, x, timesteps: np.ndarray, text, *, frame_offset: int = 0, self_attention=None):
+        """``text``: embeddings (B, S, text_dim) or their :meth:`text_context`. timesteps: host (B,), or (B, F)
+        with one per latent frame (diffusion forcing, a causal chunk and its context). ``frame_offset``: the
+        absolute index of x's first latent frame, for the rotary positions of a chunk of a longer video.
+        ``self_attention``: None (every token sees every token) or an object whose ``attend(layer, q, k, v,
+        precision)`` runs block ``layer``'s self-attention (:mod:`sdcli.nn.wan_causal`)."""
         ops, config = self.ops, self.config
         if len(x.shape) != 5 or x.shape[1] != config.in_channels:
             raise SdcliError(f"latents must be (batch, {config.in_channels}, frames, height, width), "
@@ -205,10 +230,14 @@ class WanTransformer3DModel:
         batch, _, frames, height, width = x.shape
         grid = self.patch_grid(frames, height, width)
         context = text if isinstance(text, WanTextContext) else self.text_context(text)
-        timesteps = np.asarray(timesteps, dtype=np.float32).reshape(-1)
-        if context.batch != batch or len(timesteps) != batch:
-            raise SdcliError(f"batch mismatch: latents {batch}, text {context.batch}, timesteps {len(timesteps)}")
-        cos, sin = rope_tables(config.attention_head_dim, *grid)  # (T, hs / 2) each
+        timesteps = np.asarray(timesteps, dtype=np.float32)
+        per_frame = timesteps.ndim == 2
+        if context.batch != batch or len(timesteps) != batch or timesteps.ndim not in (1, 2):
+            raise SdcliError(f"batch mismatch: latents {batch}, text {context.batch}, timesteps "
+                             f"{timesteps.shape}")
+        if per_frame and timesteps.shape[1] != grid[0]:
+            raise SdcliError(f"{timesteps.shape[1]} timesteps per video for {grid[0]} latent frames")
+        cos, sin = rope_tables(config.attention_head_dim, *grid, frame_offset=frame_offset)  # (T, hs / 2) each
         rope = (ops.from_host(cos), ops.from_host(sin))
 
         tokens = ops.conv3d(x, self.patch_embedding_weight, self.patch_embedding_bias,
@@ -216,17 +245,29 @@ class WanTransformer3DModel:
         count = math.prod(grid)
         tokens = ops.permute(ops.reshape(tokens, (batch, config.inner_dim, count)), (0, 2, 1))  # (B, T, C')
 
-        frequencies = ops.timestep_embedding(timesteps, config.freq_dim, flip_sin_to_cos=True, freq_shift=0)
-        temb = self.time_linear_2(ops.silu(self.time_linear_1(frequencies)))  # (B, C')
-        projection = ops.reshape(self.time_proj(ops.silu(temb)), (batch, 6, config.inner_dim))  # (B, 6, C')
+        frequencies = ops.timestep_embedding(timesteps.reshape(-1), config.freq_dim, flip_sin_to_cos=True,
+                                             freq_shift=0)  # (B [F], freq)
+        temb = self.time_linear_2(ops.silu(self.time_linear_1(frequencies)))  # (B [F], C')
+        # (B, 6, C'), or (B, F, 6, C') per frame
+        lead = (batch, grid[0]) if per_frame else (batch,)
+        projection = ops.reshape(self.time_proj(ops.silu(temb)), (*lead, 6, config.inner_dim))
 
-        for block, keys_values in zip(self.blocks, context.keys_values):
-            tokens = block(tokens, keys_values, projection, rope)  # (B, T, C')
+        for layer, (block, keys_values) in enumerate(zip(self.blocks, context.keys_values)):
+            attend = None if self_attention is None else partial(self_attention.attend, layer)
+            tokens = block(tokens, keys_values, projection, rope, attend)  # (B, T, C')
 
-        modulation = ops.add(ops.reshape(temb, (batch, 1, config.inner_dim)),
-                             table_values(ops, self.scale_shift_table))  # (B, 2, C')
-        shift, scale = ops.narrow(modulation, 1, 0, 1), ops.narrow(modulation, 1, 1, 2)  # (B, 1, C') each
-        tokens = ops.modulate(ops.layer_norm(tokens, None, None, config.eps), scale, shift)  # (B, T, C')
+        table = table_values(ops, self.scale_shift_table)  # (1, 2, C')
+        if per_frame:  # the tokens as (B, F, T / F, C') for the frames' own shift and scale
+            modulation = ops.add(ops.reshape(temb, (*lead, 1, config.inner_dim)),
+                                 ops.reshape(table, (1, 1, 2, config.inner_dim)))  # (B, F, 2, C')
+            shift, scale = ops.narrow(modulation, 2, 0, 1), ops.narrow(modulation, 2, 1, 2)  # (B, F, 1, C')
+            normed = ops.reshape(ops.layer_norm(tokens, None, None, config.eps),
+                                 (batch, grid[0], count // grid[0], config.inner_dim))
+            tokens = ops.reshape(ops.modulate(normed, scale, shift), (batch, count, config.inner_dim))
+        else:
+            modulation = ops.add(ops.reshape(temb, (batch, 1, config.inner_dim)), table)  # (B, 2, C')
+            shift, scale = ops.narrow(modulation, 1, 0, 1), ops.narrow(modulation, 1, 1, 2)  # (B, 1, C') each
+            tokens = ops.modulate(ops.layer_norm(tokens, None, None, config.eps), scale, shift)  # (B, T, C')
         patches = self.proj_out(tokens)  # (B, T, pt * ph * pw * C)
         return self.unpatchify(patches, batch, grid)
 
