@@ -30,7 +30,7 @@ from .io.media import (a1111_parameters, check_video_output, images_to_uint8, pl
 from .io.prompts_file import VIDEO_OPTIONS, PromptLine, read_prompts_file
 from .memory import prefer_small_pages as _prefer_small_pages
 from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, format_size, model_family,
-                     open_checkpoint, resolve_model, resolve_motion_adapter)
+                     open_checkpoint, resolve_model, resolve_motion_adapter, resolve_streaming_generator)
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
 from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
                               load_prompt_encoder, plan_run)
@@ -40,6 +40,11 @@ from .pipelines.text_to_video import generate_video, load_video_pipeline
 from .pipelines.video import (ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, DEFAULT_DECODE_CHUNK, DEFAULT_FRAMES,
                               DecodeRecord, GeneratedVideo, TextToVideo, VideoDefaults, VideoParams)
 from .pipelines.wan import WAN_DEFAULTS, WanTextToVideo, check_wan_params
+from .pipelines.streaming import (SELF_FORCING_ATTENTION_FRAMES, SELF_FORCING_FRAMES_PER_CHUNK, ChunkFrames,
+                                  StreamingVideo)
+from .families.self_forcing import SELF_FORCING, StreamingModel, load_streaming_model, streaming_preset
+from .families.wan_names import is_original_layout
+from .io.safetensors import SafetensorsFile
 from .sampling.schedules import NoiseSchedule, inference_timesteps
 
 __version__ = "0.1.0"
@@ -54,6 +59,10 @@ __all__ = [
     # models and motion adapters
     "Checkpoint", "MOTION_ADAPTER_PRESETS", "PRESETS", "auto_download", "describe", "download_model", "format_size",
     "model_family", "open_checkpoint", "resolve_model", "resolve_motion_adapter",
+    # streaming
+    "ChunkFrames", "SELF_FORCING", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK",
+    "StreamingModel", "StreamingVideo", "is_original_layout", "load_streaming_model", "resolve_streaming_generator",
+    "streaming_preset", "SafetensorsFile",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files

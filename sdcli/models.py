@@ -607,3 +607,25 @@ __all__ = ["AUTO_DOWNLOAD_ENV", "DownloadOutcome", "MODEL_PRESETS", "MOTION_ADAP
            "is_repo_id", "missing_adapter_parts", "missing_parts", "model_family", "model_source",
            "motion_adapter_preset", "motion_adapter_source", "open_checkpoint", "open_motion_adapter",
            "resolve_model", "resolve_motion_adapter", "weights_dir"]
+
+
+def resolve_streaming_generator(preset, *, weights_dir: str | Path | None = None, allow_download: bool = False,
+                                offline: bool | None = None, confirm: Callable[[str], bool] | None = None,
+                                progress: "DownloadProgress | None" = None) -> Path:
+    """The converted generator of a streaming preset (:mod:`sdcli.families.self_forcing`): there already, or its
+    pickle downloaded and converted to safetensors once, with ``allow_download`` or when ``confirm`` agrees."""
+    from .families.self_forcing import prepare_generator
+    from .io.torch_pickle import convert_checkpoint
+
+    weights = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
+
+    def download() -> Path:
+        source = ModelSource(preset.name, preset.repo_id, preset.revision, "custom", (preset.file,), None)
+        outcome = download_model(source, weights_dir=weights, progress=progress, offline=offline)
+        return outcome.folder / preset.file
+
+    def convert(pickle: Path, target: Path, key: str) -> None:
+        convert_checkpoint(pickle, target, key=key)
+
+    return prepare_generator(preset, weights, allow_download=allow_download, confirm=confirm, download=download,
+                             convert=convert)

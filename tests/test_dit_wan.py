@@ -114,6 +114,44 @@ def test_text_context_is_the_text(tiny):
     assert np.array_equal(once, run(model, sample, TIMESTEPS, text))
 
 
+class MaskedProcessor:
+    """diffusers' own Wan attention processor with a mask on the self-attention (it passes none itself)."""
+
+    def __init__(self, processor, mask):
+        self.processor, self.mask = processor, mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.processor(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "opaque"])
+def test_block_causal_per_frame_timesteps_parity(tiny, backend):
+    """A timestep per latent frame and the block-causal mask (the causal Wan of Self-Forcing, SkyReels-V2's
+    diffusion forcing) against WanTransformer3DModel with per-token timesteps and its attention masked."""
+    from sdcli.nn.wan_causal import BlockCausalAttention
+
+    model, state = tiny
+    frames, size, per_block = 6, (4, 6), 2
+    sample, text = inputs(TINY, frames, size)
+    per_frame = np.array([[0, 0, 300, 300, 999, 999], [5, 5, 5, 5, 640.5, 640.5]], dtype=np.float32)
+    tokens = (size[0] // 2) * (size[1] // 2)
+    block = np.arange(frames).repeat(tokens) // per_block
+    mask = torch.from_numpy(block[None, :] <= block[:, None])  # (T, T): key block <= query block
+    processors = [each.attn1.processor for each in model.blocks]
+    try:
+        for each in model.blocks:
+            each.attn1.set_processor(MaskedProcessor(each.attn1.processor, mask))
+        expected = reference_output(model, sample, per_frame.repeat(tokens, axis=1), text)
+    finally:
+        for each, processor in zip(model.blocks, processors):
+            each.attn1.set_processor(processor)
+    ours = build(TINY, state, backend)
+    ops = ours.ops
+    result = ops.to_host(ours(ops.from_host(sample), per_frame, ops.from_host(text),
+                              self_attention=BlockCausalAttention(ops, per_block, tokens)))
+    assert relative_error(result, expected) <= TOL["tiny"]
+
+
 def test_opaque_backend_gives_the_numpy_results(tiny):
     """The transformer keeps its activations in the backend (see tests/opaque_backend.py)."""
     sample, text = inputs(TINY, 3, (4, 6))

@@ -256,3 +256,41 @@ def test_video_to_video_starts_from_the_encoded_input(streaming):
     steps = [record.index for record in pipeline.stream(text, height=32, width=48, seeds=[1, 2], chunks=1,
                                                         input_frames=frames) if hasattr(record, "sigma")]
     assert steps == [1, 2]
+
+
+# -- a streaming model from files --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_streaming(tmp_path_factory):
+    from wan_models import make_tiny_streaming
+
+    return make_tiny_streaming(tmp_path_factory.mktemp("streaming") / "base")
+
+
+def test_generator_file_with_the_wan_base_streams(tiny_streaming):
+    """A converted generator (original Wan layout under Self-Forcing's ``model.`` prefix) on a Wan diffusers
+    folder: the prompt encoded, the encoder released, three chunks of 9, 12 and 12 frames."""
+    import sdcli
+
+    base, generator = tiny_streaming
+    model = sdcli.load_streaming_model(generator, str(base), max_attention_frames=6)
+    text = model.text.conditioning("a red fox trotting through fresh snow", 1)  # (1, 512, 32)
+    model.text.release_text_encoder()
+    chunks = [record for record in model.video.stream(text, height=32, width=48, seeds=[3], chunks=3)
+              if isinstance(record, sdcli.ChunkFrames)]
+    assert [chunk.frames.shape for chunk in chunks] == [(1, 9, 3, 32, 48), (1, 12, 3, 32, 48), (1, 12, 3, 32, 48)]
+    assert all(np.all(np.isfinite(chunk.frames)) and np.abs(chunk.frames).max() <= 1 for chunk in chunks)
+    assert model.video.transformer.blocks and model.text.prompt_encoder is None
+
+
+def test_a_generator_must_be_a_wan_transformer(tiny_streaming, tmp_path):
+    import sdcli
+    from sdcli.errors import CheckpointError
+    from sdcli.io.safetensors import save_file
+
+    base, _ = tiny_streaming
+    other = tmp_path / "other.safetensors"
+    save_file(other, {"weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match="not a Wan transformer"):
+        sdcli.load_streaming_model(other, str(base))
+    with pytest.raises(CheckpointError, match="must be a .safetensors"):
+        sdcli.load_streaming_model(tmp_path / "generator.pt", str(base))

@@ -104,3 +104,50 @@ def random_state(build, seed: int = 0, scale: float = 0.2) -> dict:
             values *= 0.05
         state[name] = values.astype(np.float32)
     return state
+
+
+def make_tiny_streaming(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Wan2.1 diffusers folder (UMT5 encoder, tokenizer, transformer, VAE: the configs above) and a causal
+    generator file in the original Wan layout under Self-Forcing's ``model.`` prefix, all random, written with
+    sdcli alone (no reference library). Returns (base folder, generator file)."""
+    from sdcli.config import WanTransformerConfig
+    from sdcli.families.wan_names import WRAPPER_PREFIX, wan_transformer_names
+    from sdcli.io.safetensors import save_file
+    from sdcli.nn.dit_wan import WanTransformer3DModel
+    from sdcli.nn.t5 import T5Config, T5Encoder
+    from sdcli.nn.vae_wan import WanAutoencoder, WanVAEConfig
+
+    tokenizer_source = write_tokenizer(folder.with_name(folder.name + "-tokenizer-source"))
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_source / name).is_file():
+            (folder / "tokenizer" / name).write_bytes((tokenizer_source / name).read_bytes())
+    vocab = len(json.loads((tokenizer_source / "tokenizer.json").read_text())["model"]["vocab"])
+    text_config = {"model_type": "umt5", "vocab_size": vocab, **TINY_UMT5}
+    transformer_config = {"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER}
+    vae_config = {"_class_name": "AutoencoderKLWan", **TINY_VAE}
+    configs = {"text_encoder": text_config, "transformer": transformer_config, "vae": vae_config,
+               "scheduler": WAN_SCHEDULER}
+    index = {"_class_name": "WanPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for component, config in configs.items():
+        (folder / component).mkdir(parents=True, exist_ok=True)
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        (folder / component / name).write_text(json.dumps(config))
+    transformer = WanTransformerConfig.from_diffusers(TINY_TRANSFORMER)
+    builders = {
+        "text_encoder/model.safetensors": lambda params: T5Encoder(params, T5Config.from_dict(text_config)),
+        "transformer/diffusion_pytorch_model.safetensors":
+            lambda params: WanTransformer3DModel(params, transformer),
+        "vae/diffusion_pytorch_model.safetensors":
+            lambda params: WanAutoencoder(params, WanVAEConfig.from_dict(TINY_VAE)),
+    }
+    for number, (path, build) in enumerate(builders.items()):
+        save_file(folder / path, random_state(build, seed + number))
+    names = wan_transformer_names(transformer, WRAPPER_PREFIX)
+    state = random_state(lambda params: WanTransformer3DModel(params, transformer), seed + 10)
+    generator = folder.with_name(folder.name + "-generator.safetensors")
+    save_file(generator, {names[name].name: value for name, value in state.items()})
+    return folder, generator

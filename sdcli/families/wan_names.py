@@ -36,6 +36,7 @@ ATTENTIONS = {"attn1": "self_attn", "attn2": "cross_attn"}
 ATTENTION_MODULES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "norm_q": "norm_q", "norm_k": "norm_k"}
 BLOCK_MODULES = {"norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
 COMFY_PREFIX = "model.diffusion_model."
+WRAPPER_PREFIX = "model."  # Self-Forcing's and CausVid's WanDiffusionWrapper
 
 
 def wan_transformer_names(config: WanTransformerConfig, prefix: str = "") -> NameMap:
@@ -55,8 +56,9 @@ def wan_transformer_names(config: WanTransformerConfig, prefix: str = "") -> Nam
 
 
 def is_original_layout(names: list[str] | set[str]) -> str | None:
-    """The prefix of an original-layout Wan transformer file ("" or ComfyUI's), or None for any other layout."""
-    for prefix in ("", COMFY_PREFIX):
+    """The prefix of an original-layout Wan transformer file ("", ComfyUI's, or the ``model.`` of a training
+    wrapper's state, as Self-Forcing's generator ships), or None for any other layout."""
+    for prefix in ("", COMFY_PREFIX, WRAPPER_PREFIX):
         if f"{prefix}head.modulation" in names and f"{prefix}blocks.0.self_attn.q.weight" in names:
             return prefix
     return None
