@@ -19,6 +19,9 @@ Sections (``--only``):
   transformer step at 256x256, 17 frames, batch 2, fp32 and bf16, against diffusers' ``WanTransformer3DModel``;
   the UMT5-XXL encoding of one 512-token prompt in bf16 against transformers; the VAE decode of 17 frames at
   256x256; a whole 256x256, 17-frame, 4-step ``sdcli video`` run in bf16 against diffusers' ``WanPipeline``;
+- ``stream``: streaming (scripts/bench_stream.py): Self-Forcing's chunks at 256x256 in bf16, the time to the first
+  frame, the steady frames per second and the peak after 1, 4 and 16 chunks, next to a non-streaming Wan run and
+  diffusers' SkyReels-V2 diffusion forcing of 45 frames (one process each, not alternated);
 - ``generate``: a whole 512x512, 20-step txt2img run with fp16 weights as a user runs it
   (``sdcli generate ... --precision fp16``) against diffusers' StableDiffusionPipeline with
   ``torch_dtype=torch.float16`` on the CPU, same scheduler (the model's own, PNDM) and guidance 7.5:
@@ -31,7 +34,7 @@ one process fight over the cores), and each process's peak resident memory is it
 process: load, one warm-up call, then the timed call.
 
     python scripts/bench.py [--only text_encoder,unet,vae,motion_unet,video,generate,wan_transformer,
-                                   wan_text_encoder,wan_vae,wan_video] [--repeats 3] [--sizes 32,64]
+                                   wan_text_encoder,wan_vae,wan_video,stream] [--repeats 3] [--sizes 32,64]
                             [--precisions fp32,bf16] [--json bench-results/bench.json]
 
 The random-weight model folders are written once per run under the system temp dir (about 6.5 GB with every
@@ -66,8 +69,8 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT)
 CONFIGS = ROOT / "sdcli" / "data" / "configs"
 
 SECTIONS = ("text_encoder", "unet", "vae", "motion_unet", "video", "generate", "wan_transformer",
-            "wan_text_encoder", "wan_vae", "wan_video")
-WAN_SECTIONS = SECTIONS[6:]
+            "wan_text_encoder", "wan_vae", "wan_video", "stream")
+WAN_SECTIONS = SECTIONS[6:10]
 MOTION_FRAMES, MOTION_LATENT = 16, 32  # the motion sections' clips: 16 frames at 256x256
 # diffusers' MotionAdapter config of guoyww/animatediff-motion-adapter-v1-5-2
 MOTION_ADAPTER_CONFIG = {"block_out_channels": [320, 640, 1280, 1280], "motion_layers_per_block": 2,
@@ -946,6 +949,10 @@ def report(results: dict) -> None:
         from bench_wan import report_wan
 
         report_wan(results["wan"])
+    if "stream" in results:
+        from bench_stream import report_stream
+
+        report_stream(results["stream"])
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -967,7 +974,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=lambda text: comma_list(text, SECTIONS), default=list(SECTIONS),
                         help="Comma-separated sections: text_encoder, unet, vae, motion_unet, video, generate, "
-                             "wan_transformer, wan_text_encoder, wan_vae, wan_video "
+                             "wan_transformer, wan_text_encoder, wan_vae, wan_video, stream "
                              "(default: all).")
     parser.add_argument("--repeats", type=int, default=3, help="Measurements per side (default 3).")
     parser.add_argument("--sizes", type=lambda text: comma_list(text, None, int), default=[32, 64],
@@ -1027,6 +1034,11 @@ def main() -> None:
             shutil.rmtree(sd15, ignore_errors=True)  # the SD weights are not needed any more
             results["wan"] = bench_wan(work, [name for name in only if name in WAN_SECTIONS], sides, args.repeats,
                                        args.precisions, reference)
+        if "stream" in only:
+            from bench_stream import bench_stream
+
+            shutil.rmtree(sd15, ignore_errors=True)
+            results["stream"] = bench_stream(work, sides, reference)
     report(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
