@@ -41,8 +41,8 @@ from .pipelines.video import (ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, DEFAULT
                               DecodeRecord, GeneratedVideo, TextToVideo, VideoDefaults, VideoParams)
 from .pipelines.wan import WAN_DEFAULTS, WanTextToVideo, check_wan_params
 from .pipelines.streaming import (SELF_FORCING_ATTENTION_FRAMES, SELF_FORCING_FRAMES_PER_CHUNK, ChunkFrames,
-                                  StreamingVideo)
-from .families.self_forcing import SELF_FORCING, StreamingModel, load_streaming_model, streaming_preset
+                                  StreamingModel, StreamingVideo, load_streaming_model)
+from .families.self_forcing import SELF_FORCING, streaming_preset
 from .families.wan_names import is_original_layout
 from .io.safetensors import SafetensorsFile
 from .sampling.schedules import NoiseSchedule, inference_timesteps

@@ -294,3 +294,21 @@ def test_a_generator_must_be_a_wan_transformer(tiny_streaming, tmp_path):
         sdcli.load_streaming_model(other, str(base))
     with pytest.raises(CheckpointError, match="must be a .safetensors"):
         sdcli.load_streaming_model(tmp_path / "generator.pt", str(base))
+
+
+def test_the_cache_stays_in_the_backend():
+    """The cache's buffers are backend arrays, written and read through the ops only (the opaque test backend
+    refuses anything else), and give the cpu backend's chunks."""
+    from opaque_backend import opaque_ops
+
+    config = WanTransformerConfig.from_diffusers(TINY_TRANSFORMER)
+    build = lambda params: WanTransformer3DModel(params, config)  # noqa: E731
+    state = random_state(build, 0)
+    x, text = clip(8)
+    results = []
+    for ops in (opaque_ops, get_ops("numpy")):
+        model = load_network(build, ArraySource(state), ops)
+        cache = WanKVCache(ops, len(model.blocks), 6, max_frames=4, sink_frames=2)
+        results.append(run_cached(model, x, text, 2, [0.0, 500.0, 20.0, 999.0], cache))
+    for opaque, numpy in zip(*results):
+        np.testing.assert_array_equal(opaque, numpy)

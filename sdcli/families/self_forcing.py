@@ -15,10 +15,9 @@ It was trained on 21 latent frames (81 frames); longer streams attend over a sli
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ..config import WanTransformerConfig
 from ..errors import CheckpointError, SdcliError
@@ -26,14 +25,9 @@ from ..io.checkpoint import Checkpoint, MappedSource
 from ..io.safetensors import SafetensorsFile
 from ..io.weights import load_network
 from ..nn.dit_wan import WanTransformer3DModel
-from ..ops import get_ops
-from ..sampling.few_step import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, few_step_schedule
+from ..nn.wan_causal import WanKVCache
 from . import HUB_PAGES, wan
 from .wan_names import is_original_layout, wan_transformer_names
-
-if TYPE_CHECKING:
-    from ..pipelines.streaming import StreamingVideo
-    from ..pipelines.wan import WanTextToVideo
 
 log = logging.getLogger("sdcli")
 
@@ -116,50 +110,20 @@ def open_generator(path: str | Path, config: WanTransformerConfig) -> MappedSour
     return MappedSource(file, wan_transformer_names(config, prefix), prefix, lambda stored: False, str(path))
 
 
-class StreamingModel:
-    """A loaded streaming model: the Wan text side (prompt encoding, released before the stream), and the
-    :class:`sdcli.pipelines.streaming.StreamingVideo` that makes the chunks."""
-
-    def __init__(self, text: "WanTextToVideo", video: "StreamingVideo", preset: StreamingPreset | None,
-                 generator: Path):
-        self.text, self.video, self.preset, self.generator = text, video, preset, generator
-        self.timings = text.timings
-
-    @property
-    def fps(self) -> int:
-        return self.preset.fps if self.preset is not None else SELF_FORCING.fps
-
-
-def load_streaming_model(generator: str | Path, base: str | Checkpoint, *, precision: str = "fp32",
-                         backend: str = "cpu", max_attention_frames: int | None = 21, attention_sink: bool = False,
-                         steps: tuple[float, ...] = SELF_FORCING_STEPS, shift: float = SELF_FORCING_SHIFT,
-                         context_noise: float = 0.0, preset: StreamingPreset | None = SELF_FORCING,
-                         low_memory: bool = False) -> StreamingModel:
-    """The generator file (converted) with the text encoder, tokenizer and VAE of the Wan diffusers model
-    ``base``; a causal transformer of the base's transformer config."""
-    from ..models import open_checkpoint
-    from ..pipelines.streaming import SELF_FORCING_FRAMES_PER_CHUNK, StreamingVideo
-    from ..pipelines.wan import WanTextToVideo
-
-    start = time.perf_counter()
-    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    if checkpoint.family not in wan.ARCHITECTURES:
-        raise SdcliError(f"{checkpoint.path} is not a Wan2.1 model: a streaming generator takes its text encoder "
-                         "and VAE from one (wan21-t2v-1.3b)")
-    ops = get_ops(backend)
+def load_generator(path: str | Path, checkpoint: Checkpoint, ops, precision: str, stream: bool = False):
+    """The causal transformer of a generator file, with the transformer config of the Wan base ``checkpoint``."""
     config = checkpoint.config("transformer")
-    transformer = load_network(lambda params: WanTransformer3DModel(params, config), open_generator(generator, config),
-                               ops, precision, stream=low_memory)
-    vae = wan.load_vae(checkpoint, ops, precision, stream=low_memory)
-    text = WanTextToVideo(checkpoint, wan.load_prompt_encoder(checkpoint, ops), None, vae, {}, backend, precision,
-                          reuse_memory=not low_memory)
-    video = StreamingVideo(transformer, vae, few_step_schedule(steps, shift, context_noise=context_noise),
-                           frames_per_chunk=SELF_FORCING_FRAMES_PER_CHUNK, max_attention_frames=max_attention_frames,
-                           attention_sink=attention_sink)
-    text.timings["load_s"] = time.perf_counter() - start
-    log.info("loaded %s on %s in %.2f s", generator, checkpoint.path, text.timings["load_s"])
-    return StreamingModel(text, video, preset, Path(generator))
+    return load_network(lambda params: WanTransformer3DModel(params, config), open_generator(path, config), ops,
+                        precision, stream=stream)
 
 
-__all__ = ["SELF_FORCING", "STREAMING_PRESETS", "StreamingModel", "StreamingPreset", "converted_generator",
-           "load_streaming_model", "open_generator", "prepare_generator", "streaming_preset"]
+def transformer_cache(transformer: WanTransformer3DModel, height: int, width: int, max_frames: int | None,
+                      sink_frames: int) -> WanKVCache:
+    """An empty key/value cache of ``transformer`` for frames of ``height`` x ``width`` pixels."""
+    (_, ph, pw), latent = transformer.config.patch_size, wan.LATENTS.downscale
+    tokens = (height // latent // ph) * (width // latent // pw)
+    return WanKVCache(transformer.ops, len(transformer.blocks), tokens, max_frames, sink_frames)
+
+
+__all__ = ["SELF_FORCING", "STREAMING_PRESETS", "StreamingPreset", "converted_generator", "load_generator",
+           "open_generator", "prepare_generator", "streaming_preset", "transformer_cache"]

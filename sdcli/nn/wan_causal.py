@@ -47,9 +47,15 @@ class WanKVCache:
     """The self-attention keys and values of the frames a causal Wan transformer has finished, per block.
 
     ``frames`` counts the frames written: the absolute index of the next chunk's first frame (its rotary
-    position). A call reads the cache; inside :meth:`writing` it also appends the chunk's keys and values.
+    position). A call reads the cache; inside :meth:`writing` it also keeps the chunk's keys and values.
     With ``max_frames``, a chunk's queries see at most that many frames, its own included: the first
-    ``sink_frames`` and the latest others. Only those are kept."""
+    ``sink_frames`` and the latest others. Only those are kept.
+
+    Each block's keys and values live in one buffer (B, nh, capacity, hs), the cached frames first and the room
+    for the chunk after them: a call writes its chunk's keys and values into that room and attends over the
+    buffer's front, so the cache is never copied whole. Capacity is the window (``max_frames``), or grows by
+    doubling without one. When the window is full, the oldest frames after the sink make room once, by moving the
+    latest ones down."""
 
     def __init__(self, ops, layers: int, tokens_per_frame: int, max_frames: int | None = None,
                  sink_frames: int = 0):
@@ -59,15 +65,15 @@ class WanKVCache:
             raise SdcliError(f"an attention sink of {sink_frames} frames does not fit a window of {max_frames}")
         self.ops, self.tokens_per_frame = ops, tokens_per_frame
         self.max_frames, self.sink_frames = max_frames, sink_frames
-        self.keys: list = [None] * layers  # (B, nh, S, hs) per block
+        self.keys: list = [None] * layers  # (B, nh, capacity, hs) per block
         self.values: list = [None] * layers
+        self.stored: list[int] = [0] * layers  # frames cached per block, at the buffer's front
         self.frames = 0
         self._writing = 0  # frames of the chunk being written, 0 when reading
 
     @property
     def stored_frames(self) -> int:
-        keys = self.keys[0]
-        return 0 if keys is None else keys.shape[2] // self.tokens_per_frame
+        return self.stored[0]
 
     def check_chunk(self, frames: int) -> None:
         """A one-line error when a chunk of that many frames leaves no room in the window for the sink."""
@@ -76,35 +82,56 @@ class WanKVCache:
                              f"frames and a sink of {self.sink_frames}")
 
     def writing(self, frames: int) -> "_Writing":
-        """``with cache.writing(F): transformer(...)``: the call appends its F frames' keys and values."""
+        """``with cache.writing(F): transformer(...)``: the call keeps its F frames' keys and values."""
         return _Writing(self, frames)
 
-    def visible(self, past, chunk_frames: int):
-        """The cached frames a chunk of ``chunk_frames`` sees: all, or the sink and the latest that fit."""
-        stored = past.shape[2] // self.tokens_per_frame
-        if self.max_frames is None or stored + chunk_frames <= self.max_frames:
-            return past
-        ops, per_frame, sink = self.ops, self.tokens_per_frame, min(self.sink_frames, stored)
-        recent = self.max_frames - chunk_frames - sink  # >= 0 (check_chunk)
-        parts = [ops.narrow(past, 2, 0, sink * per_frame)] if sink else []
-        if recent:
-            parts.append(ops.narrow(past, 2, (stored - recent) * per_frame, stored * per_frame))
-        return parts[0] if len(parts) == 1 else ops.concat(parts, 2)
+    def make_room(self, layer: int, like, chunk_frames: int) -> None:
+        """Block ``layer``'s buffers ready for a chunk of ``chunk_frames`` after the cached frames: made (shaped
+        like the chunk's keys ``like``), grown, or with the oldest frames after the sink dropped."""
+        ops, per_frame, stored = self.ops, self.tokens_per_frame, self.stored[layer]
+        needed = stored + chunk_frames
+        buffers = (self.keys[layer], self.values[layer])
+        capacity = 0 if buffers[0] is None else buffers[0].shape[2] // per_frame
+        if needed <= capacity:
+            return
+        if self.max_frames is not None and capacity == self.max_frames:  # full: keep the sink and the latest
+            self.check_chunk(chunk_frames)
+            sink = min(self.sink_frames, stored)
+            recent = self.max_frames - chunk_frames - sink
+            for buffer in buffers:
+                ops.write_into_(buffer, ops.narrow(buffer, 2, (stored - recent) * per_frame, stored * per_frame), 2,
+                                sink * per_frame)
+            self.stored[layer] = sink + recent
+            return
+        size = max(needed, 2 * capacity) if self.max_frames is None else self.max_frames
+        batch, heads, _, channels = like.shape
+        grown = []
+        for buffer in buffers:
+            fresh = ops.zeros((batch, heads, size * per_frame, channels))
+            if stored:
+                ops.write_into_(fresh, ops.narrow(buffer, 2, 0, stored * per_frame), 2, 0)
+            grown.append(fresh)
+        self.keys[layer], self.values[layer] = grown
 
     def attend(self, layer: int, q, k, v, precision: str):
         """q, k, v (B, nh, T, hs) of the chunk -> (B, nh, T, hs), over the visible cached frames and the chunk."""
-        ops, chunk_frames = self.ops, k.shape[2] // self.tokens_per_frame
-        if k.shape[2] % self.tokens_per_frame:
-            raise SdcliError(f"{k.shape[2]} tokens are not whole frames of {self.tokens_per_frame}")
-        keys, values = k, v
-        if self.keys[layer] is not None:
-            keys = ops.concat([self.visible(self.keys[layer], chunk_frames), k], 2)  # (B, nh, S + T, hs)
-            values = ops.concat([self.visible(self.values[layer], chunk_frames), v], 2)
-        y = ops.attention(q, keys, values, precision=precision)  # (B, nh, T, hs)
+        ops, per_frame = self.ops, self.tokens_per_frame
+        if k.shape[2] % per_frame:
+            raise SdcliError(f"{k.shape[2]} tokens are not whole frames of {per_frame}")
+        chunk_frames = k.shape[2] // per_frame
+        if self._writing and self._writing != chunk_frames:
+            raise SdcliError(f"writing {self._writing} frames, but the call has {chunk_frames}")
+        if self.max_frames is not None:
+            self.check_chunk(chunk_frames)
+        self.make_room(layer, k, chunk_frames)
+        start, keys, values = self.stored[layer] * per_frame, self.keys[layer], self.values[layer]
+        ops.write_into_(keys, k, 2, start)
+        ops.write_into_(values, v, 2, start)
+        end = start + k.shape[2]
+        y = ops.attention(q, ops.narrow(keys, 2, 0, end), ops.narrow(values, 2, 0, end),
+                          precision=precision)  # (B, nh, T, hs)
         if self._writing:
-            if self._writing != chunk_frames:
-                raise SdcliError(f"writing {self._writing} frames, but the call has {chunk_frames}")
-            self.keys[layer], self.values[layer] = keys, values
+            self.stored[layer] += chunk_frames
         return y
 
 

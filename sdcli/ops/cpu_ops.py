@@ -30,7 +30,7 @@ from ..ext import cpu_kernels as kernels
 from ..ext import f32_kernels
 from .numpy_ops import (add, add_, add_into_, blend_, channel_rms_norm, clip, concat, conv1d, embedding, exp,  # noqa: F401
                         map_rows, merge_heads, modulate, mul, div, narrow, pad, permute, reshape, resize_nearest,
-                        rms_norm, rope, tanh, timestep_embedding)
+                        rms_norm, rope, tanh, timestep_embedding, write_into_, zeros)
 from .parameter import Parameter, Weight, as_parameter, run_matrix
 
 try:

@@ -414,6 +414,18 @@ def add_into_(x: np.ndarray, y: np.ndarray, axis: int, start: int) -> np.ndarray
     return x
 
 
+def write_into_(x: np.ndarray, y: np.ndarray, axis: int, start: int) -> np.ndarray:
+    """x[start:start + len(y)] = y along ``axis``, in x's own storage (x an array the caller owns; y may be a view
+    of x, overlapping the place it goes to); returns x."""
+    narrow(x, axis, start, start + y.shape[axis])[...] = y
+    return x
+
+
+def zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 array of zeros (a buffer the caller fills with ``write_into_``)."""
+    return np.zeros(shape, dtype=np.float32)
+
+
 def blend_(before: np.ndarray, after: np.ndarray, extent: int, axis: int) -> None:
     """Fade the first ``extent`` entries of ``after`` along ``axis`` in from the last entries of ``before``, in
     place: entry y of the overlap is ``before * (1 - y / extent) + after * (y / extent)`` (the seams of a tiled

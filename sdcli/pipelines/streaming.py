@@ -29,19 +29,25 @@ the run's length.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..errors import SdcliError
-from ..families import wan
-from ..nn.vae_wan import SPATIAL_COMPRESSION, CausalCache, WanAutoencoder
-from ..nn.wan_causal import WanKVCache
+from ..families import self_forcing, wan
+from ..io.checkpoint import Checkpoint
+from ..ops import get_ops
 from ..rng import BatchNoise
-from ..sampling.few_step import FewStepSchedule
+from ..sampling.few_step import SELF_FORCING_SHIFT, SELF_FORCING_STEPS, FewStepSchedule, few_step_schedule
 from .image import StepRecord
+from .wan import WanTextToVideo
+
+log = logging.getLogger("sdcli")
+SPATIAL_COMPRESSION = wan.LATENTS.downscale
 
 SELF_FORCING_FRAMES_PER_CHUNK = 3
 SELF_FORCING_ATTENTION_FRAMES = 21  # the clip length the model was trained on (81 frames)
@@ -63,12 +69,12 @@ class ChunkFrames:
 class StreamCache:
     """What one rollout carries from chunk to chunk."""
 
-    transformer: WanKVCache
-    decoder: CausalCache
+    transformer: object  # the transformer's key/value cache (sdcli.nn.wan_causal.WanKVCache)
+    decoder: object  # the VAE decoder's causal cache
     text_context: object  # the cross-attention keys and values of the prompt, computed once
     noise: BatchNoise
     latent_shape: tuple[int, ...]  # (B, 16, T, h, w) of one chunk
-    encoder: CausalCache | None = None
+    encoder: object | None = None  # the VAE encoder's causal cache, for video to video
     input_frames: Callable[[int], np.ndarray] | None = None
     next_chunk: int = 0  # the index generate expects
     pending: np.ndarray | None = None  # the generated chunk's clean latents until finalize
@@ -79,7 +85,7 @@ class StreamCache:
 class StreamingVideo:
     """A causal Wan transformer, its few-step schedule and the Wan VAE, run a chunk at a time."""
 
-    def __init__(self, transformer, vae: WanAutoencoder, schedule: FewStepSchedule, *,
+    def __init__(self, transformer, vae, schedule: FewStepSchedule, *,
                  frames_per_chunk: int = SELF_FORCING_FRAMES_PER_CHUNK,
                  max_attention_frames: int | None = SELF_FORCING_ATTENTION_FRAMES, attention_sink: bool = False,
                  input_start_step: int = 0):
@@ -115,11 +121,11 @@ class StreamingVideo:
             raise SdcliError(f"{text.shape[0]} prompt encodings for {len(seeds)} seeds")
         if height % wan.SIDE_MULTIPLE or width % wan.SIDE_MULTIPLE or height < 1 or width < 1:
             raise SdcliError(f"the frame size must be a multiple of {wan.SIDE_MULTIPLE}, got {width}x{height}")
-        (_, ph, pw), ops = self.transformer.config.patch_size, self.ops
+        ops = self.ops
         h, w = height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
         channels = self.transformer.config.in_channels
-        cache = WanKVCache(ops, len(self.transformer.blocks), (h // ph) * (w // pw), self.max_attention_frames,
-                           self.sink_frames)
+        cache = self_forcing.transformer_cache(self.transformer, height, width, self.max_attention_frames,
+                                               self.sink_frames)
         cache.check_chunk(self.frames_per_chunk)
         shape = (len(seeds), channels, self.frames_per_chunk, h, w)
         if input_frames is not None and self.vae.encoder is None:
@@ -213,5 +219,45 @@ class StreamingVideo:
             index += 1
 
 
-__all__ = ["ChunkFrames", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK", "StreamCache",
+class StreamingModel:
+    """A loaded streaming model: the Wan text side (prompt encoding, released before the stream) and the
+    :class:`StreamingVideo` that makes the chunks."""
+
+    def __init__(self, text: WanTextToVideo, video: StreamingVideo, preset, generator: Path):
+        self.text, self.video, self.preset, self.generator = text, video, preset, generator
+        self.timings = text.timings
+
+    @property
+    def fps(self) -> int:
+        return (self.preset or self_forcing.SELF_FORCING).fps
+
+
+def load_streaming_model(generator: str | Path, base: str | Checkpoint, *, precision: str = "fp32",
+                         backend: str = "cpu", max_attention_frames: int | None = SELF_FORCING_ATTENTION_FRAMES,
+                         attention_sink: bool = False, steps: tuple[float, ...] = SELF_FORCING_STEPS,
+                         shift: float = SELF_FORCING_SHIFT, context_noise: float = 0.0,
+                         preset=self_forcing.SELF_FORCING, low_memory: bool = False) -> StreamingModel:
+    """The generator file (converted to safetensors) with the text encoder, tokenizer and VAE of the Wan diffusers
+    model ``base``: a causal transformer of the base's transformer config, Self-Forcing's schedule and chunks."""
+    from ..models import open_checkpoint
+
+    start = time.perf_counter()
+    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    if checkpoint.family not in wan.ARCHITECTURES:
+        raise SdcliError(f"{checkpoint.path} is not a Wan2.1 model: a streaming generator takes its text encoder "
+                         "and VAE from one (wan21-t2v-1.3b)")
+    ops = get_ops(backend)
+    transformer = self_forcing.load_generator(generator, checkpoint, ops, precision, stream=low_memory)
+    vae = wan.load_vae(checkpoint, ops, precision, stream=low_memory)
+    text = WanTextToVideo(checkpoint, wan.load_prompt_encoder(checkpoint, ops), None, vae, {}, backend, precision,
+                          reuse_memory=not low_memory)
+    video = StreamingVideo(transformer, vae, few_step_schedule(steps, shift, context_noise=context_noise),
+                           frames_per_chunk=SELF_FORCING_FRAMES_PER_CHUNK, max_attention_frames=max_attention_frames,
+                           attention_sink=attention_sink)
+    text.timings["load_s"] = time.perf_counter() - start
+    log.info("loaded %s on %s in %.2f s", generator, checkpoint.path, text.timings["load_s"])
+    return StreamingModel(text, video, preset, Path(generator))
+
+
+__all__ = ["ChunkFrames", "StreamingModel", "load_streaming_model", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK", "StreamCache",
            "StreamingVideo"]
