@@ -25,9 +25,10 @@ from ..sampling.plans import SAMPLERS
 from .files import OutputExistsError, atomic_output
 from .outputs import plan_output_paths, prompt_slug, template_fields
 
-__all__ = ["VIDEO_FORMATS", "a1111_parameters", "a1111_quote", "check_video_output", "images_to_uint8",
+__all__ = ["FFMPEG_CODECS", "FRAME_FIELD", "MIN_FRAME_DIGITS", "VIDEO_FORMATS", "a1111_parameters", "a1111_quote",
+           "check_video_output", "frame_path", "images_to_uint8", "imageio_ffmpeg_for", "is_frames_output",
            "plan_output_paths", "plan_video_outputs", "prompt_slug", "read_png_text", "save_png", "save_video",
-           "video_output_paths"]
+           "start_ffmpeg_writer", "video_output_paths"]
 
 log = logging.getLogger("sdcli")
 
@@ -169,22 +170,41 @@ def read_png_text(path: str | Path) -> dict[str, str]:
 VIDEO_FORMATS = {".mp4": "H.264 MP4", ".webm": "VP9 WebM", ".gif": "looping GIF", ".webp": "animated WebP"}
 FFMPEG_CODECS = {".mp4": ("libx264", "mp4"), ".webm": ("libvpx-vp9", "webm")}
 FRAME_FIELD = "{frame}"
+# Frame numbers have at least this many digits (frame_0000.png), more only when a clip needs them: a clip's frames
+# sort by name, and a stream of unknown length numbers its frames as a clip of up to 10000 frames would.
+MIN_FRAME_DIGITS = 4
+
+
+def is_frames_output(path: str | Path) -> bool:
+    """Whether ``path`` names numbered PNG frames (a folder, existing or ending in a slash, or a name with
+    ``{frame}``) rather than one video file."""
+    text = str(path)
+    return FRAME_FIELD in text or text.endswith(("/", "\\")) or Path(text).expanduser().is_dir()
+
+
+def frame_path(path: str | Path, number: int, digits: int = MIN_FRAME_DIGITS) -> Path:
+    """The PNG file of frame ``number`` (from 0) of a frames output: ``clip/frame_0007.png`` in a folder, the
+    ``{frame}`` of a template (``clip_{frame}.png``) filled in; zero-padded to ``digits``, wider when the number
+    needs it."""
+    text = str(path)
+    if FRAME_FIELD in text:
+        if Path(text).suffix.lower() != ".png":
+            raise SdcliError(f"{text}: a frame template must end in .png")
+        return Path(text.replace(FRAME_FIELD, f"{number:0{digits}d}")).expanduser()
+    return Path(text).expanduser() / f"frame_{number:0{digits}d}.png"
 
 
 def video_output_paths(path: str | Path, frames: int) -> list[Path]:
     """Every file ``save_video`` writes for ``frames`` frames at ``path``: the video (and its ``.json`` sidecar
     where the format holds no text), or the numbered PNG frames of a folder (``clip/`` or an existing folder:
-    ``clip/frame_0000.png``, ...) or of a ``{frame}`` template (``clip_{frame}.png``). A one-line error for an
-    output that is none of these."""
+    ``clip/frame_0000.png``, ...) or of a ``{frame}`` template (``clip_{frame}.png``), numbered with
+    ``MIN_FRAME_DIGITS`` digits or as many as the last frame needs. A one-line error for an output that is none of
+    these."""
+    if is_frames_output(path):
+        digits = max(MIN_FRAME_DIGITS, len(str(frames - 1)))
+        return [frame_path(path, number, digits) for number in range(frames)]
     text = str(path)
     path = Path(path).expanduser()
-    digits = max(4, len(str(frames - 1)))
-    if FRAME_FIELD in text:
-        if Path(text).suffix.lower() != ".png":
-            raise SdcliError(f"{text}: a frame template must end in .png")
-        return [Path(text.replace(FRAME_FIELD, f"{i:0{digits}d}")).expanduser() for i in range(frames)]
-    if path.is_dir() or text.endswith(("/", "\\")):
-        return [path / f"frame_{i:0{digits}d}.png" for i in range(frames)]
     suffix = path.suffix.lower()
     if suffix not in VIDEO_FORMATS:
         raise SdcliError(f"{text}: a video is written as {', '.join(VIDEO_FORMATS)}, a folder of PNG frames or a "
@@ -227,7 +247,7 @@ def plan_video_outputs(output: str | Path, seeds: Sequence[int], prompts: Sequen
             raise SdcliError(f"output template {text!r}: {error}") from None
     elif count == 1:
         outputs = [text]
-    elif FRAME_FIELD in text or text.endswith(("/", "\\")) or Path(text).expanduser().is_dir():
+    elif is_frames_output(text):
         raise SdcliError(f"output {text!r}: {count} clips need {{index}}, {{seed}} or {{prompt}} in a folder or "
                          "frame template (clips/{index}/ or clip{index}_{frame}.png)")
     else:
@@ -281,19 +301,48 @@ def save_video(path: str | Path, frames: np.ndarray, fps: int, text: Mapping[str
 
 def _write_ffmpeg(path: Path, frames: np.ndarray, fps: int, suffix: str, comment: str) -> None:
     """Frames through imageio-ffmpeg's own ffmpeg binary, the container named (the path is a temporary name)."""
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise SdcliError(f"writing {suffix} video needs the imageio-ffmpeg package: pip install imageio-ffmpeg "
-                         "(or write .gif, .webp or PNG frames)") from None
-    codec, container = FFMPEG_CODECS[suffix]
     height, width = frames.shape[1:3]
-    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec=codec, pix_fmt_in="rgb24",
-                                         pix_fmt_out="yuv420p", macro_block_size=2, ffmpeg_log_level="error",
-                                         output_params=["-f", container, "-metadata", f"comment={comment}"])
-    writer.send(None)  # starts ffmpeg
+    writer = start_ffmpeg_writer(path, width, height, fps, suffix, comment)
     try:
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
     finally:
         writer.close()
+
+
+# What a progressive file adds, so that the frames sent so far are in the file and playable at any moment:
+# x264 without lookahead or B-frames (-tune zerolatency) and VP9 without its 25-frame lag encode each frame as it
+# arrives instead of holding back dozens; a fragmented MP4 (an empty moov up front, then a moof + mdat fragment from
+# each keyframe on) needs no index written at the end; and -flush_packets 1 puts each packet in the file at once
+# rather than in ffmpeg's 32 KB write buffer. A keyframe each second (-g fps) bounds what a killed run can lose.
+PROGRESSIVE_OPTIONS = {".mp4": ["-tune", "zerolatency", "-movflags", "+frag_keyframe+empty_moov+default_base_moof"],
+                       ".webm": ["-lag-in-frames", "0"]}
+
+
+def imageio_ffmpeg_for(suffix: str):
+    """The imageio_ffmpeg module, or a one-line error saying how to get it (``suffix`` is what needs it)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise SdcliError(f"writing {suffix} video needs the imageio-ffmpeg package: pip install imageio-ffmpeg "
+                         "(or write .gif, .webp or PNG frames)") from None
+    return imageio_ffmpeg
+
+
+def start_ffmpeg_writer(path: Path, width: int, height: int, fps: int, suffix: str, comment: str,
+                        progressive: bool = False):
+    """imageio-ffmpeg's frame writer (a generator) with its ffmpeg running, writing ``path`` in the container and
+    codec of ``suffix`` with ``comment`` as its comment tag: ``send`` RGB uint8 frames ((H, W, 3), or a chunk
+    (F, H, W, 3) at once), ``close`` to finish the file and wait for ffmpeg. ``progressive``: a file playable at
+    any moment while it is written, with the frames ffmpeg has had; if ffmpeg is killed, all but those of the last
+    unfinished fragment, at most a second (``PROGRESSIVE_OPTIONS``). ffmpeg runs in its own process group
+    (imageio-ffmpeg's default), so a Ctrl-C at the terminal reaches only Python."""
+    imageio_ffmpeg = imageio_ffmpeg_for(suffix)
+    codec, container = FFMPEG_CODECS[suffix]
+    streaming = PROGRESSIVE_OPTIONS[suffix] + ["-g", str(fps), "-flush_packets", "1"] if progressive else []
+    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec=codec, pix_fmt_in="rgb24",
+                                         pix_fmt_out="yuv420p", macro_block_size=2, ffmpeg_log_level="error",
+                                         output_params=["-f", container, "-metadata", f"comment={comment}",
+                                                        *streaming])
+    writer.send(None)  # starts ffmpeg
+    return writer
