@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -463,17 +464,53 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON record per clip on stdout; everything else goes to stderr.")
+@click.option("--stream", is_flag=True,
+              help="Streaming models (self-forcing-1.3b, or a converted generator .safetensors): make the clip "
+                   "chunk by chunk and write each chunk's frames as soon as it is decoded (an MP4 playable after an "
+                   "interrupt, PNG frames one by one, or raw RGB24 on stdout with -o -). Streaming models always "
+                   "stream; the flag says so.")
+@click.option("--chunks", type=click.IntRange(min=0),
+              help="Streaming: chunks to make (9 frames, then 12 each); 0 runs until interrupted  [default: 7, 81 "
+                   "frames]")
+@click.option("--seconds", type=FiniteFloat(min=0, min_open=True),
+              help="Streaming: the clip's length in seconds, rounded up to whole chunks (instead of --chunks).")
+@click.option("--max-attention-frames", type=click.IntRange(min=1),
+              help="Streaming: latent frames a chunk attends to, its own included; older ones leave the cache, "
+                   "which keeps memory flat on long runs  [default: 21, the length the model was trained on]")
+@click.option("--attention-sink", is_flag=True,
+              help="Streaming: keep the first chunk in the attention window for good (an attention sink).")
+@click.option("--base-model", default=None,
+              help="Streaming: the Wan2.1 model whose text encoder and VAE a generator file uses  [default: "
+                   "wan21-t2v-1.3b]")
 @download_options
 @reports_errors
 def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, flow_shift, context_length,
           context_stride, context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height,
           decode_chunk, low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet,
-          as_json, yes, offline):
-    """Generate short videos from text prompts: with a video model (Wan2.1), or with an AnimateDiff motion adapter
-    on an SD 1.x model."""
+          as_json, stream, chunks, seconds, max_attention_frames, attention_sink, base_model, yes, offline):
+    """Generate short videos from text prompts: with a video model (Wan2.1), with an AnimateDiff motion adapter
+    on an SD 1.x model, or streamed chunk by chunk (Self-Forcing)."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
+    streaming_options = {"--chunks": chunks, "--seconds": seconds, "--max-attention-frames": max_attention_frames,
+                         "--attention-sink": attention_sink or None, "--base-model": base_model}
+    if stream or is_streaming_model(model):
+        refused = {"--motion-adapter": motion_adapter, "--prompts-file": prompts_file,
+                   "--negative-prompt": negative_prompt, "--frames": frames, "--steps": steps, "--guidance": guidance,
+                   "--sampler": sampler, "--flow-shift": flow_shift, "--context-length": context_length,
+                   "--timestep-spacing": timestep_spacing, "--decode-chunk": decode_chunk, "--latents": latents_file,
+                   "--save-latents": save_latents, "--eta": eta or None}
+        for option, value in refused.items():
+            if value is not None:
+                raise sdcli.SdcliError(f"{option} does not apply to a streaming run (its model fixes its steps and "
+                                       "needs no guidance; its length is --chunks or --seconds)")
+        return stream_video(model, prompt, chunks, seconds, fps, seed, width, height, max_attention_frames,
+                            attention_sink, base_model, precision, backend, low_memory, output, overwrite, quiet,
+                            as_json, yes, offline, started)
+    for option, value in streaming_options.items():
+        if value is not None:
+            raise sdcli.SdcliError(f"{option} applies to streaming models (self-forcing-1.3b) with --stream")
     try:
         family = sdcli.model_family(model)  # known at once for a preset or a model already here
     except sdcli.SdcliError:
@@ -584,6 +621,153 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         frame_count = sum(clip.frames for clip in clips)
         reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, len(clips),
                          f"clip(s) of {frame_count} frames in all")
+
+
+def is_streaming_model(model: str) -> bool:
+    """A streaming preset, or a .safetensors file holding a Wan transformer in the original layout (a converted
+    generator)."""
+    if sdcli.streaming_preset(model) is not None:
+        return True
+    path = Path(model).expanduser()
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with sdcli.SafetensorsFile(path) as file:
+            return sdcli.is_original_layout(set(file.keys())) is not None
+    except sdcli.SdcliError:
+        return False
+
+
+STREAM_DEFAULTS = {"chunks": 7, "width": 832, "height": 480}
+
+
+def stream_video(model, prompt, chunks, seconds, fps, seed, width, height, max_attention_frames, attention_sink,
+                 base_model, precision, backend, low_memory, output, overwrite, quiet, as_json, yes, offline, started):
+    """``sdcli video`` for a streaming model: chunks denoised and decoded in turn, each chunk's frames written as
+    soon as it is finished."""
+    preset = sdcli.streaming_preset(model)
+    if chunks is not None and seconds is not None:
+        raise sdcli.SdcliError("give --chunks or --seconds, not both")
+    fps = fps or (preset.fps if preset else 16)
+    width, height = width or STREAM_DEFAULTS["width"], height or STREAM_DEFAULTS["height"]
+    params = sdcli.check_wan_params(sdcli.VideoParams(prompt, frames=1, fps=fps, width=width, height=height,
+                                                      seed=seed).with_seed())
+    if output == "-" and as_json:
+        raise sdcli.SdcliError("-o - writes the frames to stdout; --json cannot share it")
+    frames_per_chunk = sdcli.SELF_FORCING_FRAMES_PER_CHUNK
+    if max_attention_frames is not None and max_attention_frames < frames_per_chunk * (2 if attention_sink else 1):
+        raise sdcli.SdcliError(f"--max-attention-frames must hold a chunk of {frames_per_chunk} latent frames"
+                               + (" and the sink chunk" if attention_sink else "") + f", got {max_attention_frames}")
+    chunk_frames = [1 + 4 * (frames_per_chunk - 1), 4 * frames_per_chunk]  # the first chunk's, then each other's
+    if seconds is not None:
+        wanted = math.ceil(seconds * fps)
+        chunks = 1 + max(0, math.ceil((wanted - chunk_frames[0]) / chunk_frames[1]))
+    chunks = STREAM_DEFAULTS["chunks"] if chunks is None else chunks
+    total_frames = None if chunks == 0 else chunk_frames[0] + chunk_frames[1] * (chunks - 1)
+    record = {"model": str(model), "seed": params.seed, "prompt": prompt, "width": width, "height": height, "fps": fps,
+              "chunks": chunks or None, "precision": precision, "backend": backend, "sdcli_version": sdcli.__version__}
+    output = output if output != "sdcli-{seed}.mp4" else f"sdcli-{params.seed}.mp4"
+    output = output.replace("{seed}", str(params.seed)) if output != "-" else output
+    status = error_console if as_json or output == "-" else console
+    sdcli.open_frame_sink(output, width=width, height=height, fps=fps, text={}, overwrite=overwrite,
+                          check_only=True)  # refused before anything loads
+    if not quiet and seed is None:
+        status.print(f"seed {params.seed}", highlight=False)
+    confirm = (lambda question: click.confirm(question, default=False, err=True)) if is_interactive() else None
+    if preset is not None:
+        progress = None if quiet else DownloadReport(error_console)
+        try:
+            generator = sdcli.resolve_streaming_generator(preset, allow_download=yes or sdcli.auto_download(),
+                                                          offline=True if offline else None, confirm=confirm,
+                                                          progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        base = base_model or preset.base_model
+    else:
+        generator, base = Path(model).expanduser(), base_model or sdcli.SELF_FORCING.base_model
+    base = model_path(base, yes=yes, offline=offline, quiet=quiet)
+    streaming = sdcli.load_streaming_model(generator, base, precision=precision, backend=backend,
+                                           max_attention_frames=max_attention_frames or
+                                           sdcli.SELF_FORCING_ATTENTION_FRAMES,
+                                           attention_sink=attention_sink, low_memory=low_memory, preset=preset)
+    text = streaming.text.conditioning(prompt, 1)  # (1, 512, 4096)
+    streaming.text.release_text_encoder()
+    reporter = StreamProgress(quiet, status, chunks)
+    written = 0
+    sink = sdcli.open_frame_sink(output, width=width, height=height, fps=fps, text={"sdcli": json.dumps(record)},
+                                 overwrite=overwrite)
+    try:
+        with sink:
+            for item in streaming.video.stream(text, height=height, width=width, seeds=[params.seed],
+                                               chunks=chunks or None):
+                if isinstance(item, sdcli.ChunkFrames):
+                    sink.write(sdcli.images_to_uint8(item.frames[0]))  # (F, H, W, 3)
+                    written += item.frames.shape[1]
+                    reporter.chunk(item, written)
+                else:
+                    reporter.step(item)
+    except sdcli.OutputClosedError:
+        reporter.note("the reader closed the stream")
+    except KeyboardInterrupt:
+        reporter.note(f"interrupted: {written} frames written to {sink.describe()}")
+        raise
+    finally:
+        reporter.finish()
+    record.update(path=output, frames=written, timings=reporter.timings(time.perf_counter() - started))
+    if as_json:
+        click.echo(json.dumps(record))
+    elif not quiet:
+        if output != "-":
+            status.print(f"saved {sink.describe()}  (seed {params.seed}, {written} frames at {fps} fps)",
+                         highlight=False)
+        reporter.summary(streaming.timings.get("load_s", 0.0), time.perf_counter() - started, written)
+
+
+class StreamProgress:
+    """Progress of a streaming run: a line per chunk with the frames so far, the time to the first frame and the
+    frame rate; a summary line at the end."""
+
+    def __init__(self, quiet: bool, out: Console, chunks: int):
+        self.quiet, self.out, self.chunks = quiet, out, chunks
+        self.first_frame_s: float | None = None
+        self.first_chunk_frames = 0
+        self.last_s = 0.0
+        self.frames = 0
+
+    def step(self, record) -> None:
+        pass  # a chunk's few steps are reported with the chunk
+
+    def chunk(self, chunk, written: int) -> None:
+        if self.first_frame_s is None:
+            self.first_frame_s, self.first_chunk_frames = chunk.elapsed_s, written
+        self.last_s, self.frames = chunk.elapsed_s, written
+        if not self.quiet:
+            of = f"/{self.chunks}" if self.chunks else ""
+            self.out.print(f"chunk {chunk.index + 1}{of}: {written} frames, first frame after "
+                           f"{self.first_frame_s:.1f} s, {self.rate():.2f} frames/s", highlight=False)
+
+    def rate(self) -> float:
+        """Frames per second after the first chunk (the steady rate), or over the first chunk alone."""
+        if self.frames > self.first_chunk_frames and self.last_s > self.first_frame_s:
+            return (self.frames - self.first_chunk_frames) / (self.last_s - self.first_frame_s)
+        return self.frames / self.first_frame_s if self.first_frame_s else 0.0
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.out.print(text, highlight=False)
+
+    def finish(self) -> None:
+        pass
+
+    def timings(self, total_s: float) -> dict:
+        return {"first_frame_s": round(self.first_frame_s or 0.0, 3), "frames_per_s": round(self.rate(), 4),
+                "total_s": round(total_s, 3)}
+
+    def summary(self, load_s: float, total_s: float, frames: int) -> None:
+        self.out.print(f"{frames} frames in {total_s:.1f} s: load {load_s:.1f} s, first frame after "
+                       f"{self.first_frame_s or 0.0:.1f} s, {self.rate():.2f} frames/s; peak memory "
+                       f"{peak_memory_bytes() / 2**30:.2f} GiB", highlight=False)
 
 
 # -- generate ----------------------------------------------------------------------------------------------------

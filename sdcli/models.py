@@ -615,7 +615,6 @@ def resolve_streaming_generator(preset, *, weights_dir: str | Path | None = None
     """The converted generator of a streaming preset (:mod:`sdcli.families.self_forcing`): there already, or its
     pickle downloaded and converted to safetensors once, with ``allow_download`` or when ``confirm`` agrees."""
     from .families.self_forcing import prepare_generator
-    from .io.torch_pickle import convert_checkpoint
 
     weights = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
 
@@ -625,6 +624,8 @@ def resolve_streaming_generator(preset, *, weights_dir: str | Path | None = None
         return outcome.folder / preset.file
 
     def convert(pickle: Path, target: Path, key: str) -> None:
+        from .io.torch_pickle import convert_checkpoint
+
         convert_checkpoint(pickle, target, key=key)
 
     return prepare_generator(preset, weights, allow_download=allow_download, confirm=confirm, download=download,
