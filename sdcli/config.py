@@ -487,6 +487,9 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+SKYREELS_TRANSFORMER = "SkyReelsV2Transformer3DModel"  # the diffusers class of SkyReels-V2's transformer
+
+
 @dataclass(frozen=True)
 class WanTransformerConfig:
     """The Wan2.1 diffusion transformer (diffusers ``WanTransformer3DModel``, ``transformer/config.json``).
@@ -494,6 +497,11 @@ class WanTransformerConfig:
     The defaults are Wan2.1-T2V-1.3B's: 30 blocks of width 1536 (12 heads of 128), feed-forward 8960, text
     embeddings of 4096 (UMT5-XXL), sinusoidal timestep features of 256, (1, 2, 2) patches of 16 latent channels.
     Image conditioning (``image_dim``, ``added_kv_proj_dim``: the image-to-video models) is refused by name.
+
+    SkyReels-V2 (diffusers ``SkyReelsV2Transformer3DModel``) is this network with three options: the frame-rate
+    conditioning (``inject_sample_info``), block-causal self-attention over blocks of ``num_frame_per_block``
+    latent frames (diffusion forcing), and sinusoidal timestep features formed in float64
+    (``float64_timestep_features``, set from the config's ``_class_name``; Wan forms them in float32).
     """
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -508,6 +516,9 @@ class WanTransformerConfig:
     cross_attn_norm: bool = True
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    inject_sample_info: bool = False  # SkyReels-V2: a learnt embedding of the frame rate (16 or 24 fps)
+    num_frame_per_block: int = 1  # SkyReels-V2: > 1, each block of frames attends to itself and the blocks before
+    float64_timestep_features: bool = False  # SkyReels-V2's get_1d_sincos_pos_embed_from_grid
 
     @classmethod
     def from_diffusers(cls, data: dict[str, Any], source: str = "transformer/config.json") -> "WanTransformerConfig":
@@ -523,9 +534,13 @@ class WanTransformerConfig:
             data["out_channels"] = data.get("in_channels", cls.in_channels)
         if data.get("patch_size") is not None:
             data["patch_size"] = tuple(data["patch_size"])
+        data["float64_timestep_features"] = data.get("_class_name") == SKYREELS_TRANSFORMER
         config = _pick(cls, data, source)
+        if not isinstance(config.inject_sample_info, bool):
+            raise CheckpointError(f"{source}: inject_sample_info must be true or false")
         sizes = (config.num_attention_heads, config.attention_head_dim, config.in_channels, config.out_channels,
-                 config.text_dim, config.freq_dim, config.ffn_dim, config.num_layers, *config.patch_size)
+                 config.text_dim, config.freq_dim, config.ffn_dim, config.num_layers, config.num_frame_per_block,
+                 *config.patch_size)
         if len(config.patch_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                   for v in sizes):
             raise CheckpointError(f"{source}: sizes and the 3-D patch_size must be positive integers")

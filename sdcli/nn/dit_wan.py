@@ -14,6 +14,12 @@ by six vectors per block: the block's learnt ``scale_shift_table`` plus a projec
 the residual branches are gated by two of them. A last modulated norm and a linear layer give each token's
 velocity patch back, and the patches are put back in place.
 
+SkyReels-V2 (SkyReels Team 2025, "SkyReels-V2: Infinite-length Film Generative Model"; diffusers
+``SkyReelsV2Transformer3DModel``) is this network trained for diffusion forcing (Chen et al. 2024): a timestep per
+latent frame, self-attention block-causal over blocks of frames, and, with ``inject_sample_info``, a learnt
+embedding of the frame rate added to every block's modulation. Its timestep features are Wan's sinusoids formed in
+float64. The options are :class:`~sdcli.config.WanTransformerConfig`'s.
+
 Tensor names are diffusers'; the original Wan layout maps onto them in :mod:`sdcli.families.wan_names`.
 """
 
@@ -28,8 +34,10 @@ import numpy as np
 from ..config import WanTransformerConfig
 from ..errors import SdcliError
 from .layers import LayerNorm, Linear, ParameterSource
+from .wan_causal import BlockCausalAttention
 
 ROPE_THETA = 10000.0
+FPS_CLASSES = 2  # SkyReels-V2's frame-rate embedding: 16 fps (0) and any other rate (1), trained at 24
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -59,6 +67,21 @@ def rope_tables(head_dim: int, frames: int, height: int, width: int,
         np.broadcast_to(column_angles[None, None, :, :], (frames, height, width, w_dim // 2)),
     ], axis=-1).reshape(frames * height * width, head_dim // 2)  # (T, d / 2)
     return np.cos(grid).astype(np.float32), np.sin(grid).astype(np.float32)
+
+
+def float64_timestep_features(timesteps: np.ndarray, dim: int) -> np.ndarray:
+    """(N,) timesteps -> (N, dim) float32 [cos, sin] of t * 10000^(-k / (dim / 2)), k < dim / 2: the features of
+    ``ops.timestep_embedding`` (flipped, no shift), with the frequencies, angles, sines and cosines in float64 and
+    rounded once, as SkyReels-V2's ``get_1d_sincos_pos_embed_from_grid`` makes them. Wan's float32 angles give
+    features up to 6e-5 away from these over t in 0 .. 1000."""
+    frequencies = 1.0 / ROPE_THETA ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))  # (dim / 2,)
+    angles = np.outer(np.asarray(timesteps, dtype=np.float64), frequencies)  # (N, dim / 2)
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+def fps_class(fps: int) -> int:
+    """The row of SkyReels-V2's frame-rate embedding for ``fps``: 0 for 16, 1 for any other (its pipeline's map)."""
+    return 0 if fps == 16 else 1
 
 
 def table_values(ops, table):
@@ -199,6 +222,11 @@ class WanTransformer3DModel:
         self.blocks = [WanTransformerBlock(params.scope("blocks", i), config) for i in range(config.num_layers)]
         self.proj_out = Linear(params.scope("proj_out"), width, config.out_channels * pt * ph * pw)
         self.scale_shift_table = params.take("scale_shift_table", (1, 2, width))
+        self.fps_embedding = self.fps_linear_1 = self.fps_linear_2 = None
+        if config.inject_sample_info:  # diffusers' FeedForward(activation_fn="linear-silu"): linear, SiLU, linear
+            self.fps_embedding = params.scope("fps_embedding").take("weight", (FPS_CLASSES, width))
+            self.fps_linear_1 = Linear(params.scope("fps_projection", "net", 0, "proj"), width, width)
+            self.fps_linear_2 = Linear(params.scope("fps_projection", "net", 2), width, 6 * width)
 
     def text_context(self, text) -> WanTextContext:
         """The cross-attention keys and values of text embeddings (B, S, text_dim), a backend array."""
@@ -217,12 +245,16 @@ class WanTransformer3DModel:
                              f"of the patch {pt}x{ph}x{pw}")
         return frames // pt, height // ph, width // pw
 
-    def __call__(self, x, timesteps: np.ndarray, text, *, frame_offset: int = 0, self_attention=None):
+    def __call__(self, x, timesteps: np.ndarray, text, *, frame_offset: int = 0, self_attention=None,
+                 frames_per_block: int | None = None, fps: int | None = None):
         """``text``: embeddings (B, S, text_dim) or their :meth:`text_context`. timesteps: host (B,), or (B, F)
         with one per latent frame (diffusion forcing, a causal chunk and its context). ``frame_offset``: the
         absolute index of x's first latent frame, for the rotary positions of a chunk of a longer video.
-        ``self_attention``: None (every token sees every token) or an object whose ``attend(layer, q, k, v,
-        precision)`` runs block ``layer``'s self-attention (:mod:`sdcli.nn.wan_causal`)."""
+        ``self_attention``: an object whose ``attend(layer, q, k, v, precision)`` runs block ``layer``'s
+        self-attention (:mod:`sdcli.nn.wan_causal`), or None: block-causal over blocks of ``frames_per_block``
+        latent frames when that is more than 1 (None: the config's ``num_frame_per_block``; SkyReels' pipeline
+        sets its ``causal_block_size`` so), else every token sees every token. ``fps``: the frame rate of the
+        video, which a model with ``inject_sample_info`` is conditioned on (ignored by others, as diffusers)."""
         ops, config = self.ops, self.config
         if len(x.shape) != 5 or x.shape[1] != config.in_channels:
             raise SdcliError(f"latents must be (batch, {config.in_channels}, frames, height, width), "
@@ -237,20 +269,32 @@ class WanTransformer3DModel:
                              f"{timesteps.shape}")
         if per_frame and timesteps.shape[1] != grid[0]:
             raise SdcliError(f"{timesteps.shape[1]} timesteps per video for {grid[0]} latent frames")
+        if self.fps_embedding is not None and fps is None:
+            raise SdcliError("this SkyReels-V2 transformer is conditioned on the frame rate: give its fps")
         cos, sin = rope_tables(config.attention_head_dim, *grid, frame_offset=frame_offset)  # (T, hs / 2) each
         rope = (ops.from_host(cos), ops.from_host(sin))
+        frames_per_block = config.num_frame_per_block if frames_per_block is None else frames_per_block
+        if self_attention is None and frames_per_block > 1:
+            self_attention = BlockCausalAttention(ops, frames_per_block, grid[1] * grid[2])
 
         tokens = ops.conv3d(x, self.patch_embedding_weight, self.patch_embedding_bias,
                             stride=config.patch_size)  # (B, C', f, h', w')
         count = math.prod(grid)
         tokens = ops.permute(ops.reshape(tokens, (batch, config.inner_dim, count)), (0, 2, 1))  # (B, T, C')
 
-        frequencies = ops.timestep_embedding(timesteps.reshape(-1), config.freq_dim, flip_sin_to_cos=True,
-                                             freq_shift=0)  # (B [F], freq)
+        if config.float64_timestep_features:  # (B [F], freq)
+            frequencies = ops.from_host(float64_timestep_features(timesteps.reshape(-1), config.freq_dim))
+        else:
+            frequencies = ops.timestep_embedding(timesteps.reshape(-1), config.freq_dim, flip_sin_to_cos=True,
+                                                 freq_shift=0)  # (B [F], freq)
         temb = self.time_linear_2(ops.silu(self.time_linear_1(frequencies)))  # (B [F], C')
         # (B, 6, C'), or (B, F, 6, C') per frame
         lead = (batch, grid[0]) if per_frame else (batch,)
         projection = ops.reshape(self.time_proj(ops.silu(temb)), (*lead, 6, config.inner_dim))
+        if self.fps_embedding is not None:  # the same six vectors added to every frame's
+            rate = ops.reshape(self.fps_embedding_of(fps, batch),
+                               (batch, 1, 6, config.inner_dim) if per_frame else (batch, 6, config.inner_dim))
+            projection = ops.add(projection, rate)
 
         for layer, (block, keys_values) in enumerate(zip(self.blocks, context.keys_values)):
             attend = None if self_attention is None else partial(self_attention.attend, layer)
@@ -270,6 +314,12 @@ class WanTransformer3DModel:
             tokens = ops.modulate(ops.layer_norm(tokens, None, None, config.eps), scale, shift)  # (B, T, C')
         patches = self.proj_out(tokens)  # (B, T, pt * ph * pw * C)
         return self.unpatchify(patches, batch, grid)
+
+    def fps_embedding_of(self, fps: int, batch: int):
+        """(B, 6 C'): the frame rate's projected embedding, what SkyReels-V2 adds to each block's modulation."""
+        ops = self.ops
+        rows = ops.embedding(self.fps_embedding, np.full(batch, fps_class(fps), dtype=np.int64))  # (B, C')
+        return self.fps_linear_2(ops.silu(self.fps_linear_1(rows)))  # (B, 6 C')
 
     def unpatchify(self, patches, batch: int, grid: tuple[int, int, int]):
         """(B, f h w, pt ph pw C) -> (B, C, f pt, h ph, w pw): each token's patch back in place."""
