@@ -41,6 +41,8 @@ from .pipelines.text_to_video import generate_video, load_video_pipeline
 from .pipelines.video import (ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, DEFAULT_DECODE_CHUNK, DEFAULT_FRAMES,
                               DecodeRecord, GeneratedVideo, TextToVideo, VideoDefaults, VideoParams)
 from .pipelines.wan import WAN_DEFAULTS, WanTextToVideo, check_wan_params
+from .pipelines.skyreels import (SKYREELS_DEFAULTS, SKYREELS_FORCING, DiffusionForcing, SkyReelsTextToVideo,
+                                 load_skyreels_pipeline)
 from .pipelines.streaming import (SELF_FORCING_ATTENTION_FRAMES, SELF_FORCING_FRAMES_PER_CHUNK, ChunkFrames,
                                   StreamingModel, StreamingVideo, load_streaming_model)
 from .families.self_forcing import SELF_FORCING, streaming_preset
@@ -56,7 +58,8 @@ __all__ = [
     "load_pipeline", "load_prompt_encoder", "plan_run",
     "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
     "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline", "DEFAULT_FRAMES", "DecodeRecord", "WAN_DEFAULTS",
-    "WanTextToVideo", "check_wan_params",
+    "WanTextToVideo", "check_wan_params", "DiffusionForcing", "SKYREELS_DEFAULTS", "SKYREELS_FORCING",
+    "SkyReelsTextToVideo", "load_skyreels_pipeline",
     # models and motion adapters
     "Checkpoint", "MOTION_ADAPTER_PRESETS", "PRESETS", "auto_download", "describe", "download_model", "format_size",
     "model_family", "open_checkpoint", "resolve_model", "resolve_motion_adapter",

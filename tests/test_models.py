@@ -91,7 +91,7 @@ def test_preset_table_is_sane():
     for name, preset in PRESETS.items():
         assert preset.name == name and "/" not in name
         assert models.is_repo_id(preset.repo_id)
-        assert preset.layout in ("diffusers", "single-file") and preset.family in ("sd1", "sd2", "wan21")
+        assert preset.layout in ("diffusers", "single-file") and preset.family in ("sd1", "sd2", "wan21", "skyreels-v2-df")
         assert preset.variant in ("fp16", "bf16", None) and preset.revision
         assert preset.page == f"https://huggingface.co/{preset.repo_id}"
         assert preset.size_bytes is None or preset.size_bytes > 100_000_000

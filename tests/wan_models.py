@@ -1,7 +1,8 @@
 """Tiny random Wan2.1 models for the tests: a SentencePiece-style UMT5 tokenizer built with the tokenizers library,
 and a whole diffusers ``WanPipeline`` (UMT5 encoder, transformer, autoencoder, UniPC over flow sigmas) of the tiny
-configs diffusers' own Wan tests use, saved as a diffusers folder that sdcli opens. torch, transformers and
-diffusers are imported by the functions that use them."""
+configs diffusers' own Wan tests use, saved as a diffusers folder that sdcli opens; the same for SkyReels-V2's
+``SkyReelsV2DiffusionForcingPipeline``. torch, transformers and diffusers are imported by the functions that use
+them."""
 
 from __future__ import annotations
 
@@ -56,12 +57,12 @@ def write_tokenizer(folder: Path, corpus: list[str] = CORPUS, vocab_size: int = 
     return folder
 
 
-def make_tiny_wan(folder: Path, seed: int = 0):
-    """A tiny random ``WanPipeline`` saved as a diffusers folder at ``folder``; returns the reference pipeline.
-    Norm scales and biases are random too, so that one read from the wrong tensor shows."""
+def tiny_wan_networks(folder: Path, seed: int, transformer_class, transformer_config: dict) -> dict:
+    """The tokenizer, UMT5 encoder, transformer (``transformer_class(**transformer_config)``) and autoencoder of a
+    tiny random Wan pipeline. Norm scales and biases are random too, so that one read from the wrong tensor shows."""
     import torch
     import transformers
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
 
     import reference_models as ref
 
@@ -71,14 +72,39 @@ def make_tiny_wan(folder: Path, seed: int = 0):
     torch.manual_seed(seed)
     text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
         vocab_size=len(tokenizer), **TINY_UMT5)).eval()
-    transformer = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
+    transformer = transformer_class(**transformer_config).eval()
     vae = AutoencoderKLWan(**TINY_VAE).eval()
     ref.randomise_norms(text_encoder, generator, is_norm=lambda name: "layer_norm" in name, bias_scale=None)
     ref.randomise_norms(transformer, generator, bias_scale=0.05)
     ref.randomise_norms(vae, generator, is_norm=lambda name: "gamma" in name, bias_scale=0.05)
-    scheduler = UniPCMultistepScheduler.from_config(WAN_SCHEDULER)
-    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                           scheduler=scheduler)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae)
+
+
+def make_tiny_wan(folder: Path, seed: int = 0):
+    """A tiny random ``WanPipeline`` saved as a diffusers folder at ``folder``; returns the reference pipeline."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    networks = tiny_wan_networks(folder, seed, WanTransformer3DModel, TINY_TRANSFORMER)
+    pipeline = WanPipeline(**networks, scheduler=UniPCMultistepScheduler.from_config(WAN_SCHEDULER))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.save_pretrained(folder)
+    return pipeline
+
+
+# SkyReels-V2 DF: the tiny Wan transformer with the frame-rate embedding, UniPC at the examples' flow shift
+TINY_SKYREELS_TRANSFORMER = dict(TINY_TRANSFORMER, inject_sample_info=True)
+SKYREELS_SCHEDULER = dict(WAN_SCHEDULER, flow_shift=8.0)
+
+
+def make_tiny_skyreels(folder: Path, seed: int = 0):
+    """A tiny random ``SkyReelsV2DiffusionForcingPipeline`` (the networks of :func:`make_tiny_wan`, the transformer a
+    ``SkyReelsV2Transformer3DModel`` with the frame-rate embedding) saved as a diffusers folder at ``folder``;
+    returns the reference pipeline."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    networks = tiny_wan_networks(folder, seed, SkyReelsV2Transformer3DModel, TINY_SKYREELS_TRANSFORMER)
+    pipeline = SkyReelsV2DiffusionForcingPipeline(**networks,
+                                                  scheduler=UniPCMultistepScheduler.from_config(SKYREELS_SCHEDULER))
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(folder)
     return pipeline

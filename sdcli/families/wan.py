@@ -7,6 +7,12 @@ UMT5-XXL encoder (512 text tokens, 4096 wide), a flow-matching DiT over (1, 2, 2
 (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``). A transformer file in the original Wan layout (as the streaming models
 ship) is read through the exact map of :mod:`sdcli.families.wan_names`; alone it is not a whole model.
 
+SkyReels-V2's diffusion-forcing models (SkyReels Team 2025; diffusers ``SkyReelsV2DiffusionForcingPipeline``,
+``Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers``) are architecture ``skyreels-v2-df`` of this family: the same three
+networks, the transformer with a timestep per latent frame, block-causal attention and a frame-rate embedding
+(``SkyReelsV2Transformer3DModel``, read into :class:`~sdcli.nn.dit_wan.WanTransformer3DModel` with those options),
+sampled window by window by :mod:`sdcli.pipelines.skyreels`.
+
 Wan makes videos, not images: the family has no image stages, and ``sdcli generate`` refuses its models by name.
 The loaders below are the one place each of its networks is built from ``sdcli.nn``.
 """
@@ -17,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import WanTransformerConfig, read_json
+from ..config import SKYREELS_TRANSFORMER, WanTransformerConfig, read_json
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint, FolderSource, MappedSource, TensorSource
 from ..io.safetensors import SafetensorsFile
@@ -32,7 +38,7 @@ from .wan_names import is_original_layout, wan_transformer_names
 
 log = logging.getLogger("sdcli")
 
-ARCHITECTURES = ("wan21",)
+ARCHITECTURES = ("wan21", "skyreels-v2-df")
 COMPONENTS = {"text_encoder": "model", "transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 LATENTS = LatentGeometry(channels=16, downscale=8)
 FRAMES_PER_LATENT = 4  # the VAE's temporal compression: latent frame 0 is pixel frame 0, each later one 4 frames
@@ -46,22 +52,30 @@ WEIGHT_PATTERNS = tuple(pattern for component, stem in COMPONENTS.items()
                         for pattern in (f"{component}/{stem}*.safetensors",
                                         f"{component}/{stem}*.safetensors.index*.json"))
 DIFFUSERS_FILES = DIFFUSERS_CONFIGS + TOKENIZER_FILES + WEIGHT_PATTERNS  # every file sdcli reads
-PIPELINE_CLASS = "WanPipeline"
+# The diffusers pipeline classes read, their architectures and the transformer class each holds
+PIPELINES = {"WanPipeline": ("wan21", "WanTransformer3DModel"),
+             "SkyReelsV2DiffusionForcingPipeline": ("skyreels-v2-df", SKYREELS_TRANSFORMER)}
 
 
 # -- recognising checkpoints -------------------------------------------------------------------------------------
 
 def recognise_folder(path: Path, variant: str | None) -> Checkpoint | None:
-    """A diffusers ``WanPipeline`` folder; other Wan pipelines (image to video, Wan2.2's two experts) by name."""
+    """A diffusers ``WanPipeline`` or ``SkyReelsV2DiffusionForcingPipeline`` folder, its architecture told by the
+    transformer it holds; other Wan and SkyReels-V2 pipelines (image to video, Wan2.2's two experts) by name."""
     index = read_json(path / "model_index.json")
     name = str(index.get("_class_name", ""))
-    if not name.startswith("Wan"):
+    if not name.startswith(("Wan", "SkyReelsV2")):
         return None
-    if name != PIPELINE_CLASS:
-        raise CheckpointError(f"{path}: a {name} model; sdcli runs Wan text to video ({PIPELINE_CLASS}) so far")
+    if name not in PIPELINES:
+        raise CheckpointError(f"{path}: a {name} model; sdcli runs Wan2.1 text to video and SkyReels-V2 diffusion "
+                              f"forcing text to video ({' and '.join(PIPELINES)}) so far")
     if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
         raise CheckpointError(f"{path}: a Wan2.2 model with two expert transformers; sdcli runs Wan2.1 so far")
-    return Checkpoint(path=path, layout="diffusers", family="wan21", prediction_type="flow_prediction",
+    architecture, transformer_class = PIPELINES[name]
+    held = (index.get("transformer") or [None, None])[-1]
+    if held not in (None, transformer_class):
+        raise CheckpointError(f"{path}: a {name} holding a {held} transformer; it runs a {transformer_class}")
+    return Checkpoint(path=path, layout="diffusers", family=architecture, prediction_type="flow_prediction",
                       model_family=FAMILY, variant=variant)
 
 
@@ -169,6 +183,15 @@ PRESETS = (
         page=f"{HUB_PAGES}/Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         description="Wan2.1 text to video, 1.3B transformer (480x832, 81 frames at 16 fps by default), UMT5-XXL "
                     "text encoder, diffusers layout; bf16 weights where the repository has them"),
+    # The files as wan21-t2v-1.3b selects them (the same three networks; the transformer adds the frame-rate
+    # embedding); sizes and the license not checked against the repository from here (see WEIGHTS.md).
+    ModelPreset(
+        name="skyreels-v2-df-1.3b-540p", repo_id="Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers", revision="main",
+        layout="diffusers", files=DIFFUSERS_FILES, variant=None, family="skyreels-v2-df", size_bytes=None,
+        license="other (the Skywork community license of the model card)",
+        page=f"{HUB_PAGES}/Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers",
+        description="SkyReels-V2 diffusion forcing text to video, 1.3B transformer (544x960, 97 frames at 24 fps "
+                    "by default; longer videos window by window), UMT5-XXL text encoder, diffusers layout"),
 )
 
 FAMILY = Family(

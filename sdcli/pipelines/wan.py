@@ -35,7 +35,7 @@ from ..models import open_checkpoint
 from ..ops import get_ops
 from ..ops.parameter import unload_prepared
 from ..rng import BatchNoise, image_seeds, random_seed
-from ..sampling.denoisers import guided_network
+from ..sampling.denoisers import Network, guided_network
 from ..sampling.flow import FLOW_SAMPLERS, FlowDenoiser, flow_plan
 from .image import StepRecord
 from .video import DecodeRecord, GeneratedVideo, VideoParams
@@ -152,6 +152,21 @@ class WanTextToVideo:
         channels, height, width = self.family.latents.shape(params.width, params.height)
         return channels, 1 + (params.frames - 1) // wan.FRAMES_PER_LATENT, height, width
 
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, precision: str, backend: str, text_precision: str | None,
+             low_memory: bool):
+        """The pipeline over ``checkpoint``'s three networks, as :func:`load_wan_pipeline` says."""
+        start = time.perf_counter()
+        ops = get_ops(backend)
+        prompt_encoder = wan.load_prompt_encoder(checkpoint, ops, text_precision)
+        transformer = wan.load_transformer(checkpoint, ops, precision, stream=low_memory)
+        vae = wan.load_vae(checkpoint, ops, precision, stream=low_memory)
+        pipeline = cls(checkpoint, prompt_encoder, transformer, vae, wan.scheduler_config(checkpoint), backend,
+                       precision, reuse_memory=not low_memory)
+        pipeline.timings["load_s"] = time.perf_counter() - start
+        log.info("loaded %s (%s) in %.2f s", checkpoint.path, checkpoint.family, pipeline.timings["load_s"])
+        return pipeline
+
     # -- the text encoder ------------------------------------------------------------------------------------
     def encode_prompts(self, clips: list[VideoParams]) -> None:
         """Encode every prompt and negative prompt of ``clips`` (prepared) that is not encoded yet."""
@@ -213,8 +228,35 @@ class WanTextToVideo:
         else:
             x = BatchNoise(seeds, shape[1:]).draw()  # (B, 16, T, h, w)
         timings: dict[str, float] = {}
+        velocity = self.guided_velocity(params, timings)
+        denoiser = FlowDenoiser(velocity, plan)
+        start = time.perf_counter()
+        total = plan.steps
+        with reuse_large_arrays(self.reuse_memory):
+            for step in plan.sample(denoiser, x):  # x: (B, 16, T, h, w)
+                x = step.x
+                yield StepRecord(step.index, total, float(step.sigma), x, None, time.perf_counter() - start)
+        timings["denoising_s"] = time.perf_counter() - start
+        timings["steps"] = total
+        latents = x.astype(np.float32)
+        del velocity, denoiser  # and with them the text's keys and values
+        self.leave_stage("transformer", self.transformer)
 
-        guided = params.guidance_scale > 1
+        start = time.perf_counter()
+        pieces = []
+        for pieces in self.decode_frames(latents):
+            yield DecodeRecord(len(pieces), latents.shape[2], time.perf_counter() - start)
+        frames = np.concatenate(pieces, axis=2).transpose(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
+        timings["decode_s"] = time.perf_counter() - start
+        self.leave_stage("vae", self.vae)
+        yield GeneratedVideo(frames, latents, seeds, params, timings)
+
+    def guided_velocity(self, params: VideoParams, timings: dict[str, float], **options) -> Network:
+        """The transformer as a guided host network (x (B, 16, T, h, w), timesteps (B,) or (B, T)) -> velocity, for
+        a clip of ``params`` (prepared): its prompts encoded (the time it took, here or ahead, into ``timings``),
+        the encoder's pages let go, the text's keys and values computed once. ``options`` go to every transformer
+        call."""
+        batch, guided = params.batch_size, params.guidance_scale > 1
         texts = [params.negative_prompt, params.prompt] if guided else [params.prompt]
         self.encode_prompts([params])
         text = np.concatenate([self.conditioning(each, batch) for each in texts])  # (gB, 512, 4096)
@@ -229,30 +271,9 @@ class WanTextToVideo:
         def transformer(x_in: np.ndarray, timesteps: np.ndarray, _text) -> np.ndarray:  # host arrays in and out
             # the text is ``context``, prepared for the batch guided_network hands over ([uncond, cond] with
             # guidance, cond alone without)
-            return ops.to_host(self.transformer(ops.from_host(x_in), timesteps, context))
+            return ops.to_host(self.transformer(ops.from_host(x_in), timesteps, context, **options))
 
-        velocity = guided_network(transformer, text[-batch:], text[:batch] if guided else None, params.guidance_scale)
-        denoiser = FlowDenoiser(velocity, plan)
-        start = time.perf_counter()
-        total = plan.steps
-        with reuse_large_arrays(self.reuse_memory):
-            for step in plan.sample(denoiser, x):  # x: (B, 16, T, h, w)
-                x = step.x
-                yield StepRecord(step.index, total, float(step.sigma), x, None, time.perf_counter() - start)
-        timings["denoising_s"] = time.perf_counter() - start
-        timings["steps"] = total
-        latents = x.astype(np.float32)
-        del context, transformer, velocity, denoiser
-        self.leave_stage("transformer", self.transformer)
-
-        start = time.perf_counter()
-        pieces = []
-        for pieces in self.decode_frames(latents):
-            yield DecodeRecord(len(pieces), latents.shape[2], time.perf_counter() - start)
-        frames = np.concatenate(pieces, axis=2).transpose(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
-        timings["decode_s"] = time.perf_counter() - start
-        self.leave_stage("vae", self.vae)
-        yield GeneratedVideo(frames, latents, seeds, params, timings)
+        return guided_network(transformer, text[-batch:], text[:batch] if guided else None, params.guidance_scale)
 
     def decode_frames(self, latents: np.ndarray) -> Iterator[list[np.ndarray]]:
         """Latents (B, 16, T, h, w) decoded one latent frame at a time through the autoencoder's cache: after each,
@@ -272,19 +293,12 @@ def load_wan_pipeline(model: str | Checkpoint, precision: str = "fp32", backend:
     needs: the UMT5 encoder at ``text_precision`` (None: its files', bf16 where they are bf16; its weights always
     streamed from the mapped files), the transformer and the VAE at ``precision``. ``low_memory`` streams the
     transformer's and the VAE's weights too and lets the sampling loop hand large freed arrays back at once."""
-    start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    if checkpoint.family not in wan.ARCHITECTURES:
-        raise SdcliError(f"{checkpoint.path} is not a Wan model")
-    ops = get_ops(backend)
-    prompt_encoder = wan.load_prompt_encoder(checkpoint, ops, text_precision)
-    transformer = wan.load_transformer(checkpoint, ops, precision, stream=low_memory)
-    vae = wan.load_vae(checkpoint, ops, precision, stream=low_memory)
-    pipeline = WanTextToVideo(checkpoint, prompt_encoder, transformer, vae, wan.scheduler_config(checkpoint),
-                              backend, precision, reuse_memory=not low_memory)
-    pipeline.timings["load_s"] = time.perf_counter() - start
-    log.info("loaded %s (Wan2.1) in %.2f s", checkpoint.path, pipeline.timings["load_s"])
-    return pipeline
+    if checkpoint.family != "wan21":
+        raise SdcliError(f"{checkpoint.path} is not a Wan2.1 model"
+                         + (" (a SkyReels-V2 one: load_video_pipeline or load_skyreels_pipeline)"
+                            if checkpoint.family in wan.ARCHITECTURES else ""))
+    return WanTextToVideo.load(checkpoint, precision, backend, text_precision, low_memory)
 
 
 __all__ = ["WAN_DEFAULTS", "WAN_NEGATIVE_PROMPT", "WanDefaults", "WanTextToVideo", "check_wan_params",
