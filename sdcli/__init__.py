@@ -29,9 +29,11 @@ from .io.frame_sinks import OutputClosedError, open_frame_sink
 from .io.media import (a1111_parameters, check_video_output, images_to_uint8, plan_output_paths, plan_video_outputs,
                        save_png, save_video)
 from .io.prompts_file import VIDEO_OPTIONS, PromptLine, read_prompts_file
+from .io.torch_pickle import convert_checkpoint
 from .memory import prefer_small_pages as _prefer_small_pages
 from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, format_size, model_family,
-                     open_checkpoint, resolve_model, resolve_motion_adapter, resolve_streaming_generator)
+                     model_architecture, open_checkpoint, resolve_model, resolve_motion_adapter,
+                     resolve_streaming_generator)
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
 from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
                               load_prompt_encoder, plan_run)
@@ -66,12 +68,13 @@ __all__ = [
     # streaming
     "ChunkFrames", "SELF_FORCING", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK",
     "StreamingModel", "StreamingVideo", "is_original_layout", "load_streaming_model", "resolve_streaming_generator",
-    "streaming_preset", "SafetensorsFile", "OutputClosedError", "open_frame_sink",
+    "streaming_preset", "SafetensorsFile", "model_architecture", "OutputClosedError", "open_frame_sink",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files
     "a1111_parameters", "check_output", "images_to_uint8", "plan_output_paths", "read_prompts_file", "PromptLine",
     "VIDEO_OPTIONS", "plan_video_outputs", "save_array", "save_png", "save_video", "check_video_output",
+    "convert_checkpoint",
     # errors, defaults and the choices the CLI offers
     "SdcliError", "BACKENDS", "BETA_SCHEDULES", "DEFAULT_GUIDANCE", "MAX_SEED", "MODEL_PRESETS", "PRECISIONS",
     "SAMPLERS", "TIMESTEP_SPACINGS", "VAE_CHOICES", "VARIANTS", "__version__",

@@ -396,6 +396,67 @@ class DownloadReport:
             self.bar = None
 
 
+# -- convert -----------------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("source", metavar="IN")
+@click.argument("target", metavar="OUT.safetensors")
+@click.option("--key", "-k", help="The dict of tensors to convert, a dotted path for a nested one (generator_ema, "
+                                  "state_dict, a.b)  [default: the top level, or the one key holding tensors]")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
+@reports_errors
+def convert(source, target, key, overwrite, quiet):
+    """Convert a PyTorch checkpoint (.pt .pth .ckpt .bin, the zip torch.save writes) to safetensors, without torch
+    and without running code from the file: only tensors and plain containers are read, anything else is refused.
+    Nested dicts are flattened with dots; values that are not tensors are skipped."""
+    reporter = None if quiet else ConvertReport(error_console)
+    try:
+        result = sdcli.convert_checkpoint(source, target, key=key, overwrite=overwrite, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if quiet:
+        return
+    dtypes = ", ".join(f"{code} {count}" for code, count in sorted(result.dtypes.items()))
+    picked = f" (key {result.key})" if result.key is not None else ""
+    console.print(f"wrote {result.target}: {result.tensors} tensors, {sdcli.format_size(result.nbytes)} ({dtypes}) "
+                  f"from {result.source.name}{picked}", highlight=False, soft_wrap=True)
+    if result.skipped:
+        names = ", ".join(result.skipped[:5]) + (f" and {len(result.skipped) - 5} more" if len(result.skipped) > 5
+                                                 else "")
+        console.print(f"skipped {len(result.skipped)} value(s) that are not tensors: {names}", highlight=False,
+                      soft_wrap=True)
+
+
+class ConvertReport:
+    """Conversion progress on stderr: a bytes bar on a terminal for files worth watching, nothing otherwise."""
+
+    MIN_BYTES = 256 * 2**20
+
+    def __init__(self, out: Console):
+        self.out = out
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if not self.out.is_terminal or total < self.MIN_BYTES:
+                return
+            from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.bar = Bar(TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           TimeRemainingColumn(), console=self.out, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("converting", total=total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
 # -- video -------------------------------------------------------------------------------------------------------
 
 LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spatial layers at a time
@@ -479,6 +540,19 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
                    "which keeps memory flat on long runs  [default: 21, the length the model was trained on]")
 @click.option("--attention-sink", is_flag=True,
               help="Streaming: keep the first chunk in the attention window for good (an attention sink).")
+@click.option("--base-num-frames", type=click.IntRange(min=1),
+              help="SkyReels-V2 DF: frames of one denoising window; longer videos are made window by window, each "
+                   "window's frames written as soon as it is decoded  [default: 97]")
+@click.option("--overlap-history", type=click.IntRange(min=1),
+              help="SkyReels-V2 DF: frames each later window takes over from the video so far  [default: 17]")
+@click.option("--ar-step", type=click.IntRange(min=0),
+              help="SkyReels-V2 DF: steps each causal block lags behind the one before (0: synchronous)  "
+                   "[default: 0]")
+@click.option("--causal-block-size", type=click.IntRange(min=1),
+              help="SkyReels-V2 DF: latent frames per causal block  [default: the model's; 5 with --ar-step]")
+@click.option("--addnoise-condition", type=FiniteFloat(min=0),
+              help="SkyReels-V2 DF: the noise level the frames taken over are brought back to at every step  "
+                   "[default: 20]")
 @click.option("--base-model", default=None,
               help="Streaming: the Wan2.1 model whose text encoder and VAE a generator file uses  [default: "
                    "wan21-t2v-1.3b]")
@@ -487,7 +561,8 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, flow_shift, context_length,
           context_stride, context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height,
           decode_chunk, low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet,
-          as_json, stream, chunks, seconds, max_attention_frames, attention_sink, base_model, yes, offline):
+          as_json, stream, chunks, seconds, max_attention_frames, attention_sink, base_num_frames, overlap_history,
+          ar_step, causal_block_size, addnoise_condition, base_model, yes, offline):
     """Generate short videos from text prompts: with a video model (Wan2.1), with an AnimateDiff motion adapter
     on an SD 1.x model, or streamed chunk by chunk (Self-Forcing)."""
     started = time.perf_counter()
@@ -495,7 +570,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
     streaming_options = {"--chunks": chunks, "--seconds": seconds, "--max-attention-frames": max_attention_frames,
                          "--attention-sink": attention_sink or None, "--base-model": base_model}
-    if stream or is_streaming_model(model):
+    forcing = sdcli.DiffusionForcing(base_num_frames, overlap_history, ar_step, causal_block_size, addnoise_condition)
+    if is_streaming_model(model) or (stream and sdcli.model_architecture(model) != "skyreels-v2-df"):
         refused = {"--motion-adapter": motion_adapter, "--prompts-file": prompts_file,
                    "--negative-prompt": negative_prompt, "--frames": frames, "--steps": steps, "--guidance": guidance,
                    "--sampler": sampler, "--flow-shift": flow_shift, "--context-length": context_length,
@@ -505,6 +581,9 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
             if value is not None:
                 raise sdcli.SdcliError(f"{option} does not apply to a streaming run (its model fixes its steps and "
                                        "needs no guidance; its length is --chunks or --seconds)")
+        if forcing != sdcli.DiffusionForcing():
+            raise sdcli.SdcliError("--base-num-frames, --overlap-history, --ar-step, --causal-block-size and "
+                                   "--addnoise-condition apply to SkyReels-V2 diffusion forcing models")
         return stream_video(model, prompt, chunks, seconds, fps, seed, width, height, max_attention_frames,
                             attention_sink, base_model, precision, backend, low_memory, output, overwrite, quiet,
                             as_json, yes, offline, started)
@@ -532,7 +611,13 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                                "AnimateDiff's samplers")
     if is_wan and decode_chunk is not None:
         raise sdcli.SdcliError("--decode-chunk applies to AnimateDiff: Wan's VAE decodes one latent frame at a time")
-    default_frames = sdcli.WAN_DEFAULTS.frames if is_wan else sdcli.DEFAULT_FRAMES
+    is_forcing = is_wan and sdcli.model_architecture(model) == "skyreels-v2-df"
+    if not is_forcing and forcing != sdcli.DiffusionForcing():
+        raise sdcli.SdcliError("--base-num-frames, --overlap-history, --ar-step, --causal-block-size and "
+                               "--addnoise-condition apply to SkyReels-V2 diffusion forcing models "
+                               "(skyreels-v2-df-1.3b-540p)")
+    model_defaults = sdcli.SKYREELS_DEFAULTS if is_forcing else sdcli.WAN_DEFAULTS
+    default_frames = model_defaults.frames if is_wan else sdcli.DEFAULT_FRAMES
     base = sdcli.VideoParams(prompt or "", negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
                              guidance_scale=guidance, timestep_spacing=timestep_spacing, seed=seed, width=width,
                              height=height, flow_shift=flow_shift,
@@ -550,8 +635,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
              for index, line in enumerate(lines)]
     if is_wan:  # the frame counts, sides and options Wan can take, checked before anything loads
         clips = [sdcli.check_wan_params(clip.with_(frames=clip.frames or default_frames,
-                                                   width=clip.width or sdcli.WAN_DEFAULTS.width,
-                                                   height=clip.height or sdcli.WAN_DEFAULTS.height))
+                                                   width=clip.width or model_defaults.width,
+                                                   height=clip.height or model_defaults.height))
                  for clip in clips]
     latents = None
     if latents_file:
@@ -588,39 +673,77 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         pipeline.release_text_encoder()
     reporter = Progress(quiet, status, unit="clip")
     for index, (params, path) in enumerate(zip(clips, paths)):
-        result = None
         reporter.start(index, len(clips), params)
-        try:
-            for record in pipeline.run(params, initial_noise=latents):
-                if isinstance(record, sdcli.GeneratedVideo):
-                    result = record
-                elif isinstance(record, sdcli.DecodeRecord):
-                    reporter.decode(record)
-                else:
-                    reporter.step(record)
-        finally:
-            reporter.finish()
         adapter = pipeline.motion_adapter
-        record = {"path": path, "seed": result.seeds[0], "model": str(pipeline.checkpoint.path),
+        record = {"path": path, "seed": params.seed, "model": str(pipeline.checkpoint.path),
                   "motion_adapter": motion_adapter, "motion_adapter_path": str(adapter.path) if adapter else None,
-                  "precision": precision, "backend": backend,
-                  "sdcli_version": sdcli.__version__, "parameters": dataclasses.asdict(result.params),
-                  "timings": {key: round(value, 4) for key, value in result.timings.items()}}
-        pixels = sdcli.images_to_uint8(result.frames[0])  # (F, H, W, 3)
-        written = sdcli.save_video(path, pixels, params.fps, {"sdcli": json.dumps(record)}, overwrite=overwrite)
+                  "precision": precision, "backend": backend, "sdcli_version": sdcli.__version__,
+                  "parameters": dataclasses.asdict(params)}
+        if is_forcing:  # window by window, each window's frames written as it is decoded
+            result = forcing_clip(pipeline, params, forcing, latents, path, record, overwrite, reporter)
+            written = result.paths
+        else:
+            result = None
+            try:
+                for item in pipeline.run(params, initial_noise=latents):
+                    if isinstance(item, sdcli.GeneratedVideo):
+                        result = item
+                    elif isinstance(item, sdcli.DecodeRecord):
+                        reporter.decode(item)
+                    else:
+                        reporter.step(item)
+            finally:
+                reporter.finish()
+            record.update(parameters=dataclasses.asdict(result.params))
+        record["timings"] = {key: round(value, 4) for key, value in result.timings.items()}
+        if not is_forcing:
+            pixels = sdcli.images_to_uint8(result.frames[0])  # (F, H, W, 3)
+            written = sdcli.save_video(path, pixels, params.fps, {"sdcli": json.dumps(record)},
+                                       overwrite=overwrite)
         if save_latents:
             sdcli.save_array(save_latents, result.latents, overwrite=overwrite)
         if as_json:
             click.echo(json.dumps(record))
         elif not quiet:
             where = written[0] if len(written) <= 2 else written[0].parent
-            console.print(f"saved {where}  (seed {result.seeds[0]}, {params.frames} frames at {params.fps} fps)",
+            console.print(f"saved {where}  (seed {params.seed}, {params.frames} frames at {params.fps} fps)",
                           highlight=False)
         reporter.add_timings(result.timings)
     if not quiet:
         frame_count = sum(clip.frames for clip in clips)
         reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, len(clips),
                          f"clip(s) of {frame_count} frames in all")
+
+
+@dataclasses.dataclass
+class ForcingResult:
+    latents: np.ndarray  # (1, 16, T, h, w), every window's new latent frames
+    timings: dict
+    paths: list
+
+
+def forcing_clip(pipeline, params, forcing, initial_noise, output, record, overwrite, reporter) -> ForcingResult:
+    """One SkyReels-V2 diffusion-forcing clip: its windows' frames written through a frame sink as each window is
+    decoded (an MP4 playable after an interrupt, PNG frames one by one)."""
+    sink = sdcli.open_frame_sink(output, width=params.width, height=params.height, fps=params.fps,
+                                 text={"sdcli": json.dumps(record)}, overwrite=overwrite)
+    latents = []
+    try:
+        with sink:
+            for item in pipeline.run(params, forcing, initial_noise=initial_noise):
+                if isinstance(item, sdcli.ChunkFrames):
+                    sink.write(sdcli.images_to_uint8(item.frames[0]))  # (F, H, W, 3)
+                    latents.append(item.latents)
+                else:
+                    reporter.step(item)
+    except KeyboardInterrupt:
+        reporter.finish()
+        error_console.print(f"interrupted: {sink.frames_written} frames written to {sink.describe()}",
+                            highlight=False)
+        raise
+    finally:
+        reporter.finish()
+    return ForcingResult(np.concatenate(latents, axis=2), dict(pipeline.run_timings), list(sink.paths))
 
 
 def is_streaming_model(model: str) -> bool:
@@ -646,6 +769,9 @@ def stream_video(model, prompt, chunks, seconds, fps, seed, width, height, max_a
     """``sdcli video`` for a streaming model: chunks denoised and decoded in turn, each chunk's frames written as
     soon as it is finished."""
     preset = sdcli.streaming_preset(model)
+    if preset is None and not is_streaming_model(model):
+        raise sdcli.SdcliError(f"--stream needs a streaming model: self-forcing-1.3b, a converted generator "
+                               f".safetensors, or a SkyReels-V2 DF model (skyreels-v2-df-1.3b-540p); {model} is not one")
     if chunks is not None and seconds is not None:
         raise sdcli.SdcliError("give --chunks or --seconds, not both")
     fps = fps or (preset.fps if preset else 16)

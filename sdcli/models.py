@@ -630,3 +630,16 @@ def resolve_streaming_generator(preset, *, weights_dir: str | Path | None = None
 
     return prepare_generator(preset, weights, allow_download=allow_download, confirm=confirm, download=download,
                              convert=convert)
+
+
+def model_architecture(model: str | Path) -> str | None:
+    """The architecture of the model ``model`` names ("sd1", "wan21", "skyreels-v2-df", ...), when that is known
+    without downloading anything (as :func:`model_family`); None otherwise."""
+    preset = PRESETS.get(str(model))
+    if preset is not None:
+        return preset.family
+    try:
+        path = resolve_model(model, offline=True)
+    except ModelNotFoundError:
+        return None
+    return open_path(path).family

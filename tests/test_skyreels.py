@@ -6,6 +6,7 @@ addnoise_condition), its frames emitted a window at a time; the defaults, the re
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -365,3 +366,59 @@ def test_family_preset_and_seeded_runs(tiny_skyreels, pipeline):
     assert np.array_equal(given.frames, pipeline.generate(params, noise=lambda shape: start).frames)
     with pytest.raises(SdcliError, match=r"noise drawn must have shape \(1, 16, 3, 2, 2\)"):
         sdcli.generate_video(pipeline, params, initial_noise=start[:, :, :2])
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+def test_video_command_writes_each_window(tiny_skyreels, pipeline, tmp_path):
+    """``sdcli video`` on a SkyReels-V2 folder: a long video in windows, the PNG frames of the first window written
+    before the second starts, the same frames as the library makes; the DF options reach the run."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sdcli.cli import main
+    from sdcli.pipelines.skyreels import DiffusionForcing
+    import sdcli.pipelines.skyreels as skyreels_module
+
+    _, folder = tiny_skyreels
+    params = sdcli.VideoParams(PROMPT, frames=17, width=16, height=16, steps=2, seed=3)
+    forcing = DiffusionForcing(base_num_frames=9, overlap_history=5, addnoise_condition=20)
+    expected = pipeline.generate(params, forcing).frames[0]  # (F, 3, H, W)
+    seen = []
+    original_run = skyreels_module.SkyReelsTextToVideo.run
+
+    def watched(self, *args, **kwargs):
+        for item in original_run(self, *args, **kwargs):
+            if isinstance(item, ChunkFrames):
+                seen.append(len(list((tmp_path / "frames").glob("*.png"))))
+            yield item
+
+    skyreels_module.SkyReelsTextToVideo.run = watched
+    try:
+        result = CliRunner().invoke(main, [
+            "video", "-m", str(folder), "--stream", "-p", PROMPT, "--frames", "17", "-W", "16", "-H", "16",
+            "--steps", "2", "--seed", "3", "--base-num-frames", "9", "--overlap-history", "5",
+            "--addnoise-condition", "20", "-o", str(tmp_path / "frames") + "/", "--json"], catch_exceptions=False)
+    finally:
+        skyreels_module.SkyReelsTextToVideo.run = original_run
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "frames").glob("frame_*.png"))
+    assert len(pngs) == 17 and seen[:2] == [0, 9]  # the first window's 9 frames are out before the second's come
+    written = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    np.testing.assert_array_equal(written, sdcli.images_to_uint8(expected))
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["seed"] == 3 and record["timings"]["steps"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ar-step", "1", "-m", "sd15", "--motion-adapter", "x"], "apply to SkyReels-V2 diffusion forcing"),
+    (["--chunks", "2"], "--chunks applies to streaming models"),
+])
+def test_forcing_options_elsewhere_are_refused(tiny_skyreels, args, message):
+    from click.testing import CliRunner
+
+    from sdcli.cli import main
+
+    model = [] if "-m" in args else ["-m", str(tiny_skyreels[1])]
+    result = CliRunner().invoke(main, ["video", *model, "-p", PROMPT, *args], catch_exceptions=False)
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -243,7 +243,7 @@ def load_streaming_model(generator: str | Path, base: str | Checkpoint, *, preci
 
     start = time.perf_counter()
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    if checkpoint.family not in wan.ARCHITECTURES:
+    if checkpoint.family != "wan21":
         raise SdcliError(f"{checkpoint.path} is not a Wan2.1 model: a streaming generator takes its text encoder "
                          "and VAE from one (wan21-t2v-1.3b)")
     ops = get_ops(backend)
