@@ -139,7 +139,8 @@ def test_pickles_are_refused_with_a_way_out(tmp_path, suffix):
     path.write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError) as error:
         open_checkpoint(path)
-    assert "arbitrary code" in str(error.value) and "save_file" in str(error.value)
+    message = str(error.value)
+    assert "arbitrary code" in message and f"sdcli convert {path} {tmp_path / 'model.safetensors'}" in message
 
 
 def test_folder_with_only_pickled_weights(tmp_path, tiny_state):

@@ -15,11 +15,13 @@ Which components a model has, how its configs are parsed and how it is recognise
 here, so this module never imports them: :func:`open_checkpoint` opens a path through the recogniser
 ``sdcli.families`` sets when it is imported (as importing any part of sdcli does).
 
-Pickle files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused: unpickling runs code from the file.
+Pickle files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused: unpickling runs code from the file. The error
+names ``sdcli convert`` (:mod:`sdcli.io.torch_pickle`), which turns one into safetensors without running any.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -30,6 +32,7 @@ from ..config import read_json
 from ..errors import CheckpointError, ModelNotFoundError
 from .weights import TensorSource, check_tensors  # noqa: F401 (re-exported)
 from .safetensors import SafetensorsFile
+from .torch_pickle import SOURCE_SUFFIXES
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MISSING_MODEL_HINT = ("expected a diffusers folder (with model_index.json) or a single-file .safetensors "
@@ -38,13 +41,16 @@ MISSING_MODEL_HINT = ("expected a diffusers folder (with model_index.json) or a 
 
 def pickle_refusal(path: Path) -> CheckpointError:
     """The error for a pickle checkpoint: why it is refused and how to convert it."""
+    reason = (f"{path} is a pickle checkpoint ({path.suffix}); sdcli reads only .safetensors because loading a pickle "
+              "can run arbitrary code from the file")
+    if path.suffix.lower() not in SOURCE_SUFFIXES:
+        return CheckpointError(f"{reason}. Download the .safetensors version of the model")
+    # transformers names its pickle pytorch_model.bin and its safetensors file model.safetensors
+    target = path.with_name("model.safetensors" if path.name == "pytorch_model.bin" else path.stem + ".safetensors")
     return CheckpointError(
-        f"{path} is a pickle checkpoint ({path.suffix}); sdcli reads only .safetensors because loading a pickle "
-        "can run arbitrary code from the file. Download the .safetensors version of the model, or convert it "
-        "once where you trust it: python -c \"import torch, safetensors.torch as s; "
-        f"d = torch.load('{path.name}', map_location='cpu', weights_only=True); "
-        f"s.save_file({{k: v.contiguous() for k, v in d.get('state_dict', d).items()}}, "
-        f"'{path.with_suffix('.safetensors').name}')\"")
+        f"{reason}. Download the .safetensors version of the model, or convert this one once with: sdcli convert "
+        f"{shlex.quote(str(path))} {shlex.quote(str(target))} (which reads only tensors, as "
+        "torch.load(weights_only=True) does, runs nothing from the file and needs no torch)")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -380,6 +380,23 @@ def _check_save_args(tensors: dict[str, ArrayOrCoded], metadata: dict[str, str] 
         raise ValueError("metadata must map str to str")
 
 
+def file_header(tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """The start of a safetensors file holding ``tensors`` ((name, dtype code, shape) each) back to back in the
+    given order: the 8-byte header length, then the JSON header padded so the data section starts 8-byte aligned.
+    The data follows it, each tensor's bytes C-contiguous and little-endian. Writers that stream their tensors one at
+    a time (sdcli.io.torch_pickle) build the header here, as ``save_file`` does."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name, code, shape in tensors:
+        if not isinstance(name, str) or name == "__metadata__" or name in entries:
+            raise ValueError(f"tensor name {name!r} is not allowed (or is given twice)")
+        nbytes = math.prod(shape) * DTYPES[code].itemsize
+        entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = _header_bytes(entries, metadata)
+    return struct.pack("<Q", len(header)) + header
+
+
 def save_file(
     path: str | os.PathLike,
     tensors: dict[str, ArrayOrCoded],
@@ -392,17 +409,12 @@ def save_file(
     """
     _check_save_args(tensors, metadata)
     stored = {name: _storage(name, tensors[name]) for name in sorted(tensors)}
-    entries: dict[str, Any] = {}
-    offset = 0
-    for name, (array, code) in stored.items():
-        entries[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    header = file_header(((name, code, array.shape) for name, (array, code) in stored.items()), metadata)
     path = Path(path)
     descriptor, temporary = open_temporary_beside(path)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            header = _header_bytes(entries, metadata)
-            handle.write(struct.pack("<Q", len(header)) + header)
+            handle.write(header)
             for array, _ in stored.values():
                 if array.size:
                     handle.write(array.reshape(-1).view(np.uint8).data)
