@@ -101,10 +101,13 @@ class ModelSource:
     patterns: tuple[str, ...]
     variant: str | None
     preset: ModelPreset | None = None
+    folder: str | None = None  # the folder under the weights dir, where the name does not say it
 
     @property
     def folder_name(self) -> str:
         """The folder under the weights dir: the preset name, or ``org--name`` for a repo id."""
+        if self.folder is not None:
+            return self.folder
         return self.preset.name if self.preset else self.repo_id.replace("/", "--")
 
     @property
@@ -619,7 +622,8 @@ def resolve_streaming_generator(preset, *, weights_dir: str | Path | None = None
     weights = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
 
     def download() -> Path:
-        source = ModelSource(preset.name, preset.repo_id, preset.revision, "custom", (preset.file,), None)
+        source = ModelSource(preset.name, preset.repo_id, preset.revision, "custom", (preset.file,), None,
+                             folder=preset.name)
         outcome = download_model(source, weights_dir=weights, progress=progress, offline=offline)
         return outcome.folder / preset.file
 

@@ -135,3 +135,41 @@ def test_an_interrupt_leaves_the_finished_chunks_playable(model, tmp_path, monke
     reader = imageio_ffmpeg.read_frames(str(out))
     next(reader)
     assert sum(1 for _ in reader) == FRAMES_OF_CHUNKS[1]
+
+
+def test_the_preset_downloads_and_converts_its_pickle_once(model, tmp_path, monkeypatch):
+    """With --yes, self-forcing-1.3b fetches checkpoints/self_forcing_dmd.pt from the (fake) Hub, converts its
+    generator_ema to safetensors without torch, and streams; the next run uses the converted file alone."""
+    from hub_server import FakeHub
+    from test_torch_pickle import tensor_of, write_checkpoint
+
+    from sdcli.io.safetensors import SafetensorsFile
+
+    base, generator = model[3], model[1]
+    with SafetensorsFile(generator) as file:
+        ema = {name: tensor_of(file[name], f"e{i}") for i, name in enumerate(file.keys())}
+    pickle = write_checkpoint(tmp_path / "self_forcing_dmd.pt", {"generator": {}, "generator_ema": ema})
+    weights = tmp_path / "weights"
+    shutil.copytree(base, weights / "wan21-t2v-1.3b")
+    for name in ("SDCLI_AUTO_DOWNLOAD", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SDCLI_WEIGHTS", str(weights))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with FakeHub() as hub:
+        hub.add_repo("gdhe17/Self-Forcing", {"checkpoints/self_forcing_dmd.pt": pickle.read_bytes(),
+                                             "checkpoints/ode_init.pt": b"not fetched", "README.md": b"# x"})
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        result = run("--model", "self-forcing-1.3b", "--stream", "-p", "a fox", *SIZE, "--chunks", "1", "--yes",
+                     "-o", str(tmp_path / "a.gif"), "--quiet")
+        assert result.exit_code == 0, result.output
+        converted = weights / "self-forcing-1.3b" / "self_forcing_dmd.safetensors"
+        with SafetensorsFile(converted) as file, SafetensorsFile(generator) as original:
+            assert sorted(file.keys()) == sorted(original.keys())
+            assert all(np.array_equal(file[name], original[name]) for name in original.keys())
+        assert not (weights / "self-forcing-1.3b" / "checkpoints" / "ode_init.pt").exists()
+        hub.clear_records()
+        result = run("--model", "self-forcing-1.3b", "-p", "a fox", *SIZE, "--chunks", "1", "-o",
+                     str(tmp_path / "b.gif"), "--quiet", "--offline")
+        assert result.exit_code == 0, result.output
+        assert not hub.requests
