@@ -280,6 +280,8 @@ def test_generator_file_with_the_wan_base_streams(tiny_streaming):
     assert [chunk.frames.shape for chunk in chunks] == [(1, 9, 3, 32, 48), (1, 12, 3, 32, 48), (1, 12, 3, 32, 48)]
     assert all(np.all(np.isfinite(chunk.frames)) and np.abs(chunk.frames).max() <= 1 for chunk in chunks)
     assert model.video.transformer.blocks and model.text.prompt_encoder is None
+    # the original Wan code's sinusoids (float64), which the generator was trained with
+    assert model.video.transformer.config.float64_timestep_features
 
 
 def test_a_generator_must_be_a_wan_transformer(tiny_streaming, tmp_path):

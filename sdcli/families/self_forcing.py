@@ -15,7 +15,7 @@ It was trained on 21 latent frames (81 frames); longer streams attend over a sli
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -111,8 +111,10 @@ def open_generator(path: str | Path, config: WanTransformerConfig) -> MappedSour
 
 
 def load_generator(path: str | Path, checkpoint: Checkpoint, ops, precision: str, stream: bool = False):
-    """The causal transformer of a generator file, with the transformer config of the Wan base ``checkpoint``."""
-    config = checkpoint.config("transformer")
+    """The causal transformer of a generator file, with the transformer config of the Wan base ``checkpoint``.
+    Its timestep features are formed in float64, as the original Wan code it was trained with forms them
+    (``sinusoidal_embedding_1d``; diffusers' Wan forms them in float32, up to 6e-5 away)."""
+    config = replace(checkpoint.config("transformer"), float64_timestep_features=True)
     return load_network(lambda params: WanTransformer3DModel(params, config), open_generator(path, config), ops,
                         precision, stream=stream)
 
