@@ -131,22 +131,29 @@ def bench_stream(work: Path, sides: list[str], reference: bool) -> dict:
 def report_stream(results: dict) -> None:
     chunks = results["stream"]["chunks"]
     first = chunks[0]
-    steady = (chunks[-1]["frames"] - first["frames"]) / (chunks[-1]["elapsed_s"] - first["elapsed_s"])
+
+    def rate(last: dict) -> float:  # frames per second after the first chunk
+        return (last["frames"] - first["frames"]) / (last["elapsed_s"] - first["elapsed_s"])
+
     short = chunks[SHORT_CHUNKS - 1]
     rows = [[f"sdcli streaming, {len(chunks)} chunks ({chunks[-1]['frames']} frames)",
-             num(first["elapsed_s"], ".1f"), num(steady, ".3f"), num(chunks[-1]["elapsed_s"], ".1f"),
-             gib(chunks[0]["peak_bytes"]), gib(short["peak_bytes"]), gib(chunks[-1]["peak_bytes"])],
-            [f"sdcli streaming, first {SHORT_CHUNKS} chunks ({short['frames']} frames)", num(first["elapsed_s"], ".1f"),
-             num((short["frames"] - first["frames"]) / (short["elapsed_s"] - first["elapsed_s"]), ".3f"),
-             num(short["elapsed_s"], ".1f"), "", gib(short["peak_bytes"]), ""]]
+             num(first["elapsed_s"], ".1f"), num(rate(chunks[-1]), ".3f"), num(chunks[-1]["elapsed_s"], ".1f"),
+             gib(chunks[-1]["peak_bytes"])],
+            [f"sdcli streaming, its first {SHORT_CHUNKS} chunks ({short['frames']} frames)",
+             num(first["elapsed_s"], ".1f"), num(rate(short), ".3f"), num(short["elapsed_s"], ".1f"),
+             gib(short["peak_bytes"])]]
     for key, label in (("wan", f"sdcli Wan2.1, not streamed, {SHORT_FRAMES} frames, 4 UniPC steps"),
                        ("skyreels", f"diffusers SkyReels-V2 DF, {SHORT_FRAMES} frames, 4 steps")):
         if key in results:
             row = results[key]
             rows.append([label, num(row["first_frame_s"], ".1f"), num(row["frames"] / row["total_s"], ".3f"),
-                         num(row["total_s"], ".1f"), "", gib(row["peak_bytes"]), ""])
+                         num(row["total_s"], ".1f"), gib(row["peak_bytes"])])
     print_table([f"streaming at {STREAM_SIDE}x{STREAM_SIDE}, bf16", "first frame (s)", "frames/s", "total (s)",
-                 "peak 1 chunk", "peak 4", "peak 16"], rows)
+                 "peak"], rows)
+    marks = [count for count in (1, 4, 7, 10, 16) if count <= len(chunks)]
+    print_table(["sdcli streaming: peak after chunk", *map(str, marks)],
+                [["process peak", *(gib(chunks[count - 1]["peak_bytes"]) for count in marks)],
+                 ["frames so far", *(str(chunks[count - 1]["frames"]) for count in marks)]])
 
 
 if __name__ == "__main__":
