@@ -180,7 +180,16 @@ def test_video_file_name_is_claimed_on_open_and_freed_without_frames(tmp_path):
     assert not path.exists() and sink.paths == []
 
 
-def test_interrupts_are_held_until_the_block_ends():
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test: a run started in the background inherits SIGINT ignored, and
+    holding an ignored signal is rightly nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupts_are_held_until_the_block_ends(python_sigint):
     reached_end = False
     with pytest.raises(KeyboardInterrupt):
         with interrupts_held():
