@@ -25,6 +25,7 @@ from .config import SchedulerConfig
 from .errors import SdcliError
 from .io.checkpoint import Checkpoint, describe
 from .io.files import check_output, save_array
+from .io.outputs import template_fields
 from .io.frame_sinks import OutputClosedError, open_frame_sink
 from .io.media import (a1111_parameters, check_video_output, images_to_uint8, plan_output_paths, plan_video_outputs,
                        save_png, save_video)
@@ -68,7 +69,7 @@ __all__ = [
     # streaming
     "ChunkFrames", "SELF_FORCING", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK",
     "StreamingModel", "StreamingVideo", "is_original_layout", "load_streaming_model", "resolve_streaming_generator",
-    "streaming_preset", "SafetensorsFile", "model_architecture", "OutputClosedError", "open_frame_sink",
+    "streaming_preset", "SafetensorsFile", "model_architecture", "template_fields", "OutputClosedError", "open_frame_sink",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files

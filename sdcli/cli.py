@@ -939,6 +939,13 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
               help="A .png file (several images: numbered files next to it), a folder, or a template with "
                    "{seed}, {index} or {prompt}.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--shard", callback=lambda ctx, param, value: parse_shard(value), metavar="K/N",
+              help="Make only the K-th (1..N) of N deterministic slices of the run's batches, for Slurm arrays, GNU "
+                   "parallel or indexed jobs: every image keeps its seed and its output name, so the N shards "
+                   "together make exactly the images of the whole run. Needs --seed and a file or template output.")
+@click.option("--skip-existing", is_flag=True,
+              help="Leave the images whose output file exists (resuming a killed run): a batch whose images all "
+                   "exist is not made again. Needs a file or template output.")
 @click.option("--preview", type=click.Path(dir_okay=False),
               help="Keep a TAESD preview of the image being denoised in this PNG file.")
 @click.option("--preview-every", type=click.IntRange(min=1), default=5, show_default=True,
@@ -950,7 +957,8 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
-             latents_file, save_latents, output, overwrite, preview, preview_every, quiet, as_json, yes, offline):
+             latents_file, save_latents, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json,
+             yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
@@ -969,7 +977,19 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
                           family=family)
     save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
     preview = sdcli.check_output(preview, overwrite) if preview else None
-    paths = sdcli.plan_output_paths(output, len(plan.seeds), plan.seeds, plan.prompts, overwrite=overwrite)
+    if shard or skip_existing:
+        paths = resumable_paths(plan, output, shard, skip_existing, overwrite)
+        plan = plan.shard(*shard) if shard else plan
+    else:
+        paths = sdcli.plan_output_paths(output, len(plan.seeds), plan.seeds, plan.prompts, overwrite=overwrite)
+    if skip_existing:  # the batches with an image still to make
+        plan = dataclasses.replace(plan, jobs=[job for job in plan.jobs if not all(
+            paths[job.first_image + i].exists() for i in range(job.params.batch_size))])
+        if not plan.jobs:
+            if not quiet:
+                (error_console if as_json else console).print("every image exists already; nothing to do",
+                                                              highlight=False)
+            return
     status = error_console if as_json else console
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
@@ -983,10 +1003,11 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
         pipeline.release_text_encoder()
     reporter = Progress(quiet, status)
     all_latents = []
-    index = 0
+    count = sum(job.params.batch_size for job in jobs)
+    done = 0
     for job in jobs:
         batch = None
-        reporter.start(index, len(paths), job.params)
+        reporter.start(done, count, job.params)
         try:
             for record in pipeline.run(job, preview_every=preview_every if preview else 0):
                 if isinstance(record, sdcli.GeneratedBatch):
@@ -999,23 +1020,60 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
             reporter.finish()
         pixels = sdcli.images_to_uint8(batch.images)  # (B, H, W, 3)
         for i, image_seed in enumerate(batch.seeds):
+            index = job.first_image + i  # in the whole run, whatever the shard
+            done += 1
+            if skip_existing and paths[index].exists():
+                continue  # made by an earlier run; its batch ran for the others
             record = image_record(pipeline, batch.params, image_seed, paths[index], batch.timings)
+            record["index"] = index + 1  # 1-based, as {index} in an output template
             text = {"parameters": sdcli.a1111_parameters(batch.params.with_(seed=image_seed), seed=image_seed,
                                                          width=batch.params.width, height=batch.params.height,
                                                          model=pipeline.checkpoint.path.stem),
-                    "sdcli": json.dumps(record)}
+                    "sdcli": json.dumps(reproducible(record))}
             sdcli.save_png(paths[index], pixels[i], text, overwrite=overwrite)
             if as_json:
                 click.echo(json.dumps(record))
             elif not quiet:
                 console.print(f"saved {paths[index]}  (seed {image_seed})", highlight=False)
-            index += 1
         all_latents.append(batch.latents)
         reporter.add_timings(batch.timings)
     if save_latents:
         sdcli.save_array(save_latents, np.concatenate(all_latents), overwrite=overwrite)
     if not quiet:
-        reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, len(paths))
+        reporter.summary(pipeline.timings.get("load_s", 0.0), time.perf_counter() - started, count)
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``K/N`` -> (K, N), 1 <= K <= N; a one-line usage error otherwise."""
+    if value is None:
+        return None
+    number, _, count = value.partition("/")
+    if not (number.strip().isdigit() and count.strip().isdigit()) or not 1 <= int(number) <= int(count):
+        raise click.BadParameter(f"{value!r}: give K/N with 1 <= K <= N (the K-th of N shards), e.g. 3/8")
+    return int(number), int(count)
+
+
+def resumable_paths(plan, output: str, shard, skip_existing: bool, overwrite: bool) -> list:
+    """The output of every image of the whole run, for a shard or a resumed run: named by the run alone (a file
+    or a template; a folder's numbering depends on what is in it, so it is refused), checked as a plain run checks
+    them but only for the images this run makes (other shards' files may be there already)."""
+    if skip_existing and overwrite:
+        raise sdcli.SdcliError("--skip-existing keeps existing images; --overwrite replaces them: give one")
+    if shard and plan.seed_drawn:
+        raise sdcli.SdcliError("--shard needs --seed: every shard must give every image the seed the whole run "
+                               "gives it")
+    if not sdcli.template_fields(output) and (output.endswith(("/", "\\")) or Path(output).expanduser().is_dir()):
+        raise sdcli.SdcliError(f"--shard and --skip-existing need images named by the run alone: a file name or a "
+                               f"template such as {output.rstrip('/')}/{{index}}-{{seed}}.png, not the folder {output!r} "
+                               "(its numbering depends on the files in it)")
+    paths = sdcli.plan_output_paths(output, len(plan.seeds), plan.seeds, plan.prompts, overwrite=True)
+    mine = plan.shard(*shard) if shard else plan
+    for job in mine.jobs:
+        for i in range(job.params.batch_size):
+            path = paths[job.first_image + i]
+            if not skip_existing:
+                sdcli.check_output(path, overwrite)
+    return paths
 
 
 def image_record(pipeline, params, seed: int, path, timings: dict) -> dict:
@@ -1026,6 +1084,13 @@ def image_record(pipeline, params, seed: int, path, timings: dict) -> dict:
             "precision": pipeline.precision, "backend": pipeline.backend, "vae": pipeline.vae,
             "sdcli_version": sdcli.__version__, "parameters": values,
             "timings": {key: round(value, 4) for key, value in timings.items()}}
+
+
+def reproducible(record: dict) -> dict:
+    """What an image's PNG holds of its record: everything that makes it again, not where it was written nor how
+    long it took (those are in --json), so that the same run writes the same bytes wherever and whenever it runs,
+    sharded or not."""
+    return {key: value for key, value in record.items() if key not in ("path", "timings")}
 
 
 def peak_memory_bytes() -> int:

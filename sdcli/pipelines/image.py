@@ -77,6 +77,7 @@ class Job:
     params: GenerateParams
     initial_noise: np.ndarray | None = None  # (B, C, h, w) unit-variance, as diffusers' latents= argument
     plan: SamplerPlan | None = None  # set by TextToImage.prepare, with the params resolved
+    first_image: int = 0  # the index in its run of the job's first image (0-based)
 
     @property
     def seeds(self) -> list[int]:
@@ -103,6 +104,15 @@ class RunPlan:
     def prompts(self) -> list[str]:
         """The prompt of every image of the run."""
         return [job.params.prompt for job in self.jobs for _ in job.seeds]
+
+    def shard(self, number: int, count: int) -> RunPlan:
+        """The ``number``-th (1-based) of ``count`` deterministic slices of the run: its batches number, count +
+        number, 2 count + number, ... Every image keeps its seed, its noise, its batch and its index in the run
+        (``Job.first_image``), so the union of the ``count`` slices makes exactly the images of the whole run."""
+        if not 1 <= number <= count:
+            raise SdcliError(f"shard {number}/{count}: the shard number must be in 1..{count}")
+        return RunPlan([job for position, job in enumerate(self.jobs) if position % count == number - 1],
+                       self.seed, self.seed_drawn)
 
 
 def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = None, num_images: int = 1,
@@ -147,7 +157,7 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
         for start in range(0, num_images, batch_size):
             chunk = seeds[start:start + batch_size]
             jobs.append(Job(line_params.with_(seed=chunk[0], batch_size=len(chunk)),
-                            noise[index:index + len(chunk)] if noise is not None else None))
+                            noise[index:index + len(chunk)] if noise is not None else None, first_image=index))
             index += len(chunk)
     return RunPlan(jobs, first_seed, seed_drawn)
 
