@@ -47,7 +47,7 @@ from .pipelines.wan import WAN_DEFAULTS, WanTextToVideo, check_wan_params
 from .pipelines.skyreels import (SKYREELS_DEFAULTS, SKYREELS_FORCING, DiffusionForcing, SkyReelsTextToVideo,
                                  load_skyreels_pipeline)
 from .pipelines.streaming import (SELF_FORCING_ATTENTION_FRAMES, SELF_FORCING_FRAMES_PER_CHUNK, ChunkFrames,
-                                  StreamingModel, StreamingVideo, load_streaming_model)
+                                  StreamingModel, StreamingVideo, chunk_frame_count, load_streaming_model)
 from .families.self_forcing import SELF_FORCING, streaming_preset
 from .families.wan_names import is_original_layout
 from .io.safetensors import SafetensorsFile
@@ -68,7 +68,7 @@ __all__ = [
     "model_family", "open_checkpoint", "resolve_model", "resolve_motion_adapter",
     # streaming
     "ChunkFrames", "SELF_FORCING", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK",
-    "StreamingModel", "StreamingVideo", "is_original_layout", "load_streaming_model", "resolve_streaming_generator",
+    "StreamingModel", "StreamingVideo", "chunk_frame_count", "is_original_layout", "load_streaming_model", "resolve_streaming_generator",
     "streaming_preset", "SafetensorsFile", "model_architecture", "template_fields", "OutputClosedError", "open_frame_sink",
     # noise schedules
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",

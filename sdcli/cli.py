@@ -459,6 +459,8 @@ class ConvertReport:
 
 # -- video -------------------------------------------------------------------------------------------------------
 
+FORCING_ONLY = ("--base-num-frames, --overlap-history, --ar-step, --causal-block-size and --addnoise-condition "
+                "apply to SkyReels-V2 diffusion forcing models (skyreels-v2-df-1.3b-540p)")
 LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spatial layers at a time
 
 
@@ -582,8 +584,7 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                 raise sdcli.SdcliError(f"{option} does not apply to a streaming run (its model fixes its steps and "
                                        "needs no guidance; its length is --chunks or --seconds)")
         if forcing != sdcli.DiffusionForcing():
-            raise sdcli.SdcliError("--base-num-frames, --overlap-history, --ar-step, --causal-block-size and "
-                                   "--addnoise-condition apply to SkyReels-V2 diffusion forcing models")
+            raise sdcli.SdcliError(FORCING_ONLY)
         return stream_video(model, prompt, chunks, seconds, fps, seed, width, height, max_attention_frames,
                             attention_sink, base_model, precision, backend, low_memory, output, overwrite, quiet,
                             as_json, yes, offline, started)
@@ -613,9 +614,7 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         raise sdcli.SdcliError("--decode-chunk applies to AnimateDiff: Wan's VAE decodes one latent frame at a time")
     is_forcing = is_wan and sdcli.model_architecture(model) == "skyreels-v2-df"
     if not is_forcing and forcing != sdcli.DiffusionForcing():
-        raise sdcli.SdcliError("--base-num-frames, --overlap-history, --ar-step, --causal-block-size and "
-                               "--addnoise-condition apply to SkyReels-V2 diffusion forcing models "
-                               "(skyreels-v2-df-1.3b-540p)")
+        raise sdcli.SdcliError(FORCING_ONLY)
     model_defaults = sdcli.SKYREELS_DEFAULTS if is_forcing else sdcli.WAN_DEFAULTS
     default_frames = model_defaults.frames if is_wan else sdcli.DEFAULT_FRAMES
     base = sdcli.VideoParams(prompt or "", negative_prompt, frames=frames, fps=fps, steps=steps, sampler=sampler,
@@ -737,7 +736,6 @@ def forcing_clip(pipeline, params, forcing, initial_noise, output, record, overw
                 else:
                     reporter.step(item)
     except KeyboardInterrupt:
-        reporter.finish()
         error_console.print(f"interrupted: {sink.frames_written} frames written to {sink.describe()}",
                             highlight=False)
         raise
@@ -784,31 +782,21 @@ def stream_video(model, prompt, chunks, seconds, fps, seed, width, height, max_a
     if max_attention_frames is not None and max_attention_frames < frames_per_chunk * (2 if attention_sink else 1):
         raise sdcli.SdcliError(f"--max-attention-frames must hold a chunk of {frames_per_chunk} latent frames"
                                + (" and the sink chunk" if attention_sink else "") + f", got {max_attention_frames}")
-    chunk_frames = [1 + 4 * (frames_per_chunk - 1), 4 * frames_per_chunk]  # the first chunk's, then each other's
-    if seconds is not None:
-        wanted = math.ceil(seconds * fps)
-        chunks = 1 + max(0, math.ceil((wanted - chunk_frames[0]) / chunk_frames[1]))
+    if seconds is not None:  # whole chunks: the first one's frames, then each other's
+        first, later = sdcli.chunk_frame_count(0), sdcli.chunk_frame_count(1)
+        chunks = 1 + max(0, math.ceil((math.ceil(seconds * fps) - first) / later))
     chunks = STREAM_DEFAULTS["chunks"] if chunks is None else chunks
-    total_frames = None if chunks == 0 else chunk_frames[0] + chunk_frames[1] * (chunks - 1)
     record = {"model": str(model), "seed": params.seed, "prompt": prompt, "width": width, "height": height, "fps": fps,
               "chunks": chunks or None, "precision": precision, "backend": backend, "sdcli_version": sdcli.__version__}
-    output = output if output != "sdcli-{seed}.mp4" else f"sdcli-{params.seed}.mp4"
-    output = output.replace("{seed}", str(params.seed)) if output != "-" else output
+    output = output.replace("{seed}", str(params.seed))
     status = error_console if as_json or output == "-" else console
     sdcli.open_frame_sink(output, width=width, height=height, fps=fps, text={}, overwrite=overwrite,
                           check_only=True)  # refused before anything loads
     if not quiet and seed is None:
         status.print(f"seed {params.seed}", highlight=False)
-    confirm = (lambda question: click.confirm(question, default=False, err=True)) if is_interactive() else None
-    if preset is not None:
-        progress = None if quiet else DownloadReport(error_console)
-        try:
-            generator = sdcli.resolve_streaming_generator(preset, allow_download=yes or sdcli.auto_download(),
-                                                          offline=True if offline else None, confirm=confirm,
-                                                          progress=progress)
-        finally:
-            if progress is not None:
-                progress.close()
+    if preset is not None:  # converted once, downloaded first if need be, as a model is fetched
+        generator = model_path(model, yes=yes, offline=offline, quiet=quiet,
+                               resolve=lambda _, **lookup: sdcli.resolve_streaming_generator(preset, **lookup))
         base = base_model or preset.base_model
     else:
         generator, base = Path(model).expanduser(), base_model or sdcli.SELF_FORCING.base_model

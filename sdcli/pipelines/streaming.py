@@ -53,6 +53,13 @@ SELF_FORCING_FRAMES_PER_CHUNK = 3
 SELF_FORCING_ATTENTION_FRAMES = 21  # the clip length the model was trained on (81 frames)
 
 
+def chunk_frame_count(index: int, latent_frames: int = SELF_FORCING_FRAMES_PER_CHUNK) -> int:
+    """Frames chunk ``index`` of ``latent_frames`` latent frames decodes to: 1 + 4 (T - 1) for the first (latent
+    frame 0 is one frame), 4 T for the others."""
+    per_latent = wan.FRAMES_PER_LATENT
+    return 1 + per_latent * (latent_frames - 1) if index == 0 else per_latent * latent_frames
+
+
 @dataclass(frozen=True)
 class ChunkFrames:
     """A finished chunk: its frames (B, F, 3, H, W) in [-1, 1], the index of its first frame in the video, its
@@ -104,9 +111,8 @@ class StreamingVideo:
         return self.transformer.ops
 
     def chunk_frame_count(self, index: int) -> int:
-        """Frames chunk ``index`` decodes to: 1 + 4 (T - 1) for the first, 4 T for the others."""
-        latent = self.frames_per_chunk
-        return 1 + wan.FRAMES_PER_LATENT * (latent - 1) if index == 0 else wan.FRAMES_PER_LATENT * latent
+        """Frames chunk ``index`` decodes to (:func:`chunk_frame_count`)."""
+        return chunk_frame_count(index, self.frames_per_chunk)
 
     def frames_for_chunks(self, chunks: int) -> int:
         """Frames a run of ``chunks`` chunks makes."""
@@ -259,5 +265,5 @@ def load_streaming_model(generator: str | Path, base: str | Checkpoint, *, preci
     return StreamingModel(text, video, preset, Path(generator))
 
 
-__all__ = ["ChunkFrames", "StreamingModel", "load_streaming_model", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK", "StreamCache",
+__all__ = ["ChunkFrames", "chunk_frame_count", "StreamingModel", "load_streaming_model", "SELF_FORCING_ATTENTION_FRAMES", "SELF_FORCING_FRAMES_PER_CHUNK", "StreamCache",
            "StreamingVideo"]
