@@ -37,9 +37,11 @@ class BatchNoise:
         self.generators = [np.random.default_rng(seed) for seed in seeds]
         self.latent_shape = tuple(latent_shape)  # (C, h, w) of one image
 
-    def draw(self) -> np.ndarray:
-        """(B, C, h, w) float32: the next unit-variance draw of every image."""
-        return np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in self.generators])
+    def draw(self, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """(B, C, h, w) float32: the next unit-variance draw of every image, of ``shape`` per image where given (a
+        window of a video whose windows differ in length) instead of the latent shape."""
+        shape = self.latent_shape if shape is None else tuple(shape)
+        return np.stack([g.standard_normal(shape, dtype=np.float32) for g in self.generators])
 
     def __call__(self, sigma: float | None = None, sigma_next: float | None = None) -> np.ndarray:
         return self.draw()

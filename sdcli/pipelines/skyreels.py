@@ -39,7 +39,7 @@ from ..families import wan
 from ..io.checkpoint import Checkpoint
 from ..memory import reuse_large_arrays
 from ..models import open_checkpoint
-from ..rng import image_seeds
+from ..rng import BatchNoise, image_seeds
 from ..sampling.diffusion_forcing import (ForcingSchedule, SteppedSampler, Window, forcing_schedule, frame_groups,
                                           plan_windows)
 from .image import StepRecord
@@ -94,14 +94,10 @@ class ForcingLayout:
         return sum(schedule.rows for schedule in self.schedules)
 
 
-class SeededNoise:
-    """Unit Gaussian noise of any shape (B, ...), each clip's from its own numpy Generator, drawn in order."""
-
-    def __init__(self, seeds: list[int]):
-        self.generators = [np.random.default_rng(seed) for seed in seeds]
-
-    def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.stack([g.standard_normal(shape[1:], dtype=np.float32) for g in self.generators])
+def seeded_noise(seeds: list[int]) -> Callable[[tuple[int, ...]], np.ndarray]:
+    """Unit Gaussian noise of any shape (B, ...), each clip's from its own Generator, drawn in order."""
+    noise = BatchNoise(seeds, ())
+    return lambda shape: noise.draw(shape[1:])
 
 
 def latent_count(frames: int) -> int:
@@ -189,7 +185,7 @@ class SkyReelsTextToVideo(WanTextToVideo):
         layout = self.layout(params, forcing)
         batch, block = params.batch_size, layout.block
         channels, _, height, width = self.latent_shape(params)
-        draw = noise if noise is not None else SeededNoise(image_seeds(params.seed, batch))
+        draw = noise if noise is not None else seeded_noise(image_seeds(params.seed, batch))
         if initial_noise is not None:
             draw = _starting_with(initial_noise, draw)
         timings: dict[str, float] = {"denoising_s": 0.0, "decode_s": 0.0, "steps": layout.rows}
@@ -294,4 +290,4 @@ def load_skyreels_pipeline(model: str | Checkpoint, precision: str = "fp32", bac
 
 
 __all__ = ["ARCHITECTURE", "DiffusionForcing", "ForcingLayout", "SKYREELS_DEFAULTS", "SKYREELS_FORCING",
-           "SeededNoise", "SkyReelsTextToVideo", "load_skyreels_pipeline"]
+           "SkyReelsTextToVideo", "load_skyreels_pipeline"]
