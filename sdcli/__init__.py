@@ -38,6 +38,7 @@ from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_mo
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
 from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
                               load_prompt_encoder, plan_run)
+from .pipelines.image_to_image import ENCODE_MODES, InitImage, load_init_image
 from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                        VAE_CHOICES, VARIANTS)
 from .pipelines.text_to_video import generate_video, load_video_pipeline
@@ -58,7 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     # generating
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
-    "load_pipeline", "load_prompt_encoder", "plan_run",
+    "load_pipeline", "load_prompt_encoder", "plan_run", "ENCODE_MODES", "InitImage", "load_init_image",
     "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
     "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline", "DEFAULT_FRAMES", "DecodeRecord", "WAN_DEFAULTS",
     "WanTextToVideo", "check_wan_params", "DiffusionForcing", "SKYREELS_DEFAULTS", "SKYREELS_FORCING",

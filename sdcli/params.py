@@ -38,6 +38,10 @@ class GenerateParams:
     clip_skip: int = 1
     batch_size: int = 1
     eta: float = 0.0  # DDIM's stochasticity; 0 is deterministic
+    # Runs from an init image: the share of the steps run, in (0, 1] (None: diffusers' default, 0.8 for image to
+    # image, 1.0 for inpainting), and how the image becomes latents ("sample": a seeded posterior sample, "mean").
+    strength: float | None = None
+    encode_mode: str = "sample"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "GenerateParams":
@@ -55,6 +59,11 @@ class GenerateParams:
             raise SdcliError(f"guidance rescale must lie in [0, 1], got {self.guidance_rescale}")
         if self.eta < 0:
             raise SdcliError(f"eta must not be negative, got {self.eta}")
+        if self.strength is not None and (not isinstance(self.strength, numbers.Real)
+                                          or not 0 < self.strength <= 1):
+            raise SdcliError(f"strength must lie in (0, 1], got {self.strength}")
+        if self.encode_mode not in ("sample", "mean"):
+            raise SdcliError(f"encode mode must be 'sample' or 'mean', got {self.encode_mode!r}")
         if self.clip_skip < 1:
             raise SdcliError(f"clip skip must be at least 1, got {self.clip_skip}")
         if self.batch_size < 1:

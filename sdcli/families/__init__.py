@@ -120,6 +120,11 @@ class ImageStages:
     text_component: str
     denoiser_component: str
     decoder_component: str
+    # Runs from an init image: (checkpoint, ops, precision) -> encoder with ``distribution(images (B, 3, H, W))`` ->
+    # (mean, logvar) (B, C, h, w) and ``scaling_factor``; and (network) -> its input channels (9: an inpainting
+    # UNet). None: the family starts from noise only.
+    load_image_encoder: Callable[..., Any] | None = None
+    input_channels: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from ..io.safetensors import SafetensorsFile
 from ..nn.clip import ClipTextEncoder
 from ..nn.tokenizer import EOS_TOKEN, ClipTokenizer, Tokenized
 from ..nn.unet import UNet2DConditionModel
-from ..nn.vae import VaeDecoder
+from ..nn.vae import VaeDecoder, VaeEncoder
 from ..ops import Ops
 from ..ops.parameter import PRECISIONS, unload_prepared, unprepared_bytes
 from . import sd_networks as networks
@@ -234,6 +234,17 @@ def load_decoder(checkpoint: Checkpoint, ops: Ops, precision: str, vae: str = "f
     return load_image_decoder(checkpoint, ops, precision, tiling=tiling, stream=stream)
 
 
+def load_image_encoder(checkpoint: Checkpoint, ops: Ops, precision: str) -> VaeEncoder:
+    """The model's VAE encoder: images (B, 3, H, W) in [-1, 1] -> the posterior's (mean, logvar) (B, 4, H/8, W/8),
+    for runs from an init image."""
+    return networks.load_vae_encoder(checkpoint, precision, ops)
+
+
+def input_channels(unet: UNet2DConditionModel) -> int:
+    """The UNet's input channels: 4, or 9 for an inpainting UNet (latents, mask, masked-image latents)."""
+    return unet.config.in_channels
+
+
 def scheduler_config(checkpoint: Checkpoint) -> dict[str, Any]:
     """The model's scheduler config as written, with the prediction type the checkpoint was recognised with."""
     config = dict(checkpoint.component_config("scheduler"))
@@ -324,7 +335,8 @@ FAMILY = Family(
     image=ImageStages(load_prompt_encoder=load_prompt_encoder, load_denoiser=load_unet, load_decoder=load_decoder,
                       load_preview_decoder=load_tiny_decoder, scheduler_config=scheduler_config,
                       native_size=native_size, check_memory=check_memory, unload=unload_prepared,
-                      text_component="text_encoder", denoiser_component="unet", decoder_component="vae"),
+                      text_component="text_encoder", denoiser_component="unet", decoder_component="vae",
+                      load_image_encoder=load_image_encoder, input_channels=input_channels),
     recognise_folder=recognise_folder, recognise_file=recognise_file, shipped_configs=shipped_configs,
     parse_config=parse_config, open_source=open_source,
 )

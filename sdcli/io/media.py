@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import SdcliError
 from ..params import GenerateParams
@@ -26,7 +26,9 @@ from .files import OutputExistsError, atomic_output
 from .outputs import plan_output_paths, prompt_slug, template_fields
 
 __all__ = ["FFMPEG_CODECS", "FRAME_FIELD", "MIN_FRAME_DIGITS", "VIDEO_FORMATS", "a1111_parameters", "a1111_quote",
-           "check_video_output", "frame_path", "images_to_uint8", "imageio_ffmpeg_for", "is_frames_output",
+           "check_video_output", "frame_path", "image_size", "images_to_uint8", "imageio_ffmpeg_for", "is_frames_output",
+           "mask_crop_region", "open_image", "overlay_inpainted", "prepare_mask", "read_init_image", "read_mask_image",
+           "read_original_image", "resized_mask",
            "plan_output_paths", "plan_video_outputs", "prompt_slug", "read_png_text", "save_png", "save_video",
            "start_ffmpeg_writer", "video_output_paths"]
 
@@ -161,6 +163,168 @@ def read_png_text(path: str | Path) -> dict[str, str]:
         raise SdcliError(f"{path} is not an image file") from None
     except OSError as error:
         raise SdcliError(f"cannot read {path}: {error}") from None
+
+
+# -- init images and masks ---------------------------------------------------------------------------------------
+
+# Pillow's filter for every resize of an init image or mask: diffusers' VaeImageProcessor default
+# (``resample="lanczos"``).
+RESIZE_FILTER = Image.Resampling.LANCZOS
+
+
+def open_image(path: str | Path, label: str) -> Image.Image:
+    """The image at ``path`` as Pillow reads it (PNG, JPEG, WebP, ... in any mode), turned upright by its EXIF
+    orientation as diffusers' ``load_image`` does; a one-line SdcliError starting with ``label`` when it cannot be
+    read. A 16-bit grayscale image (Pillow's modes I;16 and I) becomes 8-bit grayscale by value / 257, rounded,
+    where Pillow's own conversion would clip it to white."""
+    path = Path(path).expanduser()
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise SdcliError(f"{label} {path}: no such file") from None
+    except IsADirectoryError:
+        raise SdcliError(f"{label} {path}: a folder, not an image file") from None
+    except UnidentifiedImageError:
+        raise SdcliError(f"{label} {path}: not an image file Pillow can read") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise SdcliError(f"{label} {path}: cannot read it as an image: {error}") from None
+    if image.mode.startswith("I;16") or (image.mode == "I" and np.asarray(image).max(initial=0) > 255):
+        values = np.asarray(image, dtype=np.float64)  # (H, W) 0 .. 65535
+        image = Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), mode="L")
+    return image
+
+
+def image_size(path: str | Path, label: str) -> tuple[int, int]:
+    """(width, height) of the image at ``path``, upright."""
+    return open_image(path, label).size
+
+
+def _resized(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """``image`` at ``width`` x ``height`` as diffusers' ``VaeImageProcessor.resize`` makes it: "default" stretches
+    it; "fill" fits it inside keeping its aspect ratio, centred, and fills the two margins by stretching its edge
+    rows or columns; "crop" covers the frame keeping its aspect ratio, centred, cut at the edges."""
+    if mode == "default":
+        return image if image.size == (width, height) else image.resize((width, height), RESIZE_FILTER)
+    target, source = width / height, image.width / image.height
+    if mode == "fill":
+        fitted = (width, image.height * width // image.width) if target < source else \
+            (image.width * height // image.height, height)
+    else:  # crop
+        fitted = (width, image.height * width // image.width) if target > source else \
+            (image.width * height // image.height, height)
+    resized = image.resize(fitted, RESIZE_FILTER)
+    frame = Image.new(image.mode, (width, height))
+    left, top = width // 2 - fitted[0] // 2, height // 2 - fitted[1] // 2
+    frame.paste(resized, box=(left, top))
+    if mode == "fill" and target < source and top > 0:  # bands above and below: the edge rows, stretched
+        frame.paste(resized.resize((width, top), box=(0, 0, width, 0)), box=(0, 0))
+        frame.paste(resized.resize((width, top), box=(0, resized.height, width, resized.height)),
+                    box=(0, top + fitted[1]))
+    elif mode == "fill" and target > source and left > 0:  # bands left and right: the edge columns
+        frame.paste(resized.resize((left, height), box=(0, 0, 0, height)), box=(0, 0))
+        frame.paste(resized.resize((left, height), box=(resized.width, 0, resized.width, height)),
+                    box=(left + fitted[0], 0))
+    return frame
+
+
+def read_init_image(path: str | Path, width: int, height: int, *, resize: bool = True,
+                    crop: tuple[int, int, int, int] | None = None, label: str = "--init-image") -> np.ndarray:
+    """The image at ``path`` as diffusers' ``VaeImageProcessor.preprocess`` hands it to the VAE encoder: RGB
+    (``load_image``'s ``convert("RGB")``: grayscale spread to three channels, alpha dropped), cut to ``crop``
+    (x1, y1, x2, y2) and fitted into ``width`` x ``height`` (see ``_resized``'s "fill") when given, else resized
+    to it with Lanczos when its size differs (a notice is logged; ``resize=False`` refuses it), then scaled to
+    [-1, 1]: (3, H, W) float32."""
+    image = open_image(path, label).convert("RGB")
+    if crop is not None:
+        image = _resized(image.crop(crop), width, height, "fill")
+    elif image.size != (width, height):
+        if not resize:
+            raise SdcliError(f"{label} {path} is {image.width}x{image.height}, not the {width}x{height} of the run "
+                             "(leave out --no-resize to resize it)")
+        log.warning("%s %s resized from %dx%d to %dx%d", label, Path(path).name, image.width, image.height, width,
+                    height)
+        image = _resized(image, width, height, "default")
+    unit = np.asarray(image).astype(np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
+    return np.ascontiguousarray((np.float32(2.0) * unit - np.float32(1.0)).transpose(2, 0, 1))  # (3, H, W)
+
+
+def read_original_image(path: str | Path) -> np.ndarray:
+    """The init image at ``path`` in RGB at its own size: (H, W, 3) uint8."""
+    return np.asarray(open_image(path, "--init-image").convert("RGB"))
+
+
+def resized_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A grayscale mask (H, W) uint8 resized to ``width`` x ``height`` (Lanczos), not binarised."""
+    return np.asarray(_resized(Image.fromarray(mask, mode="L"), width, height, "default"))
+
+
+def read_mask_image(path: str | Path, blur: float = 0) -> np.ndarray:
+    """The mask at ``path`` as 8-bit grayscale (H, W) uint8 (white: repaint), blurred by a Gaussian of radius
+    ``blur`` as diffusers' ``VaeImageProcessor.blur`` does (Pillow's ``GaussianBlur``)."""
+    image = open_image(path, "--mask").convert("L")
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(image)
+
+
+def prepare_mask(mask: np.ndarray, width: int, height: int,
+                 crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A grayscale mask (H, W) uint8 as diffusers' inpainting ``mask_processor`` makes it: cut to ``crop`` and
+    fitted ("fill"), or resized with Lanczos, to ``width`` x ``height``, scaled to [0, 1] and binarised (>= 0.5:
+    1, repaint): (1, H, W) float32 of 0 and 1."""
+    image = Image.fromarray(mask, mode="L")
+    image = _resized(image.crop(crop), width, height, "fill") if crop is not None else \
+        _resized(image, width, height, "default")
+    unit = np.asarray(image).astype(np.float32) / np.float32(255.0)
+    return (unit >= 0.5).astype(np.float32)[None]  # (1, H, W)
+
+
+def mask_crop_region(mask: np.ndarray, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2): the smallest box holding every nonzero pixel of ``mask`` (H, W), grown by ``pad`` on
+    each side within the image, then widened or heightened about its centre (shifted back inside the image where
+    it would leave it) to the aspect ratio ``width`` / ``height``, as diffusers' ``get_crop_region`` computes it
+    for ``padding_mask_crop``. An empty mask gives the whole image."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    image_height, image_width = mask.shape
+    if len(rows) == 0:
+        return 0, 0, image_width, image_height
+    x1, y1 = max(int(columns[0]) - pad, 0), max(int(rows[0]) - pad, 0)
+    x2, y2 = min(int(columns[-1]) + 1 + pad, image_width), min(int(rows[-1]) + 1 + pad, image_height)
+    target = width / height
+    if (x2 - x1) / (y2 - y1) > target:  # too wide: add rows
+        y1, y2 = _widened(y1, y2, int((x2 - x1) / target - (y2 - y1)), image_height)
+    else:  # too tall: add columns
+        x1, x2 = _widened(x1, x2, int((y2 - y1) * target - (x2 - x1)), image_width)
+    return x1, y1, x2, y2
+
+
+def _widened(start: int, stop: int, extra: int, limit: int) -> tuple[int, int]:
+    """[start, stop) grown by ``extra`` (half before, the rest after), moved back inside [0, limit)."""
+    start, stop = start - extra // 2, stop + extra - extra // 2
+    if stop >= limit:
+        start, stop = start - (stop - limit), limit
+    if start < 0:
+        start, stop = 0, stop - start
+    return start, min(stop, limit)
+
+
+def overlay_inpainted(original: np.ndarray, mask: np.ndarray, inpainted: np.ndarray,
+                      crop: tuple[int, int, int, int]) -> np.ndarray:
+    """The inpainted crop (h, w, 3) uint8 put back into the original image (H, W, 3) uint8: resized to the crop
+    box ("crop" mode), with the original kept where the mask (H, W) uint8 is black, blended by its gray levels, as
+    diffusers' ``VaeImageProcessor.apply_overlay`` does after a ``padding_mask_crop`` run. (H, W, 3) uint8."""
+    height, width = mask.shape
+    keep = Image.new("RGBa", (width, height))
+    keep.paste(Image.fromarray(original).convert("RGBA").convert("RGBa"),
+               mask=ImageOps.invert(Image.fromarray(mask, mode="L")))
+    x1, y1, x2, y2 = crop
+    base = Image.new("RGBA", (width, height))
+    base.paste(_resized(Image.fromarray(inpainted), x2 - x1, y2 - y1, "crop"), (x1, y1))
+    result = base.convert("RGB").convert("RGBA")
+    result.alpha_composite(keep.convert("RGBA"))
+    return np.asarray(result.convert("RGB"))
 
 
 # -- videos ---------------------------------------------------------------------------------------------------------

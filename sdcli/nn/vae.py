@@ -259,6 +259,11 @@ class VaeEncoder:
         self.quant_conv = (Conv2d(params.scope("quant_conv"), moments, moments, 1) if config.use_quant_conv
                            else None)
 
+    @property
+    def scaling_factor(self) -> float:
+        """The factor from the autoencoder's latents to the UNet's."""
+        return self.config.scaling_factor
+
     def distribution(self, images):
         """(mean, logvar), each (B, 4, H/8, W/8), of the posterior in the autoencoder's own (unscaled) space."""
         ops = self.ops

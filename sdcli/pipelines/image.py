@@ -57,6 +57,8 @@ from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, Gene
 from ..rng import BatchNoise, image_seeds, random_seed
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
+from ..sampling.samplers import steps_with
+from .image_to_image import INPAINTING_CHANNELS, InitImage, first_step, start_from_image, with_mask_channels
 
 log = logging.getLogger("sdcli")
 
@@ -78,6 +80,7 @@ class Job:
     initial_noise: np.ndarray | None = None  # (B, C, h, w) unit-variance, as diffusers' latents= argument
     plan: SamplerPlan | None = None  # set by TextToImage.prepare, with the params resolved
     first_image: int = 0  # the index in its run of the job's first image (0-based)
+    init_image: InitImage | None = None  # the image (and mask) the run starts from; None: from noise
 
     @property
     def seeds(self) -> list[int]:
@@ -117,7 +120,7 @@ class RunPlan:
 
 def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = None, num_images: int = 1,
              batch_size: int = 1, latents: str | Path | np.ndarray | None = None,
-             family: Family | None = None) -> RunPlan:
+             family: Family | None = None, init_image: InitImage | None = None) -> RunPlan:
     """Every batch of a run, in order: each prompt (``params.prompt``, or each line of a prompts file with its own
     settings), ``num_images`` images of it, in batches of up to ``batch_size``.
 
@@ -127,6 +130,9 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
 
     ``latents``: the initial noise of every image of the run, a ``.npy`` file or an array (images, C, h, w),
     checked against ``family``'s latent geometry (needed with it); the run's width and height follow from it.
+
+    ``init_image``: every image of the run starts from it (image to image, or inpainting with its mask); the run's
+    width and height are its size.
     """
     batch_size = min(batch_size, num_images)
     lines: list[PromptLine | None] = list(prompts) if prompts is not None else [None]
@@ -139,6 +145,12 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
         noise = (read_latents(latents, family.latents) if not isinstance(latents, np.ndarray)
                  else check_latents(latents, family.latents, "latents"))
         params = size_from_latents(params, noise, num_images * len(lines), family.latents)
+    if init_image is not None:
+        for name, given, size in (("width", params.width, init_image.width),
+                                  ("height", params.height, init_image.height)):
+            if given is not None and given != size:
+                raise SdcliError(f"--{name} {given} does not match the init image, read at {size}")
+        params = params.with_(width=init_image.width, height=init_image.height)
     jobs = []
     next_seed = first_seed
     index = 0  # of the run's first image in the next batch
@@ -157,7 +169,8 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
         for start in range(0, num_images, batch_size):
             chunk = seeds[start:start + batch_size]
             jobs.append(Job(line_params.with_(seed=chunk[0], batch_size=len(chunk)),
-                            noise[index:index + len(chunk)] if noise is not None else None, first_image=index))
+                            noise[index:index + len(chunk)] if noise is not None else None, first_image=index,
+                            init_image=init_image))
             index += len(chunk)
     return RunPlan(jobs, first_seed, seed_drawn)
 
@@ -278,11 +291,19 @@ class TextToImage:
         self.timings: dict[str, float] = {}
         self._preview_decoder = decoder if vae == "taesd" else None
         self._encoded: dict[tuple[str, int], np.ndarray] = {}  # (text, clip_skip) -> (1, S, D), see encode_prompts
+        self._image_encoder = None  # the VAE encoder, loaded for the first run from an init image
+        self._image_encodings: dict[tuple[InitImage, bool], tuple[np.ndarray, np.ndarray]] = {}  # see encode_image
 
     @property
     def native_size(self) -> int:
         """The image side the model was trained at (512 for SD1.5, 768 for SD2.1)."""
         return self.stages.native_size(self.network)
+
+    @property
+    def input_channels(self) -> int:
+        """The denoising network's input channels: 4, or 9 for an inpainting UNet."""
+        channels = self.stages.input_channels
+        return channels(self.network) if channels is not None else self.family.latents.channels
 
     @property
     def default_sampler(self) -> str:
@@ -291,10 +312,28 @@ class TextToImage:
     def prepare(self, job: Job | GenerateParams) -> Job:
         """``job`` resolved against this model, once: the model's defaults filled in (sampler, steps, size, a
         random seed when none is given), validated, its sampler plan made and its memory checked; its initial
-        latents, if any, checked against the size. A job prepared already is only checked."""
+        latents, if any, checked against the size. A job prepared already is only checked.
+
+        A job with an init image runs at the image's size, with the strength's default (0.8 for image to image, 1.0
+        for inpainting) and the steps it leaves checked; an inpainting UNet (9 input channels) needs a masked one.
+        """
         job = job if isinstance(job, Job) else Job(job)
+        init = job.init_image
+        if self.input_channels == INPAINTING_CHANNELS and (init is None or not init.inpainting):
+            raise SdcliError(f"{self.checkpoint.path} is an inpainting model (its UNet reads 9 channels): give it an "
+                             "--init-image and a --mask")
+        if init is not None and self.stages.load_image_encoder is None:
+            raise SdcliError(f"{self.family.title} models cannot start from an init image")
         if job.plan is None:
             params = job.params
+            if init is not None:
+                for name, given, size in (("width", params.width, init.width),
+                                          ("height", params.height, init.height)):
+                    if given is not None and given != size:
+                        raise SdcliError(f"{name} {given} does not match the init image, read at {size}")
+                params = params.with_(width=init.width, height=init.height,
+                                      strength=init.default_strength if params.strength is None
+                                      else params.strength)
             sampler = self.default_sampler if params.sampler is None else params.sampler
             if sampler not in SAMPLERS:
                 raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -304,6 +343,8 @@ class TextToImage:
                                   height=self.native_size if params.height is None else params.height,
                                   seed=random_seed() if params.seed is None else params.seed).validate()
             plan = SAMPLERS[sampler].plan(self.scheduler_config, params.steps)  # refuses a count it cannot give
+            if init is not None:
+                first_step(plan.steps, params.strength)  # refuses a strength that leaves no step
             self.stages.check_memory(self.network, self.decoder, params, self.backend)
             job = replace(job, params=params, plan=plan)
         if job.initial_noise is not None:
@@ -347,23 +388,49 @@ class TextToImage:
         :func:`leave_stage`)."""
         leave_stage(self.checkpoint, self.stages, component, network)
 
+    def image_encoder(self):
+        """The model's VAE encoder (loaded at the first use)."""
+        if self._image_encoder is None:
+            self._image_encoder = self.stages.load_image_encoder(self.checkpoint, get_ops(self.backend),
+                                                                 self.precision)
+        return self._image_encoder
+
+    def encode_image(self, init: InitImage, masked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The VAE posterior (mean, logvar), each (1, C, h, w), of ``init``'s image (``masked``: with the region to
+        repaint blacked out), encoded once and kept while runs start from the same init image."""
+        key = (init, masked)
+        if key not in self._image_encodings:
+            if not any(kept is init for kept, _ in self._image_encodings):
+                self._image_encodings.clear()  # another init image: the last one's encodings go
+            encoder = self.image_encoder()
+            pixels = init.masked_pixels() if masked else init.pixels  # (3, H, W)
+            ops = encoder.ops
+            mean, logvar = encoder.distribution(ops.from_host(pixels[None]))  # (1, C, h, w) each
+            self._image_encodings[key] = (ops.to_host(mean), ops.to_host(logvar))
+        return self._image_encodings[key]
+
     def preview_decoder(self):
         if self._preview_decoder is None:
             self._preview_decoder = self.stages.load_preview_decoder(get_ops(self.backend))
         return self._preview_decoder
 
     def run(self, job: Job | GenerateParams, initial_noise: np.ndarray | None = None,
-            preview_every: int = 0) -> Iterator[StepRecord | GeneratedBatch]:
+            preview_every: int = 0, init_image: InitImage | None = None) -> Iterator[StepRecord | GeneratedBatch]:
         """Generate the ``batch_size`` images of ``job``: yield a StepRecord per step, then the GeneratedBatch.
 
         ``job`` is a Job (prepared by :meth:`prepare` or not) or plain GenerateParams. ``initial_noise``
         (B, C, H/f, W/f), also a Job's own, replaces the seeded unit-variance starting noise; it is scaled by the
         sampler exactly as diffusers scales its ``latents=`` argument. ``preview_every`` > 0 decodes the current
         x0 estimate with the preview decoder every that many steps (and at the last).
+
+        ``init_image`` (also a Job's own): the run starts from it (see :mod:`sdcli.pipelines.image_to_image`);
+        ``initial_noise`` is then the unit noise added to the image's latents.
         """
         job = job if isinstance(job, Job) else Job(job)
         if initial_noise is not None:
             job = replace(job, initial_noise=initial_noise)
+        if init_image is not None:
+            job = replace(job, init_image=init_image)
         job = self.prepare(job)
         params, plan = job.params, job.plan
         batch = params.batch_size
@@ -387,12 +454,25 @@ class TextToImage:
                          self.prompt_encoder.text_encoder if self.prompt_encoder else None)
 
         spec = SAMPLERS[params.sampler]
-        network = guided_network(on_host(self.network, (0, 2)), context, uncond_context, params.guidance_scale,
+        conditioned = on_host(self.network, (0, 2))
+        after_step = None
+        if job.init_image is not None:
+            init = job.init_image
+            start = start_from_image(init, plan, params.strength, np.asarray(initial_noise, dtype=np.float32),
+                                     self.encode_image, noise.draw, encode_mode=params.encode_mode,
+                                     scaling_factor=self.image_encoder().scaling_factor,
+                                     downscale=self.family.latents.downscale, in_channels=self.input_channels)
+            self.leave_stage(self.stages.decoder_component, self._image_encoder)
+            plan, x, after_step = start.plan, start.x, start.blend
+            if start.mask_channels is not None:
+                conditioned = with_mask_channels(conditioned, start.mask_channels)
+        else:
+            x = np.asarray(initial_noise, dtype=np.float32) * np.float32(plan.init_noise_sigma)
+        network = guided_network(conditioned, context, uncond_context, params.guidance_scale,
                                  params.guidance_rescale)
         denoiser = Denoiser(network, plan.alphas_cumprod, plan.prediction_type, plan.timestep_map())
         if spec.wraps_denoiser is not None:
             denoiser = spec.wraps_denoiser(denoiser, plan)
-        x = np.asarray(initial_noise, dtype=np.float32) * np.float32(plan.init_noise_sigma)
         options = dict(plan.sampler_options)
         if params.eta and "eta" in spec.options:
             options["eta"] = params.eta
@@ -400,7 +480,8 @@ class TextToImage:
         start = time.perf_counter()
         total = len(plan.sigmas) - 1
         with reuse_large_arrays(self.reuse_memory):  # the network's activations come back at every step
-            for step in spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options):  # x: (B, C, h, w)
+            steps = spec.sample(denoiser, x, plan.sigmas, noise_sampler=noise, **options)
+            for step in steps_with(steps, after_step):  # x: (B, C, h, w)
                 x = step.x
                 preview = None
                 if preview_every and ((step.index + 1) % preview_every == 0 or step.index + 1 == total):
@@ -414,6 +495,8 @@ class TextToImage:
         self.leave_stage(self.stages.denoiser_component, self.network)
         start = time.perf_counter()
         images = on_host(self.decoder)(latents)  # (B, 3, H, W)
+        if job.init_image is not None:
+            images = job.init_image.overlay(images)  # padding_mask_crop: back into the original image
         timings["decode_s"] = time.perf_counter() - start
         self.leave_stage(self.stages.decoder_component, self.decoder)
         yield GeneratedBatch(images, latents, seeds, params, timings)
@@ -481,10 +564,10 @@ def default_steps(sampler: str) -> int:
 
 
 def generate_image(pipeline: TextToImage, params: Job | GenerateParams,
-                   initial_noise: np.ndarray | None = None) -> GeneratedBatch:
+                   initial_noise: np.ndarray | None = None, init_image: InitImage | None = None) -> GeneratedBatch:
     """Run ``pipeline`` on ``params`` (or a planned Job) to the end and return the batch (the library call without
-    progress reporting)."""
-    for record in pipeline.run(params, initial_noise=initial_noise):
+    progress reporting); ``init_image`` (:func:`sdcli.load_init_image`): image to image or inpainting from it."""
+    for record in pipeline.run(params, initial_noise=initial_noise, init_image=init_image):
         if isinstance(record, GeneratedBatch):
             return record
     raise AssertionError("the pipeline ended without a result")

@@ -65,6 +65,18 @@ class SamplerPlan:
         """sigma -> network timestep: this plan's pairs, log-sigma interpolation elsewhere."""
         return TimestepMap(training_sigmas(self.alphas_cumprod), self.sigmas[:len(self.timesteps)], self.timesteps)
 
+    def from_step(self, start: int) -> SamplerPlan:
+        """The plan's last N - ``start`` steps: the grid from ``sigmas[start]`` on (with DDIM's step ``targets``),
+        what diffusers' image-to-image pipelines run after ``get_timesteps`` cuts ``scheduler.timesteps`` and
+        ``set_begin_index`` starts the scheduler there. A fresh sampler starts its history there too, as the
+        scheduler does (DPM++ 2M and UniPC begin with a first-order step, PLMS with its Heun step)."""
+        if not 0 <= start < self.steps:
+            raise ValueError(f"a plan of {self.steps} steps has no step {start}")
+        options = dict(self.sampler_options)
+        if "targets" in options:
+            options["targets"] = tuple(options["targets"][start:])
+        return replace(self, sigmas=self.sigmas[start:], timesteps=self.timesteps[start:], sampler_options=options)
+
 
 @dataclass(frozen=True)
 class SamplerSpec:

@@ -6,6 +6,10 @@ sigma of ``final_alpha_cumprod`` for DDIM and PNDM). Stochastic samplers draw un
 ``noise_sampler(sigma, sigma_next)``. Vocabulary as in k-diffusion's sampling.py: ``d`` = (x - denoised) / sigma
 is the eps estimate (dx/dsigma of the probability-flow ODE), ``dt`` a sigma difference.
 
+A caller may replace the latents between steps: ``sampler.send(x)`` after a ``Step`` (instead of ``next``) makes
+the next step start from ``x``, as a diffusers pipeline hands ``scheduler.step`` latents it has changed (the
+inpainting blend of the known region). A sampler's history (earlier denoised estimates) stays its own.
+
 Every sampler equals its diffusers scheduler step for step once VP latents are written x_vp = x / sqrt(1 +
 sigma^2); the docstrings say which and why, and tests/test_samplers.py checks it.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,6 +37,22 @@ class Step:
     sigma_next: float
     x: np.ndarray
     denoised: np.ndarray
+
+
+def steps_with(sampler: Iterator[Step], after_step: Callable[[int, np.ndarray], np.ndarray] | None) -> Iterator[Step]:
+    """``sampler``'s steps, each step's latents replaced by ``after_step(index, x)`` and handed back to the sampler
+    (``send``), which continues from them; the steps as they are when ``after_step`` is None."""
+    if after_step is None:
+        yield from sampler
+        return
+    try:
+        step = next(sampler)
+        while True:
+            step = replace(step, x=after_step(step.index, step.x))
+            yield step
+            step = sampler.send(step.x)
+    except StopIteration:
+        return
 
 
 def _float32_sigmas(sigmas: Sequence[float]) -> np.ndarray:
@@ -66,7 +86,9 @@ def sample_euler(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
         denoised = model(x, sigma)
         d = (x - denoised) / sigma
         x = x + d * (sigma_next - sigma)
-        yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        if replaced is not None:
+            x = replaced
 
 
 def sample_euler_ancestral(model: Model, x: np.ndarray, sigmas: Sequence[float], *, eta: float = 1.0,
@@ -88,7 +110,9 @@ def sample_euler_ancestral(model: Model, x: np.ndarray, sigmas: Sequence[float],
         if sigma_up > 0:
             noise = _require_noise(noise_sampler, "ancestral sampling")(float(sigma), float(sigma_next))
             x = x + noise * sigma_up
-        yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        if replaced is not None:
+            x = replaced
 
 
 def sample_ddim(model: Model, x: np.ndarray, sigmas: Sequence[float], *, eta: float = 0.0,
@@ -116,7 +140,9 @@ def sample_ddim(model: Model, x: np.ndarray, sigmas: Sequence[float], *, eta: fl
         x = step.x
         if target != sigma_next:  # the same VP latents, at the next sigma
             x = x * (np.sqrt(np.float32(1) + sigma_next * sigma_next) / np.sqrt(np.float32(1) + target * target))
-        yield Step(i, float(sigma), float(sigma_next), x, step.denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, step.denoised)
+        if replaced is not None:
+            x = replaced
 
 
 def sample_ddpm(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
@@ -149,7 +175,9 @@ def sample_heun(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
             denoised_2 = model(x_2, sigma_next)
             d_2 = (x_2 - denoised_2) / sigma_next
             x = x + (d + d_2) / 2 * dt
-        yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        if replaced is not None:
+            x = replaced
 
 
 def sample_dpmpp_2m(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
@@ -188,7 +216,9 @@ def sample_dpmpp_2m(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
             x = np.float32(sigma_next / np.float64(sigma)) * x - np.float32(alphas[i + 1] * np.expm1(-h)) * denoised_d
             h_last = h
         old_denoised = denoised
-        yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        if replaced is not None:
+            x = replaced
 
 
 def half_log_snr(alpha: float, sigma: float) -> float:
@@ -240,7 +270,9 @@ def sample_plms(model: Model, x: np.ndarray, sigmas: Sequence[float], *, noise_s
             numerators, denominator = ADAMS_BASHFORTH[len(history)]
             output = sum(np.float32(n) * h for n, h in zip(numerators, history)) / np.float32(denominator)
         x = x + _plms_eps(x, output, sigma, combine) * dt
-        yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        if replaced is not None:
+            x = replaced
 
 
 def _plms_output(x: np.ndarray, denoised: np.ndarray, sigma: np.float32, combine: str) -> np.ndarray:
@@ -271,4 +303,6 @@ def sample_lcm(model: Model, x: np.ndarray, sigmas: Sequence[float], *,
         x = denoised
         if sigma_next > 0:
             x = denoised + _require_noise(noise_sampler, "LCM")(float(sigma), float(sigma_next)) * sigma_next
-        yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        replaced = yield Step(i, float(sigma), float(sigma_next), x, denoised)
+        if replaced is not None:
+            x = replaced

@@ -117,4 +117,6 @@ def sample_unipc(model: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray
         # UniP-p: the exponential integrator plus the differences to the p - 1 previous estimates.
         earlier = [(i - k, history[-1 - k]) for k in range(1, step_order)]
         x = update(x, i, i + 1, denoised, earlier).astype(x.dtype, copy=False)
-        yield Step(index=i, sigma=sigma, sigma_next=sigma_next, x=x, denoised=denoised)
+        replaced = yield Step(index=i, sigma=sigma, sigma_next=sigma_next, x=x, denoised=denoised)
+        if replaced is not None:
+            x = replaced
