@@ -118,6 +118,82 @@ def test_img2img_matches_diffusers(model, files, monkeypatch, torch, sampler, st
     expected = reference_img2img(model, monkeypatch, files, sampler, steps, strength, draws)
     got = ours(model, sdcli.load_init_image(files["image"]), sampler, steps, strength=strength)
     assert got.shape == expected.shape == (1, 64, 64, 3)
+    assert expected.std() > 0.02  # a picture, not a flat field: differences would show
     difference = float(np.abs(got - expected).max())
     print(f"img2img {model['family']} {sampler} strength {strength}: max |diff| {difference * 255:.3f}/255")
     assert difference <= TOL["pixels"], (sampler, strength, difference)
+
+
+# -- inpainting ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inpainting_model(model, tmp_path_factory):
+    """The tiny model of the same family with an inpainting UNet (9 input channels) of random weights."""
+    import diffusers
+    import torch
+
+    from reference_models import randomise_norms
+
+    torch.manual_seed(7)
+    unet = diffusers.UNet2DConditionModel(**{**tiny.UNET_CONFIGS[model["family"]], "in_channels": 9}).eval()
+    randomise_norms(unet, torch.Generator().manual_seed(8))
+    parts = {**model["reference"].components, "unet": unet}
+    reference = diffusers.StableDiffusionInpaintPipeline(**parts)
+    reference.set_progress_bar_config(disable=True)
+    folder = tiny.save_folder(reference, tmp_path_factory.mktemp("inpainting") / "model", model["configs"])
+    return dict(model, reference=reference, folder=folder, pipeline=sdcli.load_pipeline(str(folder)))
+
+
+def reference_inpaint(model, monkeypatch, files, sampler: str, steps: int, strength: float, order) -> np.ndarray:
+    """diffusers' inpainting, its randn_tensor handing out ``order`` (sdcli's draws in diffusers' order)."""
+    import diffusers
+    import torch
+    from PIL import Image
+
+    spec = SAMPLERS[sampler]
+    pipe = diffusers.StableDiffusionInpaintPipeline(**model["reference"].components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = tiny.scheduler_from_file(spec.diffusers_class, model["configs"], **spec.diffusers_options)
+    feed_randn(monkeypatch, RANDN_USERS + ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint"],
+               order)
+    with torch.no_grad():
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(files["image"]).convert("RGB"),
+                    mask_image=Image.open(files["mask"]), strength=strength, num_inference_steps=steps,
+                    guidance_scale=7.5, height=64, width=64, output_type="np").images
+
+
+def assert_inpainting_matches(got, expected, files, label):
+    assert got.shape == expected.shape == (1, 64, 64, 3)
+    assert expected.std() > 0.02  # a picture, not a flat field: differences would show
+    difference = float(np.abs(got - expected).max())
+    print(f"{label}: max |diff| {difference * 255:.3f}/255")
+    assert difference <= TOL["pixels"], (label, difference)
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler_a", 0.75), ("dpmpp_2m", 0.8)])
+def test_inpainting_with_an_ordinary_unet_matches_diffusers(model, files, monkeypatch, torch, sampler, strength):
+    """A 4-channel UNet: the known region is blended back after every step."""
+    steps = 8
+    draws = seeded_draws()
+    # diffusers: the image's posterior sample, the start noise, the masked image's (unused here), the scheduler's
+    expected = reference_inpaint(model, monkeypatch, files, sampler, steps, strength,
+                                 [draws[1], draws[0], np.zeros_like(draws[0]), *draws[2:]])
+    init = sdcli.load_init_image(files["image"], files["mask"])
+    got = ours(model, init, sampler, steps, strength=strength)
+    assert_inpainting_matches(got, expected, files, f"inpaint 4-channel {model['family']} {sampler} {strength}")
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler_a", 0.6)])
+def test_inpainting_unet_matches_diffusers(inpainting_model, files, monkeypatch, torch, sampler, strength):
+    """A 9-channel UNet reads the mask and the masked image's latents beside the latents."""
+    steps = 8
+    draws = seeded_draws()
+    if strength == 1.0:  # pure noise: no image latents; the start noise, the masked image's sample, the scheduler's
+        order = draws
+    else:  # the image's sample, the start noise, the masked image's, the scheduler's
+        order = [draws[1], draws[0], *draws[2:]]
+    expected = reference_inpaint(inpainting_model, monkeypatch, files, sampler, steps, strength, order)
+    init = sdcli.load_init_image(files["image"], files["mask"])
+    got = ours(inpainting_model, init, sampler, steps, strength=strength)
+    assert_inpainting_matches(got, expected, files,
+                              f"inpaint 9-channel {inpainting_model['family']} {sampler} {strength}")

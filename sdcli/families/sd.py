@@ -73,6 +73,9 @@ CROSS_ATTENTION_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks
 # have visibly spread-out biases in this layer norm, the epsilon 512 "base" models do not.
 V_PREDICTION_SENTINEL = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PREDICTION_STD = 0.09
+# The UNet's first convolution: its input channels tell an inpainting UNet (9: latents, mask, masked-image
+# latents) from an ordinary one (4), which the shipped configs describe.
+CONV_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def recognise_folder(path: Path, variant: str | None) -> Checkpoint:
@@ -112,8 +115,7 @@ def _sniff_prediction_type(file: SafetensorsFile, family: str) -> str:
         return "epsilon"
     if "v_pred" in file:
         return "v_prediction"
-    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
-    if conv_in in file and file.info(conv_in).shape[1] != 4:
+    if CONV_IN_KEY in file and file.info(CONV_IN_KEY).shape[1] != 4:
         return "epsilon"  # inpainting/depth models take extra input channels and predict noise
     if V_PREDICTION_SENTINEL not in file:
         return "v_prediction"  # no UNet to judge by: SD2.x's flagship 768 models are v-prediction
@@ -129,13 +131,17 @@ def shipped_configs(architecture: str) -> Path:
 
 
 def parse_config(checkpoint: Checkpoint, component: str) -> Any:
-    """``component``'s config as its dataclass; a single file's scheduler takes the sniffed prediction type."""
+    """``component``'s config as its dataclass; a single file's scheduler takes the sniffed prediction type, and
+    its UNet the input channels of its first convolution (an inpainting checkpoint's 9, where the shipped config
+    says 4)."""
     if component not in CONFIG_CLASSES:
         raise CheckpointError(f"unknown component {component!r}")
     path = checkpoint.config_path(component)
     data = checkpoint.component_config(component)
     if component == "scheduler" and checkpoint.layout == "single-file":
         data = dict(data, prediction_type=checkpoint.prediction_type)
+    if component == "unet" and checkpoint.layout == "single-file" and CONV_IN_KEY in checkpoint.file:
+        data = dict(data, in_channels=int(checkpoint.file.info(CONV_IN_KEY).shape[1]))
     return CONFIG_CLASSES[component].from_diffusers(data, source=str(path))
 
 
