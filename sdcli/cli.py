@@ -923,6 +923,23 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
                    "diffusers scales its latents= argument.")
 @click.option("--save-latents", type=click.Path(dir_okay=False),
               help="Write the final latents (what the VAE decodes) of all images to FILE.npy.")
+@click.option("--init-image", type=click.Path(dir_okay=False),
+              help="Start from this image (PNG, JPEG, WebP, ...): image to image, or inpainting with --mask. The "
+                   "run's size is the image's (rounded down to a multiple of 8) unless --width/--height say otherwise.")
+@click.option("--strength", type=FiniteFloat(min=0, max=1, min_open=True),
+              help="How much of the init image is redrawn, in (0, 1]: the share of the steps run  [default: 0.8; "
+                   "inpainting: 1.0]")
+@click.option("--mask", type=click.Path(dir_okay=False),
+              help="Inpainting: repaint where this image is white, keep the init image where it is black.")
+@click.option("--mask-blur", type=FiniteFloat(min=0), default=0, show_default=True,
+              help="Blur the mask by a Gaussian of this radius first (diffusers' mask_processor.blur).")
+@click.option("--padding-mask-crop", type=click.IntRange(min=0),
+              help="Inpaint only the box around the mask grown by this many pixels, at the run's size, and put it "
+                   "back into the full-size init image.")
+@click.option("--no-resize", is_flag=True,
+              help="Refuse an init image (or mask) of another size than the run's instead of resizing it.")
+@click.option("--encode-mode", type=click.Choice(sdcli.ENCODE_MODES), default="sample", show_default=True,
+              help="The init image's latents: a seeded sample of the VAE's posterior, or its mean.")
 @click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True,
               help="A .png file (several images: numbered files next to it), a folder, or a template with "
                    "{seed}, {index} or {prompt}.")
@@ -945,15 +962,20 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
-             latents_file, save_latents, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json,
-             yes, offline):
+             latents_file, save_latents, init_image, strength, mask, mask_blur, padding_mask_crop, no_resize, encode_mode,
+             output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json, yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
+    if init_image is None and (mask or strength is not None or no_resize):
+        raise sdcli.SdcliError("--mask, --strength and --no-resize need an --init-image")
+    init = sdcli.load_init_image(init_image, mask, width=width, height=height, resize=not no_resize,
+                                 mask_blur=mask_blur, padding_mask_crop=padding_mask_crop) if init_image else None
     base = sdcli.GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance, guidance_rescale=guidance_rescale, sampler=sampler,
-                                seed=seed, width=width, height=height, clip_skip=clip_skip, eta=eta)
+                                seed=seed, width=width, height=height, clip_skip=clip_skip, eta=eta,
+                                strength=strength, encode_mode=encode_mode)
     lines = sdcli.read_prompts_file(prompts_file, samplers=sdcli.SAMPLERS) if prompts_file else None
     family = None
     if latents_file:  # latents have the model family's shape: known at once for a preset or a model already here
@@ -962,7 +984,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
             model = model_path(model, yes=yes, offline=offline, quiet=quiet)
             family = sdcli.model_family(model)
     plan = sdcli.plan_run(base, prompts=lines, num_images=num_images, batch_size=batch_size, latents=latents_file,
-                          family=family)
+                          family=family, init_image=init)
     save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
     preview = sdcli.check_output(preview, overwrite) if preview else None
     if shard or skip_existing:
@@ -1012,11 +1034,12 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
             done += 1
             if skip_existing and paths[index].exists():
                 continue  # made by an earlier run; its batch ran for the others
-            record = image_record(pipeline, batch.params, image_seed, paths[index], batch.timings)
+            record = image_record(pipeline, batch.params, image_seed, paths[index], batch.timings, job.init_image)
             record["index"] = index + 1  # 1-based, as {index} in an output template
             text = {"parameters": sdcli.a1111_parameters(batch.params.with_(seed=image_seed), seed=image_seed,
                                                          width=batch.params.width, height=batch.params.height,
-                                                         model=pipeline.checkpoint.path.stem),
+                                                         model=pipeline.checkpoint.path.stem,
+                                                         extra=a1111_init_fields(batch.params, job.init_image)),
                     "sdcli": json.dumps(reproducible(record))}
             sdcli.save_png(paths[index], pixels[i], text, overwrite=overwrite)
             if as_json:
@@ -1064,14 +1087,28 @@ def resumable_paths(plan, output: str, shard, skip_existing: bool, overwrite: bo
     return paths
 
 
-def image_record(pipeline, params, seed: int, path, timings: dict) -> dict:
-    """The JSON record of one image: where it is and everything needed to make it again."""
+def image_record(pipeline, params, seed: int, path, timings: dict, init=None) -> dict:
+    """The JSON record of one image: where it is and everything needed to make it again (with an init image:
+    its file's name and content hash, and its mask's, beside the strength)."""
     values = params.with_(seed=seed, batch_size=1).as_dict()
     values.pop("extra", None)
+    if init is None:  # the options of runs from an init image
+        values.pop("strength", None)
+        values.pop("encode_mode", None)
     return {"path": str(path), "seed": seed, "model": str(pipeline.checkpoint.path),
             "precision": pipeline.precision, "backend": pipeline.backend, "vae": pipeline.vae,
-            "sdcli_version": sdcli.__version__, "parameters": values,
+            "sdcli_version": sdcli.__version__, "parameters": values, **(init.record() if init else {}),
             "timings": {key: round(value, 4) for key, value in timings.items()}}
+
+
+def a1111_init_fields(params, init) -> dict:
+    """The fields AUTOMATIC1111's img2img tab writes for a run from an init image (none without one)."""
+    if init is None:
+        return {}
+    fields = {"Denoising strength": params.strength}
+    if init.inpainting and init.mask_blur:
+        fields["Mask blur"] = init.mask_blur
+    return fields
 
 
 def reproducible(record: dict) -> dict:
