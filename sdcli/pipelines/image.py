@@ -166,6 +166,9 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
         if line_params.sampler and line_params.sampler not in SAMPLERS:
             raise SdcliError(f"unknown scheduler {line_params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         line_params.with_(seed=seeds[0], batch_size=1).validate()
+        if init_image is not None and (line_params.steps or line_params.sampler):  # else known once the model is
+            first_step(line_params.steps or default_steps(line_params.sampler),
+                       line_params.strength or init_image.default_strength)
         for start in range(0, num_images, batch_size):
             chunk = seeds[start:start + batch_size]
             jobs.append(Job(line_params.with_(seed=chunk[0], batch_size=len(chunk)),
