@@ -216,3 +216,36 @@ def test_img2img_with_the_other_samplers_matches_diffusers(model, files, monkeyp
     difference = float(np.abs(got - expected).max())
     print(f"img2img {model['family']} {sampler} strength 0.6: max |diff| {difference * 255:.3f}/255")
     assert difference <= TOL["pixels"], (sampler, difference)
+
+
+def test_mask_blur_and_padding_mask_crop_match_diffusers(model, files, monkeypatch, torch):
+    """--mask-blur: diffusers' ``mask_processor.blur`` on the mask handed to the pipeline; --padding-mask-crop: the
+    box around the mask inpainted at the run's size and put back into the original by ``apply_overlay``. Compared
+    as the 8-bit images both write (diffusers' overlay works on PIL images)."""
+    import diffusers
+    from PIL import Image
+
+    if model["family"] != "sd1":
+        pytest.skip("the mask processing is the family's own in neither")
+    steps, blur, pad = 6, 3, 4
+    draws = seeded_draws()
+    spec = SAMPLERS["ddim"]
+    pipe = diffusers.StableDiffusionInpaintPipeline(**model["reference"].components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = tiny.scheduler_from_file(spec.diffusers_class, model["configs"], **spec.diffusers_options)
+    feed_randn(monkeypatch, RANDN_USERS + ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint"],
+               [draws[1], draws[0], np.zeros_like(draws[0]), *draws[2:]])
+    mask = pipe.mask_processor.blur(Image.open(files["mask"]), blur_factor=blur)
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(files["image"]).convert("RGB"),
+                        mask_image=mask, strength=1.0, num_inference_steps=steps, guidance_scale=7.5, height=64,
+                        width=64, padding_mask_crop=pad, output_type="pil").images[0]
+    init = sdcli.load_init_image(files["image"], files["mask"], mask_blur=blur, padding_mask_crop=pad)
+    assert init.crop == pipe.mask_processor.get_crop_region(mask, 64, 64, pad=pad)
+    params = sdcli.GenerateParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="ddim", seed=SEED)
+    got = sdcli.images_to_uint8(sdcli.generate_image(model["pipeline"], params, init_image=init).images)[0]
+    expected = np.asarray(expected)
+    assert got.shape == expected.shape == (64, 64, 3)
+    difference = int(np.abs(got.astype(int) - expected).max())
+    print(f"inpaint blur {blur} crop {pad} {model['family']}: max |diff| {difference}/255")
+    assert difference <= round(TOL["pixels"] * 255), difference
