@@ -87,7 +87,7 @@ def write_cache(cache: Path, repo_id: str, files: list[str], revision: str = "ma
 
 def test_preset_table_is_sane():
     assert MODEL_PRESETS == tuple(PRESETS) and len(set(MODEL_PRESETS)) == len(PRESETS)
-    assert {"sd15", "sd15-single", "sd21", "sd21-base", "sd-turbo"} <= set(PRESETS)
+    assert {"sd15", "sd15-single", "sd21", "sd21-base", "sd-turbo", "sd15-inpainting", "sd2-inpainting"} <= set(PRESETS)
     for name, preset in PRESETS.items():
         assert preset.name == name and "/" not in name
         assert models.is_repo_id(preset.repo_id)

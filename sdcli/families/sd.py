@@ -325,6 +325,19 @@ PRESETS = (
         license=SD2_LICENSE, also_cached_as=("stabilityai/stable-diffusion-2-1-base",),
         description="Stable Diffusion 2.1 base (512x512, epsilon), fp16 weights; a copy of the withdrawn "
                     "stabilityai/stable-diffusion-2-1-base"),
+    # Inpainting models: the UNet reads 9 channels (latents, mask, masked-image latents); run them with --init-image
+    # and --mask. Sizes as for the models they were fine-tuned from (the UNet's first convolution is a few kB
+    # larger).
+    _diffusers_preset(
+        "sd15-inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting", family="sd1",
+        size_bytes=2_130_000_000, license=SD1_LICENSE, also_cached_as=("runwayml/stable-diffusion-inpainting",),
+        description="Stable Diffusion 1.5 inpainting (512x512, epsilon, 9-channel UNet), fp16 weights; the copy "
+                    "of RunwayML's withdrawn runwayml/stable-diffusion-inpainting"),
+    _diffusers_preset(
+        "sd2-inpainting", "sd2-community/stable-diffusion-2-inpainting", family="sd2", size_bytes=2_580_000_000,
+        license=SD2_LICENSE, also_cached_as=("stabilityai/stable-diffusion-2-inpainting",),
+        description="Stable Diffusion 2 inpainting (512x512, epsilon, 9-channel UNet), fp16 weights; a copy of "
+                    "the withdrawn stabilityai/stable-diffusion-2-inpainting"),
     _diffusers_preset(
         "sd-turbo", "stabilityai/sd-turbo", family="sd2", size_bytes=2_580_000_000,
         license="Stability AI Community License",
