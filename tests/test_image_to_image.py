@@ -1,12 +1,6 @@
 """Image to image and inpainting against diffusers' StableDiffusionImg2ImgPipeline and
-StableDiffusionInpaintPipeline, on tiny random SD1 and SD2 models (64x64 pixels), with the same noise on both sides.
-
-sdcli draws each image's noise from its seed (``rng.BatchNoise``): first the start noise, then the VAE posterior's
-sample, then the sampler's. diffusers draws through ``randn_tensor``, in its own order (the posterior's sample while
-preparing the latents, then the start noise, then the masked image's posterior, then the scheduler's per-step
-noise); the test replaces that function in the modules that call it so that it hands out sdcli's draws in
-diffusers' order.
-"""
+StableDiffusionInpaintPipeline, on tiny random SD1 and SD2 models (64x64 pixels), with the same noise on both sides
+(see init_image_reference.py for how diffusers is fed sdcli's noise)."""
 
 from __future__ import annotations
 
@@ -20,7 +14,9 @@ import tiny_pipeline as tiny  # noqa: E402
 from data_paths import CONFIGS  # noqa: E402
 
 import sdcli  # noqa: E402
-from sdcli.rng import BatchNoise  # noqa: E402
+from init_image_reference import (NEGATIVE, PROMPT, RANDN_USERS, SEED, feed_randn, ours,  # noqa: E402
+                                  reference_img2img, reference_inpaint, scheduler_from_file, seeded_draws,
+                                  write_inputs)
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 
 TOL = {
@@ -28,24 +24,11 @@ TOL = {
     # order differing in every network call (the VAE encoder's now too), compounded over the steps.
     "pixels": 2 / 255,
 }
-PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
-SEED = 21
-LATENT = (4, 8, 8)  # one image's latents at 64x64
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A smooth colour picture and a mask (white square: repaint) at 64x64, as PNG files."""
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("inputs")
-    y, x = np.mgrid[0:64, 0:64] / 63.0
-    picture = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)  # (64, 64, 3) in [0, 1]
-    Image.fromarray((picture * 255).round().astype(np.uint8)).save(folder / "picture.png")
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 24:56] = 255
-    Image.fromarray(mask).save(folder / "mask.png")
-    return dict(image=folder / "picture.png", mask=folder / "mask.png")
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -55,57 +38,6 @@ def model(request, tmp_path_factory):
     reference.set_progress_bar_config(disable=True)
     return dict(family=family, reference=reference, folder=folder, configs=CONFIGS / tiny.SCHEDULER_CONFIGS[family],
                 pipeline=sdcli.load_pipeline(str(folder)))
-
-
-def seeded_draws(count: int = 40) -> list[np.ndarray]:
-    """The unit noise sdcli draws for one image of seed SEED, in its order."""
-    noise = BatchNoise([SEED], LATENT)
-    return [noise.draw() for _ in range(count)]
-
-
-def feed_randn(monkeypatch, module_names: list[str], arrays: list[np.ndarray]) -> None:
-    """Make diffusers' ``randn_tensor`` hand out ``arrays`` in turn, in every module named."""
-    import importlib
-
-    import torch
-
-    queue = list(arrays)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        array = queue.pop(0)
-        assert tuple(shape) == array.shape, (shape, array.shape)
-        return torch.from_numpy(array.copy()).to(dtype or torch.float32)
-
-    for name in module_names:
-        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)
-
-
-RANDN_USERS = ["diffusers.models.autoencoders.vae", "diffusers.schedulers.scheduling_euler_ancestral_discrete",
-               "diffusers.schedulers.scheduling_ddpm", "diffusers.schedulers.scheduling_lcm"]
-
-
-def reference_img2img(model, monkeypatch, files, sampler: str, steps: int, strength: float, draws) -> np.ndarray:
-    import diffusers
-    import torch
-    from PIL import Image
-
-    spec = SAMPLERS[sampler]
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(**model["reference"].components)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = tiny.scheduler_from_file(spec.diffusers_class, model["configs"], **spec.diffusers_options)
-    # diffusers: the posterior's sample, then the start noise, then the scheduler's
-    feed_randn(monkeypatch, RANDN_USERS + ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"],
-               [draws[1], draws[0], *draws[2:]])
-    with torch.no_grad():
-        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(files["image"]).convert("RGB"),
-                    strength=strength, num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
-
-
-def ours(model, init, sampler: str, steps: int, **changes) -> np.ndarray:
-    params = sdcli.GenerateParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler=sampler, seed=SEED,
-                                  **changes)
-    batch = sdcli.generate_image(model["pipeline"], params, init_image=init)
-    return np.clip(batch.images.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
 
 
 IMG2IMG_CASES = [(sampler, strength) for sampler in ("ddim", "euler_a", "dpmpp_2m") for strength in (0.3, 0.8)]
@@ -142,24 +74,6 @@ def inpainting_model(model, tmp_path_factory):
     reference.set_progress_bar_config(disable=True)
     folder = tiny.save_folder(reference, tmp_path_factory.mktemp("inpainting") / "model", model["configs"])
     return dict(model, reference=reference, folder=folder, pipeline=sdcli.load_pipeline(str(folder)))
-
-
-def reference_inpaint(model, monkeypatch, files, sampler: str, steps: int, strength: float, order) -> np.ndarray:
-    """diffusers' inpainting, its randn_tensor handing out ``order`` (sdcli's draws in diffusers' order)."""
-    import diffusers
-    import torch
-    from PIL import Image
-
-    spec = SAMPLERS[sampler]
-    pipe = diffusers.StableDiffusionInpaintPipeline(**model["reference"].components)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = tiny.scheduler_from_file(spec.diffusers_class, model["configs"], **spec.diffusers_options)
-    feed_randn(monkeypatch, RANDN_USERS + ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint"],
-               order)
-    with torch.no_grad():
-        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(files["image"]).convert("RGB"),
-                    mask_image=Image.open(files["mask"]), strength=strength, num_inference_steps=steps,
-                    guidance_scale=7.5, height=64, width=64, output_type="np").images
 
 
 def assert_inpainting_matches(got, expected, files, label):
@@ -232,7 +146,7 @@ def test_mask_blur_and_padding_mask_crop_match_diffusers(model, files, monkeypat
     spec = SAMPLERS["ddim"]
     pipe = diffusers.StableDiffusionInpaintPipeline(**model["reference"].components)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = tiny.scheduler_from_file(spec.diffusers_class, model["configs"], **spec.diffusers_options)
+    pipe.scheduler = scheduler_from_file(spec.diffusers_class, model["configs"], **spec.diffusers_options)
     feed_randn(monkeypatch, RANDN_USERS + ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint"],
                [draws[1], draws[0], np.zeros_like(draws[0]), *draws[2:]])
     mask = pipe.mask_processor.blur(Image.open(files["mask"]), blur_factor=blur)
