@@ -968,8 +968,9 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
         raise sdcli.SdcliError("give either --prompt or --prompts-file")
-    if init_image is None and (mask or strength is not None or no_resize):
-        raise sdcli.SdcliError("--mask, --strength and --no-resize need an --init-image")
+    if init_image is None and (mask or strength is not None or no_resize or mask_blur or padding_mask_crop is not None):
+        raise sdcli.SdcliError("--mask, --strength, --no-resize, --mask-blur and --padding-mask-crop need an "
+                               "--init-image")
     init = sdcli.load_init_image(init_image, mask, width=width, height=height, resize=not no_resize,
                                  mask_blur=mask_blur, padding_mask_crop=padding_mask_crop) if init_image else None
     base = sdcli.GenerateParams(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps,
@@ -1037,7 +1038,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
             record = image_record(pipeline, batch.params, image_seed, paths[index], batch.timings, job.init_image)
             record["index"] = index + 1  # 1-based, as {index} in an output template
             text = {"parameters": sdcli.a1111_parameters(batch.params.with_(seed=image_seed), seed=image_seed,
-                                                         width=batch.params.width, height=batch.params.height,
+                                                         width=pixels.shape[2], height=pixels.shape[1],
                                                          model=pipeline.checkpoint.path.stem,
                                                          extra=a1111_init_fields(batch.params, job.init_image)),
                     "sdcli": json.dumps(reproducible(record))}

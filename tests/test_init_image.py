@@ -20,6 +20,7 @@ from sdcli.cli import main
 from sdcli.errors import SdcliError
 from sdcli.io import media
 from sdcli.sampling.plans import SAMPLERS
+from sdcli.pipelines.image_to_image import KnownRegionBlend, image_latents
 from sdcli.sampling.samplers import sample_dpmpp_2m, steps_with
 
 MODEL = TEST_DATA / "golden" / "tiny-sd1"
@@ -96,6 +97,7 @@ def test_inpainting_records_the_mask_and_full_strength(files, tmp_path):
     result = generate("--init-image", files["image"], "--mask", files["mask"], "--mask-blur", 2, *FAST, "-o", out)
     assert result.exit_code == 0, result.output
     image = Image.open(out)
+    assert image.size == (72, 80)
     record = json.loads(image.text["sdcli"])
     assert record["mask"] == "mask.png" and record["mask_blur"] == 2 and record["parameters"]["strength"] == 1.0
     assert "Mask blur: 2" in image.text["parameters"]
@@ -121,6 +123,7 @@ def test_padding_mask_crop_gives_back_the_whole_init_image(files, tmp_path):
     result = generate("--init-image", files["image"], "--mask", files["mask"], "--padding-mask-crop", 4,
                       "-W", 64, "-H", 64, *FAST, "-o", out)
     assert result.exit_code == 0, result.output
+    assert "Size: 72x80" in Image.open(out).text["parameters"]  # the image written, the init image's size
     image = np.asarray(Image.open(out))
     assert image.shape == (80, 72, 3)
     original = np.asarray(Image.open(files["image"]))
@@ -132,6 +135,7 @@ def test_padding_mask_crop_gives_back_the_whole_init_image(files, tmp_path):
     (["--init-image", "{text}"], ["--init-image", "not an image"]),
     (["--mask", "{mask}"], ["need an --init-image"]),
     (["--strength", "0.5"], ["need an --init-image"]),
+    (["--padding-mask-crop", "8"], ["need an --init-image"]),
     (["--init-image", "{image}", "--strength", "0"], ["--strength"]),
     (["--init-image", "{image}", "--strength", "1.5"], ["--strength"]),
     (["--init-image", "{image}", "--mask", "{text}"], ["--mask", "not an image"]),
@@ -174,10 +178,10 @@ def test_an_inpainting_model_needs_a_mask(inpainting_model, files, tmp_path):
     assert_one_line_error(generate("--init-image", files["image"], *FAST, "-o", out, model=inpainting_model),
                           "inpainting model", "--mask")
     assert not out.exists()
-    result = generate("--init-image", files["image"], "--mask", files["mask"], *FAST, "-o", out,
-                      model=inpainting_model)
+    result = generate("--init-image", files["image"], "--mask", files["mask"], *FAST, "-N", 2, "-b", 2,
+                      "-o", out, model=inpainting_model)  # mask channels beside a guided batch of two
     assert result.exit_code == 0, result.output
-    assert Image.open(out).size == (72, 80)
+    assert [Image.open(tmp_path / f"out-{i}.png").size for i in (1, 2)] == [(72, 80)] * 2
 
 
 def test_pndm_runs_the_steps_the_strength_picks(files):
@@ -284,3 +288,24 @@ def test_latents_replaced_between_steps_are_where_the_sampler_goes_on():
 def test_the_library_refuses_a_strength_out_of_range():
     with pytest.raises(SdcliError, match="strength"):
         sdcli.GenerateParams(prompt="a cat", strength=0.0).validate()
+
+
+def test_image_latents_are_the_posterior_mean_or_a_sample_times_the_scaling():
+    mean = np.full((1, 4, 2, 2), 0.5, np.float32)
+    logvar = np.full((1, 4, 2, 2), np.log(4.0), np.float32)  # std 2
+    noise = np.stack([np.ones((4, 2, 2), np.float32), -np.ones((4, 2, 2), np.float32)])  # two images
+    np.testing.assert_allclose(image_latents((mean, logvar), 0.18215, None), mean * np.float32(0.18215))
+    np.testing.assert_allclose(image_latents((mean, logvar), 0.18215, noise)[:, 0, 0, 0],
+                               [2.5 * 0.18215, -1.5 * 0.18215], rtol=1e-6)
+
+
+def test_the_known_region_is_noised_to_each_steps_end_and_clean_after_the_last():
+    plan = SAMPLERS["ddim"].plan({"clip_sample": False, "set_alpha_to_one": False}, 4).from_step(1)  # 3 steps
+    x0, noise = np.full((1, 4, 2, 2), 2.0, np.float32), np.ones((1, 4, 2, 2), np.float32)
+    mask = np.array([[[[1, 0], [0, 0]]]], np.float32)  # repaint the top-left latent pixel
+    blend = KnownRegionBlend(plan, x0, noise, mask)
+    x = np.full((1, 4, 2, 2), 9.0, np.float32)
+    after_first = blend(0, x)
+    assert after_first[0, 0, 0, 0] == 9 and after_first[0, 0, 1, 1] == pytest.approx(2 + plan.sigmas[1])
+    after_last = blend(2, x)  # times the plan's final scale: diffusers' clean x0 in VP latents
+    assert after_last[0, 0, 1, 1] * plan.final_scale == pytest.approx(2.0)

@@ -4,6 +4,9 @@
     seed --rng--> unit noise (B, C, h, w) --plan.init_noise_sigma--> x
     (x, conditioning) --sampler(denoiser(guided network), sigmas)--> latents --decoder--> images (B, 3, H, W) in [-1, 1]
 
+A run may start from an init image instead (image to image, inpainting: :mod:`sdcli.pipelines.image_to_image`
+says where it starts, which steps it runs and what it does after each).
+
 A run is planned first (:func:`plan_run`: its batches, the seed of every image, drawn once when none is given,
 and initial latents read from a file), then each batch is prepared against the loaded model once
 (:meth:`TextToImage.prepare`: the model's defaults, the sampler plan, the memory check) and run.
@@ -26,7 +29,10 @@ What a pipeline asks of a family (``checkpoint.model_family``, an :class:`~sdcli
   - ``scheduler_config(checkpoint)``: the diffusers scheduler config the sampler plans read;
   - ``native_size(network)``, ``check_memory(network, decoder, params, backend)`` and ``unload(network)`` (drop
     what a network prepared from its weights);
-  - ``text_component``, ``denoiser_component``, ``decoder_component``: the checkpoint component each stage reads.
+  - ``text_component``, ``denoiser_component``, ``decoder_component``: the checkpoint component each stage reads;
+  - for runs from an init image, ``load_image_encoder(checkpoint, ops, precision)``: ``encoder.distribution(images
+    (B, 3, H, W)) -> (mean, logvar)`` of the latents and its ``scaling_factor``; and ``input_channels(network)``
+    (9: an inpainting UNet, which also reads the mask and the masked image's latents).
 
 Nothing here names a network: the family's loaders are the only code that builds one.
 
@@ -273,7 +279,8 @@ def on_host(network, arrays: tuple[int, ...] = (0,)):
 
 class TextToImage:
     """A loaded model: prompt encoder, denoising network, image decoder and scheduler config of its family's
-    stages. ``prepare`` resolves a batch against the model, ``run`` generates it.
+    stages (and the image encoder, loaded for the first run from an init image). ``prepare`` resolves a batch
+    against the model, ``run`` generates it, from noise or from the job's init image.
 
     Low memory: ``encode_prompts`` encodes every prompt a run will need ahead of time and keeps its conditioning,
     after which ``release_text_encoder`` drops the text encoder's weights (about 0.5 GB for SD1.5 in fp32,
