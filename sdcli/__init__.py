@@ -29,7 +29,7 @@ from .io.outputs import template_fields
 from .io.frame_sinks import OutputClosedError, open_frame_sink
 from .io.media import (a1111_parameters, check_video_output, images_to_uint8, plan_output_paths, plan_video_outputs,
                        save_png, save_video)
-from .io.prompts_file import VIDEO_OPTIONS, PromptLine, read_prompts_file
+from .io.prompts_file import IMAGE_OPTIONS, VIDEO_OPTIONS, PromptLine, read_prompts_file
 from .io.torch_pickle import convert_checkpoint
 from .memory import prefer_small_pages as _prefer_small_pages
 from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, format_size, model_family,
@@ -75,7 +75,7 @@ __all__ = [
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files
     "a1111_parameters", "check_output", "images_to_uint8", "plan_output_paths", "read_prompts_file", "PromptLine",
-    "VIDEO_OPTIONS", "plan_video_outputs", "save_array", "save_png", "save_video", "check_video_output",
+    "IMAGE_OPTIONS", "VIDEO_OPTIONS", "plan_video_outputs", "save_array", "save_png", "save_video", "check_video_output",
     "convert_checkpoint",
     # errors, defaults and the choices the CLI offers
     "SdcliError", "BACKENDS", "BETA_SCHEDULES", "DEFAULT_GUIDANCE", "MAX_SEED", "MODEL_PRESETS", "PRECISIONS",

@@ -977,7 +977,8 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
                                 guidance_scale=guidance, guidance_rescale=guidance_rescale, sampler=sampler,
                                 seed=seed, width=width, height=height, clip_skip=clip_skip, eta=eta,
                                 strength=strength, encode_mode=encode_mode)
-    lines = sdcli.read_prompts_file(prompts_file, samplers=sdcli.SAMPLERS) if prompts_file else None
+    lines = sdcli.read_prompts_file(prompts_file, samplers=sdcli.SAMPLERS,
+                                    extra_options=sdcli.IMAGE_OPTIONS) if prompts_file else None
     family = None
     if latents_file:  # latents have the model family's shape: known at once for a preset or a model already here
         family = sdcli.model_family(model)

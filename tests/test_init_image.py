@@ -58,8 +58,9 @@ def inpainting_model(tmp_path_factory):
     return folder
 
 
-def generate(*args, model=MODEL):
-    return CliRunner().invoke(main, ["generate", "-m", str(model), "-p", "a cat", *map(str, args)])
+def generate(*args, model=MODEL, prompt: str | None = "a cat"):
+    return CliRunner().invoke(main, ["generate", "-m", str(model), *(["-p", prompt] if prompt else []),
+                                     *map(str, args)])
 
 
 def assert_one_line_error(result, *words):
@@ -116,6 +117,19 @@ def test_one_init_image_for_several_images_in_batches(files, tmp_path):
                     "-o", alone).exit_code == 0
     # an image depends on its own seed only; batched matrix products may round differently (see test_pipeline)
     assert np.abs(np.asarray(Image.open(alone)).astype(int) - pixels[2]).max() <= 1
+
+
+def test_prompts_file_lines_set_their_strength(files, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox --strength 0.5\na blue bird\n")
+    result = generate("--prompts-file", prompts, "--init-image", files["image"], *FAST, "-o",
+                      str(tmp_path / "{index}.png"), "--json", prompt=None)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["parameters"]["strength"] for r in records] == [0.5, 0.8]
+    prompts.write_text("a red fox --strength 0.5\n")
+    assert_one_line_error(generate("--prompts-file", prompts, *FAST, "-o", tmp_path / "x.png", prompt=None),
+                          "strength", "init image")
 
 
 def test_padding_mask_crop_gives_back_the_whole_init_image(files, tmp_path):

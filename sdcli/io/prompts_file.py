@@ -57,6 +57,10 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "sampler": ("sampler", str),
     "clip-skip": ("clip_skip", parse_integer),
 }
+# What a line of an image prompts file may set besides: the strength of a run from an init image.
+IMAGE_OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "strength": ("strength", parse_number),
+}
 # What a line of a video prompts file may set besides (VideoParams fields).
 VIDEO_OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "frames": ("frames", parse_integer),

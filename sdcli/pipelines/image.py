@@ -172,6 +172,9 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
         if line_params.sampler and line_params.sampler not in SAMPLERS:
             raise SdcliError(f"unknown scheduler {line_params.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         line_params.with_(seed=seeds[0], batch_size=1).validate()
+        if init_image is None and line_params.strength is not None:
+            raise SdcliError(f"{'a prompts file line' if line else 'the run'} sets a strength, which only a run "
+                             "from an init image has")
         if init_image is not None and (line_params.steps or line_params.sampler):  # else known once the model is
             first_step(line_params.steps or default_steps(line_params.sampler),
                        line_params.strength or init_image.default_strength)
