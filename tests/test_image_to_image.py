@@ -17,6 +17,7 @@ import sdcli  # noqa: E402
 from init_image_reference import (NEGATIVE, PROMPT, RANDN_USERS, SEED, feed_randn, ours,  # noqa: E402
                                   reference_img2img, reference_inpaint, scheduler_from_file, seeded_draws,
                                   write_inputs)
+from sdcli.io import media  # noqa: E402
 from sdcli.sampling.plans import SAMPLERS  # noqa: E402
 
 TOL = {
@@ -163,3 +164,31 @@ def test_mask_blur_and_padding_mask_crop_match_diffusers(model, files, monkeypat
     difference = int(np.abs(got.astype(int) - expected).max())
     print(f"inpaint blur {blur} crop {pad} {model['family']}: max |diff| {difference}/255")
     assert difference <= round(TOL["pixels"] * 255), difference
+
+
+def test_image_and_mask_preprocessing_match_diffusers(tmp_path, torch):
+    """An init image of a size that is no multiple of 8 (resized with Lanczos to the multiple below, as
+    VaeImageProcessor.preprocess does), a mask of another size, blurred then binarised (the inpainting
+    mask_processor), and a crop box fitted with "fill": the arrays both hand to the VAE and the UNet, bit for bit."""
+    import diffusers
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (66, 70, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    mask = np.zeros((50, 45), np.uint8)
+    mask[10:30, 12:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    image_processor = diffusers.image_processor.VaeImageProcessor(vae_scale_factor=8)
+    mask_processor = diffusers.image_processor.VaeImageProcessor(vae_scale_factor=8, do_normalize=False,
+                                                                 do_binarize=True, do_convert_grayscale=True)
+    init = sdcli.load_init_image(tmp_path / "image.png", tmp_path / "mask.png", mask_blur=2)
+    assert (init.width, init.height) == (64, 64)
+    expected_image = image_processor.preprocess(Image.open(tmp_path / "image.png").convert("RGB")).numpy()[0]
+    np.testing.assert_array_equal(init.pixels, expected_image)
+    blurred = mask_processor.blur(Image.open(tmp_path / "mask.png"), blur_factor=2)
+    expected_mask = mask_processor.preprocess(blurred, height=64, width=64).numpy()[0]
+    np.testing.assert_array_equal(init.mask, expected_mask)
+    box = (4, 2, 40, 46)
+    fitted = image_processor.preprocess(Image.open(tmp_path / "image.png").convert("RGB"), height=64, width=48,
+                                        crops_coords=box, resize_mode="fill").numpy()[0]
+    np.testing.assert_array_equal(media.read_init_image(tmp_path / "image.png", 48, 64, crop=box), fitted)
