@@ -117,13 +117,12 @@ def test_inpainting_unet_matches_diffusers(inpainting_model, files, monkeypatch,
 OTHER_SAMPLERS = [name for name in SAMPLERS if name not in ("ddim", "euler_a", "dpmpp_2m", "pndm")]
 
 
-@pytest.mark.parametrize("sampler", OTHER_SAMPLERS)
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)  # one family is enough for the samplers the issue
+@pytest.mark.parametrize("sampler", OTHER_SAMPLERS)       # does not name
 def test_img2img_with_the_other_samplers_matches_diffusers(model, files, monkeypatch, torch, sampler):
     """Every sampler starts at the strength's step as its diffusers scheduler does after ``set_begin_index``
     (Heun's interleaved timesteps cut at twice the step, DPM-Solver++ and UniPC with a fresh history). PNDM is
     left out: see test_pndm_img2img_runs_the_steps_the_strength_picks."""
-    if model["family"] != "sd1":
-        pytest.skip("one family is enough for the samplers the issue does not name")
     steps = 6
     draws = seeded_draws()
     expected = reference_img2img(model, monkeypatch, files, sampler, steps, 0.6, draws)
@@ -133,6 +132,7 @@ def test_img2img_with_the_other_samplers_matches_diffusers(model, files, monkeyp
     assert difference <= TOL["pixels"], (sampler, difference)
 
 
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)  # the mask processing is no family's own
 def test_mask_blur_and_padding_mask_crop_match_diffusers(model, files, monkeypatch, torch):
     """--mask-blur: diffusers' ``mask_processor.blur`` on the mask handed to the pipeline; --padding-mask-crop: the
     box around the mask inpainted at the run's size and put back into the original by ``apply_overlay``. Compared
@@ -140,8 +140,6 @@ def test_mask_blur_and_padding_mask_crop_match_diffusers(model, files, monkeypat
     import diffusers
     from PIL import Image
 
-    if model["family"] != "sd1":
-        pytest.skip("the mask processing is the family's own in neither")
     steps, blur, pad = 6, 3, 4
     draws = seeded_draws()
     spec = SAMPLERS["ddim"]
