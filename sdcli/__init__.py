@@ -75,7 +75,8 @@ __all__ = [
     "NoiseSchedule", "SchedulerConfig", "inference_timesteps",
     # files
     "a1111_parameters", "check_output", "images_to_uint8", "plan_output_paths", "read_prompts_file", "PromptLine",
-    "IMAGE_OPTIONS", "VIDEO_OPTIONS", "plan_video_outputs", "save_array", "save_png", "save_video", "check_video_output",
+    "IMAGE_OPTIONS", "VIDEO_OPTIONS", "plan_video_outputs", "save_array", "save_png", "save_video",
+    "check_video_output",
     "convert_checkpoint",
     # errors, defaults and the choices the CLI offers
     "SdcliError", "BACKENDS", "BETA_SCHEDULES", "DEFAULT_GUIDANCE", "MAX_SEED", "MODEL_PRESETS", "PRECISIONS",

@@ -962,8 +962,9 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
-             latents_file, save_latents, init_image, strength, mask, mask_blur, padding_mask_crop, no_resize, encode_mode,
-             output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json, yes, offline):
+             latents_file, save_latents, init_image, strength, mask, mask_blur, padding_mask_crop, no_resize,
+             encode_mode, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json, yes,
+             offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):

@@ -26,7 +26,8 @@ from .files import OutputExistsError, atomic_output
 from .outputs import plan_output_paths, prompt_slug, template_fields
 
 __all__ = ["FFMPEG_CODECS", "FRAME_FIELD", "MIN_FRAME_DIGITS", "VIDEO_FORMATS", "a1111_parameters", "a1111_quote",
-           "check_video_output", "frame_path", "image_size", "images_to_uint8", "imageio_ffmpeg_for", "is_frames_output",
+           "check_video_output", "frame_path", "image_size", "images_to_uint8", "imageio_ffmpeg_for",
+           "is_frames_output",
            "mask_crop_region", "open_image", "overlay_inpainted", "prepare_mask", "read_init_image", "read_mask_image",
            "read_original_image", "resized_mask",
            "plan_output_paths", "plan_video_outputs", "prompt_slug", "read_png_text", "save_png", "save_video",

@@ -470,15 +470,17 @@ class TextToImage:
         conditioned = on_host(self.network, (0, 2))
         after_step = None
         if job.init_image is not None:
-            init = job.init_image
-            start = start_from_image(init, plan, params.strength, np.asarray(initial_noise, dtype=np.float32),
-                                     self.encode_image, noise.draw, encode_mode=params.encode_mode,
-                                     scaling_factor=self.image_encoder().scaling_factor,
-                                     downscale=self.family.latents.downscale, in_channels=self.input_channels)
+            began = time.perf_counter()
+            image_start = start_from_image(job.init_image, plan, params.strength,
+                                           np.asarray(initial_noise, dtype=np.float32), self.encode_image, noise.draw,
+                                           encode_mode=params.encode_mode,
+                                           scaling_factor=self.image_encoder().scaling_factor,
+                                           downscale=self.family.latents.downscale, in_channels=self.input_channels)
+            timings["image_encoding_s"] = time.perf_counter() - began
             self.leave_stage(self.stages.decoder_component, self._image_encoder)
-            plan, x, after_step = start.plan, start.x, start.blend
-            if start.mask_channels is not None:
-                conditioned = with_mask_channels(conditioned, start.mask_channels)
+            plan, x, after_step = image_start.plan, image_start.x, image_start.blend
+            if image_start.mask_channels is not None:
+                conditioned = with_mask_channels(conditioned, image_start.mask_channels)
         else:
             x = np.asarray(initial_noise, dtype=np.float32) * np.float32(plan.init_noise_sigma)
         network = guided_network(conditioned, context, uncond_context, params.guidance_scale,
