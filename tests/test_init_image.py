@@ -156,6 +156,8 @@ def test_padding_mask_crop_gives_back_the_whole_init_image(files, tmp_path):
     (["--init-image", "{image}", "--mask", "{small_mask}", "--no-resize"], ["--mask", "64x64", "72x80"]),
     (["--init-image", "{image}", "-W", "64", "-H", "64", "--no-resize"], ["--init-image", "72x80", "64x64"]),
     (["--init-image", "{image}", "--mask-blur", "3"], ["need a --mask"]),
+    (["--init-image", "{image}", "--width", "100000"], ["width 100000", "limit"]),
+    (["--init-image", "{image}", "--height", "60"], ["height must be a positive multiple of 8"]),
 ])
 def test_bad_inputs_are_refused_before_the_model_loads(files, tmp_path, monkeypatch, args, words):
     def no_load(*args, **kwargs):

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import SdcliError
 from ..io import media
-from ..params import SIZE_MULTIPLE
+from ..params import SIZE_MULTIPLE, GenerateParams
 from ..sampling.plans import SamplerPlan
 
 log = logging.getLogger("sdcli")
@@ -149,6 +149,7 @@ def load_init_image(image: str | Path, mask: str | Path | None = None, *, width:
         raise SdcliError(f"--mask-blur must not be negative, got {mask_blur}")
     if padding_mask_crop is not None and padding_mask_crop < 0:
         raise SdcliError(f"--padding-mask-crop must not be negative, got {padding_mask_crop}")
+    GenerateParams(prompt="", width=width, height=height).validate()  # a size given: checked before any resize
     image_width, image_height = media.image_size(image, "--init-image")
     mask_pixels = None
     if mask is not None:
