@@ -48,10 +48,14 @@ def feed_randn(monkeypatch, module_names: list[str], arrays: list[np.ndarray]) -
 
 
 RANDN_USERS = ["diffusers.models.autoencoders.vae", "diffusers.schedulers.scheduling_euler_ancestral_discrete",
-               "diffusers.schedulers.scheduling_ddpm", "diffusers.schedulers.scheduling_lcm"]
+               "diffusers.schedulers.scheduling_ddpm", "diffusers.schedulers.scheduling_lcm",
+               "diffusers.schedulers.scheduling_ddim"]
 
 
-def reference_img2img(model, monkeypatch, files, sampler: str, steps: int, strength: float, draws) -> np.ndarray:
+def reference_img2img(model, monkeypatch, files, sampler: str, steps: int, strength: float, draws,
+                      **options) -> np.ndarray:
+    """diffusers' image to image of ``files["image"]``, fed ``draws`` (sdcli's, in sdcli's order); ``options`` go to
+    the pipeline call (``eta``)."""
     import diffusers
     import torch
     from PIL import Image
@@ -65,7 +69,8 @@ def reference_img2img(model, monkeypatch, files, sampler: str, steps: int, stren
                [draws[1], draws[0], *draws[2:]])
     with torch.no_grad():
         return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(files["image"]).convert("RGB"),
-                    strength=strength, num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
+                    strength=strength, num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                    **options).images
 
 
 def ours(model, init, sampler: str, steps: int, **changes) -> np.ndarray:

@@ -132,6 +132,17 @@ def test_img2img_with_the_other_samplers_matches_diffusers(model, files, monkeyp
     assert difference <= TOL["pixels"], (sampler, difference)
 
 
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_img2img_with_ddim_eta_matches_diffusers(model, files, monkeypatch, torch):
+    """DDIM with eta > 0 draws fresh noise at every step from the strength's step on, as DDIMScheduler does."""
+    draws = seeded_draws()
+    expected = reference_img2img(model, monkeypatch, files, "ddim", 8, 0.6, draws, eta=0.7)
+    got = ours(model, sdcli.load_init_image(files["image"]), "ddim", 8, strength=0.6, eta=0.7)
+    difference = float(np.abs(got - expected).max())
+    print(f"img2img {model['family']} ddim eta 0.7 strength 0.6: max |diff| {difference * 255:.3f}/255")
+    assert difference <= TOL["pixels"], difference
+
+
 @pytest.mark.parametrize("model", ["sd1"], indirect=True)  # the mask processing is no family's own
 def test_mask_blur_and_padding_mask_crop_match_diffusers(model, files, monkeypatch, torch):
     """--mask-blur: diffusers' ``mask_processor.blur`` on the mask handed to the pipeline; --padding-mask-crop: the
