@@ -136,6 +136,15 @@ class ClipTokenizer:
             length *= 4
         return WHITESPACE_RUN.sub(" ", text)
 
+    @property
+    def comma_id(self) -> int | None:
+        """The id of a comma ending a word (``,</w>``), where long prompts may break (see sdcli.prompting)."""
+        return self._tokenizer.token_to_id(",</w>")
+
+    def fragment_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS and EOS, all of them (a weighted fragment of a prompt)."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with BOS and EOS, not padded or truncated."""
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids

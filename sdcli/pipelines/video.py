@@ -46,6 +46,7 @@ from ..io.lora import LoraSpec
 from ..memory import reuse_large_arrays
 from ..models import open_checkpoint, open_motion_adapter
 from ..ops import get_ops
+from ..prompting import match_lengths
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
@@ -250,6 +251,9 @@ class TextToVideo:
         if params.guidance_scale > 1:
             uncond_context = np.repeat(self.prompt_encoder.encode([params.negative_prompt],
                                                                   clip_skip=params.clip_skip), batch, axis=0)
+            if uncond_context.shape[1] != context.shape[1]:  # prompts of different chunk counts: as for images
+                context, uncond_context = match_lengths(context, uncond_context,
+                                                        self.prompt_encoder.encode([""], clip_skip=params.clip_skip))
         timings["text_encoding_s"] = time.perf_counter() - start
         # each stage's weights leave resident memory when the next starts, as for images (TextToImage.run)
         stages = self.family.image
