@@ -121,6 +121,22 @@ def download_options(command):
     return command
 
 
+def embedding_options(command):
+    """--embedding and --embedding-dir: textual-inversion embeddings that prompts call by name."""
+    options = [
+        click.option("--embedding", "embedding_files", multiple=True, type=click.Path(dir_okay=False),
+                     metavar="FILE", help="A textual-inversion embedding (.safetensors), called in prompts by its "
+                                          "name: the file's stem, or the token a diffusers file carries (repeat for "
+                                          "more)."),
+        click.option("--embedding-dir", "embedding_dirs", multiple=True, type=click.Path(file_okay=False),
+                     metavar="DIR", help="Load every .safetensors embedding in DIR (repeatable)  [default: "
+                                         "<weights>/embeddings where it exists]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def is_interactive() -> bool:
     """A person at a terminal can answer a question: stdin and stderr are both terminals."""
     return sys.stdin.isatty() and sys.stderr.isatty()
@@ -941,12 +957,13 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image (path, seed, parameters, "
                                                       "timings) on stdout; everything else goes to stderr.")
+@embedding_options
 @download_options
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
              latents_file, save_latents, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json,
-             yes, offline):
+             embedding_files, embedding_dirs, yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
@@ -963,6 +980,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
             family = sdcli.model_family(model)
     plan = sdcli.plan_run(base, prompts=lines, num_images=num_images, batch_size=batch_size, latents=latents_file,
                           family=family)
+    embeddings = sdcli.read_embeddings(embedding_files, sdcli.embedding_folders(embedding_dirs))
     save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
     preview = sdcli.check_output(preview, overwrite) if preview else None
     if shard or skip_existing:
@@ -982,7 +1000,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae, vae_tiling=vae_tiling,
-                                   low_memory=low_memory)
+                                   low_memory=low_memory, embeddings=embeddings)
     if plan.seed_drawn and not quiet:
         status.print(f"seed {plan.seed}", highlight=False)
     jobs = [pipeline.prepare(job) for job in plan.jobs]  # every job checked against the model before the first image
