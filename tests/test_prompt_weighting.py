@@ -334,3 +334,23 @@ def test_generate_with_a_long_prompt_and_a_short_negative(tmp_path):
         assert result.exit_code == 0, result.output
         outputs.append(output.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_chunking_stops_after_max_chunks():
+    """With max_chunks, the chunks stop one past the limit: its presence says the prompt was cut."""
+    ids = list(range(10, 310))  # 300 tokens: 4 chunks
+    assert len(chunks_of(words(*ids))) == 4
+    assert len(chunk_prompt(parse_attention(words(*ids)).fragments, word_ids, SD1_TOKENS, max_chunks=4)) == 4
+    assert len(chunk_prompt(parse_attention(words(*ids)).fragments, word_ids, SD1_TOKENS, max_chunks=3)) == 4
+    assert len(chunk_prompt(parse_attention(words(*ids)).fragments, word_ids, SD1_TOKENS, max_chunks=2)) == 3
+
+
+def test_a_ten_megabyte_prompt_costs_what_32_chunks_do(encoder, caplog):
+    """2400 tokens are kept (32 chunks) and the rest dropped with a warning; only a window of the text is
+    tokenized, so a prompt of megabytes encodes at once; an unclosed "(" still weights what is kept."""
+    caplog.set_level(logging.WARNING, logger="sdcli")
+    assert len(encoder.chunks("word " * 2400)) == 32 and not caplog.records
+    text = "(a red fox in the snow, photograph, " * 300_000  # 10.8 MB
+    chunks = encoder.chunks(text)
+    assert len(chunks) == 32 and "longer than 2400 tokens" in caplog.records[-1].getMessage()
+    assert encoder.encode([text]).shape == (1, 32 * 77, encoder.config.hidden_size)

@@ -40,7 +40,8 @@ from ..ops import Ops
 from ..ops.parameter import PRECISIONS, unload_prepared, unprepared_bytes
 from . import sd_networks as networks
 from ..params import MAX_IMAGE_SIDE, GenerateParams
-from ..prompting import ChunkTokens, PromptChunk, apply_weights, chunk_prompt, parse_attention
+from ..prompting import CHUNK_TOKENS, ChunkTokens, PromptChunk, apply_weights, chunk_prompt, parse_attention
+from ..prompting.chunks import MAX_CHUNKS, MAX_PROMPT_CHARACTERS
 from ..prompting.embeddings import EmbeddingVocabulary
 from ..sizing import ImageDecoderShape, check_fits
 from . import HUB_PAGES, Family, ImageStages, LatentGeometry, ModelPreset
@@ -221,13 +222,22 @@ class PromptEncoder:
 
     def chunks(self, prompt: str) -> list[PromptChunk]:
         """The chunks of 77 ids and weights the prompt is encoded as; unbalanced brackets are logged."""
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            log.warning("prompt %r: longer than %d characters; the rest is dropped", _shortened(prompt),
+                        MAX_PROMPT_CHARACTERS)
+            prompt = prompt[:MAX_PROMPT_CHARACTERS]
         parsed = parse_attention(prompt)
         if parsed.unbalanced:
             log.warning("prompt %r: %s; read as AUTOMATIC1111 reads it (an unmatched closing bracket is text, an "
                         "unclosed one weights the rest)", _shortened(prompt), ", ".join(parsed.unbalanced))
         tokens = ChunkTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
                              self.tokenizer.comma_id)
-        return chunk_prompt(parsed.fragments, self.tokenizer.fragment_ids, tokens, self.embeddings)
+        chunks = chunk_prompt(parsed.fragments, lambda text: self.tokenizer.fragment_ids(text, PROMPT_TOKEN_LIMIT),
+                              tokens, self.embeddings, max_chunks=MAX_CHUNKS)
+        if len(chunks) > MAX_CHUNKS:
+            log.warning("prompt %r: longer than %d tokens (%d chunks); the rest is dropped", _shortened(prompt),
+                        PROMPT_TOKEN_LIMIT, MAX_CHUNKS)
+        return chunks[:MAX_CHUNKS]
 
     def encode(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
         """(B, 77 k, D) float32 hidden states for ``prompts``: each chunk encoded on its own, its weights applied
@@ -245,6 +255,9 @@ class PromptEncoder:
         self.timings["encode_s"] = time.perf_counter() - start
         z = apply_weights(z, weights)  # (B k, 77, D)
         return z.reshape(len(prompts), count * z.shape[1], z.shape[2])  # (B, 77 k, D)
+
+
+PROMPT_TOKEN_LIMIT = MAX_CHUNKS * CHUNK_TOKENS  # what a prompt's fragments are tokenized up to, at least
 
 
 def _shortened(text: str, limit: int = 60) -> str:

@@ -32,6 +32,11 @@ from .syntax import Fragment
 
 CHUNK_TOKENS = 75  # prompt tokens per chunk: 77 positions less the start and end tokens
 COMMA_BACKTRACK = 20  # the webui's comma_padding_backtrack default
+# sdcli's limit (the webui has none): 2400 prompt tokens, far past any prompt written by hand, so that a prompt of
+# megabytes costs what this many chunks do; the rest is dropped with a warning.
+MAX_CHUNKS = 32
+# Characters of a prompt read at most, for the same reason: 2400 tokens take about 12000 characters of English.
+MAX_PROMPT_CHARACTERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,11 @@ class EmbeddingLookup(Protocol):
 
 
 def chunk_prompt(fragments: Sequence[Fragment], tokenize: Callable[[str], list[int]], tokens: ChunkTokens,
-                 embeddings: EmbeddingLookup | None = None) -> list[PromptChunk]:
+                 embeddings: EmbeddingLookup | None = None, max_chunks: int | None = None) -> list[PromptChunk]:
     """The chunks of a parsed prompt (see the module docstring); ``tokenize`` gives a text's ids without start and
-    end tokens."""
+    end tokens. With ``max_chunks``, the first ``max_chunks`` chunks and one more when the prompt goes on (the
+    caller drops it: its presence says the prompt was cut); ``tokenize`` then needs to give only a fragment's
+    first ``max_chunks * CHUNK_TOKENS`` ids."""
     chunks: list[PromptChunk] = []
     ids: list[int] = []  # the current chunk's prompt tokens, at most CHUNK_TOKENS
     weights: list[float] = []
@@ -85,12 +92,14 @@ def chunk_prompt(fragments: Sequence[Fragment], tokenize: Callable[[str], list[i
         ids, weights, last_comma = [], [], -1
 
     for fragment in fragments:
+        if max_chunks is not None and len(chunks) > max_chunks:
+            break
         if fragment.is_break:
             close_chunk()
             continue
         fragment_ids = tokenize(fragment.text)
         position = 0
-        while position < len(fragment_ids):
+        while position < len(fragment_ids) and (max_chunks is None or len(chunks) <= max_chunks):
             token = fragment_ids[position]
             if token == tokens.comma:
                 last_comma = len(ids)
@@ -114,6 +123,6 @@ def chunk_prompt(fragments: Sequence[Fragment], tokenize: Callable[[str], list[i
             ids += vector_ids
             weights += [fragment.weight] * len(vector_ids)
             position += name_length
-    if ids or not chunks:
+    if (ids or not chunks) and (max_chunks is None or len(chunks) <= max_chunks):
         close_chunk()
     return chunks
