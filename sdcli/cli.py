@@ -574,13 +574,14 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 @click.option("--base-model", default=None,
               help="Streaming: the Wan2.1 model whose text encoder and VAE a generator file uses  [default: "
                    "wan21-t2v-1.3b]")
+@embedding_options
 @download_options
 @reports_errors
 def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, flow_shift, context_length,
           context_stride, context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height,
           decode_chunk, low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet,
           as_json, stream, chunks, seconds, max_attention_frames, attention_sink, base_num_frames, overlap_history,
-          ar_step, causal_block_size, addnoise_condition, base_model, yes, offline):
+          ar_step, causal_block_size, addnoise_condition, base_model, embedding_files, embedding_dirs, yes, offline):
     """Generate short videos from text prompts: with a video model (Wan2.1), with an AnimateDiff motion adapter
     on an SD 1.x model, or streamed chunk by chunk (Self-Forcing)."""
     started = time.perf_counter()
@@ -594,7 +595,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                    "--negative-prompt": negative_prompt, "--frames": frames, "--steps": steps, "--guidance": guidance,
                    "--sampler": sampler, "--flow-shift": flow_shift, "--context-length": context_length,
                    "--timestep-spacing": timestep_spacing, "--decode-chunk": decode_chunk, "--latents": latents_file,
-                   "--save-latents": save_latents, "--eta": eta or None}
+                   "--save-latents": save_latents, "--eta": eta or None, "--embedding": embedding_files or None,
+                   "--embedding-dir": embedding_dirs or None}
         for option, value in refused.items():
             if value is not None:
                 raise sdcli.SdcliError(f"{option} does not apply to a streaming run (its model fixes its steps and "
@@ -628,6 +630,10 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                                "AnimateDiff's samplers")
     if is_wan and decode_chunk is not None:
         raise sdcli.SdcliError("--decode-chunk applies to AnimateDiff: Wan's VAE decodes one latent frame at a time")
+    if is_wan and (embedding_files or embedding_dirs):
+        raise sdcli.SdcliError("--embedding and --embedding-dir apply to AnimateDiff's SD 1.x text encoder, not to "
+                               "Wan's T5")
+    embeddings = [] if is_wan else sdcli.read_embeddings(embedding_files, sdcli.embedding_folders(embedding_dirs))
     is_forcing = is_wan and sdcli.model_architecture(model) == "skyreels-v2-df"
     if not is_forcing and forcing != sdcli.DiffusionForcing():
         raise sdcli.SdcliError(FORCING_ONLY)
@@ -680,7 +686,7 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
         model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
     pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
-                                         low_memory=low_memory)
+                                         low_memory=low_memory, embeddings=embeddings)
     # the model's and the adapter's defaults, every clip checked before the first step
     clips = [pipeline.prepare(clip)[0] for clip in clips]
     if is_wan:  # every prompt of the run encoded up front, then the text encoder goes
