@@ -246,12 +246,14 @@ class PromptEncoder:
         chunked = [self.chunks(prompt) for prompt in prompts]
         count = max(len(chunks) for chunks in chunked)
         empty = self.chunks("")[0]
-        chunks = [chunk for prompt_chunks in chunked for chunk in prompt_chunks + [empty] * (count - len(prompt_chunks))]
+        chunks = [chunk for prompt_chunks in chunked
+                  for chunk in prompt_chunks + [empty] * (count - len(prompt_chunks))]
         ids = np.stack([chunk.ids for chunk in chunks])  # (B k, 77)
         weights = np.stack([chunk.weights for chunk in chunks])  # (B k, 77)
         added = self.embeddings.vectors if self.embeddings else None
         start = time.perf_counter()
-        z = self.text_encoder.ops.to_host(self.text_encoder(ids, clip_skip=clip_skip, added_tokens=added))  # (B k, 77, D)
+        z = self.text_encoder(ids, clip_skip=clip_skip, added_tokens=added)  # (B k, 77, D)
+        z = self.text_encoder.ops.to_host(z)
         self.timings["encode_s"] = time.perf_counter() - start
         z = apply_weights(z, weights)  # (B k, 77, D)
         return z.reshape(len(prompts), count * z.shape[1], z.shape[2])  # (B, 77 k, D)

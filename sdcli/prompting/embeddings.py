@@ -27,8 +27,11 @@ class EmbeddingVocabulary:
 
     def __init__(self, embeddings: Sequence[TextualInversion], tokenize: Callable[[str], list[int]], first_id: int,
                  width: int):
-        kept = []
+        kept: list[TextualInversion] = []
         for embedding in embeddings:
+            twin = next((other for other in kept if other.name == embedding.name), None)
+            if twin is not None:
+                raise EmbeddingError(f"two embeddings are named {embedding.name!r}: {twin.path} and {embedding.path}")
             if embedding.width == width:
                 kept.append(embedding)
                 continue
