@@ -7,7 +7,8 @@ for a chunk is multiplied, position by position, by the weights, then scaled bac
 
 ``match_lengths`` is the webui's ``pad_cond_uncond``: when the prompt and the negative prompt encode to different
 numbers of chunks, the shorter is extended with the encoding of the empty prompt, a chunk at a time, so that both
-can run as one batch through the denoiser.
+can run as one batch through the denoiser. (The webui does so with its "Pad prompt/negative prompt" setting on;
+by default it calls the denoiser twice instead, each conditioning at its own length.)
 """
 
 from __future__ import annotations
