@@ -65,11 +65,6 @@ class ParsedPrompt:
     fragments: list[Fragment]
     unbalanced: tuple[str, ...]  # e.g. "')' with no '(' open", "'(' never closed"
 
-    @property
-    def weighted(self) -> bool:
-        """Any fragment with a weight other than 1, or a BREAK: the encoding differs from the plain prompt's."""
-        return any(fragment.weight != 1.0 for fragment in self.fragments)
-
 
 def parse_attention(text: str) -> ParsedPrompt:
     """``text`` as fragments of (text, weight), by the rules of the module docstring.
