@@ -62,8 +62,8 @@ def read_embedding(path: str | Path, from_folder: bool = False) -> TextualInvers
         keys = file.keys()
         if all(key in keys for key in SDXL_KEYS):
             widths = ", ".join(f"{key} {file.info(key).shape[-1]} wide" for key in SDXL_KEYS)
-            raise EmbeddingError(f"{path}: an SDXL embedding ({widths}), for SDXL's two text encoders; sdcli's "
-                                 "SD 1.x/2.x models have one")
+            raise EmbeddingError(f"{path}: an SDXL embedding ({widths}), for SDXL's two text encoders; an SD 1.x "
+                                 "model's text encoder is 768 wide, an SD 2.x model's 1024")
         a1111 = [key for key in keys if key in A1111_KEYS or key.startswith(A1111_PREFIX)]
         if len(a1111) == 1:
             key, name = a1111[0], path.stem
