@@ -177,3 +177,24 @@ def test_bad_embeddings_on_the_command_line(tmp_path, option, make, words):
     for word in words:
         assert word in lines[0], lines[0]
     assert not output.exists()
+
+
+def test_a_webui_pickle_converts_with_the_command_the_refusal_gives(tmp_path, torch):
+    """The refusal's command, run: AUTOMATIC1111's .pt layout (string_to_param, string_to_token, a name, a step)
+    becomes a safetensors file of one tensor, '*', read under the file's name."""
+    import shlex
+
+    vectors = torch.randn(2, WIDTH)
+    source = tmp_path / "webui-style.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.nn.Parameter(vectors)},
+                "name": "webui-style", "step": 10, "sd_checkpoint_name": "v1-5"}, source)
+    with pytest.raises(EmbeddingError) as caught:
+        read_embedding(source)
+    command = str(caught.value).split("Convert it once with: ")[1].split(" (")[0]
+    arguments = shlex.split(command)
+    assert arguments[:2] == ["sdcli", "convert"]
+    result = CliRunner().invoke(main, arguments[1:])
+    assert result.exit_code == 0, result.output
+    embedding = read_embedding(tmp_path / "webui-style.safetensors")
+    assert embedding.name == "webui-style"
+    np.testing.assert_array_equal(embedding.vectors, vectors.detach().numpy())

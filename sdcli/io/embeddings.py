@@ -17,6 +17,7 @@ widths. Pickles (``.pt``, ``.bin``) are refused with the command that converts t
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbeddingError
-from .checkpoint import PICKLE_SUFFIXES, pickle_refusal
+from .checkpoint import PICKLE_SUFFIXES
 from .safetensors import SafetensorsFile
 
 log = logging.getLogger("sdcli")
@@ -55,7 +56,11 @@ def read_embedding(path: str | Path, from_folder: bool = False) -> TextualInvers
     """The embedding in the safetensors file ``path`` (see the module docstring), or a one-line error."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise EmbeddingError(f"{pickle_refusal(path)} (an AUTOMATIC1111 .pt embedding needs --key string_to_param)")
+        target = shlex.quote(str(path.with_suffix(SUFFIX)))
+        raise EmbeddingError(f"{path} is a pickle ({path.suffix}); sdcli reads only .safetensors because loading a "
+                             "pickle can run arbitrary code from the file. Convert it once with: sdcli convert "
+                             f"{shlex.quote(str(path))} {target} --key string_to_param (an AUTOMATIC1111 embedding; "
+                             "a diffusers learned_embeds.bin needs no --key), which runs nothing from the file")
     if not path.is_file():
         raise EmbeddingError(f"{path}: no such embedding file")
     with SafetensorsFile(path) as file:
