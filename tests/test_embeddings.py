@@ -4,6 +4,8 @@ checkpoint (a 4-wide text encoder); parity with diffusers is in test_textual_inv
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -96,7 +98,7 @@ def test_default_folder_is_under_the_weights_dir(tmp_path, monkeypatch):
     assert sdcli.embedding_folders() == []
     (tmp_path / "embeddings").mkdir()
     assert sdcli.embedding_folders() == [tmp_path / "embeddings"]
-    assert sdcli.embedding_folders(["mine"]) == [sdcli.embedding_folders(["mine"])[0]]
+    assert sdcli.embedding_folders(["mine"]) == [Path("mine")]  # given folders replace the default
 
 
 def test_the_width_must_fit_the_text_encoder(tmp_path):
