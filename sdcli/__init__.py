@@ -24,6 +24,7 @@ loading and decoding run faster, results are the same), unless ``NUMPY_MADVISE_H
 from .config import SchedulerConfig
 from .errors import SdcliError
 from .io.checkpoint import Checkpoint, describe
+from .io.embeddings import TextualInversion, read_embedding, read_embeddings
 from .io.files import check_output, save_array
 from .io.outputs import template_fields
 from .io.frame_sinks import OutputClosedError, open_frame_sink
@@ -32,7 +33,8 @@ from .io.media import (a1111_parameters, check_video_output, images_to_uint8, pl
 from .io.prompts_file import IMAGE_OPTIONS, VIDEO_OPTIONS, PromptLine, read_prompts_file
 from .io.torch_pickle import convert_checkpoint
 from .memory import prefer_small_pages as _prefer_small_pages
-from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, format_size, model_family,
+from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_model, embedding_folders, format_size,
+                     model_family,
                      model_architecture, open_checkpoint, resolve_model, resolve_motion_adapter,
                      resolve_streaming_generator)
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
@@ -60,6 +62,8 @@ __all__ = [
     # generating
     "GenerateParams", "GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "generate_image",
     "load_pipeline", "load_prompt_encoder", "plan_run", "ENCODE_MODES", "InitImage", "load_init_image",
+    # textual inversion
+    "TextualInversion", "embedding_folders", "read_embedding", "read_embeddings",
     "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
     "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline", "DEFAULT_FRAMES", "DecodeRecord", "WAN_DEFAULTS",
     "WanTextToVideo", "check_wan_params", "DiffusionForcing", "SKYREELS_DEFAULTS", "SKYREELS_FORCING",

@@ -121,6 +121,22 @@ def download_options(command):
     return command
 
 
+def embedding_options(command):
+    """--embedding and --embedding-dir: textual-inversion embeddings that prompts call by name."""
+    options = [
+        click.option("--embedding", "embedding_files", multiple=True, type=click.Path(dir_okay=False),
+                     metavar="FILE", help="A textual-inversion embedding (.safetensors), called in prompts by its "
+                                          "name: the file's stem, or the token a diffusers file carries (repeat for "
+                                          "more)."),
+        click.option("--embedding-dir", "embedding_dirs", multiple=True, type=click.Path(file_okay=False),
+                     metavar="DIR", help="Load every .safetensors embedding in DIR (repeatable)  [default: "
+                                         "<weights>/embeddings where it exists]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def is_interactive() -> bool:
     """A person at a terminal can answer a question: stdin and stderr are both terminals."""
     return sys.stdin.isatty() and sys.stderr.isatty()
@@ -558,13 +574,14 @@ LOW_MEMORY_UNET_FRAMES = 4  # video --low-memory: frames through the UNet's spat
 @click.option("--base-model", default=None,
               help="Streaming: the Wan2.1 model whose text encoder and VAE a generator file uses  [default: "
                    "wan21-t2v-1.3b]")
+@embedding_options
 @download_options
 @reports_errors
 def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, fps, flow_shift, context_length,
           context_stride, context_weighting, steps, guidance, sampler, timestep_spacing, eta, seed, width, height,
           decode_chunk, low_memory, clip_skip, precision, backend, latents_file, save_latents, output, overwrite, quiet,
           as_json, stream, chunks, seconds, max_attention_frames, attention_sink, base_num_frames, overlap_history,
-          ar_step, causal_block_size, addnoise_condition, base_model, yes, offline):
+          ar_step, causal_block_size, addnoise_condition, base_model, embedding_files, embedding_dirs, yes, offline):
     """Generate short videos from text prompts: with a video model (Wan2.1), with an AnimateDiff motion adapter
     on an SD 1.x model, or streamed chunk by chunk (Self-Forcing)."""
     started = time.perf_counter()
@@ -578,7 +595,8 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                    "--negative-prompt": negative_prompt, "--frames": frames, "--steps": steps, "--guidance": guidance,
                    "--sampler": sampler, "--flow-shift": flow_shift, "--context-length": context_length,
                    "--timestep-spacing": timestep_spacing, "--decode-chunk": decode_chunk, "--latents": latents_file,
-                   "--save-latents": save_latents, "--eta": eta or None}
+                   "--save-latents": save_latents, "--eta": eta or None, "--embedding": embedding_files or None,
+                   "--embedding-dir": embedding_dirs or None}
         for option, value in refused.items():
             if value is not None:
                 raise sdcli.SdcliError(f"{option} does not apply to a streaming run (its model fixes its steps and "
@@ -612,6 +630,10 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
                                "AnimateDiff's samplers")
     if is_wan and decode_chunk is not None:
         raise sdcli.SdcliError("--decode-chunk applies to AnimateDiff: Wan's VAE decodes one latent frame at a time")
+    if is_wan and (embedding_files or embedding_dirs):
+        raise sdcli.SdcliError("--embedding and --embedding-dir apply to AnimateDiff's SD 1.x text encoder, not to "
+                               "Wan's T5")
+    embeddings = [] if is_wan else sdcli.read_embeddings(embedding_files, sdcli.embedding_folders(embedding_dirs))
     is_forcing = is_wan and sdcli.model_architecture(model) == "skyreels-v2-df"
     if not is_forcing and forcing != sdcli.DiffusionForcing():
         raise sdcli.SdcliError(FORCING_ONLY)
@@ -664,7 +686,7 @@ def video(model, motion_adapter, prompt, negative_prompt, prompts_file, frames, 
         # fetched here when allowed; the pipeline looks the name up again and knows the preset (and its settings)
         model_path(motion_adapter, yes=yes, offline=offline, quiet=quiet, resolve=sdcli.resolve_motion_adapter)
     pipeline = sdcli.load_video_pipeline(model, motion_adapter, precision=precision, backend=backend,
-                                         low_memory=low_memory)
+                                         low_memory=low_memory, embeddings=embeddings)
     # the model's and the adapter's defaults, every clip checked before the first step
     clips = [pipeline.prepare(clip)[0] for clip in clips]
     if is_wan:  # every prompt of the run encoded up front, then the text encoder goes
@@ -958,13 +980,14 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image (path, seed, parameters, "
                                                       "timings) on stdout; everything else goes to stderr.")
+@embedding_options
 @download_options
 @reports_errors
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
              latents_file, save_latents, init_image, strength, mask, mask_blur, padding_mask_crop, no_resize,
-             encode_mode, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json, yes,
-             offline):
+             encode_mode, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json,
+             embedding_files, embedding_dirs, yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
@@ -988,6 +1011,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
             family = sdcli.model_family(model)
     plan = sdcli.plan_run(base, prompts=lines, num_images=num_images, batch_size=batch_size, latents=latents_file,
                           family=family, init_image=init)
+    embeddings = sdcli.read_embeddings(embedding_files, sdcli.embedding_folders(embedding_dirs))
     save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
     preview = sdcli.check_output(preview, overwrite) if preview else None
     if shard or skip_existing:
@@ -1007,7 +1031,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae, vae_tiling=vae_tiling,
-                                   low_memory=low_memory)
+                                   low_memory=low_memory, embeddings=embeddings)
     if plan.seed_drawn and not quiet:
         status.print(f"seed {plan.seed}", highlight=False)
     jobs = [pipeline.prepare(job) for job in plan.jobs]  # every job checked against the model before the first image

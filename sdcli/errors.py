@@ -29,3 +29,7 @@ class BackendError(SdcliError):
 
 class LoraError(SdcliError):
     """A LoRA file that cannot be read, or that does not fit the network it is merged into."""
+
+
+class EmbeddingError(SdcliError):
+    """A textual-inversion embedding that cannot be read, or that does not fit the model's text encoder."""

@@ -39,7 +39,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from .config import read_json
 from .errors import CheckpointError, ModelNotFoundError, SdcliError
@@ -86,6 +86,17 @@ def weights_dir() -> Path:
 
 
 default_weights_dir = weights_dir  # for the functions below whose weights_dir argument shadows it
+
+EMBEDDINGS_FOLDER = "embeddings"
+
+
+def embedding_folders(given: Sequence[str | Path] = ()) -> list[Path]:
+    """The folders whose textual-inversion embeddings a run loads: ``given``, else ``<weights>/embeddings`` where
+    it exists (as the webui loads its ``embeddings/`` folder), else none."""
+    if given:
+        return [Path(folder).expanduser() for folder in given]
+    default = weights_dir() / EMBEDDINGS_FOLDER
+    return [default] if default.is_dir() else []
 
 
 # -- what a model argument names ------------------------------------------------------------------------------

@@ -78,6 +78,16 @@ def test_clip(precision):
         np.testing.assert_array_equal(on_opaque(opaque, ids, clip_skip=clip_skip), reference(ids, clip_skip=clip_skip))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_clip_with_added_tokens(precision):
+    """Textual-inversion vectors (ids after the vocabulary) join the token rows through ops alone."""
+    config = ClipConfig.from_diffusers(CLIP)
+    reference, opaque = both(lambda params: ClipTextEncoder(params, config), 1, precision)
+    ids = np.random.default_rng(2).integers(0, 1002, (2, 77))
+    added = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32) * 0.02
+    np.testing.assert_array_equal(on_opaque(opaque, ids, added_tokens=added), reference(ids, added_tokens=added))
+
+
 @pytest.mark.parametrize("variant", sorted(UNETS))
 @pytest.mark.parametrize("size", [(8, 8), (9, 7)])  # odd sizes: the upsampler resizes to the skip's size
 def test_unet(variant, size):

@@ -170,3 +170,27 @@ def test_a_missing_preset_names_the_download_command(tiny_video, tmp_path, monke
                   "a cat", "-o", str(tmp_path / "a.mp4"), "-q"])
     assert result.exit_code == 2 and "downloads are off" in result.output
     assert not (tmp_path / "weights").exists()
+
+
+def test_embeddings_and_long_prompts_reach_animatediff(tiny_video, tmp_path):
+    """--embedding works for AnimateDiff as for images (the same prompt encoder), and a prompt of two chunks runs
+    with a one-chunk negative prompt (matched with the empty prompt's encoding): the library's frames."""
+    import imageio.v3 as iio
+
+    from sdcli.io.safetensors import save_file
+
+    model, adapter = tiny_video
+    style = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32) * 0.02
+    save_file(tmp_path / "corgistyle.safetensors", {"emb_params": style})
+    prompt = "a corgistyle corgi running on a beach, " * 12  # 96 tokens: two chunks
+    result = run(video_args(tiny_video, "-p", prompt, "--embedding", str(tmp_path / "corgistyle.safetensors"),
+                            "-o", str(tmp_path / "frames") + "/"))
+    assert result.exit_code == 0, result.output
+    written = np.stack([iio.imread(tmp_path / "frames" / f"frame_{i:04d}.png") for i in range(5)])
+    params = sdcli.VideoParams(prompt, frames=5, steps=2, width=64, height=64, seed=11)
+    with_style = sdcli.generate_video(sdcli.load_video_pipeline(str(model), str(adapter),
+                                                                embeddings=[tmp_path / "corgistyle.safetensors"]),
+                                      params)
+    assert np.array_equal(written, sdcli.images_to_uint8(with_style.frames[0]))
+    plain = sdcli.generate_video(sdcli.load_video_pipeline(str(model), str(adapter)), params)
+    assert not np.array_equal(plain.frames, with_style.frames)

@@ -107,7 +107,9 @@ class ImageStages:
     :mod:`sdcli.pipelines.image`). ``*_component`` names the checkpoint component each stage reads, whose mapped
     pages the pipeline releases when the next stage starts."""
 
-    load_prompt_encoder: Callable[..., Any]  # (checkpoint, ops, precision) -> prompt encoder
+    # (checkpoint, ops, precision[, embeddings]) -> prompt encoder; embeddings: textual inversions, passed only when
+    # some are asked for
+    load_prompt_encoder: Callable[..., Any]
     # (checkpoint, ops, precision, stream[, loras]) -> network(x_in, timesteps, context); loras: (LoRA, scale) pairs
     # merged into its weights, passed only when some are asked for
     load_denoiser: Callable[..., Any]

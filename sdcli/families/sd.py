@@ -29,6 +29,7 @@ from ..config import ClipConfig, SchedulerConfig, UNetConfig, VAEConfig, preset_
 from ..errors import CheckpointError
 from . import sd_names as names
 from ..io.checkpoint import Checkpoint, FolderSource, MappedSource, TensorSource
+from ..io.embeddings import TextualInversion, read_embedding
 from ..io.lora import LoraSpec
 from ..io.safetensors import SafetensorsFile
 from ..nn.clip import ClipTextEncoder
@@ -39,6 +40,9 @@ from ..ops import Ops
 from ..ops.parameter import PRECISIONS, unload_prepared, unprepared_bytes
 from . import sd_networks as networks
 from ..params import MAX_IMAGE_SIDE, GenerateParams
+from ..prompting import CHUNK_TOKENS, ChunkTokens, PromptChunk, apply_weights, chunk_prompt, parse_attention
+from ..prompting.chunks import MAX_CHUNKS, MAX_PROMPT_CHARACTERS
+from ..prompting.embeddings import EmbeddingVocabulary
 from ..sizing import ImageDecoderShape, check_fits
 from . import HUB_PAGES, Family, ImageStages, LatentGeometry, ModelPreset
 
@@ -198,7 +202,12 @@ def load_tiny_decoder(ops: Ops):
 
 @dataclass
 class PromptEncoder:
-    """Tokenizer and text encoder of one model: prompts -> conditioning (B, 77, D)."""
+    """Tokenizer and text encoder of one model: prompts -> conditioning (B, 77 k, D), each prompt read as
+    AUTOMATIC1111's webui reads it (:mod:`sdcli.prompting`): attention weights ``(word:1.3)``, ``BREAK``, k chunks
+    of 75 tokens for a long prompt, and the textual-inversion ``embeddings`` the encoder was given.
+
+    A prompt of at most 75 tokens without weights gives the (1, 77, D) conditioning diffusers' pipeline gives it,
+    bit for bit the same as before weights were read."""
 
     tokenizer: ClipTokenizer
     text_encoder: ClipTextEncoder
@@ -206,6 +215,7 @@ class PromptEncoder:
     precision: str
     source: TensorSource | None = None  # where the weights are mapped from, for release()
     timings: dict[str, float] = field(default_factory=dict)
+    embeddings: EmbeddingVocabulary | None = None
 
     def release(self) -> None:
         """Drop the text encoder's mapped pages from resident memory (encoding still works: they map again)."""
@@ -213,23 +223,73 @@ class PromptEncoder:
             self.source.release()
 
     def tokenize(self, prompts: list[str]) -> list[Tokenized]:
+        """Each prompt's 77 ids as diffusers' tokenizer call makes them (the prompt as plain text, truncated)."""
         return [self.tokenizer.tokenize(prompt) for prompt in prompts]
 
+    def chunks(self, prompt: str) -> list[PromptChunk]:
+        """The chunks of 77 ids and weights the prompt is encoded as; unbalanced brackets are logged."""
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            log.warning("prompt %r: longer than %d characters; the rest is dropped", _shortened(prompt),
+                        MAX_PROMPT_CHARACTERS)
+            prompt = prompt[:MAX_PROMPT_CHARACTERS]
+        parsed = parse_attention(prompt)
+        if parsed.unbalanced:
+            log.warning("prompt %r: %s; read as AUTOMATIC1111 reads it (an unmatched closing bracket is text, an "
+                        "unclosed one weights the rest)", _shortened(prompt), ", ".join(parsed.unbalanced))
+        tokens = ChunkTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                             self.tokenizer.comma_id)
+        chunks = chunk_prompt(parsed.fragments, lambda text: self.tokenizer.fragment_ids(text, PROMPT_TOKEN_LIMIT),
+                              tokens, self.embeddings, max_chunks=MAX_CHUNKS)
+        if len(chunks) > MAX_CHUNKS:
+            log.warning("prompt %r: longer than %d tokens (%d chunks); the rest is dropped", _shortened(prompt),
+                        PROMPT_TOKEN_LIMIT, MAX_CHUNKS)
+        return chunks[:MAX_CHUNKS]
+
     def encode(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
-        """(B, 77, D) float32 hidden states for ``prompts``."""
-        ids = np.stack([t.ids for t in self.tokenize(prompts)])  # (B, 77)
+        """(B, 77 k, D) float32 hidden states for ``prompts``: each chunk encoded on its own, its weights applied
+        (:func:`~sdcli.prompting.apply_weights`), the chunks concatenated along the sequence; a prompt of fewer
+        chunks than the longest is extended with empty chunks (the empty prompt's), as the webui does."""
+        chunked = [self.chunks(prompt) for prompt in prompts]
+        count = max(len(chunks) for chunks in chunked)
+        empty = self.chunks("")[0]
+        chunks = [chunk for prompt_chunks in chunked
+                  for chunk in prompt_chunks + [empty] * (count - len(prompt_chunks))]
+        ids = np.stack([chunk.ids for chunk in chunks])  # (B k, 77)
+        weights = np.stack([chunk.weights for chunk in chunks])  # (B k, 77)
+        added = self.embeddings.vectors if self.embeddings else None
         start = time.perf_counter()
-        embeddings = self.text_encoder.ops.to_host(self.text_encoder(ids, clip_skip=clip_skip))  # (B, 77, D)
+        z = self.text_encoder(ids, clip_skip=clip_skip, added_tokens=added)  # (B k, 77, D)
+        z = self.text_encoder.ops.to_host(z)
         self.timings["encode_s"] = time.perf_counter() - start
-        return embeddings
+        z = apply_weights(z, weights)  # (B k, 77, D)
+        return z.reshape(len(prompts), count * z.shape[1], z.shape[2])  # (B, 77 k, D)
 
 
-def load_prompt_encoder(checkpoint: Checkpoint, ops: Ops, precision: str) -> PromptEncoder:
-    """The text encoder and the tokenizer of the model (SD2's pads with "!", SD1's with the end token)."""
-    text_encoder = load_text_encoder(checkpoint, ops, precision)
+PROMPT_TOKEN_LIMIT = MAX_CHUNKS * CHUNK_TOKENS  # what a prompt's fragments are tokenized up to, at least
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_prompt_encoder(checkpoint: Checkpoint, ops: Ops, precision: str,
+                        embeddings: Sequence[TextualInversion | str | Path] = ()) -> PromptEncoder:
+    """The text encoder and the tokenizer of the model (SD2's pads with "!", SD1's with the end token), with the
+    textual-inversion ``embeddings`` (read ones, or paths of their files) as extra tokens; an embedding of another
+    width than the text encoder's is refused before the text encoder is loaded."""
     tokenizer = ClipTokenizer.from_folder(checkpoint.config_dir("tokenizer"),
                                           default_pad_token="!" if checkpoint.family == "sd2" else EOS_TOKEN)
-    return PromptEncoder(tokenizer, text_encoder, text_encoder.config, precision, checkpoint.source("text_encoder"))
+    vocabulary = None
+    if embeddings:
+        config = checkpoint.config("text_encoder")
+        read = [embedding if isinstance(embedding, TextualInversion) else read_embedding(embedding)
+                for embedding in embeddings]
+        vocabulary = EmbeddingVocabulary(read, tokenizer.fragment_ids, config.vocab_size, config.hidden_size)
+        log.info("textual-inversion embeddings: %s", ", ".join(
+            f"{embedding.name} ({len(embedding.vectors)} vectors)" for embedding in vocabulary.embeddings) or "none")
+    text_encoder = load_text_encoder(checkpoint, ops, precision)
+    return PromptEncoder(tokenizer, text_encoder, text_encoder.config, precision, checkpoint.source("text_encoder"),
+                         embeddings=vocabulary)
 
 
 def load_decoder(checkpoint: Checkpoint, ops: Ops, precision: str, vae: str = "full", tiling: bool = False,

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import ClipConfig
 from ..errors import SdcliError
+from ..ops.parameter import Weight
 from .layers import Embedding, LayerNorm, Linear, ParameterSource
 
 PREFIX = "text_model"
@@ -66,11 +67,13 @@ class ClipTextEncoder:
                        for i in range(config.num_hidden_layers)]
         self.final_layer_norm = LayerNorm(text.scope("final_layer_norm"), width, config.layer_norm_eps)
 
-    def __call__(self, ids: np.ndarray, clip_skip: int = 1):
+    def __call__(self, ids: np.ndarray, clip_skip: int = 1, added_tokens: np.ndarray | None = None):
         """Encode host token ``ids`` (B, T) with T <= 77.
 
         ``clip_skip`` counts as in AUTOMATIC1111 and stable-diffusion.cpp: 1 uses every layer, 2 stops after the
         penultimate one (diffusers' ``clip_skip=1``), and so on; the final layer norm is applied either way.
+        ``added_tokens`` (M, C) float32: the vectors of the ids after the vocabulary (V .. V + M - 1), textual-
+        inversion embeddings, as the rows diffusers' ``load_textual_inversion`` appends to the token table.
         """
         layers_used = self.config.num_hidden_layers - (clip_skip - 1)
         if not 1 <= clip_skip or layers_used < 1:
@@ -78,10 +81,26 @@ class ClipTextEncoder:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] > self.config.max_position_embeddings:
             raise SdcliError(f"token ids must be (batch, <= {self.config.max_position_embeddings}), got {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise SdcliError(f"token ids must lie in 0 .. {self.config.vocab_size - 1}")
+        vocabulary = self.config.vocab_size + (0 if added_tokens is None else len(added_tokens))
+        if ids.size and (ids.min() < 0 or ids.max() >= vocabulary):
+            raise SdcliError(f"token ids must lie in 0 .. {vocabulary - 1}")
         positions = np.arange(ids.shape[1])
-        x = self.ops.add(self.token_embedding(ids), self.position_embedding(positions))  # (B, T, C) + (T, C)
+        x = self.ops.add(self.token_vectors(ids, added_tokens), self.position_embedding(positions))  # (B, T, C)
         for layer in self.layers[:layers_used]:
             x = layer(x)
         return self.final_layer_norm(x)  # (B, T, C)
+
+    def token_vectors(self, ids: np.ndarray, added_tokens: np.ndarray | None):
+        """(B, T, C): the token table's rows for ids below the vocabulary size, ``added_tokens``' rows (held in the
+        table's precision) for the ids after it."""
+        vocab_size = self.config.vocab_size
+        added = ids >= vocab_size  # (B, T)
+        if not added.any():
+            return self.token_embedding(ids)
+        ops, precision = self.ops, self.token_embedding.weight.precision
+        table = ops.prepare(Weight(ops.weight_from_float32(np.asarray(added_tokens, dtype=np.float32), precision),
+                                   precision))
+        known = self.token_embedding(np.where(added, 0, ids))  # (B, T, C)
+        learned = ops.embedding(table, np.where(added, ids - vocab_size, 0))  # (B, T, C)
+        is_added = added[..., None].astype(np.float32)  # (B, T, 1): exactly one of the two terms is kept
+        return ops.add(ops.mul(known, ops.from_host(1 - is_added)), ops.mul(learned, ops.from_host(is_added)))

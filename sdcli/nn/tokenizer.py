@@ -114,9 +114,10 @@ class ClipTokenizer:
         pad_token = _pad_token_of(Path(folder) if folder is not None else tables) or default_pad_token
         return cls(tables / "vocab.json", tables / "merges.txt", pad_token=pad_token)
 
-    def window(self, text: str) -> str:
+    def window(self, text: str, tokens: int | None = None) -> str:
         """A prefix of ``text`` that tokenizes to the same first tokens as ``text`` and to more than the encoder
-        reads, or ``text`` itself when it is short (its whitespace runs folded when it is long).
+        reads (more than ``tokens``, when given), or ``text`` itself when it is short (its whitespace runs folded
+        when it is long).
 
         Prefixes of ``WINDOW_CHARACTERS``, four times that, ... characters are tried, each cut just after an
         ASCII whitespace or digit: a word never spans either (CLIP's word pattern splits there, and the
@@ -131,10 +132,22 @@ class ClipTokenizer:
         length = WINDOW_CHARACTERS
         while length < len(text):
             prefix = WHITESPACE_RUN.sub(" ", text[:_cut_point(text, length)])
-            if len(self._tokenizer.encode(prefix, add_special_tokens=False).ids) > self.max_length:
+            if len(self._tokenizer.encode(prefix, add_special_tokens=False).ids) > (tokens or self.max_length):
                 return prefix
             length *= 4
         return WHITESPACE_RUN.sub(" ", text)
+
+    @property
+    def comma_id(self) -> int | None:
+        """The id of a comma ending a word (``,</w>``), where long prompts may break (see sdcli.prompting)."""
+        return self._tokenizer.token_to_id(",</w>")
+
+    def fragment_ids(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of ``text`` without BOS and EOS (a weighted fragment of a prompt): all of them, or, with a
+        ``limit``, at least its first ``limit`` (a long text is cut first, see ``window``)."""
+        if limit is not None:
+            text = self.window(text, limit)
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with BOS and EOS, not padded or truncated."""

@@ -18,9 +18,11 @@ What a pipeline asks of a family (``checkpoint.model_family``, an :class:`~sdcli
 - ``latents``: its latent geometry (channels, pixels per latent), for the noise, latents files and image sizes;
 - ``image``, its :class:`~sdcli.families.ImageStages`:
 
-  - ``load_prompt_encoder(checkpoint, ops, precision)``: an object with ``tokenize(prompts)``,
+  - ``load_prompt_encoder(checkpoint, ops, precision[, embeddings])``: an object with ``tokenize(prompts)``,
     ``encode(prompts, clip_skip) -> (B, S, D)``, ``release()`` (drop its mapped weights' pages), ``timings`` and
-    its ``text_encoder`` network;
+    its ``text_encoder`` network; ``embeddings`` (textual inversions, passed only when some are asked for) become
+    words of its prompts. The prompt and the negative prompt may encode to different lengths S (long prompts):
+    the shorter is then extended with the encoding of the empty prompt (:func:`sdcli.prompting.match_lengths`);
   - ``load_denoiser(checkpoint, ops, precision, stream[, loras])``: ``network(x_in (B, C, h, w), timesteps (B,),
     context (B, S, D)) -> (B, C, h, w)``, the prediction the scheduler config's ``prediction_type`` names, with
     ``loras`` (``(LoRA, scale)`` pairs, passed only when some are asked for) merged into its weights;
@@ -54,11 +56,13 @@ import numpy as np
 from ..errors import SdcliError
 from ..families import Family, ImageStages, LatentGeometry
 from ..io.checkpoint import Checkpoint
+from ..io.embeddings import TextualInversion
 from ..io.lora import LoraSpec
 from ..io.prompts_file import PromptLine
 from ..memory import return_freed_memory, reuse_large_arrays
 from ..models import open_checkpoint
 from ..ops import get_ops
+from ..prompting import match_lengths
 from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
 from ..rng import BatchNoise, image_seeds, random_seed
 from ..sampling.denoisers import Denoiser, guided_network
@@ -387,6 +391,9 @@ class TextToImage:
             for text in texts:
                 if (text, params.clip_skip) not in self._encoded:
                     self._encoded[text, params.clip_skip] = self.conditioning(text, params.clip_skip)
+            lengths = {self._encoded[text, params.clip_skip].shape[1] for text in texts}
+            if len(lengths) > 1 and ("", params.clip_skip) not in self._encoded:  # what match_lengths pads with
+                self._encoded["", params.clip_skip] = self.conditioning("", params.clip_skip)
 
     def release_text_encoder(self) -> None:
         """Drop the tokenizer and text encoder; only prompts kept by ``encode_prompts`` can be generated after."""
@@ -459,7 +466,10 @@ class TextToImage:
         uncond_context = None
         if params.guidance_scale > 1:
             uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip), batch,
-                                       axis=0)  # (B, S, D)
+                                       axis=0)  # (B, S', D)
+            if uncond_context.shape[1] != context.shape[1]:  # prompts of different chunk counts: as the webui
+                context, uncond_context = match_lengths(context, uncond_context,
+                                                        self.conditioning("", params.clip_skip))  # (B, S, D) both
         timings["text_encoding_s"] = time.perf_counter() - start
         # Each stage's weights leave resident memory when the next stage starts, so that the peak is the largest
         # stage's, not the sum of all three (see leave_stage).
@@ -526,12 +536,17 @@ def image_stages(checkpoint: Checkpoint) -> ImageStages:
     return stages
 
 
-def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu"):
+def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
+                        embeddings: Sequence[TextualInversion | str | Path] = ()):
     """Open ``model`` (a path, preset, repo id or an opened checkpoint) and load its tokenizer and text encoder:
-    ``encoder.encode(prompts)`` gives the conditioning (B, S, D) the denoiser is guided by."""
+    ``encoder.encode(prompts)`` gives the conditioning (B, S, D) the denoiser is guided by. ``embeddings``:
+    textual-inversion embeddings (read by :func:`~sdcli.io.embeddings.read_embeddings`, or paths of their files)
+    that prompts may call by name, as diffusers' ``load_textual_inversion`` adds them."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    encoder = image_stages(checkpoint).load_prompt_encoder(checkpoint, get_ops(backend), precision)
+    embedding_option = {"embeddings": embeddings} if embeddings else {}  # only when asked for, as loras below
+    encoder = image_stages(checkpoint).load_prompt_encoder(checkpoint, get_ops(backend), precision,
+                                                           **embedding_option)
     encoder.timings["load_s"] = time.perf_counter() - start
     log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
              encoder.timings["load_s"])
@@ -540,7 +555,8 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
 
 def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
                   vae: str = "full", vae_tiling: bool = False, low_memory: bool = False,
-                  loras: Sequence[LoraSpec] = ()) -> TextToImage:
+                  loras: Sequence[LoraSpec] = (),
+                  embeddings: Sequence[TextualInversion | str | Path] = ()) -> TextToImage:
     """Open ``model`` and load everything text-to-image needs, as its family says: tokenizer and text encoder,
     denoising network, image decoder (``vae="taesd"``: the shipped tiny autoencoder instead of the model's VAE)
     and the scheduler config.
@@ -553,6 +569,10 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
 
     ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
     denoiser's weights, as diffusers' ``load_lora_weights`` and ``set_adapters`` do.
+
+    ``embeddings``: textual-inversion embeddings (:class:`~sdcli.io.embeddings.TextualInversion` or the path of
+    its file) that prompts and negative prompts call by name; one whose width does not fit the text encoder is
+    refused before any network loads.
     """
     if vae not in VAE_CHOICES:
         raise SdcliError(f"unknown VAE {vae!r}; choose one of: {', '.join(VAE_CHOICES)}")
@@ -560,7 +580,7 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     ops = get_ops(backend)
     stages = image_stages(checkpoint)
-    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
+    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend, embeddings=embeddings)
     lora_option = {"loras": loras} if loras else {}  # only when asked for: the stages of every family take it
     network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import SdcliError
 from ..families.animatediff import OpenedAdapter
 from ..io.checkpoint import Checkpoint
+from ..io.embeddings import TextualInversion
 from ..io.lora import LoraSpec
 from ..models import open_checkpoint
 from .skyreels import ARCHITECTURE as SKYREELS, SkyReelsTextToVideo, load_skyreels_pipeline
@@ -27,7 +28,8 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
                         precision: str = "fp32", backend: str = "cpu",
                         scheduler_options: dict[str, Any] | None = None,
                         loras: Sequence[LoraSpec] | None = None,
-                        low_memory: bool = False) -> VideoPipeline:
+                        low_memory: bool = False,
+                        embeddings: Sequence[TextualInversion | str | Path] = ()) -> VideoPipeline:
     """Open ``model`` (a path, preset or repo id; never downloading) and load what text to video needs: a Wan2.1
     or SkyReels-V2 model on its own (:func:`~sdcli.pipelines.wan.load_wan_pipeline`,
     :func:`~sdcli.pipelines.skyreels.load_skyreels_pipeline`; a motion adapter, LoRAs or scheduler options are
@@ -37,7 +39,7 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
     if checkpoint.model_family.name == "wan":
         title = "SkyReels-V2" if checkpoint.family == SKYREELS else "Wan2.1"
         for given, what in ((motion_adapter, "--motion-adapter"), (loras, "a LoRA"),
-                            (scheduler_options, "scheduler options")):
+                            (scheduler_options, "scheduler options"), (embeddings, "a textual-inversion embedding")):
             if given:
                 raise SdcliError(f"{checkpoint.path} is a {title} model, a video model of its own: {what} applies "
                                  "to SD 1.x models with AnimateDiff")
@@ -49,7 +51,8 @@ def load_video_pipeline(model: str | Checkpoint, motion_adapter: str | Path | Op
                          "(--motion-adapter animatediff-lightning, for one), or use a video model (--model "
                          "wan21-t2v-1.3b)")
     return load_animatediff_pipeline(checkpoint, motion_adapter, precision=precision, backend=backend,
-                                     scheduler_options=scheduler_options, loras=loras, low_memory=low_memory)
+                                     scheduler_options=scheduler_options, loras=loras, low_memory=low_memory,
+                                     embeddings=embeddings)
 
 
 def generate_video(pipeline: VideoPipeline, params: VideoParams,

@@ -42,10 +42,12 @@ from ..errors import SdcliError
 from ..families.animatediff import (ANIMATEDIFF_DEFAULTS, ANIMATEDIFF_SCHEDULER, CONTEXT_WEIGHTINGS, OpenedAdapter,
                                     VideoDefaults, load_motion_unet)
 from ..io.checkpoint import Checkpoint
+from ..io.embeddings import TextualInversion
 from ..io.lora import LoraSpec
 from ..memory import reuse_large_arrays
 from ..models import open_checkpoint, open_motion_adapter
 from ..ops import get_ops
+from ..prompting import match_lengths
 from ..rng import BatchNoise, image_seeds, random_seed, shuffle_context_frames
 from ..sampling.denoisers import Denoiser, guided_network
 from ..sampling.plans import SAMPLERS, SamplerPlan
@@ -250,6 +252,9 @@ class TextToVideo:
         if params.guidance_scale > 1:
             uncond_context = np.repeat(self.prompt_encoder.encode([params.negative_prompt],
                                                                   clip_skip=params.clip_skip), batch, axis=0)
+            if uncond_context.shape[1] != context.shape[1]:  # prompts of different chunk counts: as for images
+                context, uncond_context = match_lengths(context, uncond_context,
+                                                        self.prompt_encoder.encode([""], clip_skip=params.clip_skip))
         timings["text_encoding_s"] = time.perf_counter() - start
         # each stage's weights leave resident memory when the next starts, as for images (TextToImage.run)
         stages = self.family.image
@@ -301,7 +306,8 @@ class TextToVideo:
 def load_animatediff_pipeline(model: str | Checkpoint, motion_adapter: str | Path | OpenedAdapter,
                               precision: str = "fp32", backend: str = "cpu",
                               scheduler_options: dict[str, Any] | None = None,
-                              loras: Sequence[LoraSpec] | None = None, low_memory: bool = False) -> TextToVideo:
+                              loras: Sequence[LoraSpec] | None = None, low_memory: bool = False,
+                              embeddings: Sequence[TextualInversion | str | Path] = ()) -> TextToVideo:
     """Open ``model`` (an SD 1.x path, preset or repo id) and the motion adapter (a path, a motion-adapter preset
     or a repo id; never downloading: see ``sdcli.resolve_motion_adapter``), check that they fit, and load what
     text to video needs.
@@ -320,7 +326,9 @@ def load_animatediff_pipeline(model: str | Checkpoint, motion_adapter: str | Pat
     ``low_memory``: the UNet's, the motion modules' and the VAE's weights stream from the mapped files (each
     layer's pages dropped after use) instead of being held prepared, as ``load_pipeline(low_memory=True)`` loads
     them for images: the resident weights are about one layer's, for some speed; and, as there, the sampling loop
-    does not keep large freed arrays for the next step."""
+    does not keep large freed arrays for the next step.
+
+    ``embeddings``: textual-inversion embeddings (or their paths) that prompts call by name, as for images."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if checkpoint.family != "sd1":
@@ -340,7 +348,7 @@ def load_animatediff_pipeline(model: str | Checkpoint, motion_adapter: str | Pat
         log.info("merging the LoRA %s into the UNet at %g", lora, scale)
     ops = get_ops(backend)
     stages = checkpoint.model_family.image
-    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend)
+    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend, embeddings=embeddings)
     lora_option = {"loras": loras} if loras else {}
     unet = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
     network = load_motion_unet(unet, adapter, ops, precision, stream=low_memory)
