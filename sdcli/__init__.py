@@ -30,6 +30,8 @@ from .io.outputs import template_fields
 from .io.frame_sinks import OutputClosedError, open_frame_sink
 from .io.media import (a1111_parameters, check_video_output, images_to_uint8, plan_output_paths, plan_video_outputs,
                        save_png, save_video)
+from .io.lora import Lora, read_lora
+from .io.lora_tags import parse_lora_option, prompt_loras, resolve_lora, split_lora_tags
 from .io.prompts_file import IMAGE_OPTIONS, VIDEO_OPTIONS, PromptLine, read_prompts_file
 from .io.torch_pickle import convert_checkpoint
 from .memory import prefer_small_pages as _prefer_small_pages
@@ -38,8 +40,8 @@ from .models import (MOTION_ADAPTER_PRESETS, PRESETS, auto_download, download_mo
                      model_architecture, open_checkpoint, resolve_model, resolve_motion_adapter,
                      resolve_streaming_generator)
 from .params import DEFAULT_GUIDANCE, MAX_SEED, GenerateParams
-from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, generate_image, load_pipeline,
-                              load_prompt_encoder, plan_run)
+from .pipelines.image import (GeneratedBatch, Job, RunPlan, StepRecord, TextToImage, default_lora_dir, generate_image,
+                              load_pipeline, load_prompt_encoder, plan_run)
 from .pipelines.image_to_image import ENCODE_MODES, InitImage, load_init_image
 from .registry import (BACKENDS, BETA_SCHEDULES, MODEL_PRESETS, PRECISIONS, SAMPLERS, TIMESTEP_SPACINGS,
                        VAE_CHOICES, VARIANTS)
@@ -64,6 +66,8 @@ __all__ = [
     "load_pipeline", "load_prompt_encoder", "plan_run", "ENCODE_MODES", "InitImage", "load_init_image",
     # textual inversion
     "TextualInversion", "embedding_folders", "read_embedding", "read_embeddings",
+    # LoRAs
+    "Lora", "default_lora_dir", "parse_lora_option", "prompt_loras", "read_lora", "resolve_lora", "split_lora_tags",
     "ANIMATEDIFF_SCHEDULER", "CONTEXT_WEIGHTINGS", "DEFAULT_DECODE_CHUNK", "GeneratedVideo", "TextToVideo",
     "VideoDefaults", "VideoParams", "generate_video", "load_video_pipeline", "DEFAULT_FRAMES", "DecodeRecord", "WAN_DEFAULTS",
     "WanTextToVideo", "check_wan_params", "DiffusionForcing", "SKYREELS_DEFAULTS", "SKYREELS_FORCING",

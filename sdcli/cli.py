@@ -962,6 +962,12 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
               help="Refuse an init image (or mask) of another size than the run's instead of resizing it.")
 @click.option("--encode-mode", type=click.Choice(sdcli.ENCODE_MODES), default="sample", show_default=True,
               help="The init image's latents: a seeded sample of the VAE's posterior, or its mean.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE_OR_NAME[:WEIGHT]",
+              help="Merge a LoRA (kohya/A1111, diffusers/PEFT or LoCon .safetensors) into the text encoder and "
+                   "UNet, at WEIGHT (default 1.0); a name is NAME.safetensors in --lora-dir. Repeatable. Prompts "
+                   "may also carry A1111's <lora:name:weight> tags.")
+@click.option("--lora-dir", type=click.Path(file_okay=False),
+              help="Where LoRA names are looked up  [default: loras in the weights folder, ./weights/loras]")
 @click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True,
               help="A .png file (several images: numbered files next to it), a folder, or a template with "
                    "{seed}, {index} or {prompt}.")
@@ -986,8 +992,8 @@ DEFAULT_OUTPUT = "sdcli-{seed}.png"
 def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guidance_rescale, sampler, eta, seed,
              width, height, num_images, batch_size, clip_skip, precision, backend, vae, vae_tiling, low_memory,
              latents_file, save_latents, init_image, strength, mask, mask_blur, padding_mask_crop, no_resize,
-             encode_mode, output, overwrite, shard, skip_existing, preview, preview_every, quiet, as_json,
-             embedding_files, embedding_dirs, yes, offline):
+             encode_mode, loras, lora_dir, output, overwrite, shard, skip_existing, preview, preview_every, quiet,
+             as_json, embedding_files, embedding_dirs, yes, offline):
     """Generate images from a text prompt and save them as PNG, with the generation parameters embedded."""
     started = time.perf_counter()
     if (prompt is None) == (prompts_file is None):
@@ -1012,6 +1018,11 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
     plan = sdcli.plan_run(base, prompts=lines, num_images=num_images, batch_size=batch_size, latents=latents_file,
                           family=family, init_image=init)
     embeddings = sdcli.read_embeddings(embedding_files, sdcli.embedding_folders(embedding_dirs))
+    lora_dir = lora_dir or sdcli.default_lora_dir()
+    uses = [sdcli.parse_lora_option(value) for value in loras]
+    loras = [(sdcli.resolve_lora(use.name, lora_dir), use.unet_weight) for use in uses]  # files read before loading
+    for text in dict.fromkeys(plan.prompts):  # every <lora:...> tag names a readable LoRA file
+        sdcli.prompt_loras(text, lora_dir)
     save_latents = sdcli.check_output(save_latents, overwrite) if save_latents else None
     preview = sdcli.check_output(preview, overwrite) if preview else None
     if shard or skip_existing:
@@ -1031,7 +1042,7 @@ def generate(model, prompt, negative_prompt, prompts_file, steps, guidance, guid
 
     model = model_path(model, yes=yes, offline=offline, quiet=quiet)
     pipeline = sdcli.load_pipeline(model, precision=precision, backend=backend, vae=vae, vae_tiling=vae_tiling,
-                                   low_memory=low_memory, embeddings=embeddings)
+                                   low_memory=low_memory, embeddings=embeddings, loras=loras, lora_dir=lora_dir)
     if plan.seed_drawn and not quiet:
         status.print(f"seed {plan.seed}", highlight=False)
     jobs = [pipeline.prepare(job) for job in plan.jobs]  # every job checked against the model before the first image
@@ -1125,6 +1136,7 @@ def image_record(pipeline, params, seed: int, path, timings: dict, init=None) ->
     return {"path": str(path), "seed": seed, "model": str(pipeline.checkpoint.path),
             "precision": pipeline.precision, "backend": pipeline.backend, "vae": pipeline.vae,
             "sdcli_version": sdcli.__version__, "parameters": values, **(init.record() if init else {}),
+            **({"loras": [[str(lora.path), weight] for lora, _, weight in pipeline.loras]} if pipeline.loras else {}),
             "timings": {key: round(value, 4) for key, value in timings.items()}}
 
 

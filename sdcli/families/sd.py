@@ -175,9 +175,11 @@ def open_source(checkpoint: Checkpoint, component: str) -> TensorSource:
 
 # -- the networks: the one place each is built from sdcli.nn -----------------------------------------------------
 
-def load_text_encoder(checkpoint: Checkpoint, ops: Ops, precision: str) -> ClipTextEncoder:
-    """The CLIP (SD1) or OpenCLIP (SD2) text encoder: token ids (B, 77) -> hidden states (B, 77, D)."""
-    return networks.load_text_encoder(checkpoint, precision, ops)
+def load_text_encoder(checkpoint: Checkpoint, ops: Ops, precision: str,
+                      loras: Sequence[LoraSpec] = ()) -> ClipTextEncoder:
+    """The CLIP (SD1) or OpenCLIP (SD2) text encoder: token ids (B, 77) -> hidden states (B, 77, D); with the
+    text-encoder layers of ``loras`` merged into its weights."""
+    return networks.load_text_encoder(checkpoint, precision, ops, loras=loras)
 
 
 def load_unet(checkpoint: Checkpoint, ops: Ops, precision: str, stream: bool = False,
@@ -273,10 +275,12 @@ def _shortened(text: str, limit: int = 60) -> str:
 
 
 def load_prompt_encoder(checkpoint: Checkpoint, ops: Ops, precision: str,
-                        embeddings: Sequence[TextualInversion | str | Path] = ()) -> PromptEncoder:
+                        embeddings: Sequence[TextualInversion | str | Path] = (),
+                        loras: Sequence[LoraSpec] = ()) -> PromptEncoder:
     """The text encoder and the tokenizer of the model (SD2's pads with "!", SD1's with the end token), with the
     textual-inversion ``embeddings`` (read ones, or paths of their files) as extra tokens; an embedding of another
-    width than the text encoder's is refused before the text encoder is loaded."""
+    width than the text encoder's is refused before the text encoder is loaded. The text-encoder layers of
+    ``loras`` are merged into its weights."""
     tokenizer = ClipTokenizer.from_folder(checkpoint.config_dir("tokenizer"),
                                           default_pad_token="!" if checkpoint.family == "sd2" else EOS_TOKEN)
     vocabulary = None
@@ -287,7 +291,7 @@ def load_prompt_encoder(checkpoint: Checkpoint, ops: Ops, precision: str,
         vocabulary = EmbeddingVocabulary(read, tokenizer.fragment_ids, config.vocab_size, config.hidden_size)
         log.info("textual-inversion embeddings: %s", ", ".join(
             f"{embedding.name} ({len(embedding.vectors)} vectors)" for embedding in vocabulary.embeddings) or "none")
-    text_encoder = load_text_encoder(checkpoint, ops, precision)
+    text_encoder = load_text_encoder(checkpoint, ops, precision, loras=loras)
     return PromptEncoder(tokenizer, text_encoder, text_encoder.config, precision, checkpoint.source("text_encoder"),
                          embeddings=vocabulary)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import ModelNotFoundError
 from ..io.checkpoint import Checkpoint, FolderSource, open_checkpoint
 from ..io.lora import LoraMergedSource, LoraSpec, read_loras
+from ..io.lora_switch import LoraSwitch
 from ..io.safetensors import SafetensorsFile
 from ..io.weights import load_network
 from ..nn.clip import ClipTextEncoder
@@ -36,13 +37,14 @@ def _backend(backend: str | Ops) -> Ops:
     return get_ops(backend) if isinstance(backend, str) else backend
 
 
-def load_text_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32",
-                      backend: str | Ops = "cpu") -> ClipTextEncoder:
-    """The CLIP text encoder of ``checkpoint`` (a path or an opened checkpoint)."""
+def load_text_encoder(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str | Ops = "cpu",
+                      loras: Sequence[LoraSpec] = ()) -> ClipTextEncoder:
+    """The CLIP text encoder of ``checkpoint`` (a path or an opened checkpoint), with the text-encoder layers of
+    ``loras`` merged (see :func:`load_unet`); ``encoder.lora_switch`` changes them later."""
     checkpoint = _opened(checkpoint)
     config = checkpoint.config("text_encoder")
-    return load_network(lambda params: ClipTextEncoder(params, config), checkpoint.source("text_encoder"),
-                        _backend(backend), precision)
+    return _load_switchable(lambda params: ClipTextEncoder(params, config), checkpoint, "text_encoder",
+                            _backend(backend), precision, loras)
 
 
 def load_unet(checkpoint: str | Path | Checkpoint, precision: str = "fp32", backend: str | Ops = "cpu",
@@ -51,24 +53,33 @@ def load_unet(checkpoint: str | Path | Checkpoint, precision: str = "fp32", back
 
     ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file), whose UNet
     layers are merged into copies of the weights they touch (:class:`~sdcli.io.lora.LoraMergedSource`), as
-    diffusers' ``load_lora_weights(file)`` and ``set_adapters([...], [scale])`` do; their other layers (a text
-    encoder's) are not applied, with a warning.
+    diffusers' ``load_lora_weights(file)`` and ``fuse_lora(lora_scale=scale)`` do; their text-encoder layers are
+    the text encoder's (:func:`load_text_encoder`). ``unet.lora_switch`` (a :class:`~sdcli.io.lora_switch.
+    LoraSwitch`) changes the merged set later.
     """
     checkpoint = _opened(checkpoint)
     config = checkpoint.config("unet")
-    source = checkpoint.source("unet")
-    if loras:
-        pairs = read_loras(loras)
-        source = LoraMergedSource(source, pairs, "unet", aliases=_original_unet_names(checkpoint))
-        for lora, _ in pairs:
-            others = [component for component in lora.components() if component != "unet"]
-            if others:
-                log.warning("%s: its %s layers are not applied (only the UNet's are, so far)", lora.path,
-                            " and ".join(others))
-        log.info("merged %d UNet weights from %s", len(source.merged),
+    return _load_switchable(lambda params: UNet2DConditionModel(params, config), checkpoint, "unet",
+                            _backend(backend), precision, loras, stream=stream,
+                            aliases=_original_unet_names(checkpoint))
+
+
+def _load_switchable(build, checkpoint: Checkpoint, component: str, ops: Ops, precision: str,
+                     loras: Sequence[LoraSpec], *, stream: bool = False, aliases: dict[str, str] | None = None):
+    """``build`` over ``component``'s tensors with the ``component`` layers of ``loras`` merged, and its
+    ``lora_switch`` over the parameters it holds."""
+    base = checkpoint.source(component)
+    pairs = read_loras(loras)
+    source = base
+    if pairs:
+        source = LoraMergedSource(base, pairs, component, aliases=aliases)
+        log.info("merged %d %s weights from %s", len(source.merged), component,
                  ", ".join(f"{lora.path.name} x{scale:g}" for lora, scale in pairs))
-    return load_network(lambda params: UNet2DConditionModel(params, config), source, _backend(backend), precision,
-                        stream=stream)
+    named: dict = {}
+    network = load_network(build, source, ops, precision, stream=stream, named=named)
+    network.lora_switch = LoraSwitch(component, base, named, ops, precision, aliases=aliases, active=pairs,
+                                     stream=stream)
+    return network
 
 
 def _original_unet_names(checkpoint: Checkpoint) -> dict[str, str]:

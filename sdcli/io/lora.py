@@ -140,6 +140,9 @@ def read_lora(path: str | Path) -> Lora:
         found = next((key for key in keys if fragment in key), None)
         if found is not None:
             raise LoraError(f"{path}: a {kind} adapter ({found}); sdcli merges plain LoRA layers only")
+    if (sdxl := sdxl_evidence(file)) is not None:
+        raise LoraError(f"{path}: a LoRA for SDXL ({sdxl}); sdcli runs SD 1.x/2.x models, whose layers it does "
+                        "not fit")
     kohya = [key for key in keys if key.startswith(tuple(KOHYA_PREFIXES))]
     if kohya:
         if len(kohya) != len(keys):
@@ -148,6 +151,22 @@ def read_lora(path: str | Path) -> Lora:
         return Lora(path, "kohya", _kohya_layers(file, path), file)
     layers, format = _dotted_layers(file, path)
     return Lora(path, format, layers, file)
+
+
+# SDXL's UNet has up to 10 transformer blocks per attention (SD 1.x/2.x one), a 2048-wide cross-attention (768
+# and 1024) and two text encoders (kohya's lora_te1_ and lora_te2_, diffusers' text_encoder_2)
+_SDXL_BLOCK = re.compile(r"transformer_blocks[._][1-9]")
+_SDXL_CONTEXT = re.compile(r"attn2[._]to_[kv].*(lora_down|lora_A|lora\.down)")
+
+
+def sdxl_evidence(file: SafetensorsFile) -> str | None:
+    """The first tensor of ``file`` only an SDXL LoRA has (see above), or None."""
+    for key in file.keys():
+        if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or _SDXL_BLOCK.search(key):
+            return key
+        if _SDXL_CONTEXT.search(key) and tuple(file.info(key).shape)[1:2] == (2048,):
+            return f"{key} reads a 2048-wide context"
+    return None
 
 
 def _kohya_layers(file: SafetensorsFile, path: Path) -> tuple[LoraLayer, ...]:
@@ -340,12 +359,18 @@ class LoraMergedSource:
         self._updates: dict[str, list[tuple[Lora, LoraLayer, float]]] = {}
         for lora, scale in loras:
             updated: dict[str, LoraLayer] = {}  # weight name -> the layer of this LoRA that updates it
-            for layer in lora.layers_of(component):
+            layers = lora.layers_of(component)
+            unmatched = [layer.module for layer in layers if targets.find(layer) is None]
+            if unmatched:
+                first = next(layer for layer in layers if layer.module == unmatched[0])
+                why = "two weights" if first.underscored and first.module in targets.underscored else "no weight"
+                more = (f" ({len(unmatched) - 1} more of its {len(layers)} layers match nothing either: "
+                        f"{', '.join(unmatched[1:4])}{', ...' if len(unmatched) > 4 else ''})"
+                        if len(unmatched) > 1 else "")
+                raise LoraError(f"{lora.path}: LoRA layer {unmatched[0]} names {why} of {base.description}{more}; "
+                                "is the LoRA for another model?")
+            for layer in layers:
                 name = targets.find(layer)
-                if name is None:
-                    why = "two weights" if layer.underscored and layer.module in targets.underscored else "no weight"
-                    raise LoraError(f"{lora.path}: LoRA layer {layer.module} names {why} of {base.description}; "
-                                    "is the LoRA for another model?")
                 if name in updated:
                     raise LoraError(f"{lora.path}: LoRA layers {updated[name].module} and {layer.module} both update "
                                     f"{name}")

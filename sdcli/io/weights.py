@@ -82,6 +82,7 @@ class _Taken:
         self.source, self.ops, self.precision, self.stream = source, ops, precision, stream
         self.shapes: Shapes = {}
         self.optional: set[str] = set()  # taken with a default: a source may leave them out
+        self.parameters: dict[str, Parameter] = {}  # read from the source, by full name
         self._stored: set[str] | None = None
 
     def stored(self, name: str) -> bool:
@@ -134,14 +135,22 @@ class WeightBuilder:
             if values.shape != shape:
                 raise ValueError(f"the default of {full!r} has shape {values.shape}, not {shape}")
             return taken.ops.prepare(Weight.from_stored(values, "F32", taken.precision, taken.ops))
-        stored = source.read(full)
-        weight = Weight.from_stored(stored, source.dtype(full), taken.precision, taken.ops)
-        if weight.data is not stored or stored.flags.writeable:
-            # a converted copy, or a copy the source made (a LoRA-merged layer): it alone stays resident
-            source.release(full)
-        else:
-            weight = replace(weight, release=partial(source.release, full), stream=taken.stream)
-        return taken.ops.prepare(weight)
+        parameter = held_parameter(source, full, taken.ops, taken.precision, taken.stream)
+        taken.parameters[full] = parameter
+        return parameter
+
+
+def held_parameter(source: TensorSource, name: str, ops: Ops, precision: str, stream: bool = False) -> Parameter:
+    """Tensor ``name`` of ``source`` read, held at ``precision`` and prepared by ``ops``: a view of the mapped file
+    kept as it is (its pages released after preparing, or after every use with ``stream``), or a copy (converted,
+    or made by the source for this read: a LoRA-merged layer) that alone stays resident."""
+    stored = source.read(name)
+    weight = Weight.from_stored(stored, source.dtype(name), precision, ops)
+    if weight.data is not stored or stored.flags.writeable:
+        source.release(name)
+    else:
+        weight = replace(weight, release=partial(source.release, name), stream=stream)
+    return ops.prepare(weight)
 
 
 def tensor_shapes(build: Callable[[WeightBuilder], object], ops: Ops = numpy_ops) -> Shapes:
@@ -154,7 +163,8 @@ def tensor_shapes(build: Callable[[WeightBuilder], object], ops: Ops = numpy_ops
 
 def load_network(build: Callable[[WeightBuilder], Network], source: TensorSource, ops: Ops,
                  precision: str = "fp32", *, stream: bool = False,
-                 also_checks: Callable[[WeightBuilder], object] | None = None) -> Network:
+                 also_checks: Callable[[WeightBuilder], object] | None = None,
+                 named: dict[str, Parameter] | None = None) -> Network:
     """``build(params)`` over the tensors of ``source``, held at ``precision`` and prepared by ``ops``.
 
     Strict: the source must hold every tensor the network takes, with its shape, and nothing else; one error
@@ -166,6 +176,9 @@ def load_network(build: Callable[[WeightBuilder], Network], source: TensorSource
     stays mapped; with ``stream`` its pages are dropped again after each use, so that resident memory holds
     about one layer's weights instead of the model's, for the cost of mapping them again from the page cache.
     A tensor the source computed for the read (a writeable array: a LoRA-merged layer) is held as a converted one.
+
+    ``named``, when given, receives every parameter read from the source by its full name (what a LoRA switch
+    needs to change some of a built network's weights in place).
     """
     listing = WeightBuilder(None, ops)
     build(listing)
@@ -180,6 +193,8 @@ def load_network(build: Callable[[WeightBuilder], Network], source: TensorSource
     network = build(builder)
     if builder.shapes.keys() - expected.keys():
         raise ValueError("the network took other tensors when loading than when its shapes were listed")
+    if named is not None:
+        named.update(builder._taken.parameters)
     return network
 
 

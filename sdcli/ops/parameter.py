@@ -137,6 +137,13 @@ class Parameter:
     def is_prepared(self) -> bool:
         return self._prepared is not None
 
+    def exchange(self, other: "Parameter") -> None:
+        """Exchange what this parameter and ``other`` hold (the weight and its prepared form): how a LoRA switch
+        puts another version of a layer's weight into a built network, and parks the one it held, both kept as
+        they are (a merged copy exists only as its prepared form once used)."""
+        self.weight, other.weight = other.weight, self.weight
+        self._prepared, other._prepared = other._prepared, self._prepared
+
     def unload(self) -> bool:
         """Drop the prepared form when the next call can make it again from the mapped file; True if dropped."""
         if self._prepared is None or self.weight.release is None:

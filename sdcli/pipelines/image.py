@@ -57,10 +57,12 @@ from ..errors import SdcliError
 from ..families import Family, ImageStages, LatentGeometry
 from ..io.checkpoint import Checkpoint
 from ..io.embeddings import TextualInversion
-from ..io.lora import LoraSpec
+from ..io.lora import Lora, LoraSpec, read_loras
+from ..io.lora_switch import set_key
+from ..io.lora_tags import prompt_loras, split_lora_tags
 from ..io.prompts_file import PromptLine
 from ..memory import return_freed_memory, reuse_large_arrays
-from ..models import open_checkpoint
+from ..models import open_checkpoint, weights_dir
 from ..ops import get_ops
 from ..prompting import match_lengths
 from ..params import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, VAE_CHOICES, GenerateParams
@@ -81,6 +83,18 @@ SCHEDULER_CLASS_SAMPLERS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "D
 
 # -- planning a run ----------------------------------------------------------------------------------------------
 
+def unet_set(loras: Sequence[tuple[Lora, float, float]]) -> list[tuple[Lora, float]]:
+    """The denoiser's LoRA set of (LoRA, text-encoder weight, UNet weight) triples: (LoRA, scale) pairs, those at
+    weight 0 left out."""
+    return [(lora, unet) for lora, _, unet in loras if unet != 0]
+
+
+def text_encoder_set(loras: Sequence[tuple[Lora, float, float]]) -> list[tuple[Lora, float]]:
+    """The text encoder's LoRA set of (LoRA, text-encoder weight, UNet weight) triples: the pairs of the LoRAs
+    with text-encoder layers, those at weight 0 left out."""
+    return [(lora, te) for lora, te, _ in loras if te != 0 and "text_encoder" in lora.components()]
+
+
 @dataclass(frozen=True)
 class Job:
     """One batch of images: its parameters (``batch_size`` images from ``seed`` on), the initial latents that
@@ -91,6 +105,17 @@ class Job:
     plan: SamplerPlan | None = None  # set by TextToImage.prepare, with the params resolved
     first_image: int = 0  # the index in its run of the job's first image (0-based)
     init_image: InitImage | None = None  # the image (and mask) the run starts from; None: from noise
+    # set by TextToImage.prepare: the pipeline's LoRAs and those of the prompt's <lora:...> tags, each with its
+    # text-encoder and UNet weight
+    loras: tuple[tuple[Lora, float, float], ...] = ()
+
+    @property
+    def unet_loras(self) -> list[tuple[Lora, float]]:
+        return unet_set(self.loras)
+
+    @property
+    def text_encoder_loras(self) -> list[tuple[Lora, float]]:
+        return text_encoder_set(self.loras)
 
     @property
     def seeds(self) -> list[int]:
@@ -298,7 +323,8 @@ class TextToImage:
     """
 
     def __init__(self, checkpoint: Checkpoint, prompt_encoder, network, decoder, scheduler_config: dict,
-                 backend: str, precision: str, vae: str, reuse_memory: bool = True):
+                 backend: str, precision: str, vae: str, reuse_memory: bool = True,
+                 loras: Sequence[tuple[Lora, float, float]] = (), lora_dir: str | Path | None = None):
         self.checkpoint, self.prompt_encoder, self.network, self.decoder = checkpoint, prompt_encoder, network, decoder
         self.reuse_memory = reuse_memory  # the sampling loop keeps large freed arrays for the next step
         self.family: Family = checkpoint.model_family
@@ -307,9 +333,12 @@ class TextToImage:
         self.backend, self.precision, self.vae = backend, precision, vae
         self.timings: dict[str, float] = {}
         self._preview_decoder = decoder if vae == "taesd" else None
-        self._encoded: dict[tuple[str, int], np.ndarray] = {}  # (text, clip_skip) -> (1, S, D), see encode_prompts
+        # (text, clip_skip, the text encoder's LoRA set) -> (1, S, D), see encode_prompts
+        self._encoded: dict[tuple, np.ndarray] = {}
         self._image_encoder = None  # the VAE encoder, loaded for the first run from an init image
         self._image_encodings: dict[tuple[InitImage, bool], tuple[np.ndarray, np.ndarray]] = {}  # see encode_image
+        self.loras = tuple(loras)  # every job's, before its prompt's <lora:...> tags
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else default_lora_dir()
 
     @property
     def native_size(self) -> int:
@@ -363,7 +392,7 @@ class TextToImage:
             if init is not None:
                 first_step(plan.steps, params.strength)  # refuses a strength that leaves no step
             self.stages.check_memory(self.network, self.decoder, params, self.backend)
-            job = replace(job, params=params, plan=plan)
+            job = replace(job, params=params, plan=plan, loras=self.job_loras(params.prompt))
         if job.initial_noise is not None:
             params = job.params
             expected = (params.batch_size, *self.family.latents.shape(params.width, params.height))
@@ -372,9 +401,37 @@ class TextToImage:
                                  f"{params.width}x{params.height}, got {tuple(job.initial_noise.shape)}")
         return job
 
-    def conditioning(self, text: str, clip_skip: int = 1) -> np.ndarray:
-        """(1, S, D) conditioning of one prompt: encoded ahead by ``encode_prompts``, else encoded now."""
-        encoded = self._encoded.get((text, clip_skip))
+    def job_loras(self, prompt: str) -> tuple[tuple[Lora, float, float], ...]:
+        """The pipeline's LoRAs and those the ``<lora:name:weight>`` tags of ``prompt`` name (found in
+        ``lora_dir``), each with its text-encoder and UNet weight, checked against the networks: a one-line
+        LoraError for an unknown name, a bad file or a LoRA for another model."""
+        tagged = tuple(prompt_loras(prompt, self.lora_dir))
+        loras = self.loras + tagged
+        if tagged:  # their layers must name weights of this model (the pipeline's own were checked at load)
+            self._switch(self.network).touched(unet_set(loras))
+            if self.prompt_encoder is not None:
+                self._switch(self.prompt_encoder.text_encoder).touched(text_encoder_set(loras))
+        return loras
+
+    def _switch(self, network):
+        switch = getattr(network, "lora_switch", None)
+        if switch is None:
+            raise SdcliError(f"the {self.family.title} networks take no LoRA")
+        return switch
+
+    def activate_loras(self, job: Job) -> None:
+        """Merge the LoRA set of ``job`` into the networks (see :class:`~sdcli.io.lora_switch.LoraSwitch`: only
+        the weights either set touches change; no LoRA gives the base weights back exactly)."""
+        for network, loras in ((self.network, job.unet_loras),
+                               (self.prompt_encoder.text_encoder if self.prompt_encoder else None,
+                                job.text_encoder_loras)):
+            if network is not None and (loras or getattr(network, "lora_switch", None) is not None):
+                self._switch(network).activate(loras)
+
+    def conditioning(self, text: str, clip_skip: int = 1, loras: Sequence[tuple[Lora, float]] = ()) -> np.ndarray:
+        """(1, S, D) conditioning of one text (a prompt without its ``<lora:...>`` tags) by the text encoder with
+        the LoRA set ``loras`` (active already): encoded ahead by ``encode_prompts``, else encoded now."""
+        encoded = self._encoded.get((text, clip_skip, set_key(loras)))
         if encoded is not None:
             return encoded
         if self.prompt_encoder is None:
@@ -386,14 +443,20 @@ class TextToImage:
         """Encode and keep the prompt of every job (and its negative prompt where guidance uses one), each
         distinct (text, clip_skip) once, so that ``release_text_encoder`` can follow."""
         for job in jobs:
-            params = job.params if isinstance(job, Job) else job
-            texts = [params.prompt] + ([params.negative_prompt] if params.guidance_scale > 1 else [])
+            job = self.prepare(job if isinstance(job, Job) else Job(job))
+            params, loras = job.params, job.text_encoder_loras
+            texts = [split_lora_tags(params.prompt)[0]] + ([params.negative_prompt] if params.guidance_scale > 1
+                                                           else [])
             for text in texts:
-                if (text, params.clip_skip) not in self._encoded:
-                    self._encoded[text, params.clip_skip] = self.conditioning(text, params.clip_skip)
-            lengths = {self._encoded[text, params.clip_skip].shape[1] for text in texts}
-            if len(lengths) > 1 and ("", params.clip_skip) not in self._encoded:  # what match_lengths pads with
-                self._encoded["", params.clip_skip] = self.conditioning("", params.clip_skip)
+                key = (text, params.clip_skip, set_key(loras))
+                if key not in self._encoded:
+                    self.activate_loras(job)
+                    self._encoded[key] = self.conditioning(text, params.clip_skip, loras)
+            lengths = {self._encoded[text, params.clip_skip, set_key(loras)].shape[1] for text in texts}
+            padding = ("", params.clip_skip, set_key(loras))  # what match_lengths pads with
+            if len(lengths) > 1 and padding not in self._encoded:
+                self.activate_loras(job)
+                self._encoded[padding] = self.conditioning("", params.clip_skip, loras)
 
     def release_text_encoder(self) -> None:
         """Drop the tokenizer and text encoder; only prompts kept by ``encode_prompts`` can be generated after."""
@@ -461,15 +524,18 @@ class TextToImage:
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
+        self.activate_loras(job)
         # One row per prompt repeated over the batch, as diffusers' num_images_per_prompt does.
-        context = np.repeat(self.conditioning(params.prompt, params.clip_skip), batch, axis=0)  # (B, S, D)
+        loras = job.text_encoder_loras
+        text, _ = split_lora_tags(params.prompt)  # the tags are the job's LoRAs, not words
+        context = np.repeat(self.conditioning(text, params.clip_skip, loras), batch, axis=0)  # (B, S, D)
         uncond_context = None
         if params.guidance_scale > 1:
-            uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip), batch,
+            uncond_context = np.repeat(self.conditioning(params.negative_prompt, params.clip_skip, loras), batch,
                                        axis=0)  # (B, S', D)
             if uncond_context.shape[1] != context.shape[1]:  # prompts of different chunk counts: as the webui
-                context, uncond_context = match_lengths(context, uncond_context,
-                                                        self.conditioning("", params.clip_skip))  # (B, S, D) both
+                context, uncond_context = match_lengths(
+                    context, uncond_context, self.conditioning("", params.clip_skip, loras))  # (B, S, D) both
         timings["text_encoding_s"] = time.perf_counter() - start
         # Each stage's weights leave resident memory when the next stage starts, so that the peak is the largest
         # stage's, not the sum of all three (see leave_stage).
@@ -537,16 +603,17 @@ def image_stages(checkpoint: Checkpoint) -> ImageStages:
 
 
 def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
-                        embeddings: Sequence[TextualInversion | str | Path] = ()):
+                        embeddings: Sequence[TextualInversion | str | Path] = (), **loras):
     """Open ``model`` (a path, preset, repo id or an opened checkpoint) and load its tokenizer and text encoder:
     ``encoder.encode(prompts)`` gives the conditioning (B, S, D) the denoiser is guided by. ``embeddings``:
     textual-inversion embeddings (read by :func:`~sdcli.io.embeddings.read_embeddings`, or paths of their files)
-    that prompts may call by name, as diffusers' ``load_textual_inversion`` adds them."""
+    that prompts may call by name, as diffusers' ``load_textual_inversion`` adds them. ``loras=``: (LoRA, scale)
+    pairs whose text-encoder layers are merged."""
     start = time.perf_counter()
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     embedding_option = {"embeddings": embeddings} if embeddings else {}  # only when asked for, as loras below
     encoder = image_stages(checkpoint).load_prompt_encoder(checkpoint, get_ops(backend), precision,
-                                                           **embedding_option)
+                                                           **embedding_option, **loras)
     encoder.timings["load_s"] = time.perf_counter() - start
     log.info("loaded the %s text encoder from %s in %.2f s", checkpoint.family, checkpoint.path,
              encoder.timings["load_s"])
@@ -555,7 +622,7 @@ def load_prompt_encoder(model: str | Checkpoint, precision: str = "fp32", backen
 
 def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str = "cpu",
                   vae: str = "full", vae_tiling: bool = False, low_memory: bool = False,
-                  loras: Sequence[LoraSpec] = (),
+                  loras: Sequence[LoraSpec] = (), lora_dir: str | Path | None = None,
                   embeddings: Sequence[TextualInversion | str | Path] = ()) -> TextToImage:
     """Open ``model`` and load everything text-to-image needs, as its family says: tokenizer and text encoder,
     denoising network, image decoder (``vae="taesd"``: the shipped tiny autoencoder instead of the model's VAE)
@@ -568,7 +635,9 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     caller then encodes its prompts ahead and releases the text encoder (see :class:`TextToImage`).
 
     ``loras``: ``(LoRA, scale)`` pairs (a :class:`~sdcli.io.lora.Lora` or the path of its file) merged into the
-    denoiser's weights, as diffusers' ``load_lora_weights`` and ``set_adapters`` do.
+    text encoder's and the denoiser's weights for every job, as diffusers' ``load_lora_weights`` and
+    ``fuse_lora(lora_scale=scale)`` do. A prompt's ``<lora:name:weight>`` tags add the LoRAs ``lora_dir``
+    (default ``<weights>/loras``) holds under those names, for its job only.
 
     ``embeddings``: textual-inversion embeddings (:class:`~sdcli.io.embeddings.TextualInversion` or the path of
     its file) that prompts and negative prompts call by name; one whose width does not fit the text encoder is
@@ -580,17 +649,29 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     ops = get_ops(backend)
     stages = image_stages(checkpoint)
-    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend, embeddings=embeddings)
-    lora_option = {"loras": loras} if loras else {}  # only when asked for: the stages of every family take it
+    embedding_option = {"embeddings": embeddings} if embeddings else {}  # only when asked for, as loras below
+    loras = tuple((lora, scale, scale) for lora, scale in read_loras(loras))
+    # only when asked for: the stages of every family take them
+    te_option = {"loras": text_encoder_set(loras)} if text_encoder_set(loras) else {}
+    prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend, **embedding_option,
+                                         **te_option)
+    lora_option = {"loras": unet_set(loras)} if unet_set(loras) else {}
     network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,
                                   stream=low_memory)
     pipeline = TextToImage(checkpoint, prompt_encoder, network, decoder, stages.scheduler_config(checkpoint),
-                           backend, precision, vae, reuse_memory=not low_memory)
+                           backend, precision, vae, reuse_memory=not low_memory, loras=loras,
+                           lora_dir=lora_dir)
     pipeline.timings["load_s"] = time.perf_counter() - start
     log.info("loaded %s (%s, %s) in %.2f s", checkpoint.path, checkpoint.family, checkpoint.prediction_type,
              pipeline.timings["load_s"])
     return pipeline
+
+
+def default_lora_dir() -> Path:
+    """Where ``<lora:name>`` tags and ``--lora NAME`` look: ``loras`` in the weights folder (``./weights/loras``
+    unless ``$SDCLI_WEIGHTS`` says otherwise)."""
+    return weights_dir() / "loras"
 
 
 def default_steps(sampler: str) -> int:
@@ -608,5 +689,6 @@ def generate_image(pipeline: TextToImage, params: Job | GenerateParams,
     raise AssertionError("the pipeline ended without a result")
 
 
-__all__ = ["GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "check_latents", "default_steps",
+__all__ = ["GeneratedBatch", "Job", "RunPlan", "StepRecord", "TextToImage", "check_latents", "default_lora_dir",
+           "default_steps",
            "generate_image", "load_pipeline", "load_prompt_encoder", "plan_run", "read_latents", "size_from_latents"]

@@ -43,7 +43,7 @@ from ..families.animatediff import (ANIMATEDIFF_DEFAULTS, ANIMATEDIFF_SCHEDULER,
                                     VideoDefaults, load_motion_unet)
 from ..io.checkpoint import Checkpoint
 from ..io.embeddings import TextualInversion
-from ..io.lora import LoraSpec
+from ..io.lora import LoraSpec, read_loras
 from ..memory import reuse_large_arrays
 from ..models import open_checkpoint, open_motion_adapter
 from ..ops import get_ops
@@ -344,8 +344,12 @@ def load_animatediff_pipeline(model: str | Checkpoint, motion_adapter: str | Pat
     if loras is None:  # the preset's own LoRA (AnimateLCM's), else none
         loras = [] if adapter.preset is None or adapter.preset.lora is None else \
             [(adapter.lora_path, adapter.preset.lora_scale)]
+    loras = read_loras(loras)
     for lora, scale in loras:
-        log.info("merging the LoRA %s into the UNet at %g", lora, scale)
+        log.info("merging the LoRA %s into the UNet at %g", lora.path, scale)
+        if "text_encoder" in lora.components():
+            log.warning("%s: its text-encoder layers are not applied to videos (only its UNet layers are)",
+                        lora.path)
     ops = get_ops(backend)
     stages = checkpoint.model_family.image
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend, embeddings=embeddings)
