@@ -22,6 +22,9 @@ Sections (``--only``):
 - ``stream``: streaming (scripts/bench_stream.py): Self-Forcing's chunks at 256x256 in bf16, the time to the first
   frame, the steady frames per second and the peak after 1, 4 and 16 chunks, next to a non-streaming Wan run and
   diffusers' SkyReels-V2 diffusion forcing of 45 frames (one process each, not alternated);
+- ``lora`` (scripts/bench_lora.py): what a rank-32 kohya LoCon LoRA (every attention projection, feed-forward,
+  proj_in/out and resnet convolution) costs the SD1.5 UNet's load and first forward, in time and peak memory,
+  with and without it alternating (sdcli alone), per precision;
 - ``generate``: a whole 512x512, 20-step txt2img run with fp16 weights as a user runs it
   (``sdcli generate ... --precision fp16``) against diffusers' StableDiffusionPipeline with
   ``torch_dtype=torch.float16`` on the CPU, same scheduler (the model's own, PNDM) and guidance 7.5:
@@ -34,7 +37,7 @@ one process fight over the cores), and each process's peak resident memory is it
 process: load, one warm-up call, then the timed call.
 
     python scripts/bench.py [--only text_encoder,unet,vae,motion_unet,video,generate,wan_transformer,
-                                   wan_text_encoder,wan_vae,wan_video,stream] [--repeats 3] [--sizes 32,64]
+                                   wan_text_encoder,wan_vae,wan_video,stream,lora] [--repeats 3] [--sizes 32,64]
                             [--precisions fp32,bf16] [--json bench-results/bench.json]
 
 The random-weight model folders are written once per run under the system temp dir (about 6.5 GB with every
@@ -69,7 +72,7 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT)
 CONFIGS = ROOT / "sdcli" / "data" / "configs"
 
 SECTIONS = ("text_encoder", "unet", "vae", "motion_unet", "video", "generate", "wan_transformer",
-            "wan_text_encoder", "wan_vae", "wan_video", "stream")
+            "wan_text_encoder", "wan_vae", "wan_video", "stream", "lora")
 WAN_SECTIONS = SECTIONS[6:10]
 MOTION_FRAMES, MOTION_LATENT = 16, 32  # the motion sections' clips: 16 frames at 256x256
 # diffusers' MotionAdapter config of guoyww/animatediff-motion-adapter-v1-5-2
@@ -953,6 +956,10 @@ def report(results: dict) -> None:
         from bench_stream import report_stream
 
         report_stream(results["stream"])
+    if "lora" in results:
+        from bench_lora import report_lora
+
+        report_lora(results["lora"])
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -974,7 +981,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=lambda text: comma_list(text, SECTIONS), default=list(SECTIONS),
                         help="Comma-separated sections: text_encoder, unet, vae, motion_unet, video, generate, "
-                             "wan_transformer, wan_text_encoder, wan_vae, wan_video, stream "
+                             "wan_transformer, wan_text_encoder, wan_vae, wan_video, stream, lora "
                              "(default: all).")
     parser.add_argument("--repeats", type=int, default=3, help="Measurements per side (default 3).")
     parser.add_argument("--sizes", type=lambda text: comma_list(text, None, int), default=[32, 64],
@@ -1002,7 +1009,7 @@ def main() -> None:
     if {"unet", "vae", "motion_unet", "wan_transformer"} & set(only):
         results["gemm_ceiling"] = gemm_ceilings(reference)
     components = [name for name, wanted in (("text_encoder", {"text_encoder", "video", "generate"}),
-                                            ("unet", {"unet", "motion_unet", "video", "generate"}),
+                                            ("unet", {"unet", "motion_unet", "video", "generate", "lora"}),
                                             ("vae", {"vae", "video", "generate"}),
                                             ("motion_adapter", {"motion_unet", "video"}))
                   if wanted & set(only)]
@@ -1017,6 +1024,10 @@ def main() -> None:
             results["unet"] = bench_unet(work, sd15, sides, args.repeats, args.sizes, args.precisions)
         if "vae" in only:
             results["vae"] = bench_vae(work, sd15, sides, args.repeats)
+        if "lora" in only:
+            from bench_lora import bench_lora
+
+            results["lora"] = bench_lora(work, sd15, args.repeats, args.precisions)
         if "motion_unet" in only:
             results["motion_unet"] = bench_motion_unet(work, sd15, sides, args.repeats, args.precisions)
         if "video" in only:
