@@ -263,7 +263,8 @@ class SafetensorsFile:
             raise _HeaderError("file ended inside the header length")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > MAX_HEADER_BYTES:
-            raise _HeaderError(f"declared header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit")
+            raise _HeaderError(f"not a safetensors file: its first 8 bytes declare a header of {header_len} bytes, over "
+                                f"the {MAX_HEADER_BYTES}-byte limit")
         if 8 + header_len > size:
             raise _HeaderError(f"declared header length {header_len} is past the end of the {size}-byte file")
         return header_len
