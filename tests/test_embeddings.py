@@ -4,6 +4,7 @@ checkpoint (a 4-wide text encoder); parity with diffusers is in test_textual_inv
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,23 @@ def test_folders_skip_pickles_and_refuse_duplicate_names(tmp_path):
         read_embeddings([folder / "a.safetensors"], [folder])
     with pytest.raises(EmbeddingError, match="no such embeddings folder"):
         read_embeddings((), [tmp_path / "nowhere"])
+
+
+def test_a_damaged_file_in_a_folder_is_skipped_with_a_warning(tmp_path, caplog):
+    """One unreadable download in an embeddings folder (the default one is read by every run) is skipped, as the
+    webui skips it; the same file named with --embedding is refused."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    write(folder / "good.safetensors", {"emb_params": VECTORS})
+    (folder / "damaged.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    write(folder / "other.safetensors", {"a": VECTORS, "b": VECTORS})  # no recognisable layout
+    with caplog.at_level(logging.WARNING, logger="sdcli"):
+        found = read_embeddings((), [folder])
+    assert [embedding.name for embedding in found] == ["good"]
+    skipped = [record.getMessage() for record in caplog.records if "skipped an embedding" in record.getMessage()]
+    assert len(skipped) == 2 and any("damaged.safetensors" in m for m in skipped)
+    with pytest.raises(SdcliError, match="damaged.safetensors"):
+        read_embeddings([folder / "damaged.safetensors"])
 
 
 def test_default_folder_is_under_the_weights_dir(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EmbeddingError
+from ..errors import EmbeddingError, SafetensorsError
 from .checkpoint import PICKLE_SUFFIXES
 from .safetensors import SafetensorsFile
 
@@ -95,7 +95,9 @@ def read_embedding(path: str | Path, from_folder: bool = False) -> TextualInvers
 
 def read_embeddings(files: Iterable[str | Path] = (), folders: Iterable[str | Path] = ()) -> list[TextualInversion]:
     """The embeddings of ``files`` and of every ``.safetensors`` file in ``folders`` (not their subfolders), in
-    that order, each folder's in name order; two embeddings of the same name are a one-line error."""
+    that order, each folder's in name order; two embeddings of the same name are a one-line error. A file given by
+    name that cannot be read is a one-line error; one a folder holds is skipped with a warning, so that one damaged
+    download in the default folder does not stop every run."""
     found = [read_embedding(path) for path in files]
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -105,7 +107,11 @@ def read_embeddings(files: Iterable[str | Path] = (), folders: Iterable[str | Pa
         if pickles:
             log.warning("%s: skipped %d pickle file(s) (%s); convert them with sdcli convert", folder, len(pickles),
                         ", ".join(sorted(pickles)[:3]))
-        found += [read_embedding(path, from_folder=True) for path in paths]
+        for path in paths:  # a file the folder holds that cannot be read is skipped, as the webui skips it
+            try:
+                found.append(read_embedding(path, from_folder=True))
+            except (EmbeddingError, SafetensorsError) as error:
+                log.warning("skipped an embedding that cannot be read: %s", error)
     names: dict[str, TextualInversion] = {}
     for embedding in found:
         if embedding.name in names:
