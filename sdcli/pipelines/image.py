@@ -181,11 +181,7 @@ def plan_run(params: GenerateParams, *, prompts: Sequence[PromptLine] | None = N
                  else check_latents(latents, family.latents, "latents"))
         params = size_from_latents(params, noise, num_images * len(lines), family.latents)
     if init_image is not None:
-        for name, given, size in (("width", params.width, init_image.width),
-                                  ("height", params.height, init_image.height)):
-            if given is not None and given != size:
-                raise SdcliError(f"--{name} {given} does not match the init image, read at {size}")
-        params = params.with_(width=init_image.width, height=init_image.height)
+        params = init_image.sized(params)
     jobs = []
     next_seed = first_seed
     index = 0  # of the run's first image in the next batch
@@ -373,13 +369,8 @@ class TextToImage:
         if job.plan is None:
             params = job.params
             if init is not None:
-                for name, given, size in (("width", params.width, init.width),
-                                          ("height", params.height, init.height)):
-                    if given is not None and given != size:
-                        raise SdcliError(f"{name} {given} does not match the init image, read at {size}")
-                params = params.with_(width=init.width, height=init.height,
-                                      strength=init.default_strength if params.strength is None
-                                      else params.strength)
+                params = init.sized(params).with_(strength=init.default_strength if params.strength is None
+                                                  else params.strength)
             sampler = self.default_sampler if params.sampler is None else params.sampler
             if sampler not in SAMPLERS:
                 raise SdcliError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -651,11 +642,12 @@ def load_pipeline(model: str | Checkpoint, precision: str = "fp32", backend: str
     stages = image_stages(checkpoint)
     embedding_option = {"embeddings": embeddings} if embeddings else {}  # only when asked for, as loras below
     loras = tuple((lora, scale, scale) for lora, scale in read_loras(loras))
+    text_encoder_loras, unet_loras = text_encoder_set(loras), unet_set(loras)
     # only when asked for: the stages of every family take them
-    te_option = {"loras": text_encoder_set(loras)} if text_encoder_set(loras) else {}
+    te_option = {"loras": text_encoder_loras} if text_encoder_loras else {}
     prompt_encoder = load_prompt_encoder(checkpoint, precision=precision, backend=backend, **embedding_option,
                                          **te_option)
-    lora_option = {"loras": unet_set(loras)} if unet_set(loras) else {}
+    lora_option = {"loras": unet_loras} if unet_loras else {}
     network = stages.load_denoiser(checkpoint, ops, precision, stream=low_memory, **lora_option)
     decoder = stages.load_decoder(checkpoint, ops, precision, vae=vae, tiling=vae_tiling or low_memory,
                                   stream=low_memory)

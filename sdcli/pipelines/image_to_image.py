@@ -89,6 +89,13 @@ class InitImage:
     def default_strength(self) -> float:
         return INPAINT_STRENGTH if self.inpainting else IMG2IMG_STRENGTH
 
+    def sized(self, params: GenerateParams) -> GenerateParams:
+        """``params`` at this image's size; a one-line error where they ask for another width or height."""
+        for name, given, size in (("width", params.width, self.width), ("height", params.height, self.height)):
+            if given is not None and given != size:
+                raise SdcliError(f"--{name} {given} does not match the init image, read at {size}")
+        return params.with_(width=self.width, height=self.height)
+
     def latent_mask(self, downscale: int) -> np.ndarray:
         """(1, 1, H/f, W/f): the mask at latent size, every f-th pixel from the first, as diffusers' nearest
         ``interpolate`` to the latent size picks them."""
